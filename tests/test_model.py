@@ -1,0 +1,176 @@
+"""The model against independent computations: attention, KV cache, sampling, parameter counts, FLOPs."""
+import math
+
+import pytest
+import torch
+
+from model import (GPT, GPT2_SIZES, GPTConfig, KVCache, causal_mask, configure_optimizers, explicit_attention,
+                   flops_per_token, generate, sample_next_token, sdpa_attention)
+
+TINY = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=97)
+
+
+def tiny_model(seed: int = 0, **changes) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY.__dict__, **changes})).eval()
+
+
+def test_causal_mask_offsets_queries_after_cached_prefix():
+    mask = causal_mask(2, 5)   # queries at absolute positions 3 and 4
+    expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("T_q,T_k", [(7, 7), (1, 7), (3, 7)])
+def test_sdpa_matches_explicit_attention(T_q, T_k):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, T_q, 8), torch.randn(2, 3, T_k, 8), torch.randn(2, 3, T_k, 8)
+    # Written out independently: position T_k - T_q + i sees keys 0..T_k - T_q + i.
+    scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+    for i in range(T_q):
+        scores[..., i, T_k - T_q + i + 1:] = float("-inf")
+    reference = torch.softmax(scores, dim=-1) @ v
+    torch.testing.assert_close(explicit_attention(q, k, v), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sdpa_attention(q, k, v), reference, rtol=0, atol=1e-5)
+
+
+def test_sdpa_model_matches_explicit_model():
+    fast, slow = tiny_model(), tiny_model(sdpa=False)
+    idx = torch.randint(0, TINY.vocab_size, (3, TINY.block_size))
+    torch.testing.assert_close(fast(idx), slow(idx), rtol=0, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_of_logits_and_ignores_minus_one():
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (2, 10))
+    targets = torch.randint(0, TINY.vocab_size, (2, 10))
+    targets[0, :4] = -1
+    logits = model(idx)
+    keep = targets != -1
+    log_probs = torch.log_softmax(logits, dim=-1)[keep]                      # (N, V)
+    expected = -log_probs.gather(1, targets[keep][:, None]).mean()
+    torch.testing.assert_close(model(idx, targets), expected)
+
+
+def test_kv_cache_matches_full_recompute():
+    """Logits from feeding one token at a time through the cache equal re-running the whole prefix."""
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (2, TINY.block_size))
+    cache = KVCache(model.config, batch_size=2)
+    cached = [model.lm_head(model.hidden_states(idx[:, :5], cache))]          # a 5-token prompt, then 1 by 1
+    for t in range(5, TINY.block_size):
+        cached.append(model.lm_head(model.hidden_states(idx[:, t:t + 1], cache)))
+    torch.testing.assert_close(torch.cat(cached, dim=1), model(idx), rtol=0, atol=1e-5)
+
+
+def test_greedy_generation_matches_full_recompute():
+    model = tiny_model()
+    prompt = torch.randint(0, TINY.vocab_size, (2, 4))
+    tokens = torch.stack(list(generate(model, prompt, max_new_tokens=15, temperature=0)), dim=1)
+    sequence = prompt
+    for _ in range(15):   # the reference: no cache, the argmax of the last position of the whole sequence
+        sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, sequence[:, 4:])
+
+
+def test_generation_slides_window_past_block_size():
+    """Past block_size the cache restarts from the last block_size // 2 tokens; check against a recompute
+    that applies the same window rule to the whole sequence."""
+    model = tiny_model(seed=1)
+    block = TINY.block_size
+    prompt = torch.randint(0, TINY.vocab_size, (1, 6))
+    tokens = torch.stack(list(generate(model, prompt, max_new_tokens=3 * block, temperature=0)), dim=1)
+    sequence, start = prompt, 0     # start: index in `sequence` where the model's current window begins
+    for _ in range(3 * block):
+        if sequence.size(1) - start > block:
+            start = sequence.size(1) - block // 2
+        next_token = model(sequence[:, start:])[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(tokens, sequence[:, 6:])
+
+
+def test_generation_stops_at_stop_token_and_is_seeded():
+    model = tiny_model()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    run = lambda seed: [t.item() for t in generate(model, prompt, 40, temperature=1.0,   # noqa: E731
+                                                    generator=torch.Generator().manual_seed(seed))]
+    assert run(3) == run(3)
+    first = run(3)
+    stop = first[5]
+    stopped = [t.item() for t in generate(model, prompt, 40, temperature=1.0, stop_token=stop,
+                                          generator=torch.Generator().manual_seed(3))]
+    assert stopped == first[:first.index(stop) + 1]
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda **kw: {sample_next_token(logits, generator=generator, **kw).item()   # noqa: E731
+                         for _ in range(300)}
+    assert draw(top_k=2) == {1, 3}
+    assert draw(top_p=0.7) == {1, 3}        # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {1, 3}
+    assert draw(top_p=0.5) == {1}           # the best token alone already has 0.5
+    assert draw(top_k=3, top_p=0.99) == {1, 2, 3}
+    assert draw(temperature=0) == {1}
+
+
+def test_top_p_sampling_frequencies_follow_renormalised_probabilities():
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(20_000, 4)
+    tokens = sample_next_token(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    share_of_1 = (tokens == 1).float().mean().item()
+    assert abs(share_of_1 - 0.5 / 0.8) < 0.02
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_gpt2_parameter_counts(name, expected):
+    with torch.device("meta"):                # shapes only: no memory, no time
+        model = GPT(GPT2_SIZES[name])
+    assert model.num_params() == expected
+
+
+def test_gpt2_parameter_names_match_openai_checkpoint():
+    with torch.device("meta"):
+        names = set(GPT(GPT2_SIZES["gpt2"]).state_dict())
+    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.11.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
+                 "transformer.h.0.ln_2.bias", "transformer.h.0.mlp.c_fc.weight",
+                 "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight", "lm_head.weight"]:
+        assert name in names
+
+
+def test_embedding_and_head_are_tied_and_init_follows_gpt2():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=4096))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 5e-4
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_flops_per_token_for_gpt2():
+    config = GPT2_SIZES["gpt2"]
+    # Counted by hand: per block 12 C^2 weights (+ biases), the head V x C; the position embedding excluded.
+    C, L, V = 768, 12, 50257
+    per_block = 4 * C * C + 4 * C + 8 * C * C + 5 * C + 4 * C     # attention, mlp, two LayerNorms
+    matmul_params = L * per_block + V * C + 2 * C                 # + tied head + ln_f
+    expected = 6 * matmul_params + 12 * L * C * 1024               # 12 L H D T with H*D = C
+    assert flops_per_token(config, 124_439_808, 1024) == expected
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model()
+    optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_gradient_reaches_every_parameter():
+    model = tiny_model()
+    model.train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    model(idx, idx).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

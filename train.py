@@ -1,0 +1,325 @@
+"""Pre-train a GPT on the token files written by prepare.py.
+
+    python prepare.py --dataset=shakespeare && python train.py     # the quick start: a small GPT on a CPU
+    python train.py --batch_size=8 --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024
+    python train.py --init_from=resume                             # continue the run in --out_dir exactly
+
+Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them with their defaults).
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import (GPT, SHAPE_FIELDS, GPTConfig, arg, autocast, configure_optimizers, flags_given,
+                   flops_per_token, load_checkpoint, parse_args, peak_flops, pick_device, pick_dtype,
+                   save_checkpoint)
+
+
+@dataclass
+class TrainConfig:
+    # data and files
+    dataset: str = arg("shakespeare", "name of a dataset prepared by prepare.py under --data_dir")
+    data_dir: str = arg("data", "directory holding the prepared datasets")
+    out_dir: str = arg("out", "directory for the checkpoint (ckpt.pt) and the training log (log.jsonl)")
+    init_from: str = arg("scratch", "start from random weights, or resume the run in --out_dir exactly",
+                         choices=("scratch", "resume"))
+    # schedule of the run
+    max_iters: int = arg(600, "optimizer steps in the whole run")
+    eval_interval: int = arg(100, "evaluate train/val loss and save a checkpoint every this many steps")
+    eval_iters: int = arg(20, "batches per split in each evaluation")
+    eval_only: bool = arg(False, "evaluate the checkpoint (or the initial weights) once and exit")
+    log_interval: int = arg(10, "print a progress line every this many steps")
+    # batch
+    batch_size: int = arg(16, "sequences per micro-batch")
+    gradient_accumulation_steps: int = arg(1, "micro-batches whose gradients are summed per optimizer step")
+    # AdamW and the learning-rate schedule
+    learning_rate: float = arg(2e-3, "peak learning rate, reached after warmup")
+    min_lr: float = arg(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = arg(30, "steps of linear warmup")
+    lr_decay_iters: int | None = arg(None, "step where the cosine decay reaches min_lr (default: max_iters)")
+    decay_lr: bool = arg(True, "warmup + cosine decay; False keeps learning_rate constant")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices (not on biases and LayerNorm gains)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0 disables clipping)")
+    # system
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool | None = arg(None, "torch.compile the model (default: on for CUDA, off on CPU/MPS, "
+                                     "where it did not pay in our measurements)")
+    seed: int = arg(1337, "seed for the weights, dropout and the order of the batches")
+
+
+# --- the math: learning rate and batches ---
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step`: linear warmup to cfg.learning_rate, then cosine decay to cfg.min_lr at
+    lr_decay_iters, constant after. Warmup starts at lr/(warmup+1), not 0, so no step is wasted."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)     # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def draw_windows(n_tokens: int, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Start offsets (count,) of random training windows: each window is block_size + 1 tokens (inputs plus
+    the next token as target), so the last valid start is n_tokens - block_size - 1."""
+    return torch.randint(n_tokens - block_size, (count,), generator=generator)
+
+
+def read_batch(bin_path: str, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and targets y (B, T) for windows starting at offsets: y is x shifted by one token.
+    The memmap is opened per batch: a long-lived one lets the page cache count as our memory (RSS grows)."""
+    data = np.memmap(bin_path, dtype=np.uint16, mode="r")
+    windows = np.stack([data[i:i + block_size + 1] for i in offsets.tolist()]).astype(np.int64)
+    windows = torch.from_numpy(windows)                        # (B, T + 1)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+# --- side effects: data files, checkpoints, logs ---
+
+def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, str]]:
+    """meta.json of the prepared dataset and the paths of its .bin files, after checking they are complete."""
+    folder = os.path.join(cfg.data_dir, cfg.dataset)
+    meta_path = os.path.join(folder, "meta.json")
+    prepare = f"`python prepare.py --dataset={cfg.dataset}`" if cfg.dataset == "shakespeare" else \
+        f"`python prepare.py --name={cfg.dataset} ...`"
+    if not os.path.isfile(meta_path):
+        sys.exit(f"error: dataset {folder} is not prepared (no meta.json); run {prepare} first")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        counts = {"train": int(meta["train_tokens"]), "val": int(meta["val_tokens"])}
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f"error: {meta_path} is damaged ({e!r}); run {prepare} --force")
+    paths = {split: os.path.join(folder, f"{split}.bin") for split in ("train", "val")}
+    for split, path in paths.items():
+        if not os.path.isfile(path) or os.path.getsize(path) != 2 * counts[split]:
+            sys.exit(f"error: {path} is missing or its size disagrees with meta.json; run {prepare} --force")
+        if counts[split] <= block_size:
+            sys.exit(f"error: --block_size={block_size} needs more than {block_size} tokens, but {path} holds "
+                     f"{counts[split]}; use a smaller --block_size or a larger dataset")
+    return meta, paths
+
+
+def rng_states(data_generator: torch.Generator) -> dict:
+    """Every random number generator the run touches, so a resumed run draws exactly the same numbers."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": data_generator.get_state(),
+    }
+
+
+def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    data_generator.set_state(states["data"])
+
+
+def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path: str) -> None:
+    """Flags on the command line that change the shape of a checkpoint's weights are refused, all at once."""
+    differ = [f"{name} (checkpoint {saved[name]}, flag {getattr(model_cfg, name)})" for name in SHAPE_FIELDS
+              if name in given and saved[name] != getattr(model_cfg, name)]
+    if differ:
+        sys.exit(f"error: cannot resume {path}: the model shape differs in " + ", ".join(differ)
+                 + "; drop these flags or start a new --out_dir")
+
+
+@torch.no_grad()
+def estimate_loss(model, paths: dict, eval_offsets: dict, cfg: TrainConfig, block_size: int,
+                  device: str, dtype: torch.dtype) -> dict[str, float]:
+    """Mean loss per split over the same fixed windows at every evaluation, so the numbers are comparable."""
+    model.eval()
+    losses = {}
+    for split, offsets in eval_offsets.items():
+        total = 0.0
+        for batch in offsets.split(cfg.batch_size):
+            x, y = (t.to(device) for t in read_batch(paths[split], batch, block_size))
+            with autocast(device, dtype):
+                total += model(x, y).item() * len(batch)
+        losses[split] = total / len(offsets)
+    model.train()
+    return losses
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
+    """Refuse values that cannot work, with the flag's name."""
+    positive = ["max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
+                "gradient_accumulation_steps", "warmup_iters"]
+    for name in positive:
+        if getattr(cfg, name) < (0 if name in ("max_iters", "warmup_iters") else 1):
+            sys.exit(f"error: --{name}={getattr(cfg, name)} must be {'>= 0' if name.endswith('iters') else '>= 1'}")
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+        sys.exit("error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if getattr(model_cfg, name) < 1:
+            sys.exit(f"error: --{name}={getattr(model_cfg, name)} must be >= 1")
+    if model_cfg.n_embd % model_cfg.n_head:
+        sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
+    if not 0 <= model_cfg.dropout < 1:
+        sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
+    given = flags_given(argv)
+    check_config(cfg, model_cfg)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32 tensor cores for the fp32 matmuls that remain
+        torch.backends.cudnn.allow_tf32 = True
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    # The model: random weights, or the weights, optimizer and position of the run being resumed.
+    checkpoint = None
+    if cfg.init_from == "resume":
+        checkpoint = load_checkpoint(ckpt_path)
+        check_resume_shape(checkpoint["model_config"], model_cfg, given, ckpt_path)
+        runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa") if name in given}
+        model_cfg = GPTConfig(**{**checkpoint["model_config"], **runtime})
+    elif os.path.exists(ckpt_path) and not cfg.eval_only:
+        sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
+                 f"(nothing is overwritten)")
+    meta, paths = load_data_meta(cfg, model_cfg.block_size)
+    if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
+        sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
+                 f"{model_cfg.vocab_size}")
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
+    data_generator = torch.Generator().manual_seed(cfg.seed)
+    start_step, best_val_loss = 0, float("inf")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_states(checkpoint["rng"], data_generator)
+        start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        print(f"resuming {ckpt_path} at step {start_step}")
+        del checkpoint   # free the CPU copy of the weights and optimizer state
+    compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    train_model = torch.compile(model) if compile_model else model   # `model` stays the one we save
+
+    # Fixed evaluation windows, drawn once from their own generator so they never change during the run.
+    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    T, B, accum = model_cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps
+    eval_offsets = {split: draw_windows(meta[f"{split}_tokens"], T, cfg.eval_iters * B, eval_generator)
+                    for split in ("train", "val")}
+    if cfg.eval_only:
+        losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype)
+        print(f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f}")
+        return
+
+    n_params = model.num_params()
+    tokens_per_step = B * accum * T
+    flops_per_step = flops_per_token(model_cfg, n_params, T) * tokens_per_step
+    peak = peak_flops(device)
+    print(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+          f"{model_cfg.n_embd} channels, context {T}")
+    print(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
+          f"{tokens_per_step:,} tokens per step | device {device}, {str(dtype).removeprefix('torch.')}"
+          f"{', compiled' if compile_model else ''}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+
+    step_time, timer_start, steps_timed = None, time.perf_counter(), 0
+    for step in range(start_step, cfg.max_iters + 1):
+        # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
+        # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
+        is_resumed_start = step == start_step and start_step > 0
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
+            losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype)
+            best_val_loss = min(best_val_loss, losses["val"])
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log_file.write(json.dumps({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+                           + "\n")
+            log_file.flush()
+            save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "best_val_loss": best_val_loss, "model_config": dataclasses.asdict(model_cfg),
+                "train_config": dataclasses.asdict(cfg), "rng": rng_states(data_generator), "data": meta,
+            }, ckpt_path)
+            timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
+        if step == cfg.max_iters:
+            break
+
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        offsets = draw_windows(meta["train_tokens"], T, B * accum, data_generator)
+        loss_sum = torch.zeros((), device=device)
+        for micro_step, batch in enumerate(offsets.split(B)):
+            x, y = read_batch(paths["train"], batch, T)
+            if device_type == "cuda":
+                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            else:
+                x, y = x.to(device), y.to(device)
+            with autocast(device, dtype):
+                loss = train_model(x, y) / accum   # k micro-batches of mean losses / k = the big batch's mean
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        steps_timed += 1
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
+            loss_value = loss_sum.item()        # the only host-device sync of the step
+            now = time.perf_counter()
+            step_time = (now - timer_start) / steps_timed
+            timer_start, steps_timed = now, 0
+            tokens_per_s = tokens_per_step / step_time
+            flops = flops_per_step / step_time
+            speed = f"MFU {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
+            eta = format_duration(step_time * (cfg.max_iters - step - 1))
+            print(f"step {step + 1}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
+                  f"{grad_norm.item():.3f} | {1000 * step_time:.0f} ms/step | {tokens_per_s:,.0f} tokens/s | "
+                  f"{speed} | ETA {eta}", flush=True)
+            log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
+                                       "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
+                                       "tokens_per_s": tokens_per_s}) + "\n")
+            log_file.flush()
+    log_file.close()
+    print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
+          + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
+
+
+if __name__ == "__main__":
+    main()
