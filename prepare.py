@@ -43,7 +43,7 @@ class PrepareConfig:
     text_column: str = arg("text", "field holding the text (Hugging Face, .jsonl and .parquet)")
     streaming: bool = arg(False, "stream the Hugging Face dataset instead of downloading it first")
     val_fraction: float = arg(0.1, "share of the token stream (its tail) that goes to val.bin")
-    num_proc: int = arg(os.cpu_count() or 1, "threads tiktoken encodes with")
+    num_proc: int = arg(0, "threads tiktoken encodes with (0: one per CPU core)")
     force: bool = arg(False, "rebuild even if data/<name> is up to date or holds other inputs")
 
 
@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(PrepareConfig, argv=argv)
     if not 0 < cfg.val_fraction < 1:
         sys.exit(f"error: --val_fraction={cfg.val_fraction} must lie strictly between 0 and 1")
-    if cfg.num_proc < 1:
-        sys.exit(f"error: --num_proc={cfg.num_proc} must be at least 1")
+    if cfg.num_proc < 0:
+        sys.exit(f"error: --num_proc={cfg.num_proc} must be >= 0 (0: one thread per CPU core)")
+    num_threads = cfg.num_proc or os.cpu_count() or 1
 
     # 1. Describe the inputs without reading them, so that checking "already prepared?" is instant.
     paths = []
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     start, progress = time.time(), Progress(total)
     try:
         with open(train_bin + ".tmp", "wb") as f:
-            n_total, n_docs, n_empty = tokenize_to_file(documents, enc, f, cfg.num_proc, progress)
+            n_total, n_docs, n_empty = tokenize_to_file(documents, enc, f, num_threads, progress)
         if n_docs == 0:
             sys.exit(f"error: the input holds no text ({n_empty} empty documents); nothing to prepare")
         n_train = split_point(n_total, cfg.val_fraction)

@@ -32,7 +32,7 @@ class TrainConfig:
     init_from: str = arg("scratch", "start from random weights, or resume the run in --out_dir exactly",
                          choices=("scratch", "resume"))
     # schedule of the run
-    max_iters: int = arg(600, "optimizer steps in the whole run")
+    max_iters: int = arg(500, "optimizer steps in the whole run")
     eval_interval: int = arg(100, "evaluate train/val loss and save a checkpoint every this many steps")
     eval_iters: int = arg(20, "batches per split in each evaluation")
     eval_only: bool = arg(False, "evaluate the checkpoint (or the initial weights) once and exit")
