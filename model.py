@@ -15,7 +15,8 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Iterator
+from typing import BinaryIO
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -171,6 +172,48 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# --- the loss ---
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = x @ weight^T against targets, `chunk` rows at a time, so the full
+    (N, V) logits never exist: for the quick-start model on a CPU they would be 412 MB in fp32, and
+    allocating and freeing buffers that large every step costs more page faults than matmul time.
+
+    The gradient is computed in the same pass (d loss / d logits = softmax - one_hot, per valid row) and
+    handed back by backward(). Reference: F.cross_entropy(x @ weight^T, targets, ignore_index=-1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                needs_grad: bool) -> torch.Tensor:
+        # x: (N, C), weight: (V, C), targets: (N,) with -1 for positions that do not count.
+        # needs_grad comes from the caller: ctx.needs_input_grad stays True under torch.no_grad().
+        n_valid = (targets != -1).sum().clamp(min=1)
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, x.size(0), chunk):
+            x_c, t_c = x[start:start + chunk], targets[start:start + chunk]            # (n, C), (n,)
+            is_valid = (t_c != -1)[:, None]                                              # (n, 1)
+            t_safe = t_c.clamp(min=0)[:, None]
+            logits = (x_c @ weight.t()).float()                                          # (n, V)
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)                     # (n, 1)
+            loss_sum += ((log_norm - logits.gather(1, t_safe)) * is_valid).sum()
+            if needs_grad:
+                d_logits = logits.sub_(log_norm).exp_()                                  # softmax, in place
+                d_logits.scatter_add_(1, t_safe, -torch.ones_like(log_norm))             # - one_hot(target)
+                d_logits.mul_(is_valid).div_(n_valid)                                    # (n, V)
+                grad_x[start:start + chunk] = d_logits @ weight.to(d_logits.dtype)       # (n, C)
+                grad_weight += d_logits.t() @ x_c.to(d_logits.dtype)                     # (V, C)
+        if needs_grad:
+            ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
+
+
 # --- the GPT ---
 
 class GPT(nn.Module):
@@ -220,13 +263,19 @@ class GPT(nn.Module):
             kv_cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
         """Without targets: logits (B, T, V). With targets (B, T): the mean cross-entropy over the positions
-        whose target is not -1 (a scalar), so training never has to hand the logits back."""
-        logits = self.lm_head(self.hidden_states(idx))                    # (B, T, V)
+        whose target is not -1 (a scalar), so training never has to hand the logits back. loss_chunk > 0
+        computes it through ChunkedCrossEntropy, that many rows of logits at a time."""
+        x = self.hidden_states(idx)                                       # (B, T, C)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            return self.lm_head(x)                                        # (B, T, V)
+        if loss_chunk > 0:
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+            return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk,
+                                             needs_grad)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
 
 def configure_optimizers(model: nn.Module, weight_decay: float, learning_rate: float,
@@ -314,9 +363,9 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
 # Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity).
 # The first name contained in torch.cuda.get_device_name() wins, so the more specific names come first.
 PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-    "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,  # V100 has no bf16: its fp16 tensor peak
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,   # GH200 contains "H200"
+    "A100": 312e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "V100": 125e12,   # V100 has no bf16: its fp16 tensor-core peak
 }
 
 
@@ -427,11 +476,11 @@ def pick_device(requested: str = "auto") -> str:
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = requested.split(":")[0]
+    kind, _, index = requested.partition(":")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if kind not in available:
+    if kind not in available or (index and not (kind == "cuda" and index.isdigit())):
         sys.exit(f"error: --device={requested} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if not available[kind]:
+    if not available[kind] or (index and int(index) >= torch.cuda.device_count()):
         sys.exit(f"error: --device={requested} is not available on this machine; use --device=auto")
     return requested
 
@@ -456,20 +505,32 @@ CHECKPOINT_FORMAT = "gpt-checkpoint"   # marks files written by this project
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Write checkpoint to path atomically: to path + '.tmp', fsynced, then renamed over path. A crash at any
-    moment leaves either the old file or the new one, never half of one."""
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Create or replace the file at path with what write(f) puts into f, atomically: the bytes go to
+    path + '.tmp', are fsynced, and the temporary file is renamed over path (then the directory is fsynced,
+    so the rename itself survives a power cut). A crash at any moment leaves the old file or the new one,
+    never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(directory)   # make the rename itself durable
+        os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Write a training checkpoint atomically, marked with this project's format and version."""
+    marked = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}
+    write_atomically(path, lambda f: torch.save(marked, f))
 
 
 def load_checkpoint(path: str) -> dict:

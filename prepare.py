@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import EOT_TOKEN, arg, get_tokenizer, parse_args
+from model import EOT_TOKEN, arg, get_tokenizer, parse_args, write_atomically
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
 EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
@@ -266,21 +266,6 @@ def is_complete(out_dir: str, meta: dict) -> bool:
     return True
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    """Pretty JSON with sorted keys (so the same content is the same bytes), written to a .tmp file,
-    fsynced, then renamed over path: readers see the old file or the whole new one."""
-    with open(path + ".tmp", "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)   # makes this rename, and the earlier ones in the same directory, durable
-    finally:
-        os.close(fd)
-
-
 # --- the story ---
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,14 +337,17 @@ def main(argv: list[str] | None = None) -> None:
             os.remove(os.path.join(out_dir, "meta.json"))
         os.replace(train_bin + ".tmp", train_bin)
         os.replace(val_bin + ".tmp", val_bin)
-        write_json_atomic(os.path.join(out_dir, "meta.json"), {
+        meta = {
             "format": FORMAT, "tokenizer": "r50k_base", "vocab_size": enc.n_vocab, "eot_token": EOT_TOKEN,
             "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_total - n_train, "documents": n_docs,
             "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction, "source": source,
-            "sha256": digests})
+            "sha256": digests}
+        # Sorted keys and no timestamps: the same inputs give the same bytes.
+        meta_json = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        write_atomically(os.path.join(out_dir, "meta.json"), lambda f: f.write(meta_json))
     finally:   # after an error or Ctrl-C: remove our partial files, and the folder if we made it
         progress.close()
-        for tmp in (train_bin + ".tmp", val_bin + ".tmp", os.path.join(out_dir, "meta.json.tmp")):
+        for tmp in (train_bin + ".tmp", val_bin + ".tmp"):
             if os.path.exists(tmp):
                 os.remove(tmp)
         if is_new_dir and not os.listdir(out_dir):

@@ -32,7 +32,7 @@ class TrainConfig:
     init_from: str = arg("scratch", "start from random weights, or resume the run in --out_dir exactly",
                          choices=("scratch", "resume"))
     # schedule of the run
-    max_iters: int = arg(500, "optimizer steps in the whole run")
+    max_iters: int = arg(600, "optimizer steps in the whole run")
     eval_interval: int = arg(100, "evaluate train/val loss and save a checkpoint every this many steps")
     eval_iters: int = arg(20, "batches per split in each evaluation")
     eval_only: bool = arg(False, "evaluate the checkpoint (or the initial weights) once and exit")
@@ -54,8 +54,11 @@ class TrainConfig:
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool | None = arg(None, "torch.compile the model (default: on for CUDA, off on CPU/MPS, "
-                                     "where it did not pay in our measurements)")
+    compile: bool | None = arg(None, "torch.compile the model (default: on for CUDA; off elsewhere: on a 2-core "
+                                     "CPU it compiled for ~55 s, then ran no faster)")
+    loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, which never holds "
+                                       "the whole (B*T, V) logits; 0: the plain path (default: 64 on CPU/MPS, "
+                                       "0 on CUDA, where torch.compile fuses the plain path)")
     seed: int = arg(1337, "seed for the weights, dropout and the order of the batches")
 
 
@@ -149,7 +152,7 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
 
 @torch.no_grad()
 def estimate_loss(model, paths: dict, eval_offsets: dict, cfg: TrainConfig, block_size: int,
-                  device: str, dtype: torch.dtype) -> dict[str, float]:
+                  device: str, dtype: torch.dtype, loss_chunk: int) -> dict[str, float]:
     """Mean loss per split over the same fixed windows at every evaluation, so the numbers are comparable."""
     model.eval()
     losses = {}
@@ -158,7 +161,7 @@ def estimate_loss(model, paths: dict, eval_offsets: dict, cfg: TrainConfig, bloc
         for batch in offsets.split(cfg.batch_size):
             x, y = (t.to(device) for t in read_batch(paths[split], batch, block_size))
             with autocast(device, dtype):
-                total += model(x, y).item() * len(batch)
+                total += model(x, y, loss_chunk).item() * len(batch)
         losses[split] = total / len(offsets)
     model.train()
     return losses
@@ -172,11 +175,11 @@ def format_duration(seconds: float) -> str:
 
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
-    positive = ["max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
-                "gradient_accumulation_steps", "warmup_iters"]
-    for name in positive:
-        if getattr(cfg, name) < (0 if name in ("max_iters", "warmup_iters") else 1):
-            sys.exit(f"error: --{name}={getattr(cfg, name)} must be {'>= 0' if name.endswith('iters') else '>= 1'}")
+    minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
+                "batch_size": 1, "gradient_accumulation_steps": 1, "loss_chunk": 0}
+    for name, minimum in minimums.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
+            sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
     if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
         sys.exit("error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"resuming {ckpt_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
     train_model = torch.compile(model) if compile_model else model   # `model` stays the one we save
 
     # Fixed evaluation windows, drawn once from their own generator so they never change during the run.
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_offsets = {split: draw_windows(meta[f"{split}_tokens"], T, cfg.eval_iters * B, eval_generator)
                     for split in ("train", "val")}
     if cfg.eval_only:
-        losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype)
+        losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype, loss_chunk)
         print(f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f}")
         return
 
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
         is_resumed_start = step == start_step and start_step > 0
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
-            losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype)
+            losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype, loss_chunk)
             best_val_loss = min(best_val_loss, losses["val"])
             print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log_file.write(json.dumps({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 x, y = x.to(device), y.to(device)
             with autocast(device, dtype):
-                loss = train_model(x, y) / accum   # k micro-batches of mean losses / k = the big batch's mean
+                # k micro-batches of mean losses, each divided by k: the mean over the big batch
+                loss = train_model(x, y, loss_chunk) / accum
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one

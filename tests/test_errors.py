@@ -41,6 +41,8 @@ def test_unknown_flag_suggests_the_close_match():
     ("--init_from=gpt5", "--init_from: invalid choice"),
     ("--batch_size=0", "--batch_size=0 must be >= 1"),
     ("--n_head=3", "divisible by --n_head=3"),
+    ("--device=tpu", "--device=tpu is not a device"),
+    ("--device=cuda:99", "--device=cuda:99 is not available"),
 ])
 def test_bad_values_name_the_flag(flag, fragment):
     assert_one_line_error(run_script("train.py", flag), fragment)

@@ -174,3 +174,21 @@ def test_gradient_reaches_every_parameter():
     idx = torch.randint(0, TINY.vocab_size, (2, 8))
     model(idx, idx).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_loss_matches_plain_cross_entropy(chunk):
+    """Loss and every gradient of the chunked LM head + cross-entropy equal the plain full-logits path,
+    with some targets ignored (-1) and a chunk size that does not divide B*T."""
+    plain, chunked = tiny_model(), tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (3, 10))
+    targets = torch.randint(0, TINY.vocab_size, (3, 10))
+    targets[1, :6] = -1
+    plain_loss, chunked_loss = plain(idx, targets), chunked(idx, targets, loss_chunk=chunk)
+    plain_loss.backward()
+    chunked_loss.backward()
+    torch.testing.assert_close(chunked_loss, plain_loss, rtol=0, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():   # evaluation: no gradients are built
+        torch.testing.assert_close(chunked(idx, targets, loss_chunk=chunk), plain_loss.detach(), rtol=0, atol=1e-6)
