@@ -173,6 +173,28 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def format_step_line(step: int, max_iters: int, loss: float, lr: float, grad_norm: float, step_time: float,
+                     tokens_per_step: int, flops_per_step: float, peak: float | None) -> str:
+    """The progress line logged after optimizer step `step` (1-based); step_time in seconds."""
+    flops = flops_per_step / step_time
+    speed = f"MFU {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
+    return (f"step {step}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            f"{1000 * step_time:.0f} ms/step | {tokens_per_step / step_time:,.0f} tokens/s | {speed} | "
+            f"ETA {format_duration(step_time * (max_iters - step))}")
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   grad_clip: float) -> torch.Tensor:
+    """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
+    before clipping (worth logging: spikes announce instabilities)."""
+    scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    scaler.step(optimizer)                  # skips the update if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
@@ -298,11 +320,7 @@ def main(argv: list[str] | None = None) -> None:
                 loss = train_model(x, y, loss_chunk) / accum
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
 
         steps_timed += 1
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
@@ -310,16 +328,11 @@ def main(argv: list[str] | None = None) -> None:
             now = time.perf_counter()
             step_time = (now - timer_start) / steps_timed
             timer_start, steps_timed = now, 0
-            tokens_per_s = tokens_per_step / step_time
-            flops = flops_per_step / step_time
-            speed = f"MFU {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
-            eta = format_duration(step_time * (cfg.max_iters - step - 1))
-            print(f"step {step + 1}/{cfg.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm "
-                  f"{grad_norm.item():.3f} | {1000 * step_time:.0f} ms/step | {tokens_per_s:,.0f} tokens/s | "
-                  f"{speed} | ETA {eta}", flush=True)
+            print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
+                                   tokens_per_step, flops_per_step, peak), flush=True)
             log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
                                        "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
-                                       "tokens_per_s": tokens_per_s}) + "\n")
+                                       "tokens_per_s": tokens_per_step / step_time}) + "\n")
             log_file.flush()
     log_file.close()
     print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
