@@ -21,8 +21,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def arg(default, help: str, choices: tuple | None = None):
@@ -45,10 +47,14 @@ class GPTConfig:
     bias: bool = arg(True, "biases in the Linear and LayerNorm layers, as in GPT-2")
     sdpa: bool = arg(True, "attention through F.scaled_dot_product_attention (fused kernels); "
                            "False runs the explicit softmax(QK^T/sqrt(D))V reference")
+    tie_embeddings: bool = arg(True, "the LM head reuses the token embedding matrix (GPT-2); False gives it "
+                                     "its own weights")
+    activation_checkpointing: bool = arg(False, "keep only each block's input during training and recompute "
+                                                "its activations in backward: less memory, ~1/3 more compute")
 
 
 # The fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on these.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings")
 
 # The four GPT-2 sizes (Radford et al. 2019, Table 2), as OpenAI released them.
 GPT2_SIZES = {
@@ -214,6 +220,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
 
 
+def run_block(block: nn.Module, x: torch.Tensor, recompute: bool, *args) -> torch.Tensor:
+    """block(x, *args), or with activation checkpointing (Chen et al. 2016): only x is kept for backward,
+    and the block runs forward a second time there to rebuild what its gradient needs."""
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+    return block(x, *args)
+
+
 # --- the GPT ---
 
 class GPT(nn.Module):
@@ -228,8 +242,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017; GPT-2): the output layer reuses the token embedding matrix.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017; GPT-2): the output layer reuses the token embedding matrix.
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 scales the weights of the projections that write into the residual stream by 1/sqrt(2L):
         # each block adds two such branches, so the stream's variance stays O(1) however deep the model.
@@ -258,7 +273,7 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)           # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))   # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
+            x = run_block(block, x, self.config.activation_checkpointing and self.training, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         return self.transformer.ln_f(x)
@@ -354,8 +369,9 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6N + 12*L*H*D*T (PaLM, Chowdhery et al. 2022,
     appendix B). 6N counts every weight matmul (2 FLOPs per multiply-add, x3 for the backward pass);
     the second term is attention's QK^T and AV. N leaves out the position embedding, a lookup with no
-    matmul; the tied token embedding stays in, since it is the LM head's matmul."""
-    n_matmul_params = n_params - config.block_size * config.n_embd
+    matmul; the tied token embedding stays in, since it is the LM head's matmul (untied, it is a lookup)."""
+    lookups = config.block_size * config.n_embd + (0 if config.tie_embeddings else config.vocab_size * config.n_embd)
+    n_matmul_params = n_params - lookups
     L, H, D = config.n_layer, config.n_head, config.n_embd // config.n_head
     return 6 * n_matmul_params + 12 * L * H * D * seq_len
 
@@ -376,6 +392,132 @@ def peak_flops(device: str) -> float | None:
         return None
     name = torch.cuda.get_device_name(torch.device(device))
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+# --- pipeline stages: splitting the layers across devices ---
+#
+# Pipeline parallelism (GPipe, Huang et al. 2019) gives each device a contiguous slice of the network and
+# streams micro-batches through the slices. The pipeline runs at the pace of its slowest stage, so the
+# slices should cost the same. The first stage also embeds the tokens and the last also runs ln_f and the
+# LM head: for GPT-2 124M the head alone costs about as much as 4.5 blocks, so equal block counts are not
+# balanced.
+
+def stage_costs(config: GPTConfig, balance: str) -> tuple[float, float, float]:
+    """(cost of one block, extra cost of the first stage, extra cost of the last stage) under a cost model:
+    'flops': forward FLOPs per token (a block: 24C^2 for its matmuls + 4TC for attention; the head: 2CV;
+             the embedding lookups: nothing);
+    'params': parameter counts (DeepSpeed's default; the first stage holds wte and wpe, the last ln_f and
+              the head, a copy of wte when tied);
+    'uniform': block counts only (Colossal-AI's default)."""
+    C, T, V = config.n_embd, config.block_size, config.vocab_size
+    if balance == "flops":
+        return 24 * C * C + 4 * T * C, 0.0, 2 * C * V
+    if balance == "params":
+        bias = 13 * C if config.bias else 0
+        layer_norms = 2 * C if config.bias else C
+        return 12 * C * C + bias + 2 * layer_norms, V * C + T * C, layer_norms + V * C
+    if balance == "uniform":
+        return 1.0, 0.0, 0.0
+    raise ValueError(f"unknown balance {balance!r}")
+
+
+def plan_stages(config: GPTConfig, n_stages: int, balance: str = "flops") -> list[range]:
+    """Contiguous block ranges, one per pipeline stage, that minimise the cost of the most expensive stage
+    (stage_costs gives the cost model). Every block appears exactly once. Middle stages hold at least one
+    block; the first and last may hold none, when the embedding or the head is a stage's worth of work on
+    its own. 'uniform' splits the block count as evenly as possible, earlier stages taking the remainder."""
+    L = config.n_layer
+    assert 1 <= n_stages <= L, f"cannot split {L} blocks into {n_stages} stages"
+    if balance == "uniform":
+        sizes = [L // n_stages + (1 if s < L % n_stages else 0) for s in range(n_stages)]
+        starts = [sum(sizes[:s]) for s in range(n_stages)]
+        return [range(start, start + size) for start, size in zip(starts, sizes)]
+    block, first, last = stage_costs(config, balance)
+
+    def cost(stage: int, start: int, end: int) -> float:   # blocks start..end-1 on `stage`
+        return (end - start) * block + (first if stage == 0 else 0) + (last if stage == n_stages - 1 else 0)
+
+    def min_blocks(stage: int) -> int:
+        return 0 if stage in (0, n_stages - 1) else 1
+
+    # best[s][e]: the smallest possible maximum stage cost when stages 0..s hold blocks 0..e-1;
+    # cut[s][e]: where stage s starts in that solution. Dynamic programming over (stage, end).
+    best = [[math.inf] * (L + 1) for _ in range(n_stages)]
+    cut = [[0] * (L + 1) for _ in range(n_stages)]
+    for end in range(L + 1):
+        best[0][end] = cost(0, 0, end)
+    for s in range(1, n_stages):
+        for end in range(L + 1):
+            for start in range(end - min_blocks(s) + 1):
+                candidate = max(best[s - 1][start], cost(s, start, end))
+                if candidate < best[s][end]:
+                    best[s][end], cut[s][end] = candidate, start
+    ranges, end = [], L
+    for s in range(n_stages - 1, 0, -1):
+        ranges.append(range(cut[s][end], end))
+        end = cut[s][end]
+    ranges.append(range(0, end))
+    return ranges[::-1]
+
+
+def describe_plan(config: GPTConfig, plan: list[range], balance: str) -> list[str]:
+    """Readable lines: blocks, parameters and estimated cost of each stage, and the max/mean imbalance."""
+    flops_block, flops_first, flops_last = stage_costs(config, "flops")
+    params_block, params_first, params_last = stage_costs(config, "params")
+    lines, costs = [], []
+    for s, blocks in enumerate(plan):
+        is_first, is_last = s == 0, s == len(plan) - 1
+        params = len(blocks) * params_block + is_first * params_first + is_last * params_last
+        flops = len(blocks) * flops_block + is_first * flops_first + is_last * flops_last
+        costs.append(stage_costs(config, balance)[0] * len(blocks) + is_first * stage_costs(config, balance)[1]
+                     + is_last * stage_costs(config, balance)[2])
+        parts = (["embedding"] if is_first else []) + ([f"blocks {blocks.start}-{blocks.stop - 1}"] if blocks
+                                                       else []) + (["ln_f + head"] if is_last else [])
+        lines.append(f"stage {s}: {', '.join(parts)} | {params / 1e6:.1f}M params | "
+                     f"{3 * flops / 1e6:.1f} MFLOP/token (forward + backward)")
+    mean = sum(costs) / len(costs)
+    lines.append(f"balance by {balance}: the largest stage costs {max(costs) / mean:.3f}x the mean")
+    return lines
+
+
+class GPTStage(nn.Module):
+    """The part of a GPT that one pipeline stage runs: the embeddings on the first stage, the blocks in
+    `blocks`, ln_f and the LM head on the last. Parameter names are the full model's (blocks keep their
+    global index), so the stages' state dicts together are the full GPT's state dict. With tied embeddings
+    the first and last stages each hold a copy of wte: the training loop keeps the copies equal."""
+
+    def __init__(self, config: GPTConfig, blocks: range, is_first: bool, is_last: bool):
+        super().__init__()
+        self.config, self.is_first, self.is_last = config, is_first, is_last
+        self.transformer = nn.ModuleDict()
+        if is_first:
+            self.transformer["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+            self.transformer["drop"] = nn.Dropout(config.dropout)
+        self.transformer["h"] = nn.ModuleDict({str(i): Block(config) for i in blocks})
+        if is_last:
+            self.transformer["ln_f"] = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """First stage: token ids (B, T) in; other stages: hidden states (B, T, C) in. Last stage: logits
+        (B, T, V) out; other stages: hidden states (B, T, C) out. The same steps as GPT.hidden_states."""
+        if self.is_first:
+            pos = torch.arange(x.size(1), device=x.device)
+            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))
+        recompute = self.config.activation_checkpointing and self.training
+        for block in self.transformer.h.values():
+            x = run_block(block, x, recompute)
+        if self.is_last:
+            x = self.lm_head(self.transformer.ln_f(x))
+        return x
+
+
+def build_stage(config: GPTConfig, plan: list[range], stage: int, full_state: dict) -> GPTStage:
+    """Pipeline stage `stage` of `plan`, with its weights taken from a full GPT state dict."""
+    module = GPTStage(config, plan[stage], is_first=stage == 0, is_last=stage == len(plan) - 1)
+    module.load_state_dict({name: full_state[name] for name in module.state_dict()})
+    return module
 
 
 # --- shared helpers: flags, tokenizer, devices, checkpoints ---
@@ -499,6 +641,56 @@ def autocast(device: str, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def setup_distributed(requested_device: str = "auto") -> tuple[int, int, int, str]:
+    """(rank, local_rank, world_size, device) of this process. Under torchrun (which sets RANK, LOCAL_RANK
+    and WORLD_SIZE) this joins the process group: NCCL between GPUs, gloo on CPUs. A plain `python` run
+    is rank 0 of 1 and starts no process group, so both run the same code."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, pick_device(requested_device)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = pick_device(requested_device)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"             # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world_size, device
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with parameter names where PyTorch puts positions, so the state loads into
+    any layout (one process, DDP, pipeline stages) whose parameters carry the same names."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    saved = optimizer.state_dict()
+    index_to_name = {}
+    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
+        index_to_name.update({i: names[id(p)] for i, p in zip(saved_group["params"], group["params"])})
+    return {"state": {index_to_name[i]: state for i, state in saved["state"].items()},
+            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in saved["param_groups"]]}
+
+
+def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict,
+                                 aliases: dict[str, str] | None = None) -> None:
+    """Load a state from optimizer_state_by_name into optimizer, whose parameters may be a subset of the saved
+    ones (a pipeline stage). aliases maps a local name to the saved name it shares state with."""
+    aliases = aliases or {}
+    names = {id(p): name for name, p in model.named_parameters()}
+    current = optimizer.state_dict()
+    state = {}
+    for current_group, group in zip(current["param_groups"], optimizer.param_groups):
+        for i, p in zip(current_group["params"], group["params"]):
+            name = aliases.get(names[id(p)], names[id(p)])
+            if name in saved["state"]:
+                state[i] = saved["state"][name]
+    groups = [{**saved_group, "params": current_group["params"]}   # hyper-parameters saved, positions local
+              for saved_group, current_group in zip(saved["param_groups"], current["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 CHECKPOINT_FORMAT = "gpt-checkpoint"   # marks files written by this project

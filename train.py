@@ -13,14 +13,17 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, SHAPE_FIELDS, GPTConfig, arg, autocast, configure_optimizers, flags_given,
-                   flops_per_token, load_checkpoint, parse_args, peak_flops, pick_device, pick_dtype,
-                   save_checkpoint)
+                   flops_per_token, load_checkpoint, load_optimizer_state_by_name, optimizer_state_by_name,
+                   parse_args, peak_flops, pick_dtype, save_checkpoint, setup_distributed, teardown_distributed)
 
 
 @dataclass
@@ -153,16 +156,21 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
 @torch.no_grad()
 def estimate_loss(model, paths: dict, eval_offsets: dict, cfg: TrainConfig, block_size: int,
                   device: str, dtype: torch.dtype, loss_chunk: int) -> dict[str, float]:
-    """Mean loss per split over the same fixed windows at every evaluation, so the numbers are comparable."""
+    """Mean loss per split over the same fixed windows at every evaluation, so the numbers are comparable.
+    Each process evaluates its share of the windows and the sums are added up across processes."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.eval()
     losses = {}
     for split, offsets in eval_offsets.items():
-        total = 0.0
-        for batch in offsets.split(cfg.batch_size):
+        total = torch.zeros(2, dtype=torch.float64, device=device)      # (sum of losses, windows)
+        for batch in offsets.split(cfg.batch_size)[rank::world_size]:   # every process takes its share
             x, y = (t.to(device) for t in read_batch(paths[split], batch, block_size))
             with autocast(device, dtype):
-                total += model(x, y, loss_chunk).item() * len(batch)
-        losses[split] = total / len(offsets)
+                total += torch.stack([model(x, y, loss_chunk).double() * len(batch),
+                                      torch.tensor(len(batch), dtype=torch.float64, device=device)])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1]).item()
     model.train()
     return losses
 
@@ -213,11 +221,43 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
 
 
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only: with N processes, one copy of each line."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over the processes of a tensor each one holds (itself with one process)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)            # a sum: gloo has no average
+        values /= dist.get_world_size()
+    return values
+
+
+def gather_to_rank0(obj):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
-    given = flags_given(argv)
     check_config(cfg, model_cfg)
-    device = pick_device(cfg.device)
+    rank, local_rank, world_size, device = setup_distributed(cfg.device)
+    try:
+        train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device)
+    finally:
+        teardown_distributed()
+
+
+def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, local_rank: int,
+          world_size: int, device: str) -> None:
+    is_master = rank == 0                  # the one process that prints and writes files
     dtype = pick_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
     if device_type == "cuda":
@@ -230,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path)
         check_resume_shape(checkpoint["model_config"], model_cfg, given, ckpt_path)
-        runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa") if name in given}
+        runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa", "activation_checkpointing")
+                   if name in given}
         model_cfg = GPTConfig(**{**checkpoint["model_config"], **runtime})
     elif os.path.exists(ckpt_path) and not cfg.eval_only:
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
@@ -240,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
                  f"{model_cfg.vocab_size}")
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)            # the same initial weights on every process
     model = GPT(model_cfg)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -248,18 +289,24 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
-    data_generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
+    data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
     start_step, best_val_loss = 0, float("inf")
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state_by_name(model, optimizer, checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_states(checkpoint["rng"], data_generator)
+        saved_rng = checkpoint["rng"]      # one entry per process of the run that saved it
+        restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        print(f"resuming {ckpt_path} at step {start_step}")
+        print0(f"resuming {ckpt_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
-    train_model = torch.compile(model) if compile_model else model   # `model` stays the one we save
+    # DDP (Li et al. 2020): every process holds the whole model and trains on its share of each batch;
+    # backward averages the gradients across processes, so every copy takes the same step.
+    train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) \
+        if world_size > 1 else model
+    train_model = torch.compile(train_model) if compile_model else train_model   # `model` is what we save
 
     # Fixed evaluation windows, drawn once from their own generator so they never change during the run.
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -268,20 +315,21 @@ def main(argv: list[str] | None = None) -> None:
                     for split in ("train", "val")}
     if cfg.eval_only:
         losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype, loss_chunk)
-        print(f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f}")
+        print0(f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f}")
         return
 
     n_params = model.num_params()
-    tokens_per_step = B * accum * T
+    tokens_per_step = B * accum * world_size * T
     flops_per_step = flops_per_token(model_cfg, n_params, T) * tokens_per_step
     peak = peak_flops(device)
-    print(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
-          f"{model_cfg.n_embd} channels, context {T}")
-    print(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
-          f"{tokens_per_step:,} tokens per step | device {device}, {str(dtype).removeprefix('torch.')}"
-          f"{', compiled' if compile_model else ''}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+    print0(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+           f"{model_cfg.n_embd} channels, context {T}")
+    print0(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
+           f"{tokens_per_step:,} tokens per step | {world_size} x {device}, {str(dtype).removeprefix('torch.')}"
+           f"{', compiled' if compile_model else ''}")
+    if is_master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
 
     step_time, timer_start, steps_timed = None, time.perf_counter(), 0
     for step in range(start_step, cfg.max_iters + 1):
@@ -291,15 +339,18 @@ def main(argv: list[str] | None = None) -> None:
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
             losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype, loss_chunk)
             best_val_loss = min(best_val_loss, losses["val"])
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log_file.write(json.dumps({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-                           + "\n")
-            log_file.flush()
-            save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "best_val_loss": best_val_loss, "model_config": dataclasses.asdict(model_cfg),
-                "train_config": dataclasses.asdict(cfg), "rng": rng_states(data_generator), "data": meta,
-            }, ckpt_path)
+            rngs = gather_to_rank0(rng_states(data_generator))
+            if is_master:
+                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
+                                           "val_loss": losses["val"]}) + "\n")
+                log_file.flush()
+                save_checkpoint({
+                    "model": model.state_dict(), "optimizer": optimizer_state_by_name(model, optimizer),
+                    "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
+                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
+                    "rng": rngs, "data": meta,
+                }, ckpt_path)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
         if step == cfg.max_iters:
             break
@@ -307,36 +358,45 @@ def main(argv: list[str] | None = None) -> None:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        offsets = draw_windows(meta["train_tokens"], T, B * accum, data_generator)
+        # One seeded stream of windows for the whole run, whatever the number of processes: each step draws
+        # the global batch, and process `rank` takes its contiguous share of micro-batches.
+        offsets = draw_windows(meta["train_tokens"], T, B * accum * world_size, data_generator)
+        my_offsets = offsets[rank * B * accum:(rank + 1) * B * accum]
         loss_sum = torch.zeros((), device=device)
-        for micro_step, batch in enumerate(offsets.split(B)):
+        for micro_step, batch in enumerate(my_offsets.split(B)):
             x, y = read_batch(paths["train"], batch, T)
             if device_type == "cuda":
                 x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
             else:
                 x, y = x.to(device), y.to(device)
-            with autocast(device, dtype):
-                # k micro-batches of mean losses, each divided by k: the mean over the big batch
-                loss = train_model(x, y, loss_chunk) / accum
-            scaler.scale(loss).backward()
+            # DDP averages gradients during backward; on all but the last micro-step there is nothing to
+            # average yet (DDP decides at forward time, so no_sync wraps the forward too).
+            is_last_micro_step = micro_step == accum - 1
+            with train_model.no_sync() if world_size > 1 and not is_last_micro_step else nullcontext():
+                with autocast(device, dtype):
+                    # k micro-batches of mean losses, each divided by k: the mean over the big batch
+                    loss = train_model(x, y, loss_chunk) / accum
+                scaler.scale(loss).backward()
             loss_sum += loss.detach()
         grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
 
         steps_timed += 1
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-            loss_value = loss_sum.item()        # the only host-device sync of the step
+            loss_value = all_ranks_mean(loss_sum).item()   # the only host-device sync of the step
             now = time.perf_counter()
             step_time = (now - timer_start) / steps_timed
             timer_start, steps_timed = now, 0
-            print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
-                                   tokens_per_step, flops_per_step, peak), flush=True)
-            log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
-                                       "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
-                                       "tokens_per_s": tokens_per_step / step_time}) + "\n")
-            log_file.flush()
-    log_file.close()
-    print(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
-          + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
+            if is_master:
+                print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
+                                       tokens_per_step, flops_per_step, peak), flush=True)
+                log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
+                                           "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
+                                           "tokens_per_s": tokens_per_step / step_time}) + "\n")
+                log_file.flush()
+    if is_master:
+        log_file.close()
+    print0(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
+           + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
 
 
 if __name__ == "__main__":

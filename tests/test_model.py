@@ -192,3 +192,19 @@ def test_chunked_loss_matches_plain_cross_entropy(chunk):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
     with torch.no_grad():   # evaluation: no gradients are built
         torch.testing.assert_close(chunked(idx, targets, loss_chunk=chunk), plain_loss.detach(), rtol=0, atol=1e-6)
+
+
+def test_untied_head_has_its_own_weights():
+    tied, untied = tiny_model(), tiny_model(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() == tied.num_params() + TINY.vocab_size * TINY.n_embd
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain, recomputed = tiny_model(), tiny_model(activation_checkpointing=True)
+    plain.train(), recomputed.train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 12))
+    plain(idx, idx).backward()
+    recomputed(idx, idx).backward()
+    for p, q in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6)
