@@ -663,10 +663,11 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optimizer) -> dict:
     """optimizer.state_dict() with parameter names where PyTorch puts positions, so the state loads into
-    any layout (one process, DDP, pipeline stages) whose parameters carry the same names."""
-    names = {id(p): name for name, p in model.named_parameters()}
+    any layout (one process, DDP, pipeline stages) whose parameters carry the same names.
+    named_parameters: (name, parameter) pairs covering the optimizer's parameters."""
+    names = {id(p): name for name, p in named_parameters}
     saved = optimizer.state_dict()
     index_to_name = {}
     for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
@@ -675,12 +676,12 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
             "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in saved["param_groups"]]}
 
 
-def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict,
+def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optimizer, saved: dict,
                                  aliases: dict[str, str] | None = None) -> None:
     """Load a state from optimizer_state_by_name into optimizer, whose parameters may be a subset of the saved
     ones (a pipeline stage). aliases maps a local name to the saved name it shares state with."""
     aliases = aliases or {}
-    names = {id(p): name for name, p in model.named_parameters()}
+    names = {id(p): name for name, p in named_parameters}
     current = optimizer.state_dict()
     state = {}
     for current_group, group in zip(current["param_groups"], optimizer.param_groups):

@@ -19,11 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, SHAPE_FIELDS, GPTConfig, arg, autocast, configure_optimizers, flags_given,
-                   flops_per_token, load_checkpoint, load_optimizer_state_by_name, optimizer_state_by_name,
-                   parse_args, peak_flops, pick_dtype, save_checkpoint, setup_distributed, teardown_distributed)
+from model import (GPT, SHAPE_FIELDS, GPTConfig, arg, autocast, build_stage, configure_optimizers, describe_plan,
+                   flags_given, flops_per_token, load_checkpoint, load_optimizer_state_by_name,
+                   optimizer_state_by_name, parse_args, peak_flops, pick_dtype, plan_stages, save_checkpoint,
+                   setup_distributed, teardown_distributed)
 
 
 @dataclass
@@ -63,6 +67,14 @@ class TrainConfig:
                                        "the whole (B*T, V) logits; 0: the plain path (default: 64 on CPU/MPS, "
                                        "0 on CUDA, where torch.compile fuses the plain path)")
     seed: int = arg(1337, "seed for the weights, dropout and the order of the batches")
+    # pipeline parallelism (under torchrun; world size = pp x data-parallel replicas)
+    pp: int = arg(1, "pipeline stages: each process runs a contiguous slice of the blocks")
+    pp_schedule: str = arg("1f1b", "order of the micro-batches' forward and backward passes",
+                           choices=("gpipe", "1f1b", "interleaved_1f1b"))
+    pp_balance: str = arg("flops", "cost model the splitter balances the stages by",
+                          choices=("flops", "params", "uniform"))
+    n_microbatches: int = arg(4, "micro-batches each batch_size batch is cut into under --pp")
+    pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
 
 
 # --- the math: learning rate and batches ---
@@ -154,24 +166,26 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
 
 
 @torch.no_grad()
-def estimate_loss(model, paths: dict, eval_offsets: dict, cfg: TrainConfig, block_size: int,
-                  device: str, dtype: torch.dtype, loss_chunk: int) -> dict[str, float]:
+def estimate_loss(loss_of, modules: torch.nn.Module, paths: dict, eval_offsets: dict, cfg: TrainConfig,
+                  block_size: int, device: str, dtype: torch.dtype, dp_rank: int = 0, dp_size: int = 1,
+                  dp_group=None) -> dict[str, float]:
     """Mean loss per split over the same fixed windows at every evaluation, so the numbers are comparable.
-    Each process evaluates its share of the windows and the sums are added up across processes."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    model.eval()
+    loss_of(x, y) is the batch's mean loss; each data-parallel replica evaluates its share of the windows
+    and the sums are added up across replicas."""
+    modules.eval()
     losses = {}
     for split, offsets in eval_offsets.items():
         total = torch.zeros(2, dtype=torch.float64, device=device)      # (sum of losses, windows)
-        for batch in offsets.split(cfg.batch_size)[rank::world_size]:   # every process takes its share
+        for batch in offsets.split(cfg.batch_size)[dp_rank::dp_size]:
             x, y = (t.to(device) for t in read_batch(paths[split], batch, block_size))
             with autocast(device, dtype):
-                total += torch.stack([model(x, y, loss_chunk).double() * len(batch),
-                                      torch.tensor(len(batch), dtype=torch.float64, device=device)])
-        if dist.is_initialized():
-            dist.all_reduce(total)
+                loss = loss_of(x, y)
+            total += torch.stack([loss.double() * len(batch), torch.tensor(len(batch), dtype=torch.float64,
+                                                                         device=device)])
+        if dp_size > 1:
+            dist.all_reduce(total, group=dp_group)
         losses[split] = (total[0] / total[1]).item()
-    model.train()
+    modules.train()
     return losses
 
 
@@ -219,6 +233,153 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
     if not 0 <= model_cfg.dropout < 1:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
+    if cfg.pp > 1:
+        n_stages = cfg.pp * (cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1)
+        if n_stages > model_cfg.n_layer:
+            sys.exit(f"error: {n_stages} pipeline stages need at least as many blocks, but --n_layer="
+                     f"{model_cfg.n_layer}; lower --pp (or --pp_virtual_stages)")
+        if cfg.n_microbatches < 1 or cfg.batch_size % cfg.n_microbatches:
+            sys.exit(f"error: --n_microbatches={cfg.n_microbatches} must divide --batch_size={cfg.batch_size}")
+        if cfg.pp_schedule != "gpipe" and cfg.n_microbatches < cfg.pp:
+            sys.exit(f"error: --pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}")
+        if cfg.pp_schedule == "interleaved_1f1b" and cfg.n_microbatches % cfg.pp:
+            sys.exit(f"error: interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}")
+        if cfg.dtype == "float16":
+            sys.exit("error: --dtype=float16 needs a gradient scaler, which --pp does not support; "
+                     "use --dtype=bfloat16 or float32")
+        if cfg.compile:
+            sys.exit("error: --compile is not supported with --pp yet; drop one of them")
+
+
+# --- pipeline parallelism ---
+#
+# With --pp=P, the blocks are cut into P contiguous stages (model.plan_stages) and process p runs stage p.
+# A batch is cut into micro-batches that flow through the stages: stage p works on micro-batch m while
+# stage p+1 works on m-1. GPipe runs every forward, then every backward; 1F1B (Narayanan et al. 2019)
+# alternates them once the pipe is full, so at most P micro-batches' activations are alive at once;
+# interleaved 1F1B gives each process several smaller stages to shrink the idle "bubble" at both ends.
+# torch.distributed.pipelining runs the schedules; we build the stage modules ourselves (no tracer).
+# With tied embeddings, the first and last stages each hold a copy of wte; their gradients are summed
+# over a two-process group every step, so the copies take identical steps and stay equal. (Colossal-AI
+# keeps one shared module; torchtitan refuses tied embeddings under pipelining.)
+
+@dataclass
+class PipelineRank:
+    """What one process holds of the pipeline."""
+    modules: torch.nn.ModuleList          # its GPTStage modules (one, or several when interleaved)
+    schedule: object                      # the torch.distributed.pipelining schedule
+    holds_first: bool                     # runs stage 0: feeds the token ids
+    holds_last: bool                      # runs the last stage: computes the loss
+    pp_group: object                      # the processes of this pipeline
+    tie_group: object | None              # {first stage, last stage} of this pipeline, when wte is tied
+
+
+def scaled_cross_entropy(scale: float):
+    """The pipeline's loss function: each micro-batch's mean loss times scale = 1 / (micro-batches per
+    optimizer step), so the summed gradients are those of the whole batch's mean loss."""
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:   # (b, T, V), (b, T)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1) * scale
+    return loss_fn
+
+
+def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mesh, device: str) -> PipelineRank:
+    """This process's stages, with weights from a full GPT state dict, wrapped in DDP over the data-parallel
+    replicas when there are several, and the schedule that drives them."""
+    pp_rank, dp_size = mesh.get_local_rank("pp"), mesh.size(1)
+    n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1
+    plan = plan_stages(model_cfg, cfg.pp * n_virtual, cfg.pp_balance)
+    if dist.get_rank() == 0:
+        print("\n".join(describe_plan(model_cfg, plan, cfg.pp_balance)))
+    stage_ids = [pp_rank + v * cfg.pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
+    modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
+    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    runners = [DDP(m, process_group=mesh.get_group("dp"), device_ids=device_ids) if dp_size > 1 else m
+               for m in modules]
+    stages = [PipelineStage(r, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
+              for r, i in zip(runners, stage_ids)]
+    loss_fn = scaled_cross_entropy(1 / (cfg.n_microbatches * cfg.gradient_accumulation_steps))
+    # scale_grads=False: the loss is already scaled, and gradients accumulate over several step() calls.
+    if cfg.pp_schedule == "interleaved_1f1b":
+        schedule = ScheduleInterleaved1F1B(stages, cfg.n_microbatches, loss_fn, scale_grads=False)
+    else:
+        schedule_class = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
+        schedule = schedule_class(stages[0], cfg.n_microbatches, loss_fn, scale_grads=False)
+    # Every process creates every group, in the same order (a rule of torch.distributed.new_group).
+    tie_group = None
+    if model_cfg.tie_embeddings:
+        for d in range(dp_size):
+            group = dist.new_group([d, (cfg.pp - 1) * dp_size + d])   # global rank = pp_rank * dp + dp_rank
+            if mesh.get_local_rank("dp") == d and pp_rank in (0, cfg.pp - 1):
+                tie_group = group
+    return PipelineRank(torch.nn.ModuleList(modules), schedule, holds_first=pp_rank == 0,
+                        holds_last=pp_rank == cfg.pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group)
+
+
+def tied_copy(pipe: PipelineRank) -> torch.nn.Parameter:
+    """This process's copy of the tied embedding matrix: wte on the first stage, lm_head on the last."""
+    return pipe.modules[0].transformer.wte.weight if pipe.holds_first else pipe.modules[-1].lm_head.weight
+
+
+def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, grad_clip: float) -> torch.Tensor:
+    """Sum the tied copies' gradients, clip by the norm of the whole model's gradient (all stages, the tied
+    matrix counted once), step, clear. Returns the norm before clipping, the same on every process."""
+    if pipe.tie_group is not None:
+        dist.all_reduce(tied_copy(pipe).grad, group=pipe.tie_group)   # grad(embedding) + grad(head)
+    counted = [p.grad for name, p in named_params if p.grad is not None
+               and not (pipe.tie_group is not None and name == "lm_head.weight")]
+    norm_squared = torch.nn.utils.get_total_norm(counted) ** 2 if counted else torch.zeros(())
+    dist.all_reduce(norm_squared, group=pipe.pp_group)
+    grad_norm = norm_squared.sqrt()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for _, p in named_params], grad_clip, grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def pipeline_loss(pipe: PipelineRank, x: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
+    """Run one batch through the pipeline (forward and backward when train) and return the sum of the
+    micro-batch losses the schedule computed: non-zero on the last stage only."""
+    losses = []
+    run = pipe.schedule.step if train else pipe.schedule.eval
+    run(*([x] if pipe.holds_first else []), target=y if pipe.holds_last else None, losses=losses)
+    return torch.stack(losses).sum().detach() if pipe.holds_last else torch.zeros((), device=x.device)
+
+
+def pipeline_eval_loss(pipe: PipelineRank, accum: int):
+    """loss_of(x, y) for estimate_loss: the batch's mean loss, shared from the last stage with the others."""
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = pipeline_loss(pipe, x, y, train=False) * accum       # undo the 1 / accum of the loss scale
+        dist.all_reduce(loss, group=pipe.pp_group)
+        return loss
+    return loss_of
+
+
+def full_training_state(trained: torch.nn.Module, named_params: list, optimizer, pipe: PipelineRank | None,
+                        dp_rank: int) -> tuple[dict | None, dict | None]:
+    """The whole model's state dict and by-name optimizer state, on rank 0 (None elsewhere): under --pp
+    the stages of the first data-parallel replica are gathered and merged, so the checkpoint is the same
+    file whatever the layout that wrote it."""
+    weights = trained.state_dict() if pipe is None else \
+        {name: t for module in trained for name, t in module.state_dict().items()}
+    optimizer_state = optimizer_state_by_name(named_params, optimizer)
+    if pipe is None:
+        return weights, optimizer_state
+    if pipe.tie_group is not None and pipe.holds_last:   # the copy's state equals wte's on the first stage
+        optimizer_state["state"].pop("lm_head.weight", None)
+        for group in optimizer_state["param_groups"]:
+            group["params"] = [name for name in group["params"] if name != "lm_head.weight"]
+    shards = gather_to_rank0((weights, optimizer_state) if dp_rank == 0 else None)
+    if dist.get_rank() != 0:
+        return None, None
+    shards = [shard for shard in shards if shard is not None]
+    weights = {name: t.cpu() for shard_weights, _ in shards for name, t in shard_weights.items()}
+    merged = {"state": {}, "param_groups": [dict(g, params=[]) for g in shards[0][1]["param_groups"]]}
+    for _, shard_state in shards:
+        merged["state"].update(shard_state["state"])
+        for group, shard_group in zip(merged["param_groups"], shard_state["param_groups"]):
+            group["params"] += shard_group["params"]
+    return weights, merged
 
 
 def print0(*args, **kwargs) -> None:
@@ -281,19 +442,37 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
                  f"{model_cfg.vocab_size}")
 
+    if cfg.pp > 1 and world_size == 1:
+        sys.exit(f"error: --pp={cfg.pp} needs one process per stage: torchrun --nproc-per-node={cfg.pp} train.py ...")
+    if world_size % cfg.pp:
+        sys.exit(f"error: --pp={cfg.pp} must divide the number of processes ({world_size})")
+    dp_size = world_size // cfg.pp         # data-parallel replicas of the (possibly pipelined) model
     torch.manual_seed(cfg.seed)            # the same initial weights on every process
     model = GPT(model_cfg)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-    model.to(device)
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+    n_params = model.num_params()
+    pipe, aliases = None, {}
+    if cfg.pp > 1:
+        mesh = init_device_mesh(device_type, (cfg.pp, dp_size), mesh_dim_names=("pp", "dp"))
+        dp_rank, dp_group = mesh.get_local_rank("dp"), mesh.get_group("dp")
+        pipe = build_pipeline(cfg, model_cfg, model.state_dict(), mesh, device)
+        trained = pipe.modules
+        if model_cfg.tie_embeddings:
+            aliases = {"lm_head.weight": "transformer.wte.weight"}   # the last stage's copy of wte
+        del model                          # each process keeps only its stages
+    else:
+        dp_rank, dp_group = rank, None
+        trained = model.to(device)
+    named_params = [(name, p) for module in (trained if pipe else [trained]) for name, p in module.named_parameters()]
+    optimizer = configure_optimizers(trained, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
     torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
     data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
     start_step, best_val_loss = 0, float("inf")
     if checkpoint is not None:
-        load_optimizer_state_by_name(model, optimizer, checkpoint["optimizer"])
+        load_optimizer_state_by_name(named_params, optimizer, checkpoint["optimizer"], aliases)
         scaler.load_state_dict(checkpoint["scaler"])
         saved_rng = checkpoint["rng"]      # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
@@ -302,24 +481,29 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
-    # DDP (Li et al. 2020): every process holds the whole model and trains on its share of each batch;
-    # backward averages the gradients across processes, so every copy takes the same step.
-    train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) \
-        if world_size > 1 else model
-    train_model = torch.compile(train_model) if compile_model else train_model   # `model` is what we save
+    if pipe is None:
+        # DDP (Li et al. 2020): every process holds the whole model and trains on its share of each batch;
+        # backward averages the gradients across processes, so every copy takes the same step.
+        train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) \
+            if world_size > 1 else model
+        train_model = torch.compile(train_model) if compile_model else train_model   # `model` is what we save
+        loss_of = lambda x, y: model(x, y, loss_chunk)                            # noqa: E731
+    else:
+        loss_of = pipeline_eval_loss(pipe, cfg.gradient_accumulation_steps)
 
     # Fixed evaluation windows, drawn once from their own generator so they never change during the run.
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
     T, B, accum = model_cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps
     eval_offsets = {split: draw_windows(meta[f"{split}_tokens"], T, cfg.eval_iters * B, eval_generator)
                     for split in ("train", "val")}
+    evaluate = lambda: estimate_loss(loss_of, trained, paths, eval_offsets, cfg, T, device, dtype,   # noqa: E731
+                                     dp_rank, dp_size, dp_group)
     if cfg.eval_only:
-        losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype, loss_chunk)
+        losses = evaluate()
         print0(f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f}")
         return
 
-    n_params = model.num_params()
-    tokens_per_step = B * accum * world_size * T
+    tokens_per_step = B * accum * dp_size * T
     flops_per_step = flops_per_token(model_cfg, n_params, T) * tokens_per_step
     peak = peak_flops(device)
     print0(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
@@ -337,16 +521,17 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
         is_resumed_start = step == start_step and start_step > 0
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
-            losses = estimate_loss(model, paths, eval_offsets, cfg, T, device, dtype, loss_chunk)
+            losses = evaluate()
             best_val_loss = min(best_val_loss, losses["val"])
             rngs = gather_to_rank0(rng_states(data_generator))
+            weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank)
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
                                            "val_loss": losses["val"]}) + "\n")
                 log_file.flush()
                 save_checkpoint({
-                    "model": model.state_dict(), "optimizer": optimizer_state_by_name(model, optimizer),
+                    "model": weights, "optimizer": optimizer_state,
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
                     "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
                     "rng": rngs, "data": meta,
@@ -360,8 +545,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             group["lr"] = lr
         # One seeded stream of windows for the whole run, whatever the number of processes: each step draws
         # the global batch, and process `rank` takes its contiguous share of micro-batches.
-        offsets = draw_windows(meta["train_tokens"], T, B * accum * world_size, data_generator)
-        my_offsets = offsets[rank * B * accum:(rank + 1) * B * accum]
+        offsets = draw_windows(meta["train_tokens"], T, B * accum * dp_size, data_generator)
+        my_offsets = offsets[dp_rank * B * accum:(dp_rank + 1) * B * accum]
         loss_sum = torch.zeros((), device=device)
         for micro_step, batch in enumerate(my_offsets.split(B)):
             x, y = read_batch(paths["train"], batch, T)
@@ -371,6 +556,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 x, y = x.to(device), y.to(device)
             # DDP averages gradients during backward; on all but the last micro-step there is nothing to
             # average yet (DDP decides at forward time, so no_sync wraps the forward too).
+            if pipe is not None:           # the schedule runs forward and backward of every micro-batch
+                with autocast(device, dtype):
+                    loss_sum += pipeline_loss(pipe, x, y, train=True)
+                continue
             is_last_micro_step = micro_step == accum - 1
             with train_model.no_sync() if world_size > 1 and not is_last_micro_step else nullcontext():
                 with autocast(device, dtype):
@@ -378,11 +567,16 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                     loss = train_model(x, y, loss_chunk) / accum
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        if pipe is None:
+            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        else:
+            grad_norm = pipeline_optimizer_step(pipe, named_params, optimizer, cfg.grad_clip)
 
         steps_timed += 1
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-            loss_value = all_ranks_mean(loss_sum).item()   # the only host-device sync of the step
+            # The only host-device sync of the step. Under --pp only the last stages hold a loss, so the sum
+            # over all processes counts each replica once.
+            loss_value = (all_ranks_mean(loss_sum) * cfg.pp).item()
             now = time.perf_counter()
             step_time = (now - timer_start) / steps_timed
             timer_start, steps_timed = now, 0

@@ -62,3 +62,69 @@ def test_checkpoint_saved_under_ddp_resumes_on_one_process(tiny_data_dir, tmp_pa
     run_train(moved, tiny_data_dir, 1, "--gradient_accumulation_steps=4", "--max_iters=6", "--eval_interval=3",
               "--init_from=resume")
     assert_same_run(straight, moved)
+
+
+PIPELINE_LAYOUTS = {
+    "pp2 gpipe": (2, ["--pp=2", "--pp_schedule=gpipe", "--gradient_accumulation_steps=2"]),
+    "pp2 1f1b": (2, ["--pp=2", "--pp_schedule=1f1b", "--gradient_accumulation_steps=2"]),
+    "pp2 interleaved 1f1b": (2, ["--pp=2", "--pp_schedule=interleaved_1f1b", "--gradient_accumulation_steps=2"]),
+    "pp2 x dp2": (4, ["--pp=2", "--gradient_accumulation_steps=1"]),
+    "pp2 untied head": (2, ["--pp=2", "--gradient_accumulation_steps=2", "--tie_embeddings=False"]),
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tiny_data_dir, tmp_path_factory) -> dict[bool, str]:
+    """The references: 1 process, 4 blocks, global batch 8, with tied and with untied embeddings."""
+    runs = {}
+    for tied in (True, False):
+        out_dir = str(tmp_path_factory.mktemp("reference"))
+        run_train(out_dir, tiny_data_dir, 1, "--n_layer=4", "--gradient_accumulation_steps=2", "--max_iters=6",
+                  "--eval_interval=3", f"--tie_embeddings={tied}")
+        runs[tied] = out_dir
+    return runs
+
+
+@pytest.mark.parametrize("layout", PIPELINE_LAYOUTS)
+def test_pipeline_matches_one_process(layout, one_process_runs, tiny_data_dir, tmp_path):
+    """Chained stages under each schedule, and pipelines replicated over data-parallel groups, compute the
+    same losses and weights as one process; the saved checkpoint is the ordinary full-model file."""
+    nproc, flags = PIPELINE_LAYOUTS[layout]
+    run_train(str(tmp_path), tiny_data_dir, nproc, "--n_layer=4", "--max_iters=6", "--eval_interval=3", *flags)
+    tied = "--tie_embeddings=False" not in flags
+    assert_same_run(one_process_runs[tied], str(tmp_path))
+    weights = load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["model"]
+    if tied:   # the first stage's wte and the last stage's copy took identical steps
+        assert torch.equal(weights["transformer.wte.weight"], weights["lm_head.weight"])
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)], ids=["pp2 then dp2", "one process then pp2"])
+def test_checkpoint_moves_between_pipeline_and_data_parallel(first, second, one_process_runs, tiny_data_dir,
+                                                             tmp_path):
+    layouts = {1: (2, ["--gradient_accumulation_steps=1"]), 2: (2, ["--pp=2", "--gradient_accumulation_steps=2"])}
+    if first == 1:
+        layouts[1] = (1, ["--gradient_accumulation_steps=2"])
+    for pp, max_iters, resume in ((first, 3, []), (second, 6, ["--init_from=resume"])):
+        nproc, flags = layouts[pp]
+        run_train(str(tmp_path), tiny_data_dir, nproc, "--n_layer=4", f"--max_iters={max_iters}",
+                  "--eval_interval=3", *flags, *resume)
+    assert_same_run(one_process_runs[True], str(tmp_path))
+
+
+@pytest.mark.parametrize("nproc,flags,message", [
+    (1, ["--pp=2"], "needs one process per stage"),
+    (2, ["--pp=3", "--n_layer=4"], "--pp=3 must divide the number of processes (2)"),
+    (2, ["--pp=2", "--n_layer=1"], "2 pipeline stages need at least as many blocks"),
+    (2, ["--pp=2", "--n_microbatches=3"], "--n_microbatches=3 must divide --batch_size=4"),
+    (2, ["--pp=2", "--n_microbatches=1"], "needs --n_microbatches >= --pp=2"),
+])
+def test_bad_pipeline_layouts_are_refused_with_one_line(nproc, flags, message, tiny_data_dir, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"] \
+        if nproc > 1 else [sys.executable]
+    result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--data_dir={tiny_data_dir}",
+                             "--dataset=tiny", f"--out_dir={tmp_path}", *TINY_MODEL_FLAGS, "--batch_size=4",
+                             *flags], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and message in errors[0], result.stderr[-2000:]
