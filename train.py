@@ -20,7 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -67,6 +70,8 @@ class TrainConfig:
                                        "the whole (B*T, V) logits; 0: the plain path (default: 64 on CPU/MPS, "
                                        "0 on CUDA, where torch.compile fuses the plain path)")
     seed: int = arg(1337, "seed for the weights, dropout and the order of the batches")
+    fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state across the processes "
+                            "(FSDP2) instead of giving each a full copy (DDP)")
     # pipeline parallelism (under torchrun; world size = pp x data-parallel replicas)
     pp: int = arg(1, "pipeline stages: each process runs a contiguous slice of the blocks")
     pp_schedule: str = arg("1f1b", "order of the micro-batches' forward and backward passes",
@@ -176,12 +181,18 @@ def estimate_loss(loss_of, modules: torch.nn.Module, paths: dict, eval_offsets: 
     losses = {}
     for split, offsets in eval_offsets.items():
         total = torch.zeros(2, dtype=torch.float64, device=device)      # (sum of losses, windows)
-        for batch in offsets.split(cfg.batch_size)[dp_rank::dp_size]:
+        batches = offsets.split(cfg.batch_size)
+        mine = list(batches[dp_rank::dp_size])
+        # Sharded weights are gathered by all processes together, so every process runs the same number of
+        # forward passes: a process one batch short repeats a batch with weight 0.
+        n_rounds = -(-len(batches) // dp_size)
+        weights = [1] * len(mine) + [0] * (n_rounds - len(mine))
+        for batch, weight in zip(mine + [batches[0]] * (n_rounds - len(mine)), weights):
             x, y = (t.to(device) for t in read_batch(paths[split], batch, block_size))
             with autocast(device, dtype):
                 loss = loss_of(x, y)
-            total += torch.stack([loss.double() * len(batch), torch.tensor(len(batch), dtype=torch.float64,
-                                                                         device=device)])
+            total += weight * torch.stack([loss.double() * len(batch),
+                                           torch.tensor(len(batch), dtype=torch.float64, device=device)])
         if dp_size > 1:
             dist.all_reduce(total, group=dp_group)
         losses[split] = (total[0] / total[1]).item()
@@ -233,6 +244,11 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
     if not 0 <= model_cfg.dropout < 1:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
+    if cfg.fsdp and cfg.pp > 1:
+        sys.exit("error: --fsdp together with --pp is not supported; use one of them")
+    if cfg.fsdp and cfg.dtype == "float16":
+        sys.exit("error: --dtype=float16 needs a gradient scaler, which --fsdp does not support here; "
+                 "use --dtype=bfloat16 or float32")
     if cfg.pp > 1:
         n_stages = cfg.pp * (cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1)
         if n_stages > model_cfg.n_layer:
@@ -356,10 +372,18 @@ def pipeline_eval_loss(pipe: PipelineRank, accum: int):
 
 
 def full_training_state(trained: torch.nn.Module, named_params: list, optimizer, pipe: PipelineRank | None,
-                        dp_rank: int) -> tuple[dict | None, dict | None]:
+                        dp_rank: int, is_sharded: bool) -> tuple[dict | None, dict | None]:
     """The whole model's state dict and by-name optimizer state, on rank 0 (None elsewhere): under --pp
-    the stages of the first data-parallel replica are gathered and merged, so the checkpoint is the same
-    file whatever the layout that wrote it."""
+    the stages of the first data-parallel replica are gathered and merged, under --fsdp the shards, so
+    the checkpoint is the same file whatever the layout that wrote it."""
+    if is_sharded:   # FSDP's full state dicts name the optimizer state by parameter, as ours does
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(trained, options=options)
+        # Before the first step AdamW has no state, and get_optimizer_state_dict would create it by taking
+        # a step with lr=0, which advances AdamW's step count and so changes every later update.
+        optimizer_state = get_optimizer_state_dict(trained, optimizer, options=options) if optimizer.state \
+            else optimizer_state_by_name(named_params, optimizer)
+        return (weights, optimizer_state) if dist.get_rank() == 0 else (None, None)
     weights = trained.state_dict() if pipe is None else \
         {name: t for module in trained for name, t in module.state_dict().items()}
     optimizer_state = optimizer_state_by_name(named_params, optimizer)
@@ -464,6 +488,15 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     else:
         dp_rank, dp_group = rank, None
         trained = model.to(device)
+        if cfg.fsdp:
+            if world_size == 1:
+                sys.exit("error: --fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp")
+            # FSDP (Zhao et al. 2023), in its second PyTorch version: each process stores 1/N of every
+            # tensor; a block's full weights are all-gathered just before it runs and freed after, and
+            # gradients are reduce-scattered, so each process updates only its shard.
+            for block in model.transformer.h:
+                fully_shard(block)
+            fully_shard(model)             # the rest: embeddings, ln_f and the (tied) head
     named_params = [(name, p) for module in (trained if pipe else [trained]) for name, p in module.named_parameters()]
     optimizer = configure_optimizers(trained, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
@@ -472,7 +505,11 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
     start_step, best_val_loss = 0, float("inf")
     if checkpoint is not None:
-        load_optimizer_state_by_name(named_params, optimizer, checkpoint["optimizer"], aliases)
+        if cfg.fsdp and checkpoint["optimizer"]["state"]:   # each process keeps its shards of the full state
+            set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        elif not cfg.fsdp:
+            load_optimizer_state_by_name(named_params, optimizer, checkpoint["optimizer"], aliases)
         scaler.load_state_dict(checkpoint["scaler"])
         saved_rng = checkpoint["rng"]      # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
@@ -485,7 +522,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         # DDP (Li et al. 2020): every process holds the whole model and trains on its share of each batch;
         # backward averages the gradients across processes, so every copy takes the same step.
         train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) \
-            if world_size > 1 else model
+            if world_size > 1 and not cfg.fsdp else model
         train_model = torch.compile(train_model) if compile_model else train_model   # `model` is what we save
         loss_of = lambda x, y: model(x, y, loss_chunk)                            # noqa: E731
     else:
@@ -524,7 +561,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             losses = evaluate()
             best_val_loss = min(best_val_loss, losses["val"])
             rngs = gather_to_rank0(rng_states(data_generator))
-            weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank)
+            weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank,
+                                                           cfg.fsdp)
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
@@ -561,7 +599,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                     loss_sum += pipeline_loss(pipe, x, y, train=True)
                 continue
             is_last_micro_step = micro_step == accum - 1
-            with train_model.no_sync() if world_size > 1 and not is_last_micro_step else nullcontext():
+            if cfg.fsdp:                   # FSDP's counterpart of no_sync: reduce only on the last micro-step
+                model.set_requires_gradient_sync(is_last_micro_step)
+            with train_model.no_sync() if isinstance(train_model, DDP) and not is_last_micro_step \
+                    else nullcontext():
                 with autocast(device, dtype):
                     # k micro-batches of mean losses, each divided by k: the mean over the big batch
                     loss = train_model(x, y, loss_chunk) / accum

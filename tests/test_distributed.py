@@ -70,6 +70,8 @@ PIPELINE_LAYOUTS = {
     "pp2 interleaved 1f1b": (2, ["--pp=2", "--pp_schedule=interleaved_1f1b", "--gradient_accumulation_steps=2"]),
     "pp2 x dp2": (4, ["--pp=2", "--gradient_accumulation_steps=1"]),
     "pp2 untied head": (2, ["--pp=2", "--gradient_accumulation_steps=2", "--tie_embeddings=False"]),
+    "fsdp2": (2, ["--fsdp", "--gradient_accumulation_steps=1"]),
+    "fsdp2 with accumulation": (2, ["--fsdp", "--batch_size=2", "--gradient_accumulation_steps=2"]),
 }
 
 
@@ -86,9 +88,9 @@ def one_process_runs(tiny_data_dir, tmp_path_factory) -> dict[bool, str]:
 
 
 @pytest.mark.parametrize("layout", PIPELINE_LAYOUTS)
-def test_pipeline_matches_one_process(layout, one_process_runs, tiny_data_dir, tmp_path):
-    """Chained stages under each schedule, and pipelines replicated over data-parallel groups, compute the
-    same losses and weights as one process; the saved checkpoint is the ordinary full-model file."""
+def test_pipeline_and_sharded_layouts_match_one_process(layout, one_process_runs, tiny_data_dir, tmp_path):
+    """Chained stages under each schedule, pipelines replicated over data-parallel groups, and FSDP's shards
+    compute the same losses and weights as one process; the checkpoint is the ordinary full-model file."""
     nproc, flags = PIPELINE_LAYOUTS[layout]
     run_train(str(tmp_path), tiny_data_dir, nproc, "--n_layer=4", "--max_iters=6", "--eval_interval=3", *flags)
     tied = "--tie_embeddings=False" not in flags
@@ -98,14 +100,20 @@ def test_pipeline_matches_one_process(layout, one_process_runs, tiny_data_dir, t
         assert torch.equal(weights["transformer.wte.weight"], weights["lm_head.weight"])
 
 
-@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)], ids=["pp2 then dp2", "one process then pp2"])
-def test_checkpoint_moves_between_pipeline_and_data_parallel(first, second, one_process_runs, tiny_data_dir,
-                                                             tmp_path):
-    layouts = {1: (2, ["--gradient_accumulation_steps=1"]), 2: (2, ["--pp=2", "--gradient_accumulation_steps=2"])}
-    if first == 1:
-        layouts[1] = (1, ["--gradient_accumulation_steps=2"])
-    for pp, max_iters, resume in ((first, 3, []), (second, 6, ["--init_from=resume"])):
-        nproc, flags = layouts[pp]
+LAYOUTS = {
+    "one process": (1, ["--gradient_accumulation_steps=2"]),
+    "dp2": (2, ["--gradient_accumulation_steps=1"]),
+    "pp2": (2, ["--pp=2", "--gradient_accumulation_steps=2"]),
+    "fsdp2": (2, ["--fsdp", "--gradient_accumulation_steps=1"]),
+}
+
+
+@pytest.mark.parametrize("first,second", [("pp2", "dp2"), ("one process", "pp2"), ("fsdp2", "one process"),
+                                          ("dp2", "fsdp2")])
+def test_checkpoint_moves_between_layouts(first, second, one_process_runs, tiny_data_dir, tmp_path):
+    """3 steps under one layout, resume under another for 3 more: the same as 6 steps on one process."""
+    for layout, max_iters, resume in ((first, 3, []), (second, 6, ["--init_from=resume"])):
+        nproc, flags = LAYOUTS[layout]
         run_train(str(tmp_path), tiny_data_dir, nproc, "--n_layer=4", f"--max_iters={max_iters}",
                   "--eval_interval=3", *flags, *resume)
     assert_same_run(one_process_runs[True], str(tmp_path))
@@ -117,6 +125,8 @@ def test_checkpoint_moves_between_pipeline_and_data_parallel(first, second, one_
     (2, ["--pp=2", "--n_layer=1"], "2 pipeline stages need at least as many blocks"),
     (2, ["--pp=2", "--n_microbatches=3"], "--n_microbatches=3 must divide --batch_size=4"),
     (2, ["--pp=2", "--n_microbatches=1"], "needs --n_microbatches >= --pp=2"),
+    (1, ["--fsdp"], "--fsdp shards across processes"),
+    (2, ["--fsdp", "--pp=2"], "--fsdp together with --pp is not supported"),
 ])
 def test_bad_pipeline_layouts_are_refused_with_one_line(nproc, flags, message, tiny_data_dir, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"] \
