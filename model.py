@@ -370,7 +370,8 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     appendix B). 6N counts every weight matmul (2 FLOPs per multiply-add, x3 for the backward pass);
     the second term is attention's QK^T and AV. N leaves out the position embedding, a lookup with no
     matmul; the tied token embedding stays in, since it is the LM head's matmul (untied, it is a lookup)."""
-    lookups = config.block_size * config.n_embd + (0 if config.tie_embeddings else config.vocab_size * config.n_embd)
+    C = config.n_embd
+    lookups = config.block_size * C + (0 if config.tie_embeddings else config.vocab_size * C)
     n_matmul_params = n_params - lookups
     L, H, D = config.n_layer, config.n_head, config.n_embd // config.n_head
     return 6 * n_matmul_params + 12 * L * H * D * seq_len
@@ -673,7 +674,8 @@ def optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optim
     for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
         index_to_name.update({i: names[id(p)] for i, p in zip(saved_group["params"], group["params"])})
     return {"state": {index_to_name[i]: state for i, state in saved["state"].items()},
-            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
+                             for g in saved["param_groups"]]}
 
 
 def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optimizer, saved: dict,

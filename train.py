@@ -406,6 +406,17 @@ def full_training_state(trained: torch.nn.Module, named_params: list, optimizer,
     return weights, merged
 
 
+def check_layout(cfg: TrainConfig, world_size: int) -> None:
+    """Refuse process layouts that cannot work, before any work starts."""
+    if cfg.pp > 1 and world_size == 1:
+        sys.exit(f"error: --pp={cfg.pp} needs one process per stage: "
+                 f"torchrun --nproc-per-node={cfg.pp} train.py ...")
+    if world_size % cfg.pp:
+        sys.exit(f"error: --pp={cfg.pp} must divide the number of processes ({world_size})")
+    if cfg.fsdp and world_size == 1:
+        sys.exit("error: --fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp")
+
+
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only: with N processes, one copy of each line."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -435,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     check_config(cfg, model_cfg)
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
     try:
+        check_layout(cfg, world_size)
         train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device)
     finally:
         teardown_distributed()
@@ -466,10 +478,6 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
                  f"{model_cfg.vocab_size}")
 
-    if cfg.pp > 1 and world_size == 1:
-        sys.exit(f"error: --pp={cfg.pp} needs one process per stage: torchrun --nproc-per-node={cfg.pp} train.py ...")
-    if world_size % cfg.pp:
-        sys.exit(f"error: --pp={cfg.pp} must divide the number of processes ({world_size})")
     dp_size = world_size // cfg.pp         # data-parallel replicas of the (possibly pipelined) model
     torch.manual_seed(cfg.seed)            # the same initial weights on every process
     model = GPT(model_cfg)
@@ -489,15 +497,14 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         dp_rank, dp_group = rank, None
         trained = model.to(device)
         if cfg.fsdp:
-            if world_size == 1:
-                sys.exit("error: --fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp")
             # FSDP (Zhao et al. 2023), in its second PyTorch version: each process stores 1/N of every
             # tensor; a block's full weights are all-gathered just before it runs and freed after, and
             # gradients are reduce-scattered, so each process updates only its shard.
             for block in model.transformer.h:
                 fully_shard(block)
             fully_shard(model)             # the rest: embeddings, ln_f and the (tied) head
-    named_params = [(name, p) for module in (trained if pipe else [trained]) for name, p in module.named_parameters()]
+    named_params = [(name, p) for module in (trained if pipe else [trained])
+                    for name, p in module.named_parameters()]
     optimizer = configure_optimizers(trained, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
