@@ -2,6 +2,8 @@
 
     python generate.py --out_dir=out --prompt="ROMEO:" --max_new_tokens=200
     python generate.py --out_dir=out --prompt_file=prompt.txt --num_samples=3 --top_p=0.95
+    python generate.py --lora=out-lora/adapter.pt --instruction="Who speaks this line in Hamlet?" \
+        --input="To be, or not to be: that is the question:"          # a LoRA adapter on its base
 
 The text goes to stdout; notes and the speed (tokens/s) go to stderr, so `> sample.txt` keeps only text.
 """
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model import (EOT_TOKEN, arg, autocast, generate, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                   parse_args, pick_device, pick_dtype)
+from finetune_lora import format_prompt, load_base_with_adapter, merge_lora
+from model import (EOT_TOKEN, arg, autocast, flags_given, generate, get_tokenizer, load_checkpoint,
+                   model_from_checkpoint, parse_args, pick_device, pick_dtype)
 
 
 @dataclass
@@ -22,6 +25,11 @@ class GenerateConfig:
     out_dir: str = arg("out", "directory holding the checkpoint (ckpt.pt) to sample from")
     prompt: str = arg("", "text the samples continue; empty starts a fresh document (<|endoftext|>)")
     prompt_file: str = arg("", "read the prompt from this file instead of --prompt")
+    instruction: str = arg("", "an instruction instead of a prompt: the prompt becomes finetune_lora.py's "
+                               "template around it, and the sample is the response")
+    input: str = arg("", "context for --instruction (the template's Input section)")
+    lora: str = arg("", "adapter file written by finetune_lora.py, applied to its base: the checkpoint it "
+                        "records, or --out_dir's if that flag is given")
     num_samples: int = arg(1, "number of samples, one after the other")
     max_new_tokens: int = arg(200, "tokens generated per sample (fewer if it ends with <|endoftext|>)")
     temperature: float = arg(0.8, "divide the logits by this; below 1 is more conservative, 0 is greedy")
@@ -43,9 +51,15 @@ def check_config(cfg: GenerateConfig) -> None:
         sys.exit(f"error: --top_k={cfg.top_k} must be >= 1 (or None for no limit)")
     if not 0 < cfg.top_p <= 1:
         sys.exit(f"error: --top_p={cfg.top_p} must be in (0, 1]")
+    if cfg.instruction and (cfg.prompt or cfg.prompt_file):
+        sys.exit("error: give either --instruction (with --input) or --prompt/--prompt_file, not both")
+    if cfg.input and not cfg.instruction:
+        sys.exit("error: --input is the context of an instruction; give --instruction too")
 
 
 def read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.instruction:
+        return format_prompt(cfg.instruction, cfg.input)
     if not cfg.prompt_file:
         return cfg.prompt
     try:
@@ -61,7 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg)
-    model = model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), dropout=0.0)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.lora:
+        # The adapter on its base, then folded in: sampling then costs what the base model costs.
+        base_path = ckpt_path if "out_dir" in flags_given(argv) else None
+        model = merge_lora(load_base_with_adapter(cfg.lora, base_path))
+    else:
+        model = model_from_checkpoint(load_checkpoint(ckpt_path), dropout=0.0)
     model.to(device).eval()
     tokenizer = get_tokenizer()
 

@@ -3,6 +3,7 @@ import dataclasses
 import os
 import re
 
+import finetune_lora
 import generate
 import prepare
 import train
@@ -21,7 +22,8 @@ def table_row(f: dataclasses.Field) -> str:
 def test_readme_flag_tables_match_the_dataclasses():
     documented = set(re.findall(r"^\| `--(\w+)` \|", README, flags=re.MULTILINE))
     expected = set()
-    for config in (prepare.PrepareConfig, train.TrainConfig, GPTConfig, generate.GenerateConfig):
+    for config in (prepare.PrepareConfig, train.TrainConfig, GPTConfig, generate.GenerateConfig,
+                   finetune_lora.FinetuneConfig):
         for f in dataclasses.fields(config):
             assert table_row(f) in README, f"README row for {config.__name__}.{f.name} is out of date"
             expected.add(f.name)

@@ -1,0 +1,717 @@
+"""Fine-tune a pre-trained GPT on instruction data with low-rank adapters (LoRA), leaving its weights untouched.
+
+    python finetune_lora.py --init_from=out-shakespeare --data=shakespeare --out_dir=out-lora   # offline example
+    python finetune_lora.py --init_from=out --data=alpaca.json --out_dir=out-lora
+    python finetune_lora.py --init_from=out --data=tatsu-lab/alpaca --out_dir=out-lora          # Hugging Face
+    python finetune_lora.py --init_from=resume --out_dir=out-lora --max_iters=600 --merge       # go on, then merge
+    python generate.py --lora=out-lora/adapter.pt --instruction="Who speaks this line in Hamlet?" \\
+        --input="To be, or not to be: that is the question:"
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes every weight W of the
+base model and learns, for chosen linear layers, a low-rank update: W x + (alpha / R) * B A x, with A (R, C_in)
+and B (C_out, R). Only A and B train, so the result is a small adapter file that belongs to one base
+checkpoint; `--merge` folds B A into W and writes an ordinary full checkpoint.
+
+Every field of FinetuneConfig is a flag (`--help` lists them with their defaults).
+"""
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import (EOT_TOKEN, GPT, arg, autocast, configure_optimizers, flags_given, flops_per_token,
+                   get_tokenizer, load_checkpoint, model_from_checkpoint, parse_args, peak_flops, pick_dtype,
+                   save_checkpoint, setup_distributed, teardown_distributed, write_atomically)
+from prepare import sha256_file, shakespeare_paths
+from train import (all_ranks_mean, format_step_line, gather_to_rank0, get_lr, optimizer_step, print0,
+                   restore_rng_states, rng_states)
+
+# The linear layers of a transformer block that may carry an adapter (GPT-2's names). The LM head is left
+# out: it shares its weight with the token embedding, and the chunked loss reads that weight directly.
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class FinetuneConfig:
+    # data and files
+    init_from: str = arg("out", "directory holding the base checkpoint (ckpt.pt), or resume to continue the "
+                                "fine-tuning run in --out_dir exactly")
+    data: str = arg("", "instruction records: a .json (list) or .jsonl file, a Hugging Face dataset id, or "
+                        "shakespeare ('Who speaks this line?' records built from the plays, offline)")
+    out_dir: str = arg("out-lora", "directory for adapter.pt, the resumable state (state.pt), log.jsonl and, "
+                                   "with --merge, a merged ckpt.pt")
+    val_fraction: float = arg(0.1, "share of the records held out for validation (drawn with --seed)")
+    overlong: str = arg("truncate", "records longer than block_size + 1 tokens: cut at that length, or skip "
+                                    "them", choices=("truncate", "skip"))
+    mask_input: bool = arg(True, "train on the response tokens only: the prompt's positions get no loss")
+    # LoRA
+    lora_rank: int = arg(8, "rank R of each adapter's update B A")
+    lora_alpha: float = arg(16.0, "the update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = arg(0.05, "dropout on the adapters' input (the base path has none)")
+    lora_targets: str = arg(",".join(LORA_TARGETS), "comma-separated linear layers of each block that get an "
+                                                    "adapter: " + ", ".join(LORA_TARGETS))
+    merge: bool = arg(False, "at the end, also write out_dir/ckpt.pt: the base with the adapter merged in")
+    # schedule of the run
+    max_iters: int = arg(300, "optimizer steps in the whole run")
+    eval_interval: int = arg(50, "evaluate train/val loss and save the adapter every this many steps")
+    eval_iters: int = arg(20, "batches per split in each evaluation (at most the whole split)")
+    log_interval: int = arg(10, "print a progress line every this many steps")
+    # batch
+    batch_size: int = arg(16, "records per micro-batch, padded to the longest")
+    gradient_accumulation_steps: int = arg(1, "micro-batches whose gradients are summed per optimizer step")
+    # AdamW and the learning-rate schedule
+    learning_rate: float = arg(2e-3, "peak learning rate, reached after warmup")
+    min_lr: float = arg(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = arg(20, "steps of linear warmup")
+    lr_decay_iters: int | None = arg(None, "step where the cosine decay reaches min_lr (default: max_iters)")
+    decay_lr: bool = arg(True, "warmup + cosine decay; False keeps learning_rate constant")
+    weight_decay: float = arg(0.0, "AdamW weight decay on the adapter matrices (it pulls them towards the base)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0 disables clipping)")
+    # system
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    loss_chunk: int = arg(0, "rows per chunk of the fused LM head + cross-entropy (see train.py); 0: the plain "
+                             "path, faster here: the frozen LM head needs no weight gradient, which the fused "
+                             "path computes anyway")
+    seed: int = arg(1337, "seed for the adapters' initial A, dropout, the validation split and the data order")
+
+
+# Flags that define what a run learns: a resumed run must keep them (the schedule and the system may change).
+FIXED_ON_RESUME = ("data", "val_fraction", "overlong", "mask_input", "lora_rank", "lora_alpha", "lora_dropout",
+                   "lora_targets", "batch_size", "gradient_accumulation_steps", "seed")
+
+
+# --- LoRA: low-rank adapters on linear layers ---
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, eq. 3):
+
+        y = W x + b + (alpha / R) * B A dropout(x),    W: (C_out, C_in), A: (R, C_in), B: (C_out, R)
+
+    B starts at zero, so the layer starts out computing exactly what the base layer does and training moves
+    away from the base model smoothly. A starts random: with A = 0 too, neither would ever get a gradient.
+    The paper says "random Gaussian" for A; its code (microsoft/LoRA, loralib) uses nn.Linear's Kaiming-uniform
+    init, which we follow. Scaling by alpha / R means a change of R needs no new learning rate (section 4.1)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=weight.dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down = self.dropout(x) @ self.lora_A.t()                 # (B, T, C_in) -> (B, T, R): R numbers per token
+        return self.base(x) + self.scaling * (down @ self.lora_B.t())    # (B, T, C_out)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / R) B A, (C_out, C_in): one matrix that computes what this layer computes without dropout."""
+        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
+
+
+def parse_targets(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def apply_lora(model: GPT, targets: list[str], rank: int, alpha: float, dropout: float) -> GPT:
+    """Freeze every weight of model and wrap each block's linear layer named in targets (e.g. 'attn.c_attn')
+    in a LoRALinear, in place. Returns the model, whose only trainable parameters are now the adapters'.
+
+    c_attn computes the query, key and value in one matmul, so its adapter is one rank-R update of the stacked
+    (3C, C) matrix: q, k and v read the input through the same A and write through their own rows of B.
+    (loralib's MergedLinear gives each its own A, three times the parameters of A.)"""
+    assert all(t in LORA_TARGETS for t in targets), f"LoRA targets must be among {LORA_TARGETS}"
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in targets):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, LoRALinear(module, rank, alpha, dropout))
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its base weight, W <- W + (alpha / R) B A, and put the plain nn.Linear back,
+    in place: the result is an ordinary GPT whose state_dict has the base checkpoint's keys, and which
+    computes what the adapted model computes without dropout (up to float rounding)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.base.weight.copy_(module.merged_weight())
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, module.base)
+    return model
+
+
+def adapter_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The adapters' A and B matrices by parameter name (e.g. 'transformer.h.0.attn.c_attn.lora_A'): all that
+    an adapter file has to store, since everything else is the base checkpoint."""
+    return {name: p.detach().cpu() for name, p in model.named_parameters()
+            if name.endswith((".lora_A", ".lora_B"))}
+
+
+# --- instruction data: the prompt template, examples and batches ---
+
+# The Alpaca prompt template (Taori et al. 2023, github.com/tatsu-lab/stanford_alpaca), with and without an input.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The text the model sees before its response: the same in fine-tuning and in generate.py."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def encode_record(tokenizer, record: dict) -> tuple[list[int], int]:
+    """Token ids of prompt + response + <|endoftext|>, and how many of them are the prompt.
+
+    Prompt and response are encoded separately, as generation sees them: generate.py feeds the prompt's tokens
+    and the model continues from there. encode_ordinary treats a literal '<|endoftext|>' in a record as text;
+    the only end-of-text token is the one that closes the response, which teaches the model to stop."""
+    prompt = tokenizer.encode_ordinary(format_prompt(record["instruction"], record.get("input") or ""))
+    response = tokenizer.encode_ordinary(record["output"]) + [EOT_TOKEN]
+    return prompt + response, len(prompt)
+
+
+def fit_to_context(examples: list[tuple[list[int], int]], block_size: int, overlong: str
+                   ) -> tuple[list[tuple[list[int], int]], int, int]:
+    """Examples that fit the context, and the counts of those truncated and skipped.
+
+    An example of n tokens trains on n - 1 next-token predictions, so it fits when n <= block_size + 1. An
+    overlong one is cut at that length ('truncate': the end of its response is lost) or dropped ('skip'); one
+    whose prompt alone fills the context has no response left to learn and is always dropped."""
+    kept, truncated, skipped = [], 0, 0
+    for ids, n_prompt in examples:
+        if len(ids) <= block_size + 1:
+            kept.append((ids, n_prompt))
+        elif overlong == "truncate" and n_prompt < block_size + 1:
+            kept.append((ids[:block_size + 1], n_prompt))
+            truncated += 1
+        else:
+            skipped += 1
+    return kept, truncated, skipped
+
+
+def split_records(n_records: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training and validation records, in a seeded random order: its first val_fraction
+    (at least one record) is held out for validation, the rest trains."""
+    order = np.random.default_rng(seed).permutation(n_records).tolist()
+    n_val = max(1, round(n_records * val_fraction))
+    return order[n_val:], order[:n_val]
+
+
+def step_examples(step: int, examples_per_step: int, n_examples: int, seed: int) -> list[int]:
+    """Indices of the training examples that optimizer step `step` uses.
+
+    The run walks through the training set epoch after epoch, each in a fresh random order (every example once
+    per epoch). An epoch's order is a pure function of (seed, epoch), so a resumed run finds its place from
+    the step alone."""
+    positions = range(step * examples_per_step, (step + 1) * examples_per_step)   # counted over all epochs
+    orders = {epoch: np.random.default_rng([seed, epoch]).permutation(n_examples)
+              for epoch in {p // n_examples for p in positions}}
+    return [int(orders[p // n_examples][p % n_examples]) for p in positions]
+
+
+def collate(examples: list[tuple[list[int], int]], mask_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and targets y (B, T) for a batch of examples, T = the longest example's length - 1.
+
+    y is x shifted by one token. Positions that must not count get the target -1, the ignore index of the
+    model's loss: the padding after a shorter example, and with mask_input the positions whose next token is
+    still part of the prompt (the first n_prompt - 1), so only the response and its <|endoftext|> are learned.
+    Padded inputs may hold any token: causal attention never lets an earlier position see them."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), EOT_TOKEN, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(examples):
+        n = len(ids) - 1
+        x[row, :n] = torch.tensor(ids[:-1])
+        y[row, :n] = torch.tensor(ids[1:])
+        if mask_input:
+            y[row, :n_prompt - 1] = -1
+    return x, y
+
+
+# --- the loss over response tokens ---
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         scaler: torch.amp.GradScaler, device: str, dtype: torch.dtype, loss_chunk: int,
+                         step_tokens: int | None = None, world_size: int = 1) -> torch.Tensor:
+    """Backpropagate the mean loss over every counted target token of one optimizer step, through micro-batches
+    (x, y), each (B, T_i), that hold different numbers of such tokens. Returns this process's share of that
+    mean (a detached scalar): the shares of all processes add up to the step's mean loss.
+
+    The model's loss is a mean over its micro-batch's counted tokens. Dividing each by the number of
+    micro-batches (as pre-training does) would weigh a token in a micro-batch of short responses more than one
+    in a micro-batch of long ones; weighting each mean by its micro-batch's share of the step's tokens gives
+    exactly the gradient of one big batch: sum_i (n_i / N) * mean_i = (1 / N) * sum over all N tokens.
+    Under DDP, step_tokens is N counted over all world_size processes, and since DDP averages the processes'
+    gradients, each weight carries a factor world_size to turn that average back into the sum."""
+    counts = [int((y != -1).sum()) for _, y in micro_batches]   # counted on the CPU: no device sync
+    step_tokens = step_tokens or sum(counts)
+    assert all(counts), "every example has at least one response token (fit_to_context guarantees it)"
+    step_loss = torch.zeros((), device=device)
+    for micro_step, ((x, y), count) in enumerate(zip(micro_batches, counts)):
+        x, y = x.to(device), y.to(device)
+        # DDP averages gradients during backward; on all but the last micro-step there is nothing to average
+        # yet (DDP decides at forward time, so no_sync wraps the forward too).
+        is_last_micro_step = micro_step == len(micro_batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not is_last_micro_step else nullcontext():
+            with autocast(device, dtype):
+                loss = model(x, y, loss_chunk) * (count / step_tokens)
+            scaler.scale(loss * world_size).backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, splits: dict[str, list], batch_size: int, mask_input: bool, device: str,
+                  dtype: torch.dtype, loss_chunk: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Mean loss per token over each split's examples (the same ones at every evaluation), counting the tokens
+    training counts: with mask_input, the responses only. Each process evaluates its share of the batches and
+    the sums are added up across processes."""
+    model.eval()
+    losses = {}
+    for split, examples in splits.items():
+        total = torch.zeros(2, dtype=torch.float64, device=device)       # (sum of token losses, tokens)
+        for start in range(rank * batch_size, len(examples), world_size * batch_size):
+            x, y = collate(examples[start:start + batch_size], mask_input)
+            count = int((y != -1).sum())
+            with autocast(device, dtype):
+                loss = model(x.to(device), y.to(device), loss_chunk)
+            total += torch.stack([loss.double() * count, torch.tensor(float(count), device=device)])
+        if world_size > 1:
+            dist.all_reduce(total)
+        losses[split] = (total[0] / total[1]).item()
+    model.train()
+    return losses
+
+
+# --- side effects: reading records ---
+
+def check_record(record, where: str) -> dict:
+    """The record as {'instruction', 'input', 'output'} strings; anything else stops with one line naming it."""
+    if not isinstance(record, dict):
+        sys.exit(f"error: {where}: a record must be a JSON object with instruction, input and output fields, "
+                 f"not {type(record).__name__}")
+    for field_name in ("instruction", "output"):
+        if field_name not in record:
+            sys.exit(f"error: {where}: missing field '{field_name}'")
+    for field_name in ("instruction", "input", "output"):
+        value = record.get(field_name)
+        if not (isinstance(value, str) or (field_name == "input" and value is None)):
+            sys.exit(f"error: {where}: field '{field_name}' must be a string, not {type(value).__name__}")
+    return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
+
+
+def read_json_records(path: str) -> list[dict]:
+    """Records from a .json file (one list of objects) or a .jsonl file (one object per line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8")
+    if path.endswith(".jsonl"):
+        records = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"error: {path} line {line_number}: not valid JSON ({e.msg} at column {e.colno})")
+            records.append(check_record(record, f"{path} line {line_number}"))
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(records, list):
+        sys.exit(f"error: {path}: a .json file must hold a list of records, not a {type(records).__name__}; "
+                 f"or write one record per line to a .jsonl file")
+    return [check_record(record, f"{path} record {i}") for i, record in enumerate(records, start=1)]
+
+
+def read_hf_records(dataset_id: str) -> list[dict]:
+    """Records from the train split of a Hugging Face dataset with instruction/input/output columns."""
+    import datasets
+    try:
+        dataset = datasets.load_dataset(dataset_id, split="train")
+    except Exception as e:   # no network, unknown id: one line, not a traceback
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        sys.exit(f"error: could not load dataset '{dataset_id}' from the Hugging Face Hub ({reason}); check the "
+                 f"id and your network, or pass a local .json/.jsonl file with --data")
+    return [check_record(record, f"{dataset_id} record {i}") for i, record in enumerate(dataset, start=1)]
+
+
+def shakespeare_speaker_records(min_speeches: int = 50, min_words: int = 4) -> list[dict]:
+    """'Who speaks this line?' records built from the 38 plays of the Shakespeare sample, offline.
+
+    In the plays' Markdown a speech opens with the speaker in bold (**HAMLET**) followed by its lines. Each
+    record asks who, in the named play, speaks the first line of a speech; the answer is the speaker as the
+    plays write it. Only speakers with at least min_speeches speeches in their play (the main characters) and
+    lines of at least min_words words are kept, so the answer can be learned."""
+    records = []
+    for path in shakespeare_paths():
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        title = lines[0][2:] if lines[0].startswith("# ") else stem.replace("-", " ").title()
+        speeches, speaker, is_first_line = [], None, False
+        for line in lines:
+            bold = re.fullmatch(r"\*\*(.+)\*\*", line)
+            if bold:
+                speaker, is_first_line = bold.group(1), True
+            elif speaker and is_first_line and line and not line.startswith(("#", "_")):
+                speeches.append((speaker, line))
+                is_first_line = False
+        counts = {}
+        for speaker, _ in speeches:
+            counts[speaker] = counts.get(speaker, 0) + 1
+        records += [{"instruction": f"Who speaks this line in {title}?", "input": line, "output": speaker}
+                    for speaker, line in speeches
+                    if counts[speaker] >= min_speeches and len(line.split()) >= min_words]
+    return records
+
+
+def read_records(source: str) -> list[dict]:
+    """The instruction records named by --data: a local file, the built-in Shakespeare set, or a Hub dataset."""
+    if os.path.isfile(source):
+        if not source.endswith((".json", ".jsonl")):
+            sys.exit(f"error: --data={source}: use a .json file (a list of records) or a .jsonl file "
+                     f"(one record per line)")
+        records = read_json_records(source)
+    elif source == "shakespeare":
+        records = shakespeare_speaker_records()
+    elif os.path.exists(source):
+        sys.exit(f"error: --data={source} is not a file; name a .json or .jsonl file")
+    elif source.endswith((".json", ".jsonl")):
+        sys.exit(f"error: --data={source}: file not found")
+    else:
+        records = read_hf_records(source)
+    if len(records) < 2:
+        sys.exit(f"error: --data={source} holds {len(records)} record(s); fine-tuning needs at least 2 "
+                 f"(one for training, one for validation)")
+    return records
+
+
+# --- side effects: adapter files, the resumable state, the base checkpoint ---
+
+ADAPTER_FORMAT = "gpt-lora-adapter"   # marks adapter files written by this script
+ADAPTER_VERSION = 1
+
+
+def save_adapter(model: GPT, cfg: FinetuneConfig, base: dict, step: int, val_loss: float, path: str) -> None:
+    """Write the adapter-only file atomically: the A and B tensors, the LoRA settings that rebuild the layers,
+    and the base checkpoint it belongs to (path and sha256 of its bytes)."""
+    adapter = {
+        "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION,
+        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                 "targets": parse_targets(cfg.lora_targets)},
+        "base": base, "model_config": dataclasses.asdict(model.config), "step": step, "val_loss": val_loss,
+        "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
+        "tensors": adapter_tensors(model),
+    }
+    write_atomically(path, lambda f: torch.save(adapter, f))
+
+
+def load_adapter(path: str) -> dict:
+    """Read an adapter file written by save_adapter (weights_only: the file cannot run code)."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: adapter {path} not found; write one with `python finetune_lora.py --out_dir=...`")
+    try:
+        adapter = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        sys.exit(f"error: {path} is not a readable adapter file ({reason}); it may be truncated or corrupted")
+    if not isinstance(adapter, dict) or adapter.get("format") != ADAPTER_FORMAT:
+        sys.exit(f"error: {path} is not an adapter file written by finetune_lora.py")
+    if adapter.get("version") != ADAPTER_VERSION:
+        sys.exit(f"error: {path} has adapter format version {adapter.get('version')}, this code reads "
+                 f"version {ADAPTER_VERSION}")
+    return adapter
+
+
+def check_base(adapter: dict, adapter_path: str, base_path: str, base_sha256: str) -> None:
+    """Refuse to apply an adapter to any base but the exact checkpoint it was trained on."""
+    expected = adapter["base"]
+    if base_sha256 != expected["sha256"]:
+        sys.exit(f"error: adapter {adapter_path} belongs to the base checkpoint {expected['path']} (sha256 "
+                 f"{expected['sha256'][:12]}...), but {base_path} has sha256 {base_sha256[:12]}...; "
+                 f"apply it to the checkpoint it was trained on")
+
+
+def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
+    """Wrap the model's layers as the adapter says and load its A and B tensors. Returns the model."""
+    lora = adapter["lora"]
+    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
+    expected = {name: p.shape for name, p in adapter_tensors(model).items()}
+    found = {name: t.shape for name, t in adapter["tensors"].items()}
+    if expected != found:
+        sys.exit(f"error: the tensors in {adapter_path} do not fit the model ({len(found)} tensors, expected "
+                 f"{len(expected)}); the file is damaged or was written by other code")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in found:
+                p.copy_(adapter["tensors"][name])
+    return model
+
+
+def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> GPT:
+    """The base model (on the CPU, dropout off) with the adapter at adapter_path applied, not merged. The base
+    is base_path, or the checkpoint the adapter records; either way its sha256 must match the adapter's."""
+    adapter = load_adapter(adapter_path)
+    base_path = base_path or adapter["base"]["path"]
+    if not os.path.isfile(base_path):
+        sys.exit(f"error: base checkpoint {base_path} of adapter {adapter_path} not found; name the base's "
+                 f"directory with --out_dir")
+    check_base(adapter, adapter_path, base_path, sha256_file(base_path))
+    model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
+    return attach_adapter(model, adapter, adapter_path)
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Refuse values that cannot work, with the flag's name."""
+    minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
+                "batch_size": 1, "gradient_accumulation_steps": 1, "lora_rank": 1, "loss_chunk": 0}
+    for name, minimum in minimums.items():
+        if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
+            sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
+        sys.exit("error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0")
+    if cfg.lora_alpha <= 0:
+        sys.exit(f"error: --lora_alpha={cfg.lora_alpha} must be > 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        sys.exit(f"error: --lora_dropout={cfg.lora_dropout} must be in [0, 1)")
+    if not 0 < cfg.val_fraction < 1:
+        sys.exit(f"error: --val_fraction={cfg.val_fraction} must be in (0, 1)")
+    targets = parse_targets(cfg.lora_targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
+    if cfg.init_from != "resume" and not cfg.data:
+        sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
+                 "id, or shakespeare")
+
+
+def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path: str) -> FinetuneConfig:
+    """The resumed run's config: the saved one, with the flags given now on top. Flags that would change what
+    the run learns are refused, all at once."""
+    differ = [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
+              if name in given and getattr(cfg, name) != saved[name]]
+    if differ:
+        sys.exit(f"error: cannot resume {state_path} with a different " + ", ".join(differ)
+                 + "; drop these flags or start a new --out_dir")
+    now = {name: getattr(cfg, name) for name in given if name not in ("init_from", "out_dir")}
+    return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir})
+
+
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = parse_args(FinetuneConfig, argv=argv)
+    check_config(cfg)
+    rank, local_rank, world_size, device = setup_distributed(cfg.device)
+    try:
+        finetune(cfg, flags_given(argv), rank, local_rank, world_size, device)
+    finally:
+        teardown_distributed()
+
+
+def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
+             device: str) -> None:
+    is_master = rank == 0                  # the one process that prints and writes files
+    dtype = pick_dtype(cfg.dtype, device)
+    device_type = device.split(":")[0]
+    adapter_path, state_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "state.pt")
+    merged_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    # The run: a new one on a base checkpoint, or the one in out_dir, resumed with its base.
+    state = None
+    if cfg.init_from == "resume":
+        if not os.path.isfile(state_path):
+            sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} "
+                     f"to resume")
+        state = load_checkpoint(state_path)
+        cfg = resume_config(cfg, state["finetune_config"], given, state_path)
+        base_path = state["base"]["path"]
+    else:
+        base_path = os.path.join(cfg.init_from, "ckpt.pt")
+        if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
+            sys.exit(f"error: --out_dir={cfg.out_dir} is the base's directory; pick another --out_dir")
+        existing = [p for p in (adapter_path, state_path, merged_path) if os.path.exists(p)]
+        if existing:
+            sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
+                     f"--out_dir (nothing is overwritten)")
+    records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
+    # The base's own dropout is off: only the adapters' dropout regularizes fine-tuning.
+    model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
+    base = {"path": base_path, "sha256": sha256_file(base_path)}
+    if state is not None and base["sha256"] != state["base"]["sha256"]:
+        sys.exit(f"error: the base checkpoint {base_path} changed since this run started (sha256 differs); "
+                 f"the adapter only fits the base it was trained on")
+
+    # The data: records -> held-out split -> token ids that fit the context.
+    block_size = model.config.block_size
+    if model.config.vocab_size < EOT_TOKEN + 1:
+        sys.exit(f"error: the base's vocabulary ({model.config.vocab_size}) is not r50k_base's (50257); "
+                 f"instruction text needs a model trained on GPT-2 tokens")
+    train_ids, val_ids = split_records(len(records), cfg.val_fraction, cfg.seed)
+    if not train_ids:
+        sys.exit(f"error: --val_fraction={cfg.val_fraction} leaves no training record of {len(records)}")
+    tokenizer = get_tokenizer()
+    splits, n_truncated, n_skipped = {}, 0, 0
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        examples = [encode_record(tokenizer, records[i]) for i in ids]
+        splits[split], truncated, skipped = fit_to_context(examples, block_size, cfg.overlong)
+        n_truncated, n_skipped = n_truncated + truncated, n_skipped + skipped
+        if not splits[split]:
+            sys.exit(f"error: no {split} record fits the context of {block_size} tokens; use --overlong=truncate "
+                     f"or shorter records")
+    print0(f"data: {cfg.data}: {len(records):,} records, {len(splits['train']):,} train / {len(splits['val']):,} "
+           f"val examples | over {block_size + 1} tokens: {n_truncated:,} truncated, {n_skipped:,} skipped")
+
+    # The model: the frozen base with adapters; only the adapters reach the optimizer.
+    torch.manual_seed(cfg.seed)            # the same initial A on every process
+    apply_lora(model, parse_targets(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    if state is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in state["tensors"]:
+                    p.copy_(state["tensors"][name])
+    model.to(device)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                     device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
+    torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
+    # The batches come from step_examples(), a pure function of the step: this generator only fills the
+    # data slot of the shared RNG record.
+    data_generator = torch.Generator().manual_seed(cfg.seed)
+    start_step, best_val_loss = 0, float("inf")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        saved_rng = state["rng"]           # one entry per process of the run that saved it
+        restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
+        start_step, best_val_loss = state["step"], state["best_val_loss"]
+        print0(f"resuming {state_path} at step {start_step}")
+    # DDP (Li et al. 2020) over the adapters: every process holds the whole model and trains on its share
+    # of each step's records; backward averages the adapters' gradients (the frozen weights have none).
+    train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) \
+        if world_size > 1 else model
+    n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
+    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    print0(f"model: {base_path} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
+           f"{cfg.lora_targets}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
+    print0(f"{world_size} x {device}, {str(dtype).removeprefix('torch.')} | {examples_per_step} records per step "
+           f"| loss on {'response tokens only' if cfg.mask_input else 'every token'}")
+
+    # Fixed evaluation examples: the first eval_iters batches of each split (the whole split if smaller).
+    n_eval = cfg.eval_iters * cfg.batch_size
+    eval_splits = {split: examples[:n_eval] for split, examples in splits.items()}
+    # Frozen weights need no weight gradient, so a step costs about 4N FLOPs per token instead of 6N.
+    n_matmul = n_params - block_size * model.config.n_embd
+    peak = peak_flops(device)
+    if is_master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+
+    step_time, timer_start, steps_timed, tokens_timed = None, time.perf_counter(), 0, 0
+    for step in range(start_step, cfg.max_iters + 1):
+        # Evaluate and save before taking the step, so the state at step s resumes with step s.
+        is_resumed_start = step == start_step and start_step > 0
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
+            losses = estimate_loss(model, eval_splits, cfg.batch_size, cfg.mask_input, device, dtype,
+                                   cfg.loss_chunk, rank, world_size)
+            best_val_loss = min(best_val_loss, losses["val"])
+            rngs = gather_to_rank0(rng_states(data_generator))
+            if is_master:
+                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
+                                           "val_loss": losses["val"]}) + "\n")
+                log_file.flush()
+                # The state first: it alone is what a resumed run reads, adapter tensors included.
+                save_checkpoint({
+                    "tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
+                    "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
+                }, state_path)
+                save_adapter(model, cfg, base, step, losses["val"], adapter_path)
+            timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
+        if step == cfg.max_iters:
+            break
+
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Every process computes the step's records; process `rank` takes its contiguous share.
+        indices = step_examples(step, examples_per_step, len(splits["train"]), cfg.seed)
+        share = len(indices) // world_size
+        my_indices = indices[rank * share:(rank + 1) * share]
+        micro_batches = [collate([splits["train"][i] for i in my_indices[start:start + cfg.batch_size]],
+                                 cfg.mask_input) for start in range(0, share, cfg.batch_size)]
+        # The step's counted tokens on all processes: every micro-batch's weight is its share of them.
+        step_tokens = torch.tensor([sum(int((y != -1).sum()) for _, y in micro_batches)], device=device)
+        if world_size > 1:
+            dist.all_reduce(step_tokens)
+        loss = accumulate_gradients(train_model, micro_batches, scaler, device, dtype, cfg.loss_chunk,
+                                    int(step_tokens.item()), world_size)
+        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        tokens_timed += sum(len(splits["train"][i][0]) - 1 for i in indices)   # real tokens, padding left out
+
+        steps_timed += 1
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
+            loss_value = (all_ranks_mean(loss) * world_size).item()      # the shares add up to the mean
+            now = time.perf_counter()
+            step_time = (now - timer_start) / steps_timed
+            tokens_per_step = tokens_timed / steps_timed
+            mean_T = max(1, round(tokens_per_step / examples_per_step))
+            flops_per_step = (flops_per_token(model.config, n_params, mean_T) - 2 * n_matmul) * tokens_per_step
+            timer_start, steps_timed, tokens_timed = now, 0, 0
+            if is_master:
+                print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
+                                       round(tokens_per_step), flops_per_step, peak), flush=True)
+                log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
+                                           "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
+                                           "tokens_per_s": tokens_per_step / step_time}) + "\n")
+                log_file.flush()
+    if not is_master:
+        return
+    log_file.close()
+    base_size, adapter_size = os.path.getsize(base_path), os.path.getsize(adapter_path)
+    print(f"done: best val loss {best_val_loss:.4f}; adapter {adapter_path}: {adapter_size / 2**20:.2f} MiB, "
+          f"{100 * adapter_size / base_size:.2f}% of the base checkpoint's {base_size / 2**20:.1f} MiB"
+          + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
+    if cfg.merge:
+        # The base checkpoint with the merged weights in place of its own (its other entries kept), so every
+        # reader of a ckpt.pt reads it.
+        merge_lora(model)
+        merged = {**load_checkpoint(base_path), "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                  "lora_merged": {"adapter": adapter_path, "base": base}}
+        save_checkpoint({k: v for k, v in merged.items() if k not in ("format", "version")}, merged_path)
+        print(f"merged: {merged_path} (the base with the adapter folded in; sample it with "
+              f"`python generate.py --out_dir={cfg.out_dir}`)")
+
+
+if __name__ == "__main__":
+    main()
