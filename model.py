@@ -190,12 +190,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                needs_grad: bool) -> torch.Tensor:
+                needs_grad_x: bool, needs_grad_weight: bool) -> torch.Tensor:
         # x: (N, C), weight: (V, C), targets: (N,) with -1 for positions that do not count.
-        # needs_grad comes from the caller: ctx.needs_input_grad stays True under torch.no_grad().
+        # The needs_grad flags come from the caller: ctx.needs_input_grad stays True under torch.no_grad(),
+        # and a frozen head (LoRA fine-tuning) needs no (V, C) weight gradient.
+        needs_grad = needs_grad_x or needs_grad_weight
         n_valid = (targets != -1).sum().clamp(min=1)
-        grad_x = torch.empty_like(x) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_x = torch.empty_like(x) if needs_grad_x else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad_weight else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.size(0), chunk):
             x_c, t_c = x[start:start + chunk], targets[start:start + chunk]            # (n, C), (n,)
@@ -208,16 +210,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 d_logits = logits.sub_(log_norm).exp_()                                  # softmax, in place
                 d_logits.scatter_add_(1, t_safe, -torch.ones_like(log_norm))             # - one_hot(target)
                 d_logits.mul_(is_valid).div_(n_valid)                                    # (n, V)
-                grad_x[start:start + chunk] = d_logits @ weight.to(d_logits.dtype)       # (n, C)
-                grad_weight += d_logits.t() @ x_c.to(d_logits.dtype)                     # (V, C)
+                if needs_grad_x:
+                    grad_x[start:start + chunk] = d_logits @ weight.to(d_logits.dtype)   # (n, C)
+                if needs_grad_weight:
+                    grad_weight += d_logits.t() @ x_c.to(d_logits.dtype)                 # (V, C)
         if needs_grad:
-            ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype) if needs_grad_weight else None)
         return loss_sum / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
+        scale = lambda grad: None if grad is None else grad * grad_loss   # noqa: E731
+        return scale(grad_x), scale(grad_weight), None, None, None, None
 
 
 def run_block(block: nn.Module, x: torch.Tensor, recompute: bool, *args) -> torch.Tensor:
@@ -286,9 +291,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x)                                        # (B, T, V)
         if loss_chunk > 0:
-            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk,
-                                             needs_grad)
+            weight, grad_on = self.lm_head.weight, torch.is_grad_enabled()
+            return ChunkedCrossEntropy.apply(x.flatten(0, 1), weight, targets.flatten(), loss_chunk,
+                                             grad_on and x.requires_grad, grad_on and weight.requires_grad)
         logits = self.lm_head(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 

@@ -208,3 +208,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
     recomputed(idx, idx).backward()
     for p, q in zip(plain.parameters(), recomputed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6)
+
+
+def test_chunked_loss_with_a_frozen_head_matches_plain_path():
+    """With the head frozen (as in LoRA fine-tuning) no weight gradient is built, and the input gradient
+    still equals the plain path's."""
+    plain, chunked = tiny_model(), tiny_model()
+    for model in (plain, chunked):
+        model.lm_head.weight.requires_grad_(False)
+    idx = torch.randint(0, TINY.vocab_size, (2, 9))
+    plain(idx, idx).backward()
+    chunked(idx, idx, loss_chunk=5).backward()
+    assert chunked.lm_head.weight.grad is None
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
