@@ -84,9 +84,8 @@ class FinetuneConfig:
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
-    loss_chunk: int = arg(0, "rows per chunk of the fused LM head + cross-entropy (see train.py); 0: the plain "
-                             "path, faster here: the frozen LM head needs no weight gradient, which the fused "
-                             "path computes anyway")
+    loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, as in train.py; 0: "
+                                       "the plain path (default: 64 on CPU/MPS, 0 on CUDA)")
     seed: int = arg(1337, "seed for the adapters' initial A, dropout, the validation split and the data order")
 
 
@@ -615,6 +614,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = state["step"], state["best_val_loss"]
         print0(f"resuming {state_path} at step {start_step}")
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
     # DDP (Li et al. 2020) over the adapters: every process holds the whole model and trains on its share
     # of each step's records; backward averages the adapters' gradients (the frozen weights have none).
     train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) \
@@ -642,7 +642,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         is_resumed_start = step == start_step and start_step > 0
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
             losses = estimate_loss(model, eval_splits, cfg.batch_size, cfg.mask_input, device, dtype,
-                                   cfg.loss_chunk, rank, world_size)
+                                   loss_chunk, rank, world_size)
             best_val_loss = min(best_val_loss, losses["val"])
             rngs = gather_to_rank0(rng_states(data_generator))
             if is_master:
@@ -674,7 +674,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         step_tokens = torch.tensor([sum(int((y != -1).sum()) for _, y in micro_batches)], device=device)
         if world_size > 1:
             dist.all_reduce(step_tokens)
-        loss = accumulate_gradients(train_model, micro_batches, scaler, device, dtype, cfg.loss_chunk,
+        loss = accumulate_gradients(train_model, micro_batches, scaler, device, dtype, loss_chunk,
                                     int(step_tokens.item()), world_size)
         grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         tokens_timed += sum(len(splits["train"][i][0]) - 1 for i in indices)   # real tokens, padding left out
