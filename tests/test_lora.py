@@ -71,7 +71,7 @@ def finetune_flags(base: str, data: str, out_dir: str, *extra: str) -> list[str]
 
 @pytest.fixture(scope="module")
 def finetuned(bases, records_file, tmp_path_factory) -> str:
-    """out_dir of a 40-step fine-tuning run on base a, with --merge (about 5 s)."""
+    """out_dir of a 40-step fine-tuning run on base a, with --merge (about 3 s)."""
     out_dir = str(tmp_path_factory.mktemp("finetuned"))
     ft.main(finetune_flags(bases[0], records_file, out_dir, "--max_iters=40", "--eval_interval=20",
                            "--lora_dropout=0", "--merge"))
@@ -129,7 +129,6 @@ def test_lora_layer_computes_the_low_rank_update():
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_merged_model_matches_unmerged_after_training(finetuned, bases):
     adapter_path = os.path.join(finetuned, "adapter.pt")
     unmerged = ft.load_base_with_adapter(adapter_path).eval()
@@ -275,7 +274,6 @@ def test_step_examples_visit_every_example_once_per_epoch():
 
 # --- the run: learning, resume, the adapter file ---
 
-@pytest.mark.slow
 def test_finetuning_lowers_the_loss_and_beats_the_base(finetuned, bases):
     evals = [r for r in read_log(finetuned) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 20, 40]
@@ -300,7 +298,6 @@ def test_adapter_file_is_small_and_names_its_base(short_run, bases):
     assert os.path.getsize(adapter_path) < os.path.getsize(base_path) / 20
 
 
-@pytest.mark.slow
 def test_resume_continues_exactly(bases, records_file, tmp_path):
     """8 steps straight and 4 + resume + 4 give identical losses and identical adapters (CPU, fp32), with
     LoRA dropout on and two micro-batches per step: the state holds AdamW's moments, the step and the RNGs."""
@@ -319,7 +316,6 @@ def test_resume_continues_exactly(bases, records_file, tmp_path):
 
 # --- generate.py with an adapter ---
 
-@pytest.mark.slow
 def test_generate_with_the_adapter_matches_the_merged_checkpoint(finetuned, capsys):
     flags = ["--instruction=What is the capital of Peru?", "--temperature=0", "--max_new_tokens=8",
              "--stop_at_eot=False"]
