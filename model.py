@@ -5,7 +5,8 @@ Read it top to bottom: configuration, attention, the transformer block, the GPT,
 accounting, then the shared helpers in the last section.
 
 Shapes use one alphabet throughout the project:
-    B batch, T sequence (time), C channels (n_embd), H heads, D head size (C // H), V vocabulary, L layers.
+    B batch, T sequence (time), C channels (n_embd), H heads, D head size (C // H), V vocabulary, L layers,
+    R LoRA rank (finetune_lora.py).
 """
 import argparse
 import dataclasses

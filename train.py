@@ -20,11 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, SHAPE_FIELDS, GPTConfig, arg, autocast, build_stage, configure_optimizers, describe_plan,
@@ -301,6 +297,8 @@ def scaled_cross_entropy(scale: float):
 def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mesh, device: str) -> PipelineRank:
     """This process's stages, with weights from a full GPT state dict, wrapped in DDP over the data-parallel
     replicas when there are several, and the schedule that drives them."""
+    # Imported here, like FSDP's modules below: at the top they would add ~1 s to every `import train`.
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     pp_rank, dp_size = mesh.get_local_rank("pp"), mesh.size(1)
     n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1
     plan = plan_stages(model_cfg, cfg.pp * n_virtual, cfg.pp_balance)
@@ -377,6 +375,8 @@ def full_training_state(trained: torch.nn.Module, named_params: list, optimizer,
     the stages of the first data-parallel replica are gathered and merged, under --fsdp the shards, so
     the checkpoint is the same file whatever the layout that wrote it."""
     if is_sharded:   # FSDP's full state dicts name the optimizer state by parameter, as ours does
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(trained, options=options)
         # Before the first step AdamW has no state, and get_optimizer_state_dict would create it by taking
@@ -497,6 +497,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         dp_rank, dp_group = rank, None
         trained = model.to(device)
         if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
             # FSDP (Zhao et al. 2023), in its second PyTorch version: each process stores 1/N of every
             # tensor; a block's full weights are all-gathered just before it runs and freed after, and
             # gradients are reduce-scattered, so each process updates only its shard.
@@ -513,6 +514,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     start_step, best_val_loss = 0, float("inf")
     if checkpoint is not None:
         if cfg.fsdp and checkpoint["optimizer"]["state"]:   # each process keeps its shards of the full state
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         elif not cfg.fsdp:
