@@ -31,8 +31,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (EOT_TOKEN, GPT, arg, autocast, configure_optimizers, flags_given, flops_per_token,
-                   get_tokenizer, load_checkpoint, model_from_checkpoint, parse_args, peak_flops, pick_dtype,
-                   save_checkpoint, setup_distributed, teardown_distributed, write_atomically)
+                   get_tokenizer, load_checkpoint, load_marked_file, model_from_checkpoint, parse_args,
+                   peak_flops, pick_dtype, save_checkpoint, setup_distributed, teardown_distributed,
+                   write_atomically)
 from prepare import sha256_file, shakespeare_paths
 from train import (all_ranks_mean, format_step_line, gather_to_rank0, get_lr, optimizer_step, print0,
                    restore_rng_states, rng_states)
@@ -438,19 +439,8 @@ def save_adapter(model: GPT, cfg: FinetuneConfig, base: dict, step: int, val_los
 
 def load_adapter(path: str) -> dict:
     """Read an adapter file written by save_adapter (weights_only: the file cannot run code)."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: adapter {path} not found; write one with `python finetune_lora.py --out_dir=...`")
-    try:
-        adapter = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: {path} is not a readable adapter file ({reason}); it may be truncated or corrupted")
-    if not isinstance(adapter, dict) or adapter.get("format") != ADAPTER_FORMAT:
-        sys.exit(f"error: {path} is not an adapter file written by finetune_lora.py")
-    if adapter.get("version") != ADAPTER_VERSION:
-        sys.exit(f"error: {path} has adapter format version {adapter.get('version')}, this code reads "
-                 f"version {ADAPTER_VERSION}")
-    return adapter
+    return load_marked_file(path, "adapter file", ADAPTER_FORMAT, ADAPTER_VERSION, "finetune_lora.py",
+                            "write one with `python finetune_lora.py --out_dir=...`")
 
 
 def check_base(adapter: dict, adapter_path: str, base_path: str, base_sha256: str) -> None:

@@ -734,22 +734,29 @@ def save_checkpoint(checkpoint: dict, path: str) -> None:
     write_atomically(path, lambda f: torch.save(marked, f))
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by save_checkpoint. torch.load(weights_only=True) only rebuilds tensors and
-    plain containers, so a file cannot run code; anything else stops with one line."""
+def load_marked_file(path: str, noun: str, file_format: str, version: int, writer: str, how_to_make: str) -> dict:
+    """Read a dict that torch.save wrote with {"format": file_format, "version": version} in it.
+    torch.load(weights_only=True) only rebuilds tensors and plain containers, so a file cannot run code;
+    a missing, unreadable, foreign or outdated file stops with one line."""
     if not os.path.isfile(path):
-        sys.exit(f"error: checkpoint {path} not found; train one with `python train.py --out_dir=...`")
+        sys.exit(f"error: {noun} {path} not found; {how_to_make}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: {path} is not a readable checkpoint ({reason}); it may be truncated or corrupted")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        sys.exit(f"error: {path} is not a checkpoint written by this project's train.py")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        sys.exit(f"error: {path} has checkpoint format version {checkpoint.get('version')}, this code reads "
-                 f"version {CHECKPOINT_VERSION}")
-    return checkpoint
+        sys.exit(f"error: {path} is not a readable {noun} ({reason}); it may be truncated or corrupted")
+    if not isinstance(contents, dict) or contents.get("format") != file_format:
+        sys.exit(f"error: {path} is not a {noun} written by {writer}")
+    if contents.get("version") != version:
+        sys.exit(f"error: {path} has {noun} format version {contents.get('version')}, this code reads "
+                 f"version {version}")
+    return contents
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint written by save_checkpoint."""
+    return load_marked_file(path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "this project's train.py",
+                            "train one with `python train.py --out_dir=...`")
 
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
