@@ -30,13 +30,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT_TOKEN, GPT, arg, autocast, configure_optimizers, flags_given, flops_per_token,
-                   get_tokenizer, load_checkpoint, load_marked_file, model_from_checkpoint, parse_args,
-                   peak_flops, pick_dtype, save_checkpoint, setup_distributed, teardown_distributed,
-                   write_atomically)
+from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, configure_optimizers, flags_given,
+                   flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
+                   model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, save_checkpoint,
+                   setup_distributed, teardown_distributed, write_atomically)
 from prepare import sha256_file, shakespeare_paths
-from train import (all_ranks_mean, format_step_line, gather_to_rank0, get_lr, optimizer_step, print0,
-                   restore_rng_states, rng_states)
+from train import format_step_line, get_lr, optimizer_step, restore_rng_states, rng_states
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names). The LM head is left
 # out: it shares its weight with the token embedding, and the chunked loss reads that weight directly.

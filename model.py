@@ -670,6 +670,30 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only: with N processes, one copy of each line."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over the processes of a tensor each one holds (itself with one process)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)            # a sum: gloo has no average
+        values /= dist.get_world_size()
+    return values
+
+
+def gather_to_rank0(obj):
+    """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] without a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optimizer) -> dict:
     """optimizer.state_dict() with parameter names where PyTorch puts positions, so the state loads into
     any layout (one process, DDP, pipeline stages) whose parameters carry the same names.

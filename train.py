@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, SHAPE_FIELDS, GPTConfig, arg, autocast, build_stage, configure_optimizers, describe_plan,
-                   flags_given, flops_per_token, load_checkpoint, load_optimizer_state_by_name,
-                   optimizer_state_by_name, parse_args, peak_flops, pick_dtype, plan_stages, save_checkpoint,
-                   setup_distributed, teardown_distributed)
+from model import (GPT, SHAPE_FIELDS, GPTConfig, all_ranks_mean, arg, autocast, build_stage, configure_optimizers,
+                   describe_plan, flags_given, flops_per_token, gather_to_rank0, load_checkpoint,
+                   load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
+                   plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed)
 
 
 @dataclass
@@ -415,30 +415,6 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
         sys.exit(f"error: --pp={cfg.pp} must divide the number of processes ({world_size})")
     if cfg.fsdp and world_size == 1:
         sys.exit("error: --fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp")
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only: with N processes, one copy of each line."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs)
-
-
-def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over the processes of a tensor each one holds (itself with one process)."""
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)            # a sum: gloo has no average
-        values /= dist.get_world_size()
-    return values
-
-
-def gather_to_rank0(obj):
-    """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] without a process group."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
 
 
 def main(argv: list[str] | None = None) -> None:
