@@ -615,6 +615,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 log_file.flush()
     if is_master:
         log_file.close()
+    if dist.is_initialized():
+        dist.barrier()   # leave together: a process that tears down while others still work can abort them
     print0(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
            + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
 
