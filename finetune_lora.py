@@ -49,7 +49,7 @@ class FinetuneConfig:
                                 "fine-tuning run in --out_dir exactly")
     data: str = arg("", "instruction records: a .json (list) or .jsonl file, a Hugging Face dataset id, or "
                         "shakespeare ('Who speaks this line?' records built from the plays, offline)")
-    out_dir: str = arg("out-lora", "directory for adapter.pt, the resumable state (state.pt), log.jsonl and, "
+    out_dir: str = arg("out-lora", "directory for adapter.pt, the resumable state (state.pt), metrics.jsonl and, "
                                    "with --merge, a merged ckpt.pt")
     val_fraction: float = arg(0.1, "share of the records held out for validation (drawn with --seed)")
     overlong: str = arg("truncate", "records longer than block_size + 1 tokens: cut at that length, or skip "
@@ -623,7 +623,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     peak = peak_flops(device)
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+        log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
     step_time, timer_start, steps_timed, tokens_timed = None, time.perf_counter(), 0, 0
     for step in range(start_step, cfg.max_iters + 1):

@@ -34,7 +34,7 @@ class TrainConfig:
     # data and files
     dataset: str = arg("shakespeare", "name of a dataset prepared by prepare.py under --data_dir")
     data_dir: str = arg("data", "directory holding the prepared datasets")
-    out_dir: str = arg("out", "directory for the checkpoint (ckpt.pt) and the training log (log.jsonl)")
+    out_dir: str = arg("out", "directory for the checkpoint (ckpt.pt) and the training log (metrics.jsonl)")
     init_from: str = arg("scratch", "start from random weights, or resume the run in --out_dir exactly",
                          choices=("scratch", "resume"))
     # schedule of the run
@@ -535,7 +535,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
            f"{', compiled' if compile_model else ''}")
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+        log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
     step_time, timer_start, steps_timed = None, time.perf_counter(), 0
     for step in range(start_step, cfg.max_iters + 1):
@@ -550,8 +550,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                                                            cfg.fsdp)
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
-                                           "val_loss": losses["val"]}) + "\n")
+                log_file.write(json.dumps({"step": step, "tokens": step * tokens_per_step,
+                                           "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
                 log_file.flush()
                 save_checkpoint({
                     "model": weights, "optimizer": optimizer_state,
@@ -609,9 +609,12 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             if is_master:
                 print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                                        tokens_per_step, flops_per_step, peak), flush=True)
-                log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
-                                           "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
-                                           "tokens_per_s": tokens_per_step / step_time}) + "\n")
+                log_file.write(json.dumps({"step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                                           "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+                                           "ms_per_step": 1000 * step_time,
+                                           "tokens_per_s": tokens_per_step / step_time,
+                                           "mfu": flops_per_step / step_time / peak if peak else None})
+                               + "\n")
                 log_file.flush()
     if is_master:
         log_file.close()

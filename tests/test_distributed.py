@@ -27,7 +27,7 @@ def run_train(out_dir: str, data_dir: str, nproc: int, *flags: str) -> None:
 
 
 def logged_losses(out_dir: str) -> dict[int, float]:
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 

@@ -88,7 +88,7 @@ def short_run(bases, records_file, tmp_path_factory) -> str:
 
 
 def read_log(out_dir: str) -> list[dict]:
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 

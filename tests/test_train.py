@@ -48,7 +48,7 @@ def test_read_batch_targets_are_inputs_shifted_by_one(tiny_data_dir):
 
 
 def read_log(out_dir: str) -> dict[int, float]:
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
@@ -79,7 +79,7 @@ def test_training_lowers_the_loss_and_checkpoint_reloads(tiny_data_dir, tmp_path
     out_dir = str(tmp_path / "out")
     train.main(train_flags(tiny_data_dir, out_dir, "--max_iters=40", "--eval_interval=20",
                            "--learning_rate=1e-2", "--lr_decay_iters=40", "--dropout=0"))
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         evals = [r for r in map(json.loads, f) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 20, 40]
     assert evals[0]["val_loss"] == pytest.approx(math.log(64), abs=0.3)   # untrained: near uniform
