@@ -3,6 +3,7 @@
     python bench.py                                  # nanoGPT's comparison config on the current device
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --parts=train,sample
     python bench.py --parts=soak --soak_steps=2000 --n_layer=2 --n_embd=64 --block_size=64
+    python bench.py --parts=stages,pipeline --pp=2 --n_layer=8       # pipeline stages against the cost model
 
 Every measurement runs --repeats times and is reported as the median with its spread: one JSON line per
 figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so
@@ -24,12 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from model import (GPT, GPTConfig, arg, autocast, flags_given, flops_per_token, generate, parse_args,
-                   peak_flops, pick_device, pick_dtype)
+import torch.nn.functional as F
+
+from model import (GPT, GPTConfig, arg, autocast, build_stage, flags_given, flops_per_token, generate, parse_args,
+                   peak_flops, pick_device, pick_dtype, plan_stages, stage_costs)
 from train import TrainConfig, draw_windows, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("prepare", "train", "sample", "soak")
+PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline")
 
 # nanoGPT's measured configuration (its train.py flags): the defaults here unless flags say otherwise.
 COMPARISON_CONFIG = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=8,
@@ -70,11 +73,11 @@ def steady_step_ms(metrics_path: str, warmup_steps: int) -> list[float]:
 
 # --- running the project's scripts as a user would ---
 
-def run_script(argv: list[str], cwd: str, watch=None) -> tuple[str, dict]:
+def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, dict]:
     """Run a Python command line to completion; return its output and its peak RSS in MiB (Linux reports
     ru_maxrss in KiB). watch(line, pid) sees each output line as it comes."""
     proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -222,6 +225,71 @@ def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir
             summarize("soak_median_step", "ms", [median])]
 
 
+def bench_stages(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
+    """Forward + backward time of each pipeline stage of the splitter's plan (--pp, --pp_balance) on one
+    micro-batch, as a share of the total, next to the share the 'flops' cost model predicts."""
+    plan = plan_stages(model_cfg, train_cfg.pp, train_cfg.pp_balance)
+    block, first, last = stage_costs(model_cfg, "flops")
+    predicted = [len(r) * block + (first if s == 0 else 0) + (last if s == len(plan) - 1 else 0)
+                 for s, r in enumerate(plan)]
+    torch.manual_seed(train_cfg.seed)
+    state = GPT(model_cfg).state_dict()
+    micro_batch, T = max(1, train_cfg.batch_size // train_cfg.n_microbatches), model_cfg.block_size
+    ids = torch.randint(model_cfg.vocab_size, (micro_batch, T + 1), device=device)
+    measured = []
+    for s in range(len(plan)):
+        stage = build_stage(model_cfg, plan, s, state).to(device).train()
+        runs = []
+        for repeat in range(cfg.repeats + 1):           # the first run warms up and is not counted
+            x = ids[:, :-1] if s == 0 else torch.randn(micro_batch, T, model_cfg.n_embd, device=device,
+                                                       requires_grad=True)
+            start = time.perf_counter()
+            out = stage(x)
+            if s == len(plan) - 1:
+                loss = F.cross_entropy(out.flatten(0, 1).float(), ids[:, 1:].flatten())
+            else:
+                loss = (out * torch.ones_like(out)).sum()   # a gradient of ones arriving from the next stage
+            loss.backward()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            runs.append(1000 * (time.perf_counter() - start))
+        measured.append(statistics.median(runs[1:]))
+    figures = []
+    for s, (ms, cost) in enumerate(zip(measured, predicted)):
+        figures += [summarize(f"stage{s}_forward_backward_ms", "ms", [ms]),
+                    summarize(f"stage{s}_measured_share", "%", [100 * ms / sum(measured)]),
+                    summarize(f"stage{s}_cost_model_share", "%", [100 * cost / sum(predicted)])]
+    figures.append(summarize("stages_slowest_over_mean", "x", [max(measured) / statistics.mean(measured)]))
+    return figures
+
+
+def bench_pipeline(cfg: BenchConfig, train_cfg: TrainConfig, passthrough: list[str], data_dir: str,
+                   work_dir: str) -> list[dict]:
+    """Step time of --pp stages under torchrun (one thread per process) against the ideal: the
+    single-process, single-thread step time split over pp processes, stretched by the pipeline bubble
+    (p-1)/(m+p-1) of m micro-batches: ideal = T1 / p * (m + p - 1) / m."""
+    p, m = train_cfg.pp, train_cfg.n_microbatches
+    if p < 2:
+        sys.exit("error: --parts=pipeline compares --pp stages with one process; give --pp=2 or more")
+    max_iters, one_thread = cfg.warmup_steps + cfg.train_steps, {"OMP_NUM_THREADS": "1"}
+    single, piped = [], []
+    for repeat in range(cfg.repeats):
+        out_dir = os.path.join(work_dir, f"single-{repeat}")
+        argv = [a for a in passthrough if not a.startswith("--pp=")]
+        run_script(train_argv(argv, data_dir, out_dir, max_iters), cwd=ROOT, env=one_thread)
+        single.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), cfg.warmup_steps)))
+        out_dir = os.path.join(work_dir, f"pipeline-{repeat}")
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p}",
+                    os.path.join(ROOT, "train.py")]
+        run_script(torchrun + train_argv(passthrough, data_dir, out_dir, max_iters)[2:], cwd=ROOT, env=one_thread)
+        piped.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), cfg.warmup_steps)))
+    ideal = [t / p * (m + p - 1) / m for t in single]
+    return [summarize("pipeline_single_process_ms_per_step", "ms", single),
+            summarize(f"pipeline_pp{p}_{train_cfg.pp_schedule}_ms_per_step", "ms", piped),
+            summarize(f"pipeline_pp{p}_ideal_ms_per_step", "ms", ideal),
+            summarize(f"pipeline_pp{p}_over_ideal", "x", [a / b for a, b in zip(piped, ideal)])]
+
+
 # --- the report ---
 
 def print_table(figures: list[dict]) -> None:
@@ -261,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         if "prepare" in parts:
             prepare_figures, data_dir = bench_prepare(cfg, work_dir)
             figures += prepare_figures
-        elif {"train", "soak"} & set(parts) and not os.path.exists(os.path.join(data_dir, "shakespeare")):
+        elif {"train", "soak", "pipeline"} & set(parts) and not os.path.exists(os.path.join(data_dir, "shakespeare")):
             run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
         if "train" in parts:
             figures += bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device)
@@ -269,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
             figures += bench_sample(cfg, train_cfg, model_cfg, device)
         if "soak" in parts:
             figures += bench_soak(cfg, passthrough, data_dir, work_dir)
+        if "stages" in parts:
+            figures += bench_stages(cfg, train_cfg, model_cfg, device)
+        if "pipeline" in parts:
+            figures += bench_pipeline(cfg, train_cfg, passthrough, data_dir, work_dir)
     finally:
         if not cfg.bench_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
