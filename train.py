@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -26,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (GPT, SHAPE_FIELDS, GPTConfig, all_ranks_mean, arg, autocast, build_stage, configure_optimizers,
                    describe_plan, flags_given, flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
-                   plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed)
+                   plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
+                   write_atomically, StopSignals)
 
 
 @dataclass
@@ -76,6 +79,12 @@ class TrainConfig:
                           choices=("flops", "params", "uniform"))
     n_microbatches: int = arg(4, "micro-batches each batch_size batch is cut into under --pp")
     pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
+    # checkpoints kept, and where a resumed run starts
+    keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
+                            "the newest shares ckpt.pt's disk space); 0 keeps ckpt.pt only")
+    keep_best: bool = arg(True, "also keep the checkpoint with the lowest val loss as ckpt-best.pt")
+    resume_from: str = arg("", "checkpoint file that --init_from=resume starts from (default: out_dir/ckpt.pt, "
+                               "the newest); name an older ckpt-STEP.pt when the newest is damaged")
 
 
 # --- the math: learning rate and batches ---
@@ -227,7 +236,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                "batch_size": 1, "gradient_accumulation_steps": 1, "loss_chunk": 0}
+                "batch_size": 1, "gradient_accumulation_steps": 1, "loss_chunk": 0, "keep_last": 0}
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
@@ -240,6 +249,8 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
     if not 0 <= model_cfg.dropout < 1:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
+    if cfg.resume_from and cfg.init_from != "resume":
+        sys.exit(f"error: --resume_from={cfg.resume_from} needs --init_from=resume")
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
     if cfg.fsdp and cfg.dtype == "float16":
@@ -406,6 +417,39 @@ def full_training_state(trained: torch.nn.Module, named_params: list, optimizer,
     return weights, merged
 
 
+def link_atomically(source: str, path: str) -> None:
+    """Make path another name of the complete file source (a hard link, renamed into place, so path is
+    never half there); a copy where the file system has no hard links."""
+    tmp = path + ".tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        with open(source, "rb") as f:
+            write_atomically(path, lambda out: shutil.copyfileobj(f, out))
+
+
+def keep_checkpoints(ckpt_path: str, step: int, is_best: bool, cfg: TrainConfig) -> None:
+    """After ckpt.pt was written at `step`: name it ckpt-STEP.pt (and ckpt-best.pt when its val loss is the
+    lowest so far), then delete the numbered checkpoints beyond the newest cfg.keep_last, and any from steps
+    after this one (left by a run that went back to an older checkpoint)."""
+    folder = os.path.dirname(ckpt_path)
+    if cfg.keep_last > 0:
+        link_atomically(ckpt_path, os.path.join(folder, f"ckpt-{step:06d}.pt"))
+    if is_best and cfg.keep_best:
+        link_atomically(ckpt_path, os.path.join(folder, "ckpt-best.pt"))
+    numbered = sorted((int(m.group(1)), m.group(0)) for m in
+                      (re.fullmatch(r"ckpt-(\d+)\.pt", name) for name in os.listdir(folder)) if m)
+    kept = [name for s, name in numbered if s <= step][-cfg.keep_last:] if cfg.keep_last > 0 else []
+    for _, name in numbered:
+        if name not in kept:
+            os.remove(os.path.join(folder, name))
+
+
 def check_layout(cfg: TrainConfig, world_size: int) -> None:
     """Refuse process layouts that cannot work, before any work starts."""
     if cfg.pp > 1 and world_size == 1:
@@ -421,15 +465,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
     check_config(cfg, model_cfg)
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
+    stop = StopSignals()
     try:
         check_layout(cfg, world_size)
-        train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device)
+        train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device, stop)
     finally:
+        stop.uninstall()
         teardown_distributed()
 
 
 def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, local_rank: int,
-          world_size: int, device: str) -> None:
+          world_size: int, device: str, stop: StopSignals) -> None:
     is_master = rank == 0                  # the one process that prints and writes files
     dtype = pick_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
@@ -441,8 +487,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     # The model: random weights, or the weights, optimizer and position of the run being resumed.
     checkpoint = None
     if cfg.init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path)
-        check_resume_shape(checkpoint["model_config"], model_cfg, given, ckpt_path)
+        resume_path = cfg.resume_from or ckpt_path
+        checkpoint = load_checkpoint(resume_path)
+        check_resume_shape(checkpoint["model_config"], model_cfg, given, resume_path)
         runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa", "activation_checkpointing")
                    if name in given}
         model_cfg = GPTConfig(**{**checkpoint["model_config"], **runtime})
@@ -499,7 +546,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         saved_rng = checkpoint["rng"]      # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        print0(f"resuming {ckpt_path} at step {start_step}")
+        print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
@@ -535,32 +582,44 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
            f"{', compiled' if compile_model else ''}")
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        if start_step > 0:   # the steps logged after the checkpoint are redone: log them once
+            trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
-    step_time, timer_start, steps_timed = None, time.perf_counter(), 0
+    def save(step: int, is_best: bool) -> None:
+        """Checkpoint the whole training state before step `step` (every process takes part)."""
+        rngs = gather_to_rank0(rng_states(data_generator))
+        weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank, cfg.fsdp)
+        if is_master:
+            save_checkpoint({
+                "model": weights, "optimizer": optimizer_state,
+                "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
+                "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
+                "rng": rngs, "data": meta,
+            }, ckpt_path)
+            keep_checkpoints(ckpt_path, step, is_best, cfg)
+
+    step_time, timer_start, steps_timed, stop_signal = None, time.perf_counter(), 0, None
     for step in range(start_step, cfg.max_iters + 1):
         # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
         # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
+        # A SIGTERM or Ctrl-C on any process since the last step: all save here and stop, without evaluating.
         is_resumed_start = step == start_step and start_step > 0
+        stop_signal = stop.agreed()
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
             losses = evaluate()
+            is_best = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
-            rngs = gather_to_rank0(rng_states(data_generator))
-            weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank,
-                                                           cfg.fsdp)
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_file.write(json.dumps({"step": step, "tokens": step * tokens_per_step,
                                            "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
                 log_file.flush()
-                save_checkpoint({
-                    "model": weights, "optimizer": optimizer_state,
-                    "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                    "rng": rngs, "data": meta,
-                }, ckpt_path)
+            save(step, is_best)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
-        if step == cfg.max_iters:
+        elif stop_signal and not is_resumed_start:
+            save(step, is_best=False)
+        if step == cfg.max_iters or stop_signal:
             break
 
         lr = get_lr(step, cfg)
@@ -620,6 +679,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         log_file.close()
     if dist.is_initialized():
         dist.barrier()   # leave together: a process that tears down while others still work can abort them
+    if stop_signal and step < cfg.max_iters:
+        print0(f"stopped by {stop_signal.name} after {step} steps: saved {ckpt_path}; continue with the same "
+               f"command plus --init_from=resume", flush=True)
+        sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
     print0(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
            + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
 

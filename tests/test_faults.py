@@ -1,0 +1,164 @@
+"""Runs that never lose work: SIGTERM/Ctrl-C stop cleanly, SIGKILL at random moments loses nothing, the last
+N checkpoints and the best one are kept, damaged checkpoints are named with the older ones beside them."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL_FLAGS
+from model import load_checkpoint
+from test_errors import assert_one_line_error
+
+# Every run of this file uses one thread, so that processes started at different times compute bit for bit
+# the same numbers.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def flags(data_dir: str, out_dir: str, *extra: str) -> list[str]:
+    """A tiny run whose schedule does not depend on --max_iters (lr_decay_iters is fixed), so a run stopped
+    early and resumed with a different --max_iters is comparable with a straight run."""
+    return [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out_dir}", *TINY_MODEL_FLAGS,
+            "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1",
+            "--warmup_iters=2", "--lr_decay_iters=40", "--dropout=0.1", "--seed=7", *extra]
+
+
+def launcher(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"] \
+        if nproc > 1 else [sys.executable]
+
+
+def run(script_args: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher(nproc), os.path.join(ROOT, "train.py"), *script_args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**ENV, **(env or {})})
+
+
+def start(script_args: list[str], nproc: int = 1, env: dict | None = None, script: str = "train.py"):
+    """Start a run in its own session (so the whole process tree can be signalled or killed at once)."""
+    return subprocess.Popen([*launcher(nproc), os.path.join(ROOT, script), *script_args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**ENV, **(env or {})})
+
+
+def logged_steps(out_dir: str) -> list[dict]:
+    """The per-step lines of metrics.jsonl, without the timing fields (they differ between any two runs)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.endswith("\n")]
+    return [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")} for r in lines]
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def assert_same_weights(a: str, b: str) -> None:
+    weights_a = load_checkpoint(os.path.join(a, "ckpt.pt"))["model"]
+    weights_b = load_checkpoint(os.path.join(b, "ckpt.pt"))["model"]
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """The torchrun workers: the children of the launcher process."""
+    pids = []
+    for task in os.listdir(f"/proc/{launcher_pid}/task"):
+        with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    return sorted(pids)
+
+
+# --- SIGTERM and Ctrl-C ---
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(nproc, tiny_data_dir, tmp_path):
+    """SIGTERM (to the one process, or under torchrun to rank 1 only): every process stops after the same
+    step, the checkpoint holds that step, and resuming gives the same losses and weights as a straight
+    run. The signalled rank must share the stop with the other, or the run would hang or diverge."""
+    stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
+    batch = ["--gradient_accumulation_steps=1"] if nproc == 2 else []
+    process = start(flags(tiny_data_dir, stopped, "--max_iters=100000", "--eval_interval=4", *batch), nproc)
+    wait_for(lambda: len(logged_steps(stopped)) >= 6)
+    target = worker_pids(process.pid)[-1] if nproc == 2 else process.pid
+    os.kill(target, signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0, err[-2000:]
+    assert "stopped by SIGTERM after" in out, out[-2000:] + err[-2000:]
+    step = int(out.split("stopped by SIGTERM after ")[1].split()[0])
+    assert load_checkpoint(os.path.join(stopped, "ckpt.pt"))["step"] == step
+    assert max(r["step"] for r in logged_steps(stopped)) == step    # the stopping step was finished
+    assert run(flags(tiny_data_dir, stopped, f"--max_iters={step + 3}", "--eval_interval=4",
+                     "--init_from=resume", *batch), nproc).returncode == 0
+    assert run(flags(tiny_data_dir, straight, f"--max_iters={step + 3}", "--eval_interval=4", *batch),
+               nproc).returncode == 0
+    assert logged_steps(stopped) == logged_steps(straight)
+    assert_same_weights(stopped, straight)
+
+
+def test_second_ctrl_c_exits_at_once_leaving_the_last_checkpoint(tiny_data_dir, tmp_path):
+    """Ctrl-C starts a save (slowed down by the test hook); a second Ctrl-C during the write exits at once:
+    ckpt.pt is byte for byte the previous checkpoint and no temporary file is left."""
+    out_dir = str(tmp_path)
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    process = start(flags(tiny_data_dir, out_dir, "--max_iters=100000", "--eval_interval=100000"),
+                    env={"GPT_TEST_WRITE_DELAY_S": "3"})
+    wait_for(lambda: len(logged_steps(out_dir)) >= 2)       # step 0's checkpoint is complete
+    before = open(ckpt, "rb").read()
+    os.kill(process.pid, signal.SIGINT)
+    first = time.monotonic()
+    wait_for(lambda: os.path.exists(ckpt + ".tmp"))        # the stop's checkpoint is being written
+    time.sleep(max(0.0, 1.2 - (time.monotonic() - first)))
+    os.kill(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "interrupted twice" in err, err[-2000:]
+    assert open(ckpt, "rb").read() == before
+    assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
+
+
+# --- the last N checkpoints, the best one, damaged files ---
+
+def test_keep_last_and_best_and_resume_from_an_older_checkpoint(tiny_data_dir, tmp_path):
+    """--keep_last=3 leaves the three newest ckpt-STEP.pt files and ckpt-best.pt (lowest val loss in the
+    log); a damaged ckpt.pt is refused naming the older ones, and --resume_from one of them continues to
+    the same weights as the run that was never damaged."""
+    out_dir = str(tmp_path / "run")
+    assert run(flags(tiny_data_dir, out_dir, "--max_iters=12", "--eval_interval=2", "--keep_last=3",
+                     "--learning_rate=3e-2", "--min_lr=3e-2")).returncode == 0
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt"))
+    assert names == ["ckpt-000008.pt", "ckpt-000010.pt", "ckpt-000012.pt", "ckpt-best.pt", "ckpt.pt"]
+    for name in names[:3]:
+        assert load_checkpoint(os.path.join(out_dir, name))["step"] == int(name[5:11])
+    assert os.path.samefile(os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt-000012.pt"))
+    evals = [r for r in logged_steps(out_dir) if "val_loss" in r]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert load_checkpoint(os.path.join(out_dir, "ckpt-best.pt"))["step"] == best["step"]
+    weights_at_12 = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
+
+    data = bytearray(open(os.path.join(out_dir, "ckpt.pt"), "rb").read())
+    data[len(data) // 2] ^= 0x10
+    os.remove(os.path.join(out_dir, "ckpt.pt"))            # a new file: ckpt-000012.pt keeps the good bytes
+    open(os.path.join(out_dir, "ckpt.pt"), "wb").write(bytes(data))
+    result = run(flags(tiny_data_dir, out_dir, "--max_iters=12", "--init_from=resume"))
+    assert_one_line_error(result, os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt-000012.pt"),
+                          os.path.join(out_dir, "ckpt-000010.pt"), "--resume_from=")
+    assert run(flags(tiny_data_dir, out_dir, "--max_iters=12", "--eval_interval=2", "--keep_last=3",
+                     "--learning_rate=3e-2", "--min_lr=3e-2", "--init_from=resume",
+                     f"--resume_from={os.path.join(out_dir, 'ckpt-000010.pt')}")).returncode == 0
+    resumed = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    assert resumed["step"] == 12
+    for name, tensor in weights_at_12.items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert [r["step"] for r in logged_steps(out_dir) if "loss" in r] == list(range(1, 13))
