@@ -624,8 +624,9 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     peak = peak_flops(device)
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if start_step > 0:   # the steps logged after the saved state are redone: log them once
-            trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
+        # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the
+        # process that logged them; they are about to be redone, and each step is logged once.
+        trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
     def save_state(step: int) -> None:

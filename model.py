@@ -863,9 +863,9 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
 class StopSignals:
     """SIGTERM (what slurm, torchrun and `kill` send) and SIGINT (Ctrl-C) become a request to stop: the loop
     finishes its step, saves a checkpoint and exits. A second Ctrl-C exits at once; the checkpoint on disk
-    stays as it was (a write in progress goes to a .tmp file, which is removed). A second SIGINT within a
-    second of the first counts as the same one: on a terminal under torchrun, each process gets Ctrl-C from
-    the terminal and again from torchrun, which forwards it."""
+    stays as it was (a write in progress goes to a .tmp file, which is removed). torchrun forwards the
+    signal it gets to every process; a second SIGINT within a second of the first counts as the same one,
+    in case a launcher and the terminal both deliver one Ctrl-C."""
 
     def __init__(self):
         self.received: signal.Signals | None = None

@@ -582,8 +582,12 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
            f"{', compiled' if compile_model else ''}")
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if start_step > 0:   # the steps logged after the checkpoint are redone: log them once
-            trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step)
+        # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the
+        # process that logged them; they are about to be redone, and each step is logged once.
+        trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
+        for name in os.listdir(cfg.out_dir):   # left by a process killed while writing (never complete files)
+            if re.fullmatch(r"(ckpt.*\.pt|metrics\.jsonl)\.tmp", name):
+                os.remove(os.path.join(cfg.out_dir, name))
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
     def save(step: int, is_best: bool) -> None:

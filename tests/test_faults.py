@@ -162,3 +162,85 @@ def test_keep_last_and_best_and_resume_from_an_older_checkpoint(tiny_data_dir, t
     for name, tensor in weights_at_12.items():
         assert torch.equal(resumed["model"][name], tensor), name
     assert [r["step"] for r in logged_steps(out_dir) if "loss" in r] == list(range(1, 13))
+
+
+# --- SIGKILL at random moments ---
+
+def kill_tree(process: subprocess.Popen, nproc: int) -> None:
+    """SIGKILL the run at once, like a node that dies: the launcher and (under torchrun, which puts each
+    worker in a session of its own) every worker."""
+    workers = worker_pids(process.pid) if nproc > 1 else []
+    for pid in [process.pid, *workers]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.communicate(timeout=60)
+    for pid in workers:   # reap-free wait: a killed worker's /proc entry goes once its parent is gone
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+                 timeout=30)
+
+
+def run_with_kills(args: list[str], out_dir: str, nproc: int, n_kills: int, seed: int) -> dict[str, int]:
+    """Run to the end, SIGKILLing the run n_kills times on the way and resuming each time; returns the kills
+    by where they landed. 'step': a few logged steps after the start; 'eval': as soon as the log reaches
+    an evaluation step (the evaluation runs next); 'write': while a checkpoint is half written (the test
+    hook slows every atomic write down, and the kill lands while the checkpoint's .tmp file exists)."""
+    rng = random.Random(seed)
+    aims = [("step", "eval", "write")[i % 3] for i in range(n_kills)]   # each kind, when n_kills >= 3
+    rng.shuffle(aims)
+    kills = {}
+    eval_interval = int(next(a for a in args if a.startswith("--eval_interval=")).split("=")[1])
+    for aim in aims:
+        resume = ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
+        process = start(args + resume, nproc, env={"GPT_TEST_WRITE_DELAY_S": "0.3" if aim == "write" else "0"})
+        n_logged = len(logged_steps(out_dir))
+        if aim == "step":
+            more = rng.randint(1, eval_interval + 2)
+            condition = lambda: len(logged_steps(out_dir)) >= n_logged + more   # noqa: E731
+        elif aim == "eval":
+            condition = lambda: any(r["step"] % eval_interval == 0 and "loss" in r   # noqa: E731
+                                    for r in logged_steps(out_dir)[n_logged:])
+        else:
+            condition = lambda: any(n.startswith("ckpt") and n.endswith(".tmp")   # noqa: E731
+                                    for n in os.listdir(out_dir))
+        wait_for(lambda: condition() or process.poll() is not None, timeout=240)
+        if process.poll() is not None:   # finished before the kill: nothing left to interrupt
+            assert process.returncode == 0, process.stderr.read()[-3000:]
+            break
+        time.sleep(rng.uniform(0, 0.2 if aim == "write" else 0.02))
+        half_written = [n for n in os.listdir(out_dir) if n.endswith(".tmp")]
+        kill_tree(process, nproc)
+        where = f"write of {half_written[0]}" if aim == "write" and half_written else aim
+        kills[where] = kills.get(where, 0) + 1
+    resume = ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
+    final = run(args + resume, nproc)
+    assert final.returncode == 0, final.stderr[-3000:]
+    return kills
+
+
+FAULT_LAYOUTS = {   # layout: (processes, flags, kills)
+    "one process": (1, ["--gradient_accumulation_steps=2"], 6),
+    "ddp2": (2, ["--gradient_accumulation_steps=1"], 3),
+    "pp2": (2, ["--pp=2", "--gradient_accumulation_steps=2"], 3),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", FAULT_LAYOUTS)
+def test_sigkill_at_random_moments_loses_nothing(layout, tiny_data_dir, tmp_path):
+    """Killed without warning during steps, evaluations and checkpoint writes, and resumed each time, a run
+    ends with the weights and the per-step log (every loss, every evaluation, each once, in order) of a run
+    that was never interrupted, bit for bit; no temporary file is left behind."""
+    nproc, layout_flags, n_kills = FAULT_LAYOUTS[layout]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    common = ["--max_iters=60", "--eval_interval=5", "--eval_iters=6", *layout_flags]
+    assert run(flags(tiny_data_dir, straight, *common), nproc).returncode == 0
+    os.makedirs(killed)
+    kills = run_with_kills(flags(tiny_data_dir, killed, *common), killed, nproc, n_kills,
+                           seed=sorted(FAULT_LAYOUTS).index(layout))
+    print(f"{layout}: survived kills {kills}")
+    assert sum(kills.values()) == n_kills
+    assert logged_steps(killed) == logged_steps(straight)
+    assert_same_weights(killed, straight)
+    assert not [name for name in os.listdir(killed) if name.endswith(".tmp")]
