@@ -735,6 +735,24 @@ CHECKPOINT_FORMAT = "gpt-checkpoint"   # marks files written by this project
 CHECKPOINT_VERSION = 2                 # 2: the contents carry their sha256
 
 
+class RecordedWrites:
+    """A binary file that remembers why a write failed: torch.save turns a failed write into a vague
+    RuntimeError ("unexpected pos"), while the OSError underneath names the cause (a full disk)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Create or replace the file at path with what write(f) puts into f, atomically: the bytes go to
     path + '.tmp', are fsynced, and the temporary file is renamed over path (then the directory is fsynced,
@@ -746,7 +764,13 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recorded = RecordedWrites(f)
+            try:
+                write(recorded)
+            except Exception:
+                if recorded.error is None:
+                    raise
+                raise recorded.error
             f.flush()
             time.sleep(float(os.environ.get("GPT_TEST_WRITE_DELAY_S", 0)))
             os.fsync(f.fileno())
@@ -890,6 +914,14 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return signal.Signals(int(flag)) if flag.item() else None
 
+    def any_rank(self, is_true: bool) -> bool:
+        """True on every process if is_true on any (the same all-reduce, for a failure all must act on)."""
+        if self.group is None:
+            return is_true
+        flag = torch.tensor([int(is_true)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
     def uninstall(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
@@ -910,4 +942,4 @@ def trim_log(path: str, step: int) -> None:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line if line.endswith(b"\n") else line + b"\n")
-    write_atomically(path, lambda f: f.writelines(kept))
+    write_atomically(path, lambda f: f.write(b"".join(kept)))

@@ -594,14 +594,23 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         """Checkpoint the whole training state before step `step` (every process takes part)."""
         rngs = gather_to_rank0(rng_states(data_generator))
         weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank, cfg.fsdp)
+        failure = None
         if is_master:
-            save_checkpoint({
-                "model": weights, "optimizer": optimizer_state,
-                "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                "rng": rngs, "data": meta,
-            }, ckpt_path)
-            keep_checkpoints(ckpt_path, step, is_best, cfg)
+            try:
+                save_checkpoint({
+                    "model": weights, "optimizer": optimizer_state,
+                    "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
+                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
+                    "rng": rngs, "data": meta,
+                }, ckpt_path)
+                keep_checkpoints(ckpt_path, step, is_best, cfg)
+            except OSError as e:
+                failure = SystemExit(f"error: cannot update the checkpoints in {cfg.out_dir} ({e}); ckpt.pt is "
+                                     f"complete. Free disk space or fix the folder's permissions, then resume")
+            except SystemExit as e:   # a full disk or an unwritable out_dir, in one line from write_atomically
+                failure = e
+        if stop.any_rank(failure is not None):   # the other processes must not wait for the next step
+            raise failure or SystemExit(1)
 
     step_time, timer_start, steps_timed, stop_signal = None, time.perf_counter(), 0, None
     for step in range(start_step, cfg.max_iters + 1):

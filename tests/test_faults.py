@@ -244,3 +244,51 @@ def test_sigkill_at_random_moments_loses_nothing(layout, tiny_data_dir, tmp_path
     assert logged_steps(killed) == logged_steps(straight)
     assert_same_weights(killed, straight)
     assert not [name for name in os.listdir(killed) if name.endswith(".tmp")]
+
+
+# --- a full disk ---
+
+def limit_file_size(n_bytes: int):
+    """preexec_fn: files the process writes may not grow beyond n_bytes (writes past it fail with EFBIG,
+    as Python ignores SIGXFSZ), a full disk for one file at a time, without root."""
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(nproc, tiny_data_dir, tmp_path):
+    """Step 0's checkpoint (no AdamW moments yet) fits under the size limit, step 4's (with them, about 3x
+    larger) does not: the run stops with one line naming the file, every process exits (none waits for the
+    others), and ckpt.pt is still step 0's, intact, with no .tmp file left."""
+    out_dir = str(tmp_path / "run")
+    assert run(flags(tiny_data_dir, str(tmp_path / "probe"), "--max_iters=0")).returncode == 0
+    step0_size = os.path.getsize(tmp_path / "probe" / "ckpt.pt")
+    batch = ["--gradient_accumulation_steps=1"] if nproc == 2 else []
+    result = subprocess.run([*launcher(nproc), os.path.join(ROOT, "train.py"),
+                             *flags(tiny_data_dir, out_dir, "--max_iters=8", "--eval_interval=4", *batch)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
+                            preexec_fn=limit_file_size(int(1.5 * step0_size)))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "cannot write" in errors[0] and "File too large" in errors[0], result.stderr[-3000:]
+    assert "previous version is untouched" in errors[0]
+    if nproc == 1:
+        assert_one_line_error(result, os.path.join(out_dir, "ckpt.pt"))
+    assert load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["step"] == 0
+    assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
+
+
+def test_full_tmpfs_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_data_dir, tmp_path):
+    """The same on a real full disk: a small tmpfs (needs root to mount; skipped elsewhere)."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs",
+                                            str(mount_point)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        result = run(flags(tiny_data_dir, str(mount_point), "--max_iters=8", "--eval_interval=4"))
+        assert_one_line_error(result, os.path.join(str(mount_point), "ckpt.pt"), "No space left on device")
+        assert load_checkpoint(os.path.join(mount_point, "ckpt.pt"))["step"] == 0
+        assert not [name for name in os.listdir(mount_point) if name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
