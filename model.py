@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import sys
@@ -841,6 +842,12 @@ def load_marked_file(path: str, noun: str, file_format: str, version: int, write
         sys.exit(f"error: {noun} {path} not found; {how_to_make}")
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):   # a pickled object of some class: it could run code
+            sys.exit(f"error: {path} holds Python objects other than tensors and plain data, which could run "
+                     f"code when loaded; refused (a {noun} written by {writer} never does){hint}")
+        sys.exit(f"error: {path} is not a readable {noun} ({str(e).strip()[:200]}); it may be truncated or "
+                 f"corrupted{hint}")
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         sys.exit(f"error: {path} is not a readable {noun} ({reason}); it may be truncated or corrupted{hint}")

@@ -30,6 +30,7 @@ from model import (GPT, SHAPE_FIELDS, GPTConfig, all_ranks_mean, arg, autocast, 
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
                    write_atomically, StopSignals)
+from prepare import sha256_file
 
 
 @dataclass
@@ -85,6 +86,10 @@ class TrainConfig:
     keep_best: bool = arg(True, "also keep the checkpoint with the lowest val loss as ckpt-best.pt")
     resume_from: str = arg("", "checkpoint file that --init_from=resume starts from (default: out_dir/ckpt.pt, "
                                "the newest); name an older ckpt-STEP.pt when the newest is damaged")
+    allow_data_change: bool = arg(False, "let --init_from=resume continue on token files other than those the "
+                                         "checkpoint was trained on (same tokenizer only)")
+    verify_data: bool = arg(True, "check train.bin and val.bin against the sha256 in meta.json before training "
+                                  "(reads them once: about 1 s per GB)")
 
 
 # --- the math: learning rate and batches ---
@@ -138,6 +143,10 @@ def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, s
     for split, path in paths.items():
         if not os.path.isfile(path) or os.path.getsize(path) != 2 * counts[split]:
             sys.exit(f"error: {path} is missing or its size disagrees with meta.json; run {prepare} --force")
+        expected = meta["sha256"].get(f"{split}.bin") if isinstance(meta.get("sha256"), dict) else None
+        if cfg.verify_data and expected and sha256_file(path) != expected:
+            sys.exit(f"error: {path} does not match the sha256 in meta.json (changed or corrupted since it was "
+                     f"prepared); run {prepare} --force")
         if counts[split] <= block_size:
             sys.exit(f"error: --block_size={block_size} needs more than {block_size} tokens, but {path} holds "
                      f"{counts[split]}; use a smaller --block_size or a larger dataset")
@@ -173,6 +182,21 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
     if differ:
         sys.exit(f"error: cannot resume {path}: the model shape differs in " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
+
+
+def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
+    """A resumed run goes on with the tokens it was trained on: another tokenizer is refused, other token
+    files (their sha256 or counts in meta.json) need --allow_data_change."""
+    saved_tokenizer = (saved.get("tokenizer"), saved.get("vocab_size"))
+    tokenizer = (meta.get("tokenizer"), meta.get("vocab_size"))
+    if saved_tokenizer != tokenizer:
+        sys.exit(f"error: cannot resume {path}: it was trained on tokens of {saved_tokenizer[0]} (vocabulary "
+                 f"{saved_tokenizer[1]}), but {folder} holds tokens of {tokenizer[0]} (vocabulary {tokenizer[1]}); "
+                 f"its embeddings only fit the tokenizer it learned")
+    changed = [name for name in ("sha256", "train_tokens", "val_tokens") if saved.get(name) != meta.get(name)]
+    if changed and not allow_change:
+        sys.exit(f"error: cannot resume {path}: the dataset {folder} is not the one it was trained on "
+                 f"({', '.join(changed)} differ in meta.json); pass --allow_data_change to go on with it anyway")
 
 
 @torch.no_grad()
@@ -497,6 +521,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
                  f"(nothing is overwritten)")
     meta, paths = load_data_meta(cfg, model_cfg.block_size)
+    if checkpoint is not None:
+        check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
+                          os.path.join(cfg.data_dir, cfg.dataset))
     if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
         sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
                  f"{model_cfg.vocab_size}")
