@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,8 @@ class TrainConfig:
     keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
                             "the newest shares ckpt.pt's disk space); 0 keeps ckpt.pt only")
     keep_best: bool = arg(True, "also keep the checkpoint with the lowest val loss as ckpt-best.pt")
+    max_bad_steps: int = arg(5, "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                "(each such step is skipped, and logged)")
     resume_from: str = arg("", "checkpoint file that --init_from=resume starts from (default: out_dir/ckpt.pt, "
                                "the newest); name an older ckpt-STEP.pt when the newest is damaged")
     allow_data_change: bool = arg(False, "let --init_from=resume continue on token files other than those the "
@@ -246,12 +249,13 @@ def format_step_line(step: int, max_iters: int, loss: float, lr: float, grad_nor
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   grad_clip: float) -> torch.Tensor:
+                   grad_clip: float, is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
-    before clipping (worth logging: spikes announce instabilities)."""
+    before clipping (worth logging: spikes announce instabilities). is_good(norm) False skips the update."""
     scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    scaler.step(optimizer)                  # skips the update if fp16 gradients overflowed
+    if is_good is None or is_good(grad_norm):
+        scaler.step(optimizer)              # skips the update if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -260,7 +264,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                "batch_size": 1, "gradient_accumulation_steps": 1, "loss_chunk": 0, "keep_last": 0}
+                "batch_size": 1, "gradient_accumulation_steps": 1, "loss_chunk": 0, "keep_last": 0,
+                "max_bad_steps": 1}
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
@@ -369,7 +374,8 @@ def tied_copy(pipe: PipelineRank) -> torch.nn.Parameter:
     return pipe.modules[0].transformer.wte.weight if pipe.holds_first else pipe.modules[-1].lm_head.weight
 
 
-def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, grad_clip: float) -> torch.Tensor:
+def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, grad_clip: float,
+                            is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """Sum the tied copies' gradients, clip by the norm of the whole model's gradient (all stages, the tied
     matrix counted once), step, clear. Returns the norm before clipping, the same on every process."""
     if pipe.tie_group is not None:
@@ -381,7 +387,8 @@ def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, g
     grad_norm = norm_squared.sqrt()
     if grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_([p for _, p in named_params], grad_clip, grad_norm)
-    optimizer.step()
+    if is_good is None or is_good(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -514,6 +521,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         resume_path = cfg.resume_from or ckpt_path
         checkpoint = load_checkpoint(resume_path)
         check_resume_shape(checkpoint["model_config"], model_cfg, given, resume_path)
+        non_finite = [name for name, t in checkpoint["model"].items() if not torch.isfinite(t).all()]
+        if non_finite:   # training never writes these (it skips non-finite steps): a run diverged elsewhere
+            sys.exit(f"error: {resume_path} holds non-finite weights (in {', '.join(non_finite[:3])}); resume from "
+                     f"an older checkpoint with --resume_from=FILE")
         runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa", "activation_checkpointing")
                    if name in given}
         model_cfg = GPTConfig(**{**checkpoint["model_config"], **runtime})
@@ -640,6 +651,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             raise failure or SystemExit(1)
 
     step_time, timer_start, steps_timed, stop_signal = None, time.perf_counter(), 0, None
+    bad_steps = 0   # steps skipped in a row for a non-finite loss or gradient norm
+    nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_STEPS", "").split(",") if s}   # tests only
     for step in range(start_step, cfg.max_iters + 1):
         # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
         # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
@@ -690,17 +703,38 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 with autocast(device, dtype):
                     # k micro-batches of mean losses, each divided by k: the mean over the big batch
                     loss = train_model(x, y, loss_chunk) / accum
+                    if step in nan_steps:   # test hook: a loss gone non-finite (see GPT_TEST_NAN_STEPS)
+                        loss = loss * float("nan")
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        # A non-finite loss or gradient norm on any process: every process skips this update (the weights and
+        # AdamW's moments stay as they were). With fp16, overflowing gradients are the scaler's business:
+        # it skips those steps itself and lowers its scale.
+        verdicts = []   # is_good's answer, for the log below
+
+        def is_good(norm: torch.Tensor) -> bool:
+            is_finite = bool(torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled()))
+            verdicts.append(not stop.any_rank(not is_finite))
+            return verdicts[-1]
         if pipe is None:
-            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, is_good)
         else:
-            grad_norm = pipeline_optimizer_step(pipe, named_params, optimizer, cfg.grad_clip)
+            grad_norm = pipeline_optimizer_step(pipe, named_params, optimizer, cfg.grad_clip, is_good)
+        bad_steps = 0 if verdicts[0] else bad_steps + 1
+        if bad_steps:
+            print0(f"step {step + 1}: skipped: non-finite loss or gradient norm ({bad_steps} in a row)", flush=True)
+            if is_master:
+                log_file.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient norm"}) + "\n")
+                log_file.flush()
+            if bad_steps >= cfg.max_bad_steps:
+                sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or gradient norm (the last: step "
+                         f"{step + 1}); stopped. Skipped steps change no weights, so {ckpt_path} holds the last good "
+                         f"ones: resume with a lower --learning_rate, or look for bad data" if is_master else 1)
 
         steps_timed += 1
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-            # The only host-device sync of the step. Under --pp only the last stages hold a loss, so the sum
-            # over all processes counts each replica once.
+            # Reading the loss syncs with the device (as the finite check does). Under --pp only the last
+            # stages hold a loss, so the sum over all processes counts each replica once.
             loss_value = (all_ranks_mean(loss_sum) * cfg.pp).item()
             now = time.perf_counter()
             step_time = (now - timer_start) / steps_timed

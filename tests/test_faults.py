@@ -1,6 +1,7 @@
 """Runs that never lose work: SIGTERM/Ctrl-C stop cleanly, SIGKILL at random moments loses nothing, the last
 N checkpoints and the best one are kept, damaged checkpoints are named with the older ones beside them."""
 import json
+import math
 import os
 import random
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL_FLAGS
-from model import load_checkpoint
+from model import load_checkpoint, save_checkpoint
 from test_errors import assert_one_line_error
 
 # Every run of this file uses one thread, so that processes started at different times compute bit for bit
@@ -292,3 +293,50 @@ def test_full_tmpfs_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_d
         assert not [name for name in os.listdir(mount_point) if name.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+# --- non-finite losses ---
+
+def test_a_non_finite_step_is_skipped_and_logged(tiny_data_dir, tmp_path):
+    """The test hook makes step 3's loss NaN (so its gradients are NaN too): the step is skipped and logged,
+    the weights and AdamW's state after it equal those before it, and training goes on."""
+    out_dir = str(tmp_path)
+    result = run(flags(tiny_data_dir, out_dir, "--max_iters=6", "--eval_interval=1", "--keep_last=10"),
+                 env={"GPT_TEST_NAN_STEPS": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 4: skipped: non-finite loss or gradient norm (1 in a row)" in result.stdout
+    assert [r["step"] for r in logged_steps(out_dir) if "skipped" in r] == [4]
+    before, after, later = (load_checkpoint(os.path.join(out_dir, f"ckpt-00000{s}.pt")) for s in (3, 4, 5))
+    for name, tensor in before["model"].items():
+        assert torch.equal(after["model"][name], tensor), name
+    for name, state in before["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["optimizer"]["state"][name][key], value), (name, key)
+    assert not torch.equal(later["model"]["lm_head.weight"], after["model"]["lm_head.weight"])
+    assert all(math.isfinite(r["loss"]) for r in logged_steps(out_dir) if "loss" in r and r["step"] != 4)
+
+
+def test_non_finite_steps_in_a_row_stop_with_one_line(tiny_data_dir, tmp_path):
+    """Steps 2 to 9 go non-finite (the test hook): each is skipped and logged, and after --max_bad_steps=3 the
+    run stops with one line; the checkpoint written during them (step 4) holds step 2's weights."""
+    out_dir = str(tmp_path)
+    result = run(flags(tiny_data_dir, out_dir, "--max_iters=20", "--eval_interval=2", "--max_bad_steps=3",
+                       "--keep_last=5"), env={"GPT_TEST_NAN_STEPS": "2,3,4,5,6,7,8,9"})
+    assert_one_line_error(result, "3 steps in a row had a non-finite loss", "(the last: step 5)",
+                          os.path.join(out_dir, "ckpt.pt"))
+    assert [r["step"] for r in logged_steps(out_dir) if "skipped" in r] == [3, 4, 5]
+    step2, step4 = (load_checkpoint(os.path.join(out_dir, f"ckpt-00000{s}.pt")) for s in (2, 4))
+    for name, tensor in step2["model"].items():
+        assert torch.isfinite(tensor).all() and torch.equal(step4["model"][name], tensor), name
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_data_dir, tmp_path):
+    """A checkpoint holding an inf (from a run that diverged outside these checks) is refused on resume."""
+    out_dir = str(tmp_path)
+    assert run(flags(tiny_data_dir, out_dir, "--max_iters=2", "--eval_interval=2")).returncode == 0
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("inf")
+    save_checkpoint({k: v for k, v in checkpoint.items() if k not in ("format", "version")},
+                    os.path.join(out_dir, "ckpt.pt"))
+    result = run(flags(tiny_data_dir, out_dir, "--max_iters=4", "--init_from=resume"))
+    assert_one_line_error(result, "holds non-finite weights (in transformer.h.0.mlp.c_fc.weight)", "--resume_from")
