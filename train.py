@@ -142,6 +142,9 @@ def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, s
         counts = {"train": int(meta["train_tokens"]), "val": int(meta["val_tokens"])}
     except (ValueError, KeyError, TypeError) as e:
         sys.exit(f"error: {meta_path} is damaged ({e!r}); run {prepare} --force")
+    if meta.get("dtype", "uint16") != "uint16":
+        sys.exit(f"error: {meta_path} says the tokens are {meta['dtype']}, but train.py reads uint16 token files "
+                 f"(vocabularies up to 65,536 ids); prepare the data with prepare.py")
     paths = {split: os.path.join(folder, f"{split}.bin") for split in ("train", "val")}
     for split, path in paths.items():
         if not os.path.isfile(path) or os.path.getsize(path) != 2 * counts[split]:
