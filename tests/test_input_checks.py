@@ -98,3 +98,29 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_note(trained_run):  # no
                         "--stop_at_eot=False")
     assert result.returncode == 0, result.stderr
     assert "note: the prompt has 40 tokens, more than the context of 16; the model sees its last 16" in result.stderr
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("absent.json", None, "file not found"),
+    ("records.csv", "instruction,output\na,b\n", "use a .json file (a list of records) or a .jsonl file"),
+    ("one.json", '[{"instruction": "a", "output": "b"}]', "holds 1 record(s); fine-tuning needs at least 2"),
+    ("folder.json", "folder", "is not a file"),
+])
+def test_bad_finetune_sources_stop_with_one_line(name, content, fragment, tmp_path):
+    import finetune_lora as ft
+    path = tmp_path / name
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        ft.read_records(str(path))
+    message = str(stop.value)
+    assert message.startswith("error: ") and "\n" not in message and fragment in message, message
+
+
+def test_an_unreadable_prompt_file_stops_with_one_line(trained_run, tmp_path):  # noqa: F811
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    for path in (tmp_path / "absent.txt", tmp_path / "latin1.txt"):
+        result = run_script("generate.py", f"--out_dir={trained_run}", f"--prompt_file={path}")
+        assert_one_line_error(result, f"cannot read --prompt_file={path}")
