@@ -2,6 +2,7 @@
 says what is wrong (or, for an over-long prompt, a note), and nothing runs on bad input."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -124,3 +125,14 @@ def test_an_unreadable_prompt_file_stops_with_one_line(trained_run, tmp_path):  
     for path in (tmp_path / "absent.txt", tmp_path / "latin1.txt"):
         result = run_script("generate.py", f"--out_dir={trained_run}", f"--prompt_file={path}")
         assert_one_line_error(result, f"cannot read --prompt_file={path}")
+
+
+def test_every_test_named_in_the_readme_table_exists():
+    """The README's table of input checks names a test for each row; a renamed or deleted test fails here."""
+    from conftest import ROOT
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", readme))
+    assert len(named) > 30
+    for file_name, test_name in named:
+        source = open(os.path.join(ROOT, "tests", file_name), encoding="utf-8").read()
+        assert f"def {test_name}(" in source, (file_name, test_name)
