@@ -673,7 +673,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 log_file.flush()
             save(step, is_best)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
-        elif stop_signal and not is_resumed_start:
+        elif stop_signal and not (is_resumed_start and not cfg.resume_from):   # else ckpt.pt holds this step
             save(step, is_best=False)
         if step == cfg.max_iters or stop_signal:
             break
