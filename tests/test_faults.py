@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import train
 from conftest import ROOT, TINY_MODEL_FLAGS
 from model import load_checkpoint, save_checkpoint
 from test_errors import assert_one_line_error
@@ -44,6 +45,16 @@ def start(script_args: list[str], nproc: int = 1, env: dict | None = None, scrip
     return subprocess.Popen([*launcher(nproc), os.path.join(ROOT, script), *script_args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**ENV, **(env or {})})
+
+
+def stops_with(argv: list[str], *fragments: str) -> None:
+    """train.main(argv) in this process stops with one line holding every fragment."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
 
 
 def logged_steps(out_dir: str) -> list[dict]:
@@ -136,8 +147,8 @@ def test_keep_last_and_best_and_resume_from_an_older_checkpoint(tiny_data_dir, t
     log); a damaged ckpt.pt is refused naming the older ones, and --resume_from one of them continues to
     the same weights as the run that was never damaged."""
     out_dir = str(tmp_path / "run")
-    assert run(flags(tiny_data_dir, out_dir, "--max_iters=12", "--eval_interval=2", "--keep_last=3",
-                     "--learning_rate=3e-2", "--min_lr=3e-2")).returncode == 0
+    train.main(flags(tiny_data_dir, out_dir, "--max_iters=12", "--eval_interval=2", "--keep_last=3",
+                     "--learning_rate=3e-2", "--min_lr=3e-2"))
     names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt"))
     assert names == ["ckpt-000008.pt", "ckpt-000010.pt", "ckpt-000012.pt", "ckpt-best.pt", "ckpt.pt"]
     for name in names[:3]:
@@ -152,12 +163,12 @@ def test_keep_last_and_best_and_resume_from_an_older_checkpoint(tiny_data_dir, t
     data[len(data) // 2] ^= 0x10
     os.remove(os.path.join(out_dir, "ckpt.pt"))            # a new file: ckpt-000012.pt keeps the good bytes
     open(os.path.join(out_dir, "ckpt.pt"), "wb").write(bytes(data))
-    result = run(flags(tiny_data_dir, out_dir, "--max_iters=12", "--init_from=resume"))
-    assert_one_line_error(result, os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt-000012.pt"),
-                          os.path.join(out_dir, "ckpt-000010.pt"), "--resume_from=")
-    assert run(flags(tiny_data_dir, out_dir, "--max_iters=12", "--eval_interval=2", "--keep_last=3",
+    stops_with(flags(tiny_data_dir, out_dir, "--max_iters=12", "--init_from=resume"),
+               os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt-000012.pt"),
+               os.path.join(out_dir, "ckpt-000010.pt"), "--resume_from=")
+    train.main(flags(tiny_data_dir, out_dir, "--max_iters=12", "--eval_interval=2", "--keep_last=3",
                      "--learning_rate=3e-2", "--min_lr=3e-2", "--init_from=resume",
-                     f"--resume_from={os.path.join(out_dir, 'ckpt-000010.pt')}")).returncode == 0
+                     f"--resume_from={os.path.join(out_dir, 'ckpt-000010.pt')}"))
     resumed = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     assert resumed["step"] == 12
     for name, tensor in weights_at_12.items():
@@ -297,14 +308,13 @@ def test_full_tmpfs_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_d
 
 # --- non-finite losses ---
 
-def test_a_non_finite_step_is_skipped_and_logged(tiny_data_dir, tmp_path):
+def test_a_non_finite_step_is_skipped_and_logged(tiny_data_dir, tmp_path, monkeypatch, capsys):
     """The test hook makes step 3's loss NaN (so its gradients are NaN too): the step is skipped and logged,
     the weights and AdamW's state after it equal those before it, and training goes on."""
     out_dir = str(tmp_path)
-    result = run(flags(tiny_data_dir, out_dir, "--max_iters=6", "--eval_interval=1", "--keep_last=10"),
-                 env={"GPT_TEST_NAN_STEPS": "3"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 4: skipped: non-finite loss or gradient norm (1 in a row)" in result.stdout
+    monkeypatch.setenv("GPT_TEST_NAN_STEPS", "3")
+    train.main(flags(tiny_data_dir, out_dir, "--max_iters=6", "--eval_interval=1", "--keep_last=10"))
+    assert "step 4: skipped: non-finite loss or gradient norm (1 in a row)" in capsys.readouterr().out
     assert [r["step"] for r in logged_steps(out_dir) if "skipped" in r] == [4]
     before, after, later = (load_checkpoint(os.path.join(out_dir, f"ckpt-00000{s}.pt")) for s in (3, 4, 5))
     for name, tensor in before["model"].items():
@@ -316,14 +326,14 @@ def test_a_non_finite_step_is_skipped_and_logged(tiny_data_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in logged_steps(out_dir) if "loss" in r and r["step"] != 4)
 
 
-def test_non_finite_steps_in_a_row_stop_with_one_line(tiny_data_dir, tmp_path):
+def test_non_finite_steps_in_a_row_stop_with_one_line(tiny_data_dir, tmp_path, monkeypatch):
     """Steps 2 to 9 go non-finite (the test hook): each is skipped and logged, and after --max_bad_steps=3 the
     run stops with one line; the checkpoint written during them (step 4) holds step 2's weights."""
     out_dir = str(tmp_path)
-    result = run(flags(tiny_data_dir, out_dir, "--max_iters=20", "--eval_interval=2", "--max_bad_steps=3",
-                       "--keep_last=5"), env={"GPT_TEST_NAN_STEPS": "2,3,4,5,6,7,8,9"})
-    assert_one_line_error(result, "3 steps in a row had a non-finite loss", "(the last: step 5)",
-                          os.path.join(out_dir, "ckpt.pt"))
+    monkeypatch.setenv("GPT_TEST_NAN_STEPS", "2,3,4,5,6,7,8,9")
+    stops_with(flags(tiny_data_dir, out_dir, "--max_iters=20", "--eval_interval=2", "--max_bad_steps=3",
+                     "--keep_last=5"), "3 steps in a row had a non-finite loss", "(the last: step 5)",
+               os.path.join(out_dir, "ckpt.pt"))
     assert [r["step"] for r in logged_steps(out_dir) if "skipped" in r] == [3, 4, 5]
     step2, step4 = (load_checkpoint(os.path.join(out_dir, f"ckpt-00000{s}.pt")) for s in (2, 4))
     for name, tensor in step2["model"].items():
@@ -333,13 +343,13 @@ def test_non_finite_steps_in_a_row_stop_with_one_line(tiny_data_dir, tmp_path):
 def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_data_dir, tmp_path):
     """A checkpoint holding an inf (from a run that diverged outside these checks) is refused on resume."""
     out_dir = str(tmp_path)
-    assert run(flags(tiny_data_dir, out_dir, "--max_iters=2", "--eval_interval=2")).returncode == 0
+    train.main(flags(tiny_data_dir, out_dir, "--max_iters=2", "--eval_interval=2"))
     checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("inf")
     save_checkpoint({k: v for k, v in checkpoint.items() if k not in ("format", "version")},
                     os.path.join(out_dir, "ckpt.pt"))
-    result = run(flags(tiny_data_dir, out_dir, "--max_iters=4", "--init_from=resume"))
-    assert_one_line_error(result, "holds non-finite weights (in transformer.h.0.mlp.c_fc.weight)", "--resume_from")
+    stops_with(flags(tiny_data_dir, out_dir, "--max_iters=4", "--init_from=resume"),
+               "holds non-finite weights (in transformer.h.0.mlp.c_fc.weight)", "--resume_from")
 
 
 @pytest.mark.slow

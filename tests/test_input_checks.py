@@ -1,5 +1,7 @@
-"""The input checks of README's table that no other test file covers: each ends in one line on stderr that
-says what is wrong (or, for an over-long prompt, a note), and nothing runs on bad input."""
+"""The input checks of README's table that no other test file covers: each stops with one line that says
+what is wrong (or, for an over-long prompt, prints a note), and nothing runs on bad input. The scripts run
+in-process (their main() stops with SystemExit(message), which Python prints as one line on stderr);
+test_errors.py shows the same from the command line."""
 import json
 import os
 import re
@@ -8,8 +10,30 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL_FLAGS, run_script, write_dataset
-from test_errors import assert_one_line_error, trained_run  # noqa: F401 (a fixture)
+import finetune_lora
+import generate
+import prepare
+import train
+from conftest import TINY_MODEL_FLAGS, write_dataset
+from test_errors import trained_run  # noqa: F401 (a fixture)
+
+SCRIPTS = {"train.py": train.main, "prepare.py": prepare.main, "generate.py": generate.main,
+           "finetune_lora.py": finetune_lora.main}
+
+
+def one_line_error(script: str, *flags: str) -> str:
+    """The message a script stops with on these flags, checked to be one line starting with 'error: '."""
+    with pytest.raises(SystemExit) as stop:
+        SCRIPTS[script](list(flags))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def assert_one_line_error(script: str, flags: list[str], *fragments: str) -> None:
+    message = one_line_error(script, *flags)
+    for fragment in fragments:
+        assert fragment in message, message
 
 
 @pytest.mark.parametrize("script,flags,fragment", [
@@ -33,7 +57,7 @@ from test_errors import assert_one_line_error, trained_run  # noqa: F401 (a fixt
     ("finetune_lora.py", ["--batch_size=1.5"], "--batch_size: invalid int value: '1.5'"),
 ])
 def test_bad_flags_stop_with_one_line(script, flags, fragment):
-    assert_one_line_error(run_script(script, *flags), fragment)
+    assert_one_line_error(script, flags, fragment)
 
 
 def damage_dataset(folder: str, damage: str) -> None:
@@ -68,9 +92,8 @@ def damage_dataset(folder: str, damage: str) -> None:
 def test_bad_data_files_stop_with_one_line(damage, fragments, tmp_path):
     write_dataset(str(tmp_path / "d"), np.arange(1000) % 64)
     damage_dataset(str(tmp_path / "d"), damage)
-    result = run_script("train.py", f"--data_dir={tmp_path}", "--dataset=d", f"--out_dir={tmp_path}/o",
-                        *TINY_MODEL_FLAGS, "--max_iters=2")
-    assert_one_line_error(result, *fragments)
+    assert_one_line_error("train.py", [f"--data_dir={tmp_path}", "--dataset=d", f"--out_dir={tmp_path}/o",
+                                       *TINY_MODEL_FLAGS, "--max_iters=2"], *fragments)
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
 
 
@@ -88,17 +111,16 @@ def test_checkpoints_from_elsewhere_are_refused_by_every_reader(contents, fragme
                           ("generate.py", []),
                           ("finetune_lora.py", [f"--init_from={tmp_path}", "--data=shakespeare",
                                                 f"--out_dir={tmp_path}/lora"])]:
-        assert_one_line_error(run_script(script, f"--out_dir={tmp_path}", *flags) if script != "finetune_lora.py"
-                              else run_script(script, *flags), str(tmp_path / "ckpt.pt"), fragment)
+        flags = flags if script == "finetune_lora.py" else [f"--out_dir={tmp_path}", *flags]
+        assert_one_line_error(script, flags, str(tmp_path / "ckpt.pt"), fragment)
 
 
-def test_a_prompt_longer_than_the_context_is_cut_with_a_note(trained_run):  # noqa: F811
+def test_a_prompt_longer_than_the_context_is_cut_with_a_note(trained_run, capsys):  # noqa: F811
     """The tiny model's context is 16 tokens: a 40-token prompt (A#A#..., 40 ids below 64) is cut to its last 16,
     with a note."""
-    result = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=" + "A#" * 20, "--max_new_tokens=3",
-                        "--stop_at_eot=False")
-    assert result.returncode == 0, result.stderr
-    assert "note: the prompt has 40 tokens, more than the context of 16; the model sees its last 16" in result.stderr
+    generate.main([f"--out_dir={trained_run}", "--prompt=" + "A#" * 20, "--max_new_tokens=3", "--stop_at_eot=False"])
+    assert "note: the prompt has 40 tokens, more than the context of 16; the model sees its last 16" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,content,fragment", [
@@ -123,8 +145,8 @@ def test_bad_finetune_sources_stop_with_one_line(name, content, fragment, tmp_pa
 def test_an_unreadable_prompt_file_stops_with_one_line(trained_run, tmp_path):  # noqa: F811
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
     for path in (tmp_path / "absent.txt", tmp_path / "latin1.txt"):
-        result = run_script("generate.py", f"--out_dir={trained_run}", f"--prompt_file={path}")
-        assert_one_line_error(result, f"cannot read --prompt_file={path}")
+        assert_one_line_error("generate.py", [f"--out_dir={trained_run}", f"--prompt_file={path}"],
+                              f"cannot read --prompt_file={path}")
 
 
 def test_every_test_named_in_the_readme_table_exists():
