@@ -839,7 +839,7 @@ def load_marked_file(path: str, noun: str, file_format: str, version: int, write
     torch.load(weights_only=True) only rebuilds tensors and plain containers, so a file cannot run code;
     a missing, unreadable, foreign, outdated or corrupted file stops with one line (plus hint)."""
     if not os.path.isfile(path):
-        sys.exit(f"error: {noun} {path} not found; {how_to_make}")
+        sys.exit(f"error: {noun} {path} not found; {how_to_make}{hint}")
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
