@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, configure_optimizers, flags_given,
                    flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
                    model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, save_checkpoint,
-                   setup_distributed, teardown_distributed, write_atomically)
+                   save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals)
 from prepare import sha256_file, shakespeare_paths
 from train import format_step_line, get_lr, optimizer_step, restore_rng_states, rng_states
 
@@ -419,21 +419,20 @@ def read_records(source: str) -> list[dict]:
 # --- side effects: adapter files, the resumable state, the base checkpoint ---
 
 ADAPTER_FORMAT = "gpt-lora-adapter"   # marks adapter files written by this script
-ADAPTER_VERSION = 1
+ADAPTER_VERSION = 2                    # 2: the contents carry their sha256
 
 
 def save_adapter(model: GPT, cfg: FinetuneConfig, base: dict, step: int, val_loss: float, path: str) -> None:
     """Write the adapter-only file atomically: the A and B tensors, the LoRA settings that rebuild the layers,
     and the base checkpoint it belongs to (path and sha256 of its bytes)."""
     adapter = {
-        "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION,
         "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                  "targets": parse_targets(cfg.lora_targets)},
         "base": base, "model_config": dataclasses.asdict(model.config), "step": step, "val_loss": val_loss,
         "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
         "tensors": adapter_tensors(model),
     }
-    write_atomically(path, lambda f: torch.save(adapter, f))
+    save_marked_file(adapter, path, ADAPTER_FORMAT, ADAPTER_VERSION)
 
 
 def load_adapter(path: str) -> dict:
@@ -520,14 +519,16 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(FinetuneConfig, argv=argv)
     check_config(cfg)
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
+    stop = StopSignals()
     try:
-        finetune(cfg, flags_given(argv), rank, local_rank, world_size, device)
+        finetune(cfg, flags_given(argv), rank, local_rank, world_size, device, stop)
     finally:
+        stop.uninstall()
         teardown_distributed()
 
 
 def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
-             device: str) -> None:
+             device: str, stop: StopSignals) -> None:
     is_master = rank == 0                  # the one process that prints and writes files
     dtype = pick_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
@@ -623,31 +624,43 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     peak = peak_flops(device)
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the
+        # process that logged them; they are about to be redone, and each step is logged once.
+        trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
-    step_time, timer_start, steps_timed, tokens_timed = None, time.perf_counter(), 0, 0
+    def save_state(step: int) -> None:
+        """Save the resumable state before step `step` (every process takes part)."""
+        rngs = gather_to_rank0(rng_states(data_generator))
+        if is_master:   # it alone is what a resumed run reads, adapter tensors included
+            save_checkpoint({
+                "tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
+                "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
+            }, state_path)
+
+    step_time, timer_start, steps_timed, tokens_timed, stop_signal = None, time.perf_counter(), 0, 0, None
     for step in range(start_step, cfg.max_iters + 1):
         # Evaluate and save before taking the step, so the state at step s resumes with step s.
+        # A SIGTERM or Ctrl-C on any process since the last step: all save the state here and stop.
         is_resumed_start = step == start_step and start_step > 0
+        stop_signal = stop.agreed()
         if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
             losses = estimate_loss(model, eval_splits, cfg.batch_size, cfg.mask_input, device, dtype,
                                    loss_chunk, rank, world_size)
             best_val_loss = min(best_val_loss, losses["val"])
-            rngs = gather_to_rank0(rng_states(data_generator))
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
                                            "val_loss": losses["val"]}) + "\n")
                 log_file.flush()
-                # The state first: it alone is what a resumed run reads, adapter tensors included.
-                save_checkpoint({
-                    "tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                    "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
-                }, state_path)
+            save_state(step)
+            if is_master:
                 save_adapter(model, cfg, base, step, losses["val"], adapter_path)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
-        if step == cfg.max_iters:
+        elif stop_signal and not is_resumed_start:
+            save_state(step)
+        if step == cfg.max_iters or stop_signal:
             break
 
         lr = get_lr(step, cfg)
@@ -684,6 +697,12 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                                            "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
                                            "tokens_per_s": tokens_per_step / step_time}) + "\n")
                 log_file.flush()
+    if stop_signal and step < cfg.max_iters:
+        if is_master:
+            log_file.close()
+        print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with "
+               f"`python finetune_lora.py --init_from=resume --out_dir={cfg.out_dir}`", flush=True)
+        sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
     if not is_master:
         return
     log_file.close()

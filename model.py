@@ -11,9 +11,15 @@ Shapes use one alphabet throughout the project:
 import argparse
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 import os
+import pickle
+import re
+import signal
 import sys
+import time
 import types
 import typing
 from typing import BinaryIO
@@ -737,60 +743,153 @@ def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.
 
 
 CHECKPOINT_FORMAT = "gpt-checkpoint"   # marks files written by this project
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2                 # 2: the contents carry their sha256
+
+
+class RecordedWrites:
+    """A binary file that remembers why a write failed: torch.save turns a failed write into a vague
+    RuntimeError ("unexpected pos"), while the OSError underneath names the cause (a full disk)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Create or replace the file at path with what write(f) puts into f, atomically: the bytes go to
     path + '.tmp', are fsynced, and the temporary file is renamed over path (then the directory is fsynced,
     so the rename itself survives a power cut). A crash at any moment leaves the old file or the new one,
-    never half of one."""
+    never half of one. A full disk or an unwritable folder stops with one line, the old file untouched.
+
+    GPT_TEST_WRITE_DELAY_S (tests only) sleeps between writing and renaming, so that a fault test can kill
+    the process while the temporary file exists."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recorded = RecordedWrites(f)
+            try:
+                write(recorded)
+            except Exception:
+                if recorded.error is None:
+                    raise
+                raise recorded.error
             f.flush()
+            time.sleep(float(os.environ.get("GPT_TEST_WRITE_DELAY_S", 0)))
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as e:
+        previous = "the previous version is untouched" if os.path.exists(path) else "nothing was written"
+        sys.exit(f"error: cannot write {path} ({e.strerror or e}); {previous}. Free disk space or make "
+                 f"{os.path.dirname(os.path.abspath(path))} writable, then run again")
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass   # the folder became unwritable; the .tmp name never shadows a complete file
 
 
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Write a training checkpoint atomically, marked with this project's format and version."""
-    marked = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}
+def content_sha256(contents) -> str:
+    """sha256 of a checkpoint's contents (tensors, dicts, lists, numbers, strings), walked in a fixed order:
+    every tensor's dtype, shape and bytes and every plain value's type and repr. torch.load does not check
+    its zip archive's CRCs, so a flipped bit in a tensor would otherwise load as a silently wrong number."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=repr):
+                feed(key)
+                feed(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+    feed(contents)
+    return digest.hexdigest()
+
+
+def save_marked_file(contents: dict, path: str, file_format: str, version: int) -> None:
+    """torch.save contents atomically, marked with a format, a version and the sha256 of what it holds."""
+    marked = {"format": file_format, "version": version, **contents}
+    marked["sha256"] = content_sha256(marked)
     write_atomically(path, lambda f: torch.save(marked, f))
 
 
-def load_marked_file(path: str, noun: str, file_format: str, version: int, writer: str, how_to_make: str) -> dict:
-    """Read a dict that torch.save wrote with {"format": file_format, "version": version} in it.
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    """Write a training checkpoint atomically, marked with this project's format, version and checksum."""
+    save_marked_file(checkpoint, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+
+
+def load_marked_file(path: str, noun: str, file_format: str, version: int, writer: str, how_to_make: str,
+                     hint: str = "") -> dict:
+    """Read a dict that save_marked_file wrote with {"format": file_format, "version": version, "sha256"}.
     torch.load(weights_only=True) only rebuilds tensors and plain containers, so a file cannot run code;
-    a missing, unreadable, foreign or outdated file stops with one line."""
+    a missing, unreadable, foreign, outdated or corrupted file stops with one line (plus hint)."""
     if not os.path.isfile(path):
-        sys.exit(f"error: {noun} {path} not found; {how_to_make}")
+        sys.exit(f"error: {noun} {path} not found; {how_to_make}{hint}")
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):   # a pickled object of some class: it could run code
+            sys.exit(f"error: {path} holds Python objects other than tensors and plain data, which could run "
+                     f"code when loaded; refused (a {noun} written by {writer} never does){hint}")
+        sys.exit(f"error: {path} is not a readable {noun} ({str(e).strip()[:200]}); it may be truncated or "
+                 f"corrupted{hint}")
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: {path} is not a readable {noun} ({reason}); it may be truncated or corrupted")
+        sys.exit(f"error: {path} is not a readable {noun} ({reason}); it may be truncated or corrupted{hint}")
     if not isinstance(contents, dict) or contents.get("format") != file_format:
-        sys.exit(f"error: {path} is not a {noun} written by {writer}")
+        sys.exit(f"error: {path} is not a {noun} written by {writer}{hint}")
     if contents.get("version") != version:
         sys.exit(f"error: {path} has {noun} format version {contents.get('version')}, this code reads "
-                 f"version {version}")
+                 f"version {version}{hint}")
+    stored = contents.pop("sha256", None)
+    if stored != content_sha256(contents):
+        sys.exit(f"error: {path} is corrupted: its contents do not match the sha256 recorded when it was "
+                 f"written{hint}")
     return contents
 
 
+def other_checkpoints(path: str) -> list[str]:
+    """The step-numbered checkpoints (ckpt-STEP.pt, newest first), then ckpt-best.pt, beside path and not path
+    itself (nor a hard link to it)."""
+    folder = os.path.dirname(path) or "."
+    names = sorted((n for n in os.listdir(folder) if re.fullmatch(r"ckpt-\d+\.pt", n)), reverse=True)
+    names += ["ckpt-best.pt"] if os.path.isfile(os.path.join(folder, "ckpt-best.pt")) else []
+    return [os.path.join(folder, n) for n in names
+            if not (os.path.exists(path) and os.path.samefile(path, os.path.join(folder, n)))]
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by save_checkpoint."""
+    """Read a checkpoint written by save_checkpoint. A damaged one is refused, naming the older ones."""
+    others = other_checkpoints(path) if os.path.isdir(os.path.dirname(path) or ".") else []
+    hint = (f"; older checkpoints: {', '.join(others)} (train.py resumes from one with "
+            f"--init_from=resume --resume_from=FILE)") if others else ""
     return load_marked_file(path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "this project's train.py",
-                            "train one with `python train.py --out_dir=...`")
+                            "train one with `python train.py --out_dir=...`", hint)
 
 
 def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
@@ -798,3 +897,66 @@ def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
     model = GPT(GPTConfig(**{**checkpoint["model_config"], **overrides}))
     model.load_state_dict(checkpoint["model"])
     return model
+
+
+# --- shared helpers: stopping cleanly and the run log ---
+
+class StopSignals:
+    """SIGTERM (what slurm, torchrun and `kill` send) and SIGINT (Ctrl-C) become a request to stop: the loop
+    finishes its step, saves a checkpoint and exits. A second Ctrl-C exits at once; the checkpoint on disk
+    stays as it was (a write in progress goes to a .tmp file, which is removed). torchrun forwards the
+    signal it gets to every process; a second SIGINT within a second of the first counts as the same one,
+    in case a launcher and the terminal both deliver one Ctrl-C."""
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self.received_at = 0.0
+        # The flag travels over gloo on the CPU, so checking it costs no GPU synchronization.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received, self.received_at = signal.Signals(signum), time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.received_at > 1.0:
+            raise SystemExit("error: interrupted twice: stopped at once without saving; the last checkpoint "
+                             "written is intact")
+
+    def agreed(self) -> signal.Signals | None:
+        """The signal that stops the run, on every process as soon as any one received it (an all-reduce of
+        one number per step), so all processes stop after the same step; None to go on."""
+        if self.group is None:
+            return self.received
+        flag = torch.tensor([0 if self.received is None else int(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return signal.Signals(int(flag)) if flag.item() else None
+
+    def any_rank(self, is_true: bool) -> bool:
+        """True on every process if is_true on any (the same all-reduce, for a failure all must act on)."""
+        if self.group is None:
+            return is_true
+        flag = torch.tensor([int(is_true)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def uninstall(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def trim_log(path: str, step: int) -> None:
+    """Keep the lines of a JSON-lines run log whose "step" is at most `step` (the checkpoint a run resumes
+    from): the steps after it were lost with the process that logged them and are about to be redone, so
+    the log ends up with one line per step, as if the run had never stopped. A torn last line goes too."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
+    write_atomically(path, lambda f: f.write(b"".join(kept)))

@@ -11,9 +11,12 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (GPT, SHAPE_FIELDS, GPTConfig, all_ranks_mean, arg, autocast, build_stage, configure_optimizers,
                    describe_plan, flags_given, flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
-                   plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed)
+                   plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
+                   write_atomically, StopSignals)
+from prepare import sha256_file
 
 
 @dataclass
@@ -76,6 +81,18 @@ class TrainConfig:
                           choices=("flops", "params", "uniform"))
     n_microbatches: int = arg(4, "micro-batches each batch_size batch is cut into under --pp")
     pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
+    # checkpoints kept, and where a resumed run starts
+    keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
+                            "the newest shares ckpt.pt's disk space); 0 keeps ckpt.pt only")
+    keep_best: bool = arg(True, "also keep the checkpoint with the lowest val loss as ckpt-best.pt")
+    max_bad_steps: int = arg(5, "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                "(each such step is skipped, and logged)")
+    resume_from: str = arg("", "checkpoint file that --init_from=resume starts from (default: out_dir/ckpt.pt, "
+                               "the newest); name an older ckpt-STEP.pt when the newest is damaged")
+    allow_data_change: bool = arg(False, "let --init_from=resume continue on token files other than those the "
+                                         "checkpoint was trained on (same tokenizer only)")
+    verify_data: bool = arg(True, "check train.bin and val.bin against the sha256 in meta.json before training "
+                                  "(reads them once: about 1 s per GB)")
 
 
 # --- the math: learning rate and batches ---
@@ -125,10 +142,17 @@ def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, s
         counts = {"train": int(meta["train_tokens"]), "val": int(meta["val_tokens"])}
     except (ValueError, KeyError, TypeError) as e:
         sys.exit(f"error: {meta_path} is damaged ({e!r}); run {prepare} --force")
+    if meta.get("dtype", "uint16") != "uint16":
+        sys.exit(f"error: {meta_path} says the tokens are {meta['dtype']}, but train.py reads uint16 token files "
+                 f"(vocabularies up to 65,536 ids); prepare the data with prepare.py")
     paths = {split: os.path.join(folder, f"{split}.bin") for split in ("train", "val")}
     for split, path in paths.items():
         if not os.path.isfile(path) or os.path.getsize(path) != 2 * counts[split]:
             sys.exit(f"error: {path} is missing or its size disagrees with meta.json; run {prepare} --force")
+        expected = meta["sha256"].get(f"{split}.bin") if isinstance(meta.get("sha256"), dict) else None
+        if cfg.verify_data and expected and sha256_file(path) != expected:
+            sys.exit(f"error: {path} does not match the sha256 in meta.json (changed or corrupted since it was "
+                     f"prepared); run {prepare} --force")
         if counts[split] <= block_size:
             sys.exit(f"error: --block_size={block_size} needs more than {block_size} tokens, but {path} holds "
                      f"{counts[split]}; use a smaller --block_size or a larger dataset")
@@ -164,6 +188,21 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
     if differ:
         sys.exit(f"error: cannot resume {path}: the model shape differs in " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
+
+
+def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
+    """A resumed run goes on with the tokens it was trained on: another tokenizer is refused, other token
+    files (their sha256 or counts in meta.json) need --allow_data_change."""
+    saved_tokenizer = (saved.get("tokenizer"), saved.get("vocab_size"))
+    tokenizer = (meta.get("tokenizer"), meta.get("vocab_size"))
+    if saved_tokenizer != tokenizer:
+        sys.exit(f"error: cannot resume {path}: it was trained on tokens of {saved_tokenizer[0]} (vocabulary "
+                 f"{saved_tokenizer[1]}), but {folder} holds tokens of {tokenizer[0]} (vocabulary {tokenizer[1]}); "
+                 f"its embeddings only fit the tokenizer it learned")
+    changed = [name for name in ("sha256", "train_tokens", "val_tokens") if saved.get(name) != meta.get(name)]
+    if changed and not allow_change:
+        sys.exit(f"error: cannot resume {path}: the dataset {folder} is not the one it was trained on "
+                 f"({', '.join(changed)} differ in meta.json); pass --allow_data_change to go on with it anyway")
 
 
 @torch.no_grad()
@@ -213,12 +252,13 @@ def format_step_line(step: int, max_iters: int, loss: float, lr: float, grad_nor
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   grad_clip: float) -> torch.Tensor:
+                   grad_clip: float, is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
-    before clipping (worth logging: spikes announce instabilities)."""
+    before clipping (worth logging: spikes announce instabilities). is_good(norm) False skips the update."""
     scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    scaler.step(optimizer)                  # skips the update if fp16 gradients overflowed
+    if is_good is None or is_good(grad_norm):
+        scaler.step(optimizer)              # skips the update if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -227,7 +267,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                "batch_size": 1, "gradient_accumulation_steps": 1, "loss_chunk": 0}
+                "batch_size": 1, "gradient_accumulation_steps": 1, "loss_chunk": 0, "keep_last": 0,
+                "max_bad_steps": 1}
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
@@ -240,6 +281,8 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
     if not 0 <= model_cfg.dropout < 1:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
+    if cfg.resume_from and cfg.init_from != "resume":
+        sys.exit(f"error: --resume_from={cfg.resume_from} needs --init_from=resume")
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
     if cfg.fsdp and cfg.dtype == "float16":
@@ -334,7 +377,8 @@ def tied_copy(pipe: PipelineRank) -> torch.nn.Parameter:
     return pipe.modules[0].transformer.wte.weight if pipe.holds_first else pipe.modules[-1].lm_head.weight
 
 
-def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, grad_clip: float) -> torch.Tensor:
+def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, grad_clip: float,
+                            is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """Sum the tied copies' gradients, clip by the norm of the whole model's gradient (all stages, the tied
     matrix counted once), step, clear. Returns the norm before clipping, the same on every process."""
     if pipe.tie_group is not None:
@@ -346,7 +390,8 @@ def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, g
     grad_norm = norm_squared.sqrt()
     if grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_([p for _, p in named_params], grad_clip, grad_norm)
-    optimizer.step()
+    if is_good is None or is_good(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
@@ -406,6 +451,39 @@ def full_training_state(trained: torch.nn.Module, named_params: list, optimizer,
     return weights, merged
 
 
+def link_atomically(source: str, path: str) -> None:
+    """Make path another name of the complete file source (a hard link, renamed into place, so path is
+    never half there); a copy where the file system has no hard links."""
+    tmp = path + ".tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        with open(source, "rb") as f:
+            write_atomically(path, lambda out: shutil.copyfileobj(f, out))
+
+
+def keep_checkpoints(ckpt_path: str, step: int, is_best: bool, cfg: TrainConfig) -> None:
+    """After ckpt.pt was written at `step`: name it ckpt-STEP.pt (and ckpt-best.pt when its val loss is the
+    lowest so far), then delete the numbered checkpoints beyond the newest cfg.keep_last, and any from steps
+    after this one (left by a run that went back to an older checkpoint)."""
+    folder = os.path.dirname(ckpt_path)
+    if cfg.keep_last > 0:
+        link_atomically(ckpt_path, os.path.join(folder, f"ckpt-{step:06d}.pt"))
+    if is_best and cfg.keep_best:
+        link_atomically(ckpt_path, os.path.join(folder, "ckpt-best.pt"))
+    numbered = sorted((int(m.group(1)), m.group(0)) for m in
+                      (re.fullmatch(r"ckpt-(\d+)\.pt", name) for name in os.listdir(folder)) if m)
+    kept = [name for s, name in numbered if s <= step][-cfg.keep_last:] if cfg.keep_last > 0 else []
+    for _, name in numbered:
+        if name not in kept:
+            os.remove(os.path.join(folder, name))
+
+
 def check_layout(cfg: TrainConfig, world_size: int) -> None:
     """Refuse process layouts that cannot work, before any work starts."""
     if cfg.pp > 1 and world_size == 1:
@@ -421,15 +499,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
     check_config(cfg, model_cfg)
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
+    stop = StopSignals()
     try:
         check_layout(cfg, world_size)
-        train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device)
+        train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device, stop)
     finally:
+        stop.uninstall()
         teardown_distributed()
 
 
 def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, local_rank: int,
-          world_size: int, device: str) -> None:
+          world_size: int, device: str, stop: StopSignals) -> None:
     is_master = rank == 0                  # the one process that prints and writes files
     dtype = pick_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
@@ -441,8 +521,13 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     # The model: random weights, or the weights, optimizer and position of the run being resumed.
     checkpoint = None
     if cfg.init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path)
-        check_resume_shape(checkpoint["model_config"], model_cfg, given, ckpt_path)
+        resume_path = cfg.resume_from or ckpt_path
+        checkpoint = load_checkpoint(resume_path)
+        check_resume_shape(checkpoint["model_config"], model_cfg, given, resume_path)
+        non_finite = [name for name, t in checkpoint["model"].items() if not torch.isfinite(t).all()]
+        if non_finite:   # training never writes these (it skips non-finite steps): a run diverged elsewhere
+            sys.exit(f"error: {resume_path} holds non-finite weights (in {', '.join(non_finite[:3])}); resume from "
+                     f"an older checkpoint with --resume_from=FILE")
         runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa", "activation_checkpointing")
                    if name in given}
         model_cfg = GPTConfig(**{**checkpoint["model_config"], **runtime})
@@ -450,6 +535,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
                  f"(nothing is overwritten)")
     meta, paths = load_data_meta(cfg, model_cfg.block_size)
+    if checkpoint is not None:
+        check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
+                          os.path.join(cfg.data_dir, cfg.dataset))
     if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
         sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
                  f"{model_cfg.vocab_size}")
@@ -499,7 +587,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         saved_rng = checkpoint["rng"]      # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        print0(f"resuming {ckpt_path} at step {start_step}")
+        print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
@@ -535,32 +623,59 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
            f"{', compiled' if compile_model else ''}")
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the
+        # process that logged them; they are about to be redone, and each step is logged once.
+        trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
+        for name in os.listdir(cfg.out_dir):   # left by a process killed while writing (never complete files)
+            if re.fullmatch(r"(ckpt.*\.pt|metrics\.jsonl)\.tmp", name):
+                os.remove(os.path.join(cfg.out_dir, name))
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
 
-    step_time, timer_start, steps_timed = None, time.perf_counter(), 0
-    for step in range(start_step, cfg.max_iters + 1):
-        # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
-        # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
-        is_resumed_start = step == start_step and start_step > 0
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
-            losses = evaluate()
-            best_val_loss = min(best_val_loss, losses["val"])
-            rngs = gather_to_rank0(rng_states(data_generator))
-            weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank,
-                                                           cfg.fsdp)
-            if is_master:
-                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_file.write(json.dumps({"step": step, "tokens": step * tokens_per_step,
-                                           "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
-                log_file.flush()
+    def save(step: int, is_best: bool) -> None:
+        """Checkpoint the whole training state before step `step` (every process takes part)."""
+        rngs = gather_to_rank0(rng_states(data_generator))
+        weights, optimizer_state = full_training_state(trained, named_params, optimizer, pipe, dp_rank, cfg.fsdp)
+        failure = None
+        if is_master:
+            try:
                 save_checkpoint({
                     "model": weights, "optimizer": optimizer_state,
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
                     "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
                     "rng": rngs, "data": meta,
                 }, ckpt_path)
+                keep_checkpoints(ckpt_path, step, is_best, cfg)
+            except OSError as e:
+                failure = SystemExit(f"error: cannot update the checkpoints in {cfg.out_dir} ({e}); ckpt.pt is "
+                                     f"complete. Free disk space or fix the folder's permissions, then resume")
+            except SystemExit as e:   # a full disk or an unwritable out_dir, in one line from write_atomically
+                failure = e
+        if stop.any_rank(failure is not None):   # the other processes must not wait for the next step
+            raise failure or SystemExit(1)
+
+    step_time, timer_start, steps_timed, stop_signal = None, time.perf_counter(), 0, None
+    bad_steps = 0   # steps skipped in a row for a non-finite loss or gradient norm
+    nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_STEPS", "").split(",") if s}   # tests only
+    for step in range(start_step, cfg.max_iters + 1):
+        # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
+        # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
+        # A SIGTERM or Ctrl-C on any process since the last step: all save here and stop, without evaluating.
+        is_resumed_start = step == start_step and start_step > 0
+        stop_signal = stop.agreed()
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
+            losses = evaluate()
+            is_best = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if is_master:
+                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log_file.write(json.dumps({"step": step, "tokens": step * tokens_per_step,
+                                           "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
+                log_file.flush()
+            save(step, is_best)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
-        if step == cfg.max_iters:
+        elif stop_signal and not (is_resumed_start and not cfg.resume_from):   # else ckpt.pt holds this step
+            save(step, is_best=False)
+        if step == cfg.max_iters or stop_signal:
             break
 
         lr = get_lr(step, cfg)
@@ -591,17 +706,38 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 with autocast(device, dtype):
                     # k micro-batches of mean losses, each divided by k: the mean over the big batch
                     loss = train_model(x, y, loss_chunk) / accum
+                    if step in nan_steps:   # test hook: a loss gone non-finite (see GPT_TEST_NAN_STEPS)
+                        loss = loss * float("nan")
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        # A non-finite loss or gradient norm on any process: every process skips this update (the weights and
+        # AdamW's moments stay as they were). With fp16, overflowing gradients are the scaler's business:
+        # it skips those steps itself and lowers its scale.
+        verdicts = []   # is_good's answer, for the log below
+
+        def is_good(norm: torch.Tensor) -> bool:
+            is_finite = bool(torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled()))
+            verdicts.append(not stop.any_rank(not is_finite))
+            return verdicts[-1]
         if pipe is None:
-            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, is_good)
         else:
-            grad_norm = pipeline_optimizer_step(pipe, named_params, optimizer, cfg.grad_clip)
+            grad_norm = pipeline_optimizer_step(pipe, named_params, optimizer, cfg.grad_clip, is_good)
+        bad_steps = 0 if verdicts[0] else bad_steps + 1
+        if bad_steps:
+            print0(f"step {step + 1}: skipped: non-finite loss or gradient norm ({bad_steps} in a row)", flush=True)
+            if is_master:
+                log_file.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient norm"}) + "\n")
+                log_file.flush()
+            if bad_steps >= cfg.max_bad_steps:
+                sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or gradient norm (the last: step "
+                         f"{step + 1}); stopped. Skipped steps change no weights, so {ckpt_path} holds the last good "
+                         f"ones: resume with a lower --learning_rate, or look for bad data" if is_master else 1)
 
         steps_timed += 1
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-            # The only host-device sync of the step. Under --pp only the last stages hold a loss, so the sum
-            # over all processes counts each replica once.
+            # Reading the loss syncs with the device (as the finite check does). Under --pp only the last
+            # stages hold a loss, so the sum over all processes counts each replica once.
             loss_value = (all_ranks_mean(loss_sum) * cfg.pp).item()
             now = time.perf_counter()
             step_time = (now - timer_start) / steps_timed
@@ -620,6 +756,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         log_file.close()
     if dist.is_initialized():
         dist.barrier()   # leave together: a process that tears down while others still work can abort them
+    if stop_signal and step < cfg.max_iters:
+        print0(f"stopped by {stop_signal.name} after {step} steps: saved {ckpt_path}; continue with the same "
+               f"command plus --init_from=resume", flush=True)
+        sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
     print0(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
            + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
 

@@ -1,0 +1,160 @@
+"""The input checks of README's table that no other test file covers: each stops with one line that says
+what is wrong (or, for an over-long prompt, prints a note), and nothing runs on bad input. The scripts run
+in-process (their main() stops with SystemExit(message), which Python prints as one line on stderr);
+test_errors.py shows the same from the command line."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import finetune_lora
+import generate
+import prepare
+import train
+from conftest import TINY_MODEL_FLAGS, write_dataset
+from test_errors import trained_run  # noqa: F401 (a fixture)
+
+SCRIPTS = {"train.py": train.main, "prepare.py": prepare.main, "generate.py": generate.main,
+           "finetune_lora.py": finetune_lora.main}
+
+
+def one_line_error(script: str, *flags: str) -> str:
+    """The message a script stops with on these flags, checked to be one line starting with 'error: '."""
+    with pytest.raises(SystemExit) as stop:
+        SCRIPTS[script](list(flags))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def assert_one_line_error(script: str, flags: list[str], *fragments: str) -> None:
+    message = one_line_error(script, *flags)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize("script,flags,fragment", [
+    ("train.py", ["--keep_last=-1"], "--keep_last=-1 must be >= 0"),
+    ("train.py", ["--max_bad_steps=0"], "--max_bad_steps=0 must be >= 1"),
+    ("train.py", ["--dropout=1"], "--dropout=1.0 must be in [0, 1)"),
+    ("train.py", ["--learning_rate=1e-3", "--min_lr=1e-2"], "need 0 <= --min_lr <= --learning_rate"),
+    ("train.py", ["--resume_from=out/ckpt-000100.pt"], "--resume_from=out/ckpt-000100.pt needs --init_from=resume"),
+    ("train.py", ["--pp=2", "--fsdp"], "--fsdp together with --pp is not supported"),
+    ("train.py", ["--max_iters=ten"], "--max_iters: invalid int value: 'ten'"),
+    ("prepare.py", ["--num_proc=-1"], "--num_proc=-1 must be >= 0"),
+    ("prepare.py", ["--val_fraction=x"], "--val_fraction: invalid float value: 'x'"),
+    ("prepare.py", ["--datset=x"], "did you mean --dataset?"),
+    ("generate.py", ["--top_p=0"], "--top_p=0.0 must be in (0, 1]"),
+    ("generate.py", ["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
+    ("generate.py", ["--prompt=Hi", "--instruction=Say hi"], "give either --instruction"),
+    ("generate.py", ["--input=Paris"], "--input is the context of an instruction"),
+    ("finetune_lora.py", ["--lora_dropout=1"], "--lora_dropout=1.0 must be in [0, 1)"),
+    ("finetune_lora.py", ["--lora_alpha=0"], "--lora_alpha=0.0 must be > 0"),
+    ("finetune_lora.py", [], "--data is required"),
+    ("finetune_lora.py", ["--batch_size=1.5"], "--batch_size: invalid int value: '1.5'"),
+])
+def test_bad_flags_stop_with_one_line(script, flags, fragment):
+    assert_one_line_error(script, flags, fragment)
+
+
+def damage_dataset(folder: str, damage: str) -> None:
+    """Turn a good dataset folder (from write_dataset) into one with the named defect."""
+    meta_path = os.path.join(folder, "meta.json")
+    meta = json.load(open(meta_path))
+    if damage == "missing train.bin":
+        os.remove(os.path.join(folder, "train.bin"))
+    elif damage == "empty files":
+        for split in ("train", "val"):
+            open(os.path.join(folder, f"{split}.bin"), "wb").close()
+        json.dump({**meta, "train_tokens": 0, "val_tokens": 0}, open(meta_path, "w"))
+    elif damage == "uint32 tokens":
+        json.dump({**meta, "dtype": "uint32"}, open(meta_path, "w"))
+    elif damage == "larger vocabulary":
+        json.dump({**meta, "vocab_size": 50257}, open(meta_path, "w"))
+    elif damage == "meta.json not JSON":
+        open(meta_path, "w").write("{'train_tokens': 1")
+    elif damage == "size disagrees":
+        with open(os.path.join(folder, "val.bin"), "ab") as f:
+            f.write(b"\0\0")
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    ("missing train.bin", ["train.bin is missing or its size disagrees with meta.json", "--force"]),
+    ("empty files", ["--block_size=16 needs more than 16 tokens", "holds 0"]),
+    ("uint32 tokens", ["says the tokens are uint32", "reads uint16"]),
+    ("larger vocabulary", ["the dataset's vocabulary (50257) is larger than --vocab_size=64"]),
+    ("meta.json not JSON", ["meta.json is damaged", "--force"]),
+    ("size disagrees", ["val.bin is missing or its size disagrees with meta.json"]),
+])
+def test_bad_data_files_stop_with_one_line(damage, fragments, tmp_path):
+    write_dataset(str(tmp_path / "d"), np.arange(1000) % 64)
+    damage_dataset(str(tmp_path / "d"), damage)
+    assert_one_line_error("train.py", [f"--data_dir={tmp_path}", "--dataset=d", f"--out_dir={tmp_path}/o",
+                                       *TINY_MODEL_FLAGS, "--max_iters=2"], *fragments)
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("contents,fragment", [
+    ({"model": {"transformer.wte.weight": torch.zeros(2, 2)}, "model_args": {"n_layer": 2}, "iter_num": 5},
+     "is not a checkpoint written by this project's train.py"),                       # nanoGPT's layout
+    ({"transformer.wte.weight": torch.zeros(2, 2), "transformer.h.0.ln_1.weight": torch.ones(2)},
+     "is not a checkpoint written by this project's train.py"),                       # a bare state dict
+    ([torch.zeros(3)], "is not a checkpoint written by this project's train.py"),     # not even a dict
+    ({"format": "gpt-checkpoint", "version": 1, "model": {}}, "has checkpoint format version 1, this code reads"),
+])
+def test_checkpoints_from_elsewhere_are_refused_by_every_reader(contents, fragment, tiny_data_dir, tmp_path):
+    torch.save(contents, tmp_path / "ckpt.pt")
+    for script, flags in [("train.py", [f"--data_dir={tiny_data_dir}", "--dataset=tiny", "--init_from=resume"]),
+                          ("generate.py", []),
+                          ("finetune_lora.py", [f"--init_from={tmp_path}", "--data=shakespeare",
+                                                f"--out_dir={tmp_path}/lora"])]:
+        flags = flags if script == "finetune_lora.py" else [f"--out_dir={tmp_path}", *flags]
+        assert_one_line_error(script, flags, str(tmp_path / "ckpt.pt"), fragment)
+
+
+def test_a_prompt_longer_than_the_context_is_cut_with_a_note(trained_run, capsys):  # noqa: F811
+    """The tiny model's context is 16 tokens: a 40-token prompt (A#A#..., 40 ids below 64) is cut to its last 16,
+    with a note."""
+    generate.main([f"--out_dir={trained_run}", "--prompt=" + "A#" * 20, "--max_new_tokens=3", "--stop_at_eot=False"])
+    assert "note: the prompt has 40 tokens, more than the context of 16; the model sees its last 16" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("absent.json", None, "file not found"),
+    ("records.csv", "instruction,output\na,b\n", "use a .json file (a list of records) or a .jsonl file"),
+    ("one.json", '[{"instruction": "a", "output": "b"}]', "holds 1 record(s); fine-tuning needs at least 2"),
+    ("folder.json", "folder", "is not a file"),
+])
+def test_bad_finetune_sources_stop_with_one_line(name, content, fragment, tmp_path):
+    import finetune_lora as ft
+    path = tmp_path / name
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        ft.read_records(str(path))
+    message = str(stop.value)
+    assert message.startswith("error: ") and "\n" not in message and fragment in message, message
+
+
+def test_an_unreadable_prompt_file_stops_with_one_line(trained_run, tmp_path):  # noqa: F811
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    for path in (tmp_path / "absent.txt", tmp_path / "latin1.txt"):
+        assert_one_line_error("generate.py", [f"--out_dir={trained_run}", f"--prompt_file={path}"],
+                              f"cannot read --prompt_file={path}")
+
+
+def test_every_test_named_in_the_readme_table_exists():
+    """The README's table of input checks names a test for each row; a renamed or deleted test fails here."""
+    from conftest import ROOT
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", readme))
+    assert len(named) > 30
+    for file_name, test_name in named:
+        source = open(os.path.join(ROOT, "tests", file_name), encoding="utf-8").read()
+        assert f"def {test_name}(" in source, (file_name, test_name)
