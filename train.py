@@ -23,14 +23,16 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, SHAPE_FIELDS, GPTConfig, all_ranks_mean, arg, autocast, build_stage, configure_optimizers,
-                   describe_plan, flags_given, flops_per_token, gather_to_rank0, load_checkpoint,
+from model import (GPT, PRESETS, SHAPE_FIELDS, GPTConfig, all_ranks_mean, apply_preset, arg, autocast, build_stage,
+                   configure_optimizers, describe_plan, flags_given, flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed)
 
 
 @dataclass
 class TrainConfig:
+    preset: str | None = arg(None, "a named model and its published recipe (model.PRESETS); flags given on the "
+                                   "command line win", choices=tuple(PRESETS))
     # data and files
     dataset: str = arg("shakespeare", "name of a dataset prepared by prepare.py under --data_dir")
     data_dir: str = arg("data", "directory holding the prepared datasets")
@@ -240,6 +242,11 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
     if not 0 <= model_cfg.dropout < 1:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
+    if model_cfg.sparse_topk < 0:
+        sys.exit(f"error: --sparse_topk={model_cfg.sparse_topk} must be >= 0 (0 keeps every score)")
+    if model_cfg.realformer and cfg.pp > 1:
+        sys.exit("error: --realformer passes attention scores from block to block, which pipeline stages do not "
+                 "carry; drop --pp or --realformer")
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
     if cfg.fsdp and cfg.dtype == "float16":
@@ -419,6 +426,7 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
+    model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, flags_given(argv))
     check_config(cfg, model_cfg)
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
     try:
