@@ -204,11 +204,11 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0)
     """Rotary position embedding (RoPE, Su et al. 2021, section 3.4): channel pair (2i, 2i+1) of the vector at
     position p turns by the angle p * base^(-2i/D). Then q . k depends on the positions only through p_q - p_k.
     x: (B, H, T, D), positions: (T,) -> (B, H, T, D)."""
-    D = x.size(-1)
-    frequencies = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)   # (D/2,)
-    angles = positions.float()[:, None] * frequencies[None, :]                                 # (T, D/2)
+    D, dtype = x.size(-1), torch.promote_types(x.dtype, torch.float32)   # angles in fp32 at least
+    frequencies = base ** (-torch.arange(0, D, 2, device=x.device, dtype=dtype) / D)            # (D/2,)
+    angles = positions.to(dtype)[:, None] * frequencies[None, :]                                # (T, D/2)
     cos, sin = angles.cos(), angles.sin()
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()                                      # (B, H, T, D/2)
+    even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)                                  # (B, H, T, D/2)
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)            # (B, H, T, D/2, 2)
     return rotated.flatten(-2).to(x.dtype)
 
