@@ -582,6 +582,11 @@ PEAK_BF16_FLOPS = {
     "V100": 125e12,   # V100 has no bf16: its fp16 tensor-core peak
 }
 
+# Memory of each GPU above in GiB, for the variant named (the A100 also comes with 40 GB; the V100 16 GB is the
+# card GPT-X trained on, there is a 32 GB one). train.py --dry_run warns when a plan needs more.
+GPU_MEMORY_GIB = {"H100 PCIe": 80, "H100 NVL": 94, "H100": 80, "H200": 141, "A100": 80, "A10": 24, "L40S": 48,
+                  "L4": 24, "V100": 16}
+
 
 def peak_flops(device: str) -> float | None:
     """Peak bf16 FLOP/s of the current GPU, or None where we do not know it (CPU, MPS, unlisted GPU):
