@@ -198,8 +198,8 @@ def memory_estimate(cfg: TrainConfig, config: GPTConfig, module: torch.nn.Module
                 "AdamW": 8 * params / shards}
     per_block = block_activation_bytes(config, micro_batch, T, act_bytes)
     if config.activation_checkpointing:   # each block keeps its fp32 input; one is rebuilt at a time
-        activations, copies = n_blocks * 4 * micro_batch * T * config.n_embd + per_block, \
-            linear - n_blocks * count_params(blocks[0])[1] if blocks else linear
+        activations = n_blocks * 4 * micro_batch * T * config.n_embd + per_block
+        copies = linear - (n_blocks - 1) * count_params(blocks[0])[1] if blocks else linear
     else:
         activations, copies = n_blocks * per_block, linear
     activations *= in_flight
@@ -227,14 +227,14 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
     gpu = cfg.dry_run_gpu
     peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
     layout = (f"pp={cfg.pp} ({cfg.pp_schedule}, {cfg.n_microbatches} micro-batches) x " if cfg.pp > 1 else "") + \
-        f"{dp_size} {'FSDP shards' if cfg.fsdp else 'data-parallel replicas'}"
+        f"{dp_size} {'FSDP shard' if cfg.fsdp else 'data-parallel replica'}{'s' if dp_size > 1 else ''}"
     lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
-             f"TFLOP/s bf16) | {layout} | {'fp32' if act_bytes == 4 else '16-bit autocast'}",
+             f"TFLOP/s at 16 bits) | {layout} | {'fp32' if act_bytes == 4 else '16-bit autocast'}",
              f"parameters: {n_params:,} ({n_params / 1e9:.3f}B) | {model_cfg.n_layer} layers, {model_cfg.n_head} "
              f"heads, {model_cfg.n_embd} channels, context {T}, vocabulary {model_cfg.vocab_size:,}",
              f"FLOPs per token: {flops_token / 1e9:.2f} GFLOP (forward + backward: 6N + 12LHDT)",
              f"tokens per optimizer step: {tokens_per_step:,} ({cfg.batch_size} sequences x "
-             f"{cfg.gradient_accumulation_steps} micro-steps x {dp_size} replicas x {T} tokens)"]
+             f"{cfg.gradient_accumulation_steps} micro-steps x {dp_size} data-parallel x {T} tokens)"]
     rows, micro_batch = [], cfg.batch_size // cfg.n_microbatches if cfg.pp > 1 else cfg.batch_size
     if cfg.pp > 1:
         n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1
