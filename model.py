@@ -101,7 +101,8 @@ PRESETS = {
     # GPT-2 (Radford et al. 2019, section 2.3): batches of 512 sequences of 1024 tokens. The learning rate
     # was tuned per size and not published, so the run's own stays.
     **{name: {"model": {f: getattr(config, f) for f in ("n_layer", "n_head", "n_embd", "block_size")},
-              "train": dict(batch_size=8, gradient_accumulation_steps=64)} for name, config in GPT2_SIZES.items()},
+              "train": dict(batch_size=8, gradient_accumulation_steps=64)}
+       for name, config in GPT2_SIZES.items()},
     # GPT-3 (Brown et al. 2020, Table 2.1): n_layer, d_model, heads, batch size in tokens, learning rate.
     "gpt3-small": gpt3_preset(12, 768, 12, 2**19, 6.0e-4),        # 125M, batch 0.5M tokens
     "gpt3-medium": gpt3_preset(24, 1024, 16, 2**19, 3.0e-4),      # 350M
@@ -326,7 +327,8 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.rezero, self.macaron, self.realformer = config.rezero, config.macaron, config.realformer
-        norm = (lambda: nn.Identity()) if config.rezero else (lambda: nn.LayerNorm(config.n_embd, bias=config.bias))
+        def norm() -> nn.Module:
+            return nn.Identity() if config.rezero else nn.LayerNorm(config.n_embd, bias=config.bias)
         if config.macaron:
             self.ln_0, self.mlp_0 = norm(), MLP(config)        # the half-step feed-forward before attention
         self.ln_1 = norm()
@@ -694,7 +696,7 @@ class GPTStage(nn.Module):
         super().__init__()
         self.config, self.is_first, self.is_last = config, is_first, is_last
         self.transformer = nn.ModuleDict()
-        assert not config.realformer, "RealFormer passes scores between blocks, which pipeline stages do not carry"
+        assert not config.realformer, "RealFormer passes scores between blocks; pipeline stages do not carry them"
         if is_first:
             self.transformer["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
             if config.position == "learned":

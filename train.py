@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage, all_ranks_mean,
-                   apply_preset, arg, autocast, build_stage, configure_optimizers, describe_plan, flags_given,
+from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage,
+                   all_ranks_mean, apply_preset, arg, autocast, build_stage, configure_optimizers, describe_plan, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed)
@@ -80,8 +80,9 @@ class TrainConfig:
     n_microbatches: int = arg(4, "micro-batches each batch_size batch is cut into under --pp")
     pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
     # the dry run: plan a run without running it
-    dry_run: bool = arg(False, "build the model on the meta device, print parameters, FLOPs per token, tokens per "
-                               "step, memory per GPU and time per step, then exit (no data, no files, no torchrun)")
+    dry_run: bool = arg(False, "build the model on the meta device, print parameters, FLOPs per token, tokens "
+                               "per step, memory per GPU and time per step, then exit (no data, no files, no "
+                               "torchrun)")
     dry_run_gpu: str = arg("H100", "GPU the dry run plans for (peak FLOP/s and memory from model.py)",
                            choices=tuple(PEAK_BF16_FLOPS))
     dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run's time per step assumes")
@@ -242,7 +243,8 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
         for rank in range(cfg.pp):
             ids = [rank + v * cfg.pp for v in range(n_virtual)]
             with torch.device("meta"):
-                stages = torch.nn.ModuleList(GPTStage(model_cfg, plan[i], i == 0, i == len(plan) - 1) for i in ids)
+                stages = torch.nn.ModuleList(GPTStage(model_cfg, plan[i], i == 0, i == len(plan) - 1)
+                                             for i in ids)
             n_blocks = sum(len(plan[i]) for i in ids)
             estimate = memory_estimate(cfg, model_cfg, stages, n_blocks // n_virtual, len(plan) - 1 in ids,
                                        micro_batch, microbatches_in_flight(cfg, rank), act_bytes, loss_chunk, 1,
@@ -266,8 +268,8 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
     lines.append(f"time per step: {seconds:.2f} s at {cfg.dry_run_mfu:.0%} MFU on {world_size} x {gpu} "
                  f"({tokens_per_step / seconds:,.0f} tokens/s)")
     if too_big:
-        lines.append(f"warning: does not fit a {memory} GiB {gpu}: {', '.join(too_big)}; try a smaller --batch_size, "
-                     f"--activation_checkpointing, more --pp stages or --fsdp")
+        lines.append(f"warning: does not fit a {memory} GiB {gpu}: {', '.join(too_big)}; try a smaller "
+                     f"--batch_size, --activation_checkpointing, more --pp stages or --fsdp")
     return lines
 
 
@@ -321,6 +323,7 @@ def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
 
 def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path: str) -> None:
     """Flags on the command line that change the shape of a checkpoint's weights are refused, all at once."""
+    saved = {**dataclasses.asdict(GPTConfig()), **saved}   # a field newer than the checkpoint: its default
     differ = [f"{name} (checkpoint {saved[name]}, flag {getattr(model_cfg, name)})" for name in SHAPE_FIELDS
               if name in given and saved[name] != getattr(model_cfg, name)]
     if differ:

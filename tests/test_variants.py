@@ -12,8 +12,8 @@ from model import (GPT, Block, GPTConfig, KVCache, alibi_bias, alibi_slopes, bui
 import train
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
-VARIANTS = {"plain": {}, "rezero": {"rezero": True}, "sparse_topk": {"sparse_topk": 3}, "macaron": {"macaron": True},
-            "realformer": {"realformer": True}, "alibi": {"position": "alibi"}, "rope": {"position": "rope"},
+VARIANTS = {"plain": {}, "rezero": {"rezero": True}, "sparse_topk": {"sparse_topk": 3},
+            "macaron": {"macaron": True}, "realformer": {"realformer": True}, "alibi": {"position": "alibi"}, "rope": {"position": "rope"},
             "all": {"rezero": True, "sparse_topk": 3, "macaron": True, "realformer": True, "position": "rope"}}
 
 
@@ -57,7 +57,8 @@ def test_alibi_sdpa_matches_explicit_and_a_loop(T_q, T_k):
         m = 2 ** (-(h + 1))
         for i in range(T_q):
             pos = T_k - T_q + i
-            s = torch.tensor([float(q[0, h, i] @ k[0, h, j]) / math.sqrt(D) - m * (pos - j) for j in range(pos + 1)])
+            s = torch.tensor([float(q[0, h, i] @ k[0, h, j]) / math.sqrt(D) - m * (pos - j)
+                              for j in range(pos + 1)])
             reference[0, h, i] = torch.softmax(s, 0) @ v[0, h, :pos + 1]
     torch.testing.assert_close(scored_attention(q, k, v, bias=bias)[0], reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(sdpa_attention(q, k, v, bias=bias), reference, rtol=0, atol=1e-5)
@@ -172,7 +173,9 @@ def test_rope_matches_the_complex_number_formula():
 def test_rope_scores_depend_only_on_the_offset():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    score = lambda pq, pk: float(rope_rotate(q, torch.tensor([pq])) @ rope_rotate(k, torch.tensor([pk])).mT)  # noqa
+    def score(pq: int, pk: int) -> float:
+        return float(rope_rotate(q, torch.tensor([pq])) @ rope_rotate(k, torch.tensor([pk])).mT)
+
     assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
     assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
 
