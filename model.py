@@ -58,10 +58,23 @@ class GPTConfig:
                                      "its own weights")
     activation_checkpointing: bool = arg(False, "keep only each block's input during training and recompute "
                                                 "its activations in backward: less memory, ~1/3 more compute")
+    # Architecture variants from published papers, each off by default (plain GPT-2) and combinable.
+    rezero: bool = arg(False, "ReZero (Bachlechner et al. 2020): no LayerNorm inside the blocks; each residual "
+                              "branch is scaled by its own learnable scalar, initialised to 0")
+    sparse_topk: int = arg(0, "explicit sparse attention (Zhao et al. 2019): each query keeps only its k largest "
+                              "scores (0: dense); needs the scores, so it runs the explicit attention path")
+    macaron: bool = arg(False, "Macaron layers (Lu et al. 2019): a half-step feed-forward before and after "
+                               "attention, each scaled by 1/2")
+    realformer: bool = arg(False, "RealFormer (He et al. 2020): each block adds the previous block's pre-softmax "
+                                  "scores to its own; runs the explicit attention path")
+    position: str = arg("learned", "position scheme: a learned embedding (GPT-2), ALiBi linear biases on the "
+                                   "scores (Press et al. 2022) or rotary embeddings (RoPE, Su et al. 2021)",
+                        choices=("learned", "alibi", "rope"))
 
 
 # The fields that fix the shapes of the weights: a checkpoint only loads into a model that agrees on these.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings")
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings", "rezero",
+                "macaron", "position")
 
 # The four GPT-2 sizes (Radford et al. 2019, Table 2), as OpenAI released them.
 GPT2_SIZES = {
@@ -70,6 +83,66 @@ GPT2_SIZES = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
 }
+
+
+def gpt3_preset(n_layer: int, n_embd: int, n_head: int, batch_tokens: int, learning_rate: float) -> dict:
+    """A row of GPT-3's Table 2.1 (Brown et al. 2020) with the recipe of its appendix B: AdamW with
+    betas (0.9, 0.95), weight decay 0.1, gradients clipped at 1.0, linear warmup over 375M tokens, cosine
+    decay to 10% of the peak over 260B tokens, 300B tokens in all. The batch is batch_tokens // 2048
+    sequences: micro-batches of 8 accumulated on one process (more processes multiply it). Not here: the
+    paper ramps the batch size up over the first 4-12B tokens and alternates dense attention with locally
+    banded sparse attention (Child et al. 2019); our blocks are all dense."""
+    micro_batch, sequences = 8, batch_tokens // 2048
+    return {"model": dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=2048, vocab_size=50257),
+            "train": dict(batch_size=micro_batch, gradient_accumulation_steps=sequences // micro_batch,
+                          learning_rate=learning_rate, min_lr=learning_rate / 10,
+                          warmup_iters=round(375e6 / batch_tokens), lr_decay_iters=round(260e9 / batch_tokens),
+                          max_iters=round(300e9 / batch_tokens), beta1=0.9, beta2=0.95, weight_decay=0.1,
+                          grad_clip=1.0)}
+
+
+# Named models for --preset: the GPTConfig fields they set ("model") and the recipe's TrainConfig fields
+# where the source gives them ("train"). Flags given on the command line win (apply_preset).
+PRESETS = {
+    # GPT-2 (Radford et al. 2019, section 2.3): batches of 512 sequences of 1024 tokens. The learning rate
+    # was tuned per size and not published, so the run's own stays.
+    **{name: {"model": {f: getattr(config, f) for f in ("n_layer", "n_head", "n_embd", "block_size")},
+              "train": dict(batch_size=8, gradient_accumulation_steps=64)}
+       for name, config in GPT2_SIZES.items()},
+    # GPT-3 (Brown et al. 2020, Table 2.1): n_layer, d_model, heads, batch size in tokens, learning rate.
+    "gpt3-small": gpt3_preset(12, 768, 12, 2**19, 6.0e-4),        # 125M, batch 0.5M tokens
+    "gpt3-medium": gpt3_preset(24, 1024, 16, 2**19, 3.0e-4),      # 350M
+    "gpt3-large": gpt3_preset(24, 1536, 16, 2**19, 2.5e-4),       # 760M
+    # The table gives XL 24 heads of 128 channels, which do not fit d_model 2048: 16 heads of 128 do.
+    "gpt3-xl": gpt3_preset(24, 2048, 16, 2**20, 2.0e-4),          # 1.3B, batch 1M tokens
+    "gpt3-2.7b": gpt3_preset(32, 2560, 32, 2**20, 1.6e-4),
+    "gpt3-6.7b": gpt3_preset(32, 4096, 32, 2**21, 1.2e-4),        # batch 2M tokens
+    # The table's d_model 5140 is a typo for 40 heads x 128 = 5120.
+    "gpt3-13b": gpt3_preset(40, 5120, 40, 2**21, 1.0e-4),
+    # "3.2M" tokens: 1536 sequences of 2048 (3,145,728 tokens).
+    "gpt3-175b": gpt3_preset(96, 12288, 96, 1536 * 2048, 0.6e-4),
+    # GPT-X 1B, the seed project: ReZero with sparse top-8 attention, split in two pipeline stages on two
+    # 16 GB V100s. Its DeepSpeed log counts 1,099,214,888 parameters; exactly these choices reproduce it:
+    # biases on, an untied LM head (no bias), a learned position embedding, ReZero removing both block
+    # LayerNorms (one scalar per residual branch) and keeping the final one. tests/test_presets.py checks it.
+    "gptx-1b": {"model": dict(n_layer=20, n_embd=2048, n_head=16, vocab_size=22000, block_size=1024, bias=True,
+                              tie_embeddings=False, rezero=True, sparse_topk=8, position="learned"),
+                "train": {}},
+}
+
+
+def apply_preset(name: str | None, model_cfg: GPTConfig, run_cfg, given: set[str]) -> tuple:
+    """(model_cfg, run_cfg) with the fields of PRESETS[name] filled in, except those whose flags were given
+    on the command line. run_cfg is any run dataclass: the preset's recipe fields it lacks are skipped.
+    name None returns both unchanged."""
+    if name is None:
+        return model_cfg, run_cfg
+    if name not in PRESETS:
+        sys.exit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    run_fields = {f.name for f in dataclasses.fields(run_cfg)}
+    model_values = {k: v for k, v in PRESETS[name]["model"].items() if k not in given}
+    run_values = {k: v for k, v in PRESETS[name]["train"].items() if k not in given and k in run_fields}
+    return dataclasses.replace(model_cfg, **model_values), dataclasses.replace(run_cfg, **run_values)
 
 
 # --- attention ---
@@ -95,10 +168,15 @@ def explicit_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
     return att @ v                                          # (B, H, T_q, D): a weighted mix of values
 
 
-def sdpa_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa_attention(q, k, v, dropout_p: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The same computation as explicit_attention through PyTorch's fused kernels (flash / memory-efficient
-    attention on GPUs), which never materialise the (T_q, T_k) score matrix."""
+    attention on GPUs), which never materialise the (T_q, T_k) score matrix. bias (H, T_q, T_k), when given,
+    is added to the scores (ALiBi): it goes in one additive float mask with the causal mask, which rules out
+    the flash kernel but keeps the memory-efficient one."""
     T_q, T_k = q.size(-2), k.size(-2)
+    if bias is not None:
+        mask = bias.to(q.dtype).masked_fill(~causal_mask(T_q, T_k, q.device), float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if T_q == T_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     if T_q == 1:   # one new token attends to everything cached before it: no mask needed
@@ -108,24 +186,81 @@ def sdpa_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
                                           dropout_p=dropout_p)
 
 
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes m (H,) (Press et al. 2022, section 3): for H a power of two, the geometric
+    sequence 2^(-8/H), 2^(-16/H), ..., 2^(-8); otherwise the slopes of the nearest smaller power of two n,
+    then every other slope of 2n heads, as in the paper's reference code."""
+    def power_of_two_slopes(n: int) -> list[float]:
+        return [2 ** (-8 * (h + 1) / n) for h in range(n)]
+    n = 2 ** math.floor(math.log2(n_head))
+    slopes = power_of_two_slopes(n) + power_of_two_slopes(2 * n)[0::2][:n_head - n]
+    return torch.tensor(slopes)
+
+
+def alibi_bias(n_head: int, T_q: int, T_k: int, device=None) -> torch.Tensor:
+    """ALiBi's bias (H, T_q, T_k) on the attention scores: -m_h * (i - j) for query position i and key
+    position j (the queries are the last T_q of T_k positions, as in causal_mask). It only ever penalises
+    distance, so no position embedding is needed and the model runs on sequences longer than it saw."""
+    q_pos = torch.arange(T_k - T_q, T_k, device=device)[:, None]
+    k_pos = torch.arange(T_k, device=device)[None, :]
+    distance = (q_pos - k_pos).float()                                   # (T_q, T_k); negative: masked anyway
+    return -alibi_slopes(n_head).to(device)[:, None, None] * distance    # (H, T_q, T_k)
+
+
+def rope_rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoPE, Su et al. 2021, section 3.4): channel pair (2i, 2i+1) of the vector at
+    position p turns by the angle p * base^(-2i/D). Then q . k depends on the positions only through p_q - p_k.
+    x: (B, H, T, D), positions: (T,) -> (B, H, T, D)."""
+    D, dtype = x.size(-1), torch.promote_types(x.dtype, torch.float32)   # angles in fp32 at least
+    frequencies = base ** (-torch.arange(0, D, 2, device=x.device, dtype=dtype) / D)            # (D/2,)
+    angles = positions.to(dtype)[:, None] * frequencies[None, :]                                # (T, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)                                  # (B, H, T, D/2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)            # (B, H, T, D/2, 2)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def scored_attention(q, k, v, dropout_p: float = 0.0, bias: torch.Tensor | None = None, top_k: int = 0,
+                     prev_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """explicit_attention with the variants that need the score matrix. Returns the output (B, H, T_q, D) and
+    the pre-softmax scores (B, H, T_q, T_k) that RealFormer hands to the next block.
+    bias (H, T_q, T_k): added to the scores (ALiBi), and not handed on (each block adds its own);
+    top_k > 0: each query keeps its k largest scores (explicit sparse attention, Zhao et al. 2019);
+    prev_scores: the previous block's scores, added to this block's (RealFormer, He et al. 2020, eq. 3)."""
+    D = q.size(-1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)             # (B, H, T_q, T_k)
+    if prev_scores is not None:
+        scores = scores + prev_scores                             # the residual attention connection
+    att = scores if bias is None else scores + bias
+    att = att.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
+    if top_k > 0 and top_k < k.size(-2):
+        kth_best = torch.topk(att, top_k, dim=-1).values[..., -1:]   # (B, H, T_q, 1)
+        att = att.masked_fill(att < kth_best, float("-inf"))          # ties with the k-th all stay
+    att = F.softmax(att, dim=-1)
+    att = F.dropout(att, dropout_p, training=dropout_p > 0)
+    return att @ v, scores
+
+
 class KVCache:
     """Keys and values of every position seen so far, for each layer, so that generating a token costs one
-    position's worth of compute instead of re-running the whole sequence."""
+    position's worth of compute instead of re-running the whole sequence. capacity: positions it can hold
+    (default block_size; ALiBi models may generate past it)."""
 
-    def __init__(self, config: GPTConfig, batch_size: int):
+    def __init__(self, config: GPTConfig, batch_size: int, capacity: int | None = None):
         self.config, self.batch_size = config, batch_size
-        self.k = self.v = None          # (L, B, H, block_size, D), allocated on first use with k's dtype
+        self.capacity = capacity if capacity is not None else config.block_size
+        self.k = self.v = None          # (L, B, H, capacity, D), allocated on first use with k's dtype
         self.length = 0                 # positions filled, the same in every layer
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, H, T, D) and return all of them so far (B, H, length+T, D)."""
         if self.k is None:
             c = self.config
-            shape = (c.n_layer, self.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+            shape = (c.n_layer, self.batch_size, c.n_head, self.capacity, c.n_embd // c.n_head)
             self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
             self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
         end = self.length + k.size(2)
-        assert end <= self.config.block_size, f"KV cache overflow: {end} > block_size"
+        assert end <= self.capacity, f"KV cache overflow: {end} > {self.capacity} positions"
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -136,24 +271,40 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
+        self.position, self.sparse_topk, self.realformer = config.position, config.sparse_topk, config.realformer
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                prev_scores: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> (B, T, C); with RealFormer, also this block's scores (B, H, T, T_cached + T)."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)                # 3 x (B, T, C)
         q = q.view(B, T, H, D).transpose(1, 2)                  # (B, H, T, D): heads act as a batch dimension
         k = k.view(B, T, H, D).transpose(1, 2)
         v = v.view(B, T, H, D).transpose(1, 2)
+        start = kv_cache.length if kv_cache is not None else 0  # absolute position of the first query
+        if self.position == "rope":                             # rotate before caching: keys keep their angle
+            positions = torch.arange(start, start + T, device=x.device)
+            q, k = rope_rotate(q, positions), rope_rotate(k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                 # (B, H, T_cached + T, D)
         dropout_p = self.dropout if self.training else 0.0
-        attend = sdpa_attention if self.sdpa else explicit_attention
-        y = attend(q, k, v, dropout_p)                          # (B, H, T, D)
+        bias = alibi_bias(H, T, k.size(2), x.device) if self.position == "alibi" else None
+        scores = None
+        if self.sparse_topk or self.realformer:                 # these need the (T, T_k) scores themselves
+            y, scores = scored_attention(q, k, v, dropout_p, bias, self.sparse_topk, prev_scores)
+        elif bias is not None:
+            y = sdpa_attention(q, k, v, dropout_p, bias) if self.sdpa else scored_attention(q, k, v, dropout_p,
+                                                                                            bias)[0]
+        else:
+            attend = sdpa_attention if self.sdpa else explicit_attention
+            y = attend(q, k, v, dropout_p)                      # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)        # heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        y = self.resid_dropout(self.c_proj(y))
+        return (y, scores) if self.realformer else y
 
 
 # --- the transformer block ---
@@ -171,18 +322,43 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block (GPT-2, Radford et al. 2019, section 2.3): x + f(LN(x))."""
+    """Pre-LayerNorm residual block (GPT-2, Radford et al. 2019, section 2.3): x + f(LN(x)).
+
+    ReZero (Bachlechner et al. 2020) drops the LayerNorms and scales each branch by a learnable scalar that
+    starts at 0, x + alpha * f(x), so every block starts as the identity map. Macaron (Lu et al. 2019) wraps
+    attention in two half-step feed-forwards: x + 1/2 FFN, then attention, then x + 1/2 FFN (the paper uses
+    post-LN blocks; ours stay pre-LN like the rest). With RealFormer, forward also takes and returns the
+    attention scores (He et al. 2020)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.rezero, self.macaron, self.realformer = config.rezero, config.macaron, config.realformer
+        def norm() -> nn.Module:
+            return nn.Identity() if config.rezero else nn.LayerNorm(config.n_embd, bias=config.bias)
+        if config.macaron:
+            self.ln_0, self.mlp_0 = norm(), MLP(config)        # the half-step feed-forward before attention
+        self.ln_1 = norm()
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm()
         self.mlp = MLP(config)
+        if config.rezero:   # one scalar per residual branch, 0 at the start
+            self.alpha_attn, self.alpha_mlp = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
+            if config.macaron:
+                self.alpha_mlp_0 = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
-        return x + self.mlp(self.ln_2(x))
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, name: str) -> torch.Tensor:
+        """x + branch, or x + alpha * branch with ReZero (alpha the branch's own scalar)."""
+        return x + getattr(self, f"alpha_{name}") * branch if self.rezero else x + branch
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                prev_scores: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.macaron:
+            x = self.residual(x, 0.5 * self.mlp_0(self.ln_0(x)), "mlp_0")
+        attended = self.attn(self.ln_1(x), kv_cache, layer, prev_scores)
+        y, scores = attended if self.realformer else (attended, None)
+        x = self.residual(x, y, "attn")
+        x = self.residual(x, (0.5 if self.macaron else 1.0) * self.mlp(self.ln_2(x)), "mlp")
+        return (x, scores) if self.realformer else x
 
 
 # --- the loss ---
@@ -242,6 +418,15 @@ def run_block(block: nn.Module, x: torch.Tensor, recompute: bool, *args) -> torc
 
 # --- the GPT ---
 
+def embed(transformer: nn.ModuleDict, idx: torch.Tensor, start: int, config: GPTConfig) -> torch.Tensor:
+    """Token embeddings (B, T, C) of idx (B, T) at positions start.., plus the learned position embedding
+    when the model has one (ALiBi and RoPE add positions inside attention)."""
+    x = transformer.wte(idx)
+    if config.position == "learned":
+        x = x + transformer.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
+    return transformer.drop(x)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -253,6 +438,8 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if config.position != "learned":   # ALiBi and RoPE put positions into attention instead
+            del self.transformer["wpe"]
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2017; GPT-2): the output layer reuses the token embedding matrix.
@@ -280,12 +467,15 @@ class GPT(nn.Module):
         after the cached ones and the cache grows by T."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        assert start + T <= self.config.block_size, \
+        assert start + T <= self.config.block_size or self.config.position == "alibi", \
             f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}"
-        pos = torch.arange(start, start + T, device=idx.device)           # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))   # (B, T, C)
+        x = embed(self.transformer, idx, start, self.config)                  # (B, T, C)
+        recompute, scores = self.config.activation_checkpointing and self.training, None
         for layer, block in enumerate(self.transformer.h):
-            x = run_block(block, x, self.config.activation_checkpointing and self.training, kv_cache, layer)
+            if self.config.realformer:     # the scores travel from block to block
+                x, scores = run_block(block, x, recompute, kv_cache, layer, scores)
+            else:
+                x = run_block(block, x, recompute, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
         return self.transformer.ln_f(x)
@@ -361,16 +551,18 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
     Each step feeds only the newest token through the model: the keys and values of earlier positions
     sit in a KV cache. Once a row emits stop_token it keeps emitting it, and generation ends when every
     row has. When the context fills block_size, the window slides: since position embeddings are
-    absolute, the cache restarts from the last block_size // 2 tokens, re-encoded at positions 0.."""
+    absolute, the cache restarts from the last block_size // 2 tokens, re-encoded at positions 0..
+    ALiBi only penalises distance, so an ALiBi model keeps the whole sequence and runs past block_size."""
     block_size = model.config.block_size
-    window = prompt[:, -block_size:]                         # the tokens the cache holds, (B, <= block_size)
-    cache = KVCache(model.config, prompt.size(0))
+    extrapolates = model.config.position == "alibi"
+    window = prompt if extrapolates else prompt[:, -block_size:]   # the tokens the cache holds, (B, T0')
+    cache = KVCache(model.config, prompt.size(0), window.size(1) + max_new_tokens if extrapolates else None)
     logits = model.lm_head(model.hidden_states(window, cache)[:, -1])       # (B, V)
     finished = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
     for step in range(max_new_tokens):
         if step > 0:
             window = torch.cat([window, token[:, None]], dim=1)
-            if cache.length == block_size:                   # full: slide the window and re-encode
+            if cache.length == block_size and not extrapolates:   # full: slide the window and re-encode
                 window = window[:, -(block_size // 2):]
                 cache = KVCache(model.config, prompt.size(0))
                 logits = model.lm_head(model.hidden_states(window, cache)[:, -1])
@@ -393,7 +585,8 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     the second term is attention's QK^T and AV. N leaves out the position embedding, a lookup with no
     matmul; the tied token embedding stays in, since it is the LM head's matmul (untied, it is a lookup)."""
     C = config.n_embd
-    lookups = config.block_size * C + (0 if config.tie_embeddings else config.vocab_size * C)
+    lookups = (config.block_size * C if config.position == "learned" else 0) + \
+        (0 if config.tie_embeddings else config.vocab_size * C)
     n_matmul_params = n_params - lookups
     L, H, D = config.n_layer, config.n_head, config.n_embd // config.n_head
     return 6 * n_matmul_params + 12 * L * H * D * seq_len
@@ -406,6 +599,11 @@ PEAK_BF16_FLOPS = {
     "A100": 312e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
     "V100": 125e12,   # V100 has no bf16: its fp16 tensor-core peak
 }
+
+# Memory of each GPU above in GiB, for the variant named (the A100 also comes with 40 GB; the V100 16 GB is the
+# card GPT-X trained on, there is a 32 GB one). train.py --dry_run warns when a plan needs more.
+GPU_MEMORY_GIB = {"H100 PCIe": 80, "H100 NVL": 94, "H100": 80, "H200": 141, "A100": 80, "A10": 24, "L40S": 48,
+                  "L4": 24, "V100": 16}
 
 
 def peak_flops(device: str) -> float | None:
@@ -430,15 +628,16 @@ def stage_costs(config: GPTConfig, balance: str) -> tuple[float, float, float]:
     'flops': forward FLOPs per token (a block: 24C^2 for its matmuls + 4TC for attention; the head: 2CV;
              the embedding lookups: nothing);
     'params': parameter counts (DeepSpeed's default; the first stage holds wte and wpe, the last ln_f and
-              the head, a copy of wte when tied);
+              the head, a copy of wte when tied), counted exactly on modules built on the meta device;
     'uniform': block counts only (Colossal-AI's default)."""
     C, T, V = config.n_embd, config.block_size, config.vocab_size
     if balance == "flops":
         return 24 * C * C + 4 * T * C, 0.0, 2 * C * V
     if balance == "params":
-        bias = 13 * C if config.bias else 0
-        layer_norms = 2 * C if config.bias else C
-        return 12 * C * C + bias + 2 * layer_norms, V * C + T * C, layer_norms + V * C
+        with torch.device("meta"):   # shapes only: no memory, no initialisation work
+            block = sum(p.numel() for p in Block(config).parameters())
+            ln_f = sum(p.numel() for p in nn.LayerNorm(C, bias=config.bias).parameters())
+        return block, V * C + (T * C if config.position == "learned" else 0), ln_f + V * C
     if balance == "uniform":
         return 1.0, 0.0, 0.0
     raise ValueError(f"unknown balance {balance!r}")
@@ -513,9 +712,11 @@ class GPTStage(nn.Module):
         super().__init__()
         self.config, self.is_first, self.is_last = config, is_first, is_last
         self.transformer = nn.ModuleDict()
+        assert not config.realformer, "RealFormer passes scores between blocks; pipeline stages do not carry them"
         if is_first:
             self.transformer["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
-            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+            if config.position == "learned":
+                self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
             self.transformer["drop"] = nn.Dropout(config.dropout)
         self.transformer["h"] = nn.ModuleDict({str(i): Block(config) for i in blocks})
         if is_last:
@@ -526,8 +727,7 @@ class GPTStage(nn.Module):
         """First stage: token ids (B, T) in; other stages: hidden states (B, T, C) in. Last stage: logits
         (B, T, V) out; other stages: hidden states (B, T, C) out. The same steps as GPT.hidden_states."""
         if self.is_first:
-            pos = torch.arange(x.size(1), device=x.device)
-            x = self.transformer.drop(self.transformer.wte(x) + self.transformer.wpe(pos))
+            x = embed(self.transformer, x, 0, self.config)
         recompute = self.config.activation_checkpointing and self.training
         for block in self.transformer.h.values():
             x = run_block(block, x, recompute)

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (GPT, SHAPE_FIELDS, GPTConfig, all_ranks_mean, arg, autocast, build_stage, configure_optimizers,
-                   describe_plan, flags_given, flops_per_token, gather_to_rank0, load_checkpoint,
+from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage,
+                   all_ranks_mean, apply_preset, arg, autocast, build_stage, configure_optimizers, describe_plan, flags_given,
+                   flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
                    write_atomically, StopSignals)
@@ -36,6 +37,8 @@ from prepare import sha256_file
 
 @dataclass
 class TrainConfig:
+    preset: str | None = arg(None, "a named model and its published recipe (model.PRESETS); flags given on the "
+                                   "command line win", choices=tuple(PRESETS))
     # data and files
     dataset: str = arg("shakespeare", "name of a dataset prepared by prepare.py under --data_dir")
     data_dir: str = arg("data", "directory holding the prepared datasets")
@@ -93,6 +96,15 @@ class TrainConfig:
                                          "checkpoint was trained on (same tokenizer only)")
     verify_data: bool = arg(True, "check train.bin and val.bin against the sha256 in meta.json before training "
                                   "(reads them once: about 1 s per GB)")
+    # the dry run: plan a run without running it
+    dry_run: bool = arg(False, "build the model on the meta device, print parameters, FLOPs per token, tokens "
+                               "per step, memory per GPU and time per step, then exit (no data, no files, no "
+                               "torchrun)")
+    dry_run_gpu: str = arg("H100", "GPU the dry run plans for (peak FLOP/s and memory from model.py)",
+                           choices=tuple(PEAK_BF16_FLOPS))
+    dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run's time per step assumes")
+    dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp, one "
+                                               "data-parallel replica)")
 
 
 # --- the math: learning rate and batches ---
@@ -124,6 +136,158 @@ def read_batch(bin_path: str, offsets: torch.Tensor, block_size: int) -> tuple[t
     windows = np.stack([data[i:i + block_size + 1] for i in offsets.tolist()]).astype(np.int64)
     windows = torch.from_numpy(windows)                        # (B, T + 1)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+# --- the dry run: plan a run before it starts ---
+#
+# Memory on a GPU while training = weights, gradients and AdamW's two moments (all fp32: 4 + 4 + 8 bytes per
+# parameter), the 16-bit copies of the matmul weights that autocast makes and the matmuls keep for backward
+# (2 bytes per parameter), and the activations autograd saves for backward. The activations are counted from
+# what our code saves, tensor by tensor, as Korthikanti et al. 2022 (section 4.1) do for Megatron's block.
+# Not counted: the CUDA context and kernels' workspaces (~0.5-1 GiB), allocator fragmentation, dropout masks.
+
+GIB = 2 ** 30
+
+
+def block_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int) -> int:
+    """Bytes one block saves for backward on a micro-batch of b sequences of T tokens. act_bytes: 2 under
+    16-bit autocast (matmul inputs and outputs), 4 in fp32; the residual stream and the LayerNorm inputs
+    are fp32 either way. Counted per (b, T, C) tensor in Block's forward."""
+    C, H, a = config.n_embd, config.n_head, act_bytes
+    btc = b * T * C
+    mlp = 9 * a * btc                                   # c_fc input (C), GELU input (4C), c_proj input (4C)
+    norms = 0 if config.rezero else 4 * btc             # each LayerNorm saves its fp32 input
+    rezero = a * btc if config.rezero else 0            # alpha * branch saves the branch
+    total = 2 * norms + 2 * rezero + 2 * a * btc + 3 * a * btc + mlp   # c_attn, c_proj inputs; q, k, v
+    if config.sparse_topk or config.realformer or not config.sdpa:   # the explicit path keeps the T x T weights
+        total += b * H * T * T * (4 + (a if a < 4 else 0) + (1 if config.sparse_topk else 0))   # fp32 softmax,
+    else:                                                            # its 16-bit copy, the top-k mask
+        total += a * btc + (a * H * T * T if config.position == "alibi" else 0)   # SDPA's output; ALiBi's mask
+    if config.position == "rope":
+        total += 2 * a * btc                            # the rotated q and k
+    if config.macaron:
+        total += norms + rezero + mlp                   # the second feed-forward
+    return total
+
+
+def head_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, loss_chunk: int) -> int:
+    """Bytes the final LayerNorm, the LM head and the loss hold at their peak, early in backward. The plain path
+    keeps the fp32 log-probabilities (B, T, V), and log_softmax's backward holds them, their gradient and the
+    logits' gradient at once (12 bytes per logit); the chunked one keeps d loss / d x and a (V, C) fp32 weight
+    gradient, and two (chunk, V) fp32 buffers at a time."""
+    C, V, a = config.n_embd, config.vocab_size, act_bytes
+    btc, btv = b * T * C, b * T * V
+    if loss_chunk > 0:
+        return 4 * btc + 4 * btc + 4 * V * C + 2 * 4 * loss_chunk * V
+    return 4 * btc + a * btc + 12 * btv
+
+
+def microbatches_in_flight(cfg: TrainConfig, pp_rank: int) -> int:
+    """Micro-batches whose activations pipeline rank pp_rank holds at once (in virtual-stage chunks when
+    interleaved): GPipe runs every forward first; 1F1B (Narayanan et al. 2019) starts backward after P - p
+    forwards; interleaved 1F1B warms up with 2(P - p - 1) + (V - 1)P chunks (Narayanan et al. 2021)."""
+    P, n = cfg.pp, cfg.n_microbatches
+    if cfg.pp_schedule == "gpipe":
+        return n
+    if cfg.pp_schedule == "1f1b":
+        return min(n, P - pp_rank)
+    V = cfg.pp_virtual_stages
+    return min(n * V, 2 * (P - pp_rank - 1) + (V - 1) * P + 1)
+
+
+def count_params(module: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, parameters of nn.Linear weights: the ones autocast copies to 16 bits)."""
+    linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    return sum(p.numel() for p in module.parameters()), linear
+
+
+def memory_estimate(cfg: TrainConfig, config: GPTConfig, module: torch.nn.Module, n_blocks: int, holds_last: bool,
+                    micro_batch: int, in_flight: int, act_bytes: int, loss_chunk: int, shards: int,
+                    data_parallel: bool) -> dict[str, float]:
+    """Estimated peak bytes on one GPU, by kind, for a module (the GPT, or one rank's pipeline stages) built on
+    the meta device. shards > 1: FSDP splits weights, gradients and AdamW states, and gathers two blocks at a
+    time (the current and the prefetched next). data_parallel: DDP keeps its gradient buckets beside .grad."""
+    T = config.block_size
+    params, linear = count_params(module)
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    block_params = count_params(blocks[0])[0] if blocks else 0
+    estimate = {"weights": 4 * params / shards + (2 * 4 * block_params if shards > 1 else 0),
+                "gradients": 4 * params / shards * (2 if data_parallel and shards == 1 else 1),
+                "AdamW": 8 * params / shards}
+    per_block = block_activation_bytes(config, micro_batch, T, act_bytes)
+    if config.activation_checkpointing:   # each block keeps its fp32 input; one is rebuilt at a time
+        activations = n_blocks * 4 * micro_batch * T * config.n_embd + per_block
+        copies = linear - (n_blocks - 1) * count_params(blocks[0])[1] if blocks else linear
+    else:
+        activations, copies = n_blocks * per_block, linear
+    activations *= in_flight
+    if holds_last:
+        activations += head_activation_bytes(config, micro_batch, T, act_bytes, loss_chunk) * \
+            (in_flight if cfg.pp_schedule == "gpipe" and cfg.pp > 1 else 1)
+    estimate["16-bit weight copies"] = 2 * copies if act_bytes == 2 else 0
+    estimate["activations"] = activations
+    return estimate
+
+
+def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
+    """The plan of a run, as lines to print: parameters (total and per pipeline stage), FLOPs per token, tokens
+    per optimizer step, estimated memory per GPU and time per step on cfg.dry_run_gpu at cfg.dry_run_mfu.
+    Everything is built on the meta device: shapes without memory, seconds even for 175B parameters."""
+    world_size = cfg.dry_run_world_size or cfg.pp
+    dp_size, T = world_size // cfg.pp, model_cfg.block_size
+    act_bytes = 4 if cfg.dtype == "float32" else 2      # 'auto' on a GPU is bf16 (fp16 on a V100)
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else 0   # the CUDA default
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    n_params = model.num_params()
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dp_size * T
+    flops_token = flops_per_token(model_cfg, n_params, T)
+    gpu = cfg.dry_run_gpu
+    peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
+    layout = (f"pp={cfg.pp} ({cfg.pp_schedule}, {cfg.n_microbatches} micro-batches) x " if cfg.pp > 1 else "") + \
+        f"{dp_size} {'FSDP shard' if cfg.fsdp else 'data-parallel replica'}{'s' if dp_size > 1 else ''}"
+    lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
+             f"TFLOP/s at 16 bits) | {layout} | {'fp32' if act_bytes == 4 else '16-bit autocast'}",
+             f"parameters: {n_params:,} ({n_params / 1e9:.3f}B) | {model_cfg.n_layer} layers, {model_cfg.n_head} "
+             f"heads, {model_cfg.n_embd} channels, context {T}, vocabulary {model_cfg.vocab_size:,}",
+             f"FLOPs per token: {flops_token / 1e9:.2f} GFLOP (forward + backward: 6N + 12LHDT)",
+             f"tokens per optimizer step: {tokens_per_step:,} ({cfg.batch_size} sequences x "
+             f"{cfg.gradient_accumulation_steps} micro-steps x {dp_size} data-parallel x {T} tokens)"]
+    rows, micro_batch = [], cfg.batch_size // cfg.n_microbatches if cfg.pp > 1 else cfg.batch_size
+    if cfg.pp > 1:
+        n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1
+        plan = plan_stages(model_cfg, cfg.pp * n_virtual, cfg.pp_balance)
+        for rank in range(cfg.pp):
+            ids = [rank + v * cfg.pp for v in range(n_virtual)]
+            with torch.device("meta"):
+                stages = torch.nn.ModuleList(GPTStage(model_cfg, plan[i], i == 0, i == len(plan) - 1)
+                                             for i in ids)
+            n_blocks = sum(len(plan[i]) for i in ids)
+            estimate = memory_estimate(cfg, model_cfg, stages, n_blocks // n_virtual, len(plan) - 1 in ids,
+                                       micro_batch, microbatches_in_flight(cfg, rank), act_bytes, loss_chunk, 1,
+                                       dp_size > 1)
+            blocks = ", ".join(f"{plan[i].start}-{plan[i].stop - 1}" if plan[i] else "none" for i in ids)
+            rows.append((f"stage {rank} (blocks {blocks})", count_params(stages)[0], estimate))
+    else:
+        shards = dp_size if cfg.fsdp else 1
+        estimate = memory_estimate(cfg, model_cfg, model, model_cfg.n_layer, True, cfg.batch_size, 1, act_bytes,
+                                   loss_chunk, shards, dp_size > 1 and not cfg.fsdp)
+        rows.append(("each GPU" + (f" (1/{shards} of the weights)" if shards > 1 else ""), n_params, estimate))
+    lines.append(f"memory per GPU in GiB (micro-batches of {micro_batch} x {T} tokens):")
+    too_big = []
+    for name, params, estimate in rows:
+        total = sum(estimate.values()) / GIB
+        parts = " + ".join(f"{kind} {value / GIB:.2f}" for kind, value in estimate.items() if value)
+        lines.append(f"  {name}: {params:,} params | {parts} = {total:.2f} GiB")
+        if total > memory:
+            too_big.append(f"{name} ({total:.1f} GiB)")
+    seconds = flops_token * tokens_per_step / (world_size * peak * cfg.dry_run_mfu)
+    lines.append(f"time per step: {seconds:.2f} s at {cfg.dry_run_mfu:.0%} MFU on {world_size} x {gpu} "
+                 f"({tokens_per_step / seconds:,.0f} tokens/s)")
+    if too_big:
+        lines.append(f"warning: does not fit a {memory} GiB {gpu}: {', '.join(too_big)}; try a smaller "
+                     f"--batch_size, --activation_checkpointing, more --pp stages or --fsdp")
+    return lines
 
 
 # --- side effects: data files, checkpoints, logs ---
@@ -183,6 +347,7 @@ def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
 
 def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path: str) -> None:
     """Flags on the command line that change the shape of a checkpoint's weights are refused, all at once."""
+    saved = {**dataclasses.asdict(GPTConfig()), **saved}   # a field newer than the checkpoint: its default
     differ = [f"{name} (checkpoint {saved[name]}, flag {getattr(model_cfg, name)})" for name in SHAPE_FIELDS
               if name in given and saved[name] != getattr(model_cfg, name)]
     if differ:
@@ -283,8 +448,21 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
     if cfg.resume_from and cfg.init_from != "resume":
         sys.exit(f"error: --resume_from={cfg.resume_from} needs --init_from=resume")
+    if model_cfg.sparse_topk < 0:
+        sys.exit(f"error: --sparse_topk={model_cfg.sparse_topk} must be >= 0 (0 keeps every score)")
+    if model_cfg.realformer and cfg.pp > 1:
+        sys.exit("error: --realformer passes attention scores from block to block, which pipeline stages do not "
+                 "carry; drop --pp or --realformer")
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
+    if cfg.dry_run:
+        world_size = cfg.dry_run_world_size or cfg.pp
+        if not 0 < cfg.dry_run_mfu <= 1:
+            sys.exit(f"error: --dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]")
+        if world_size < 1 or world_size % cfg.pp:
+            sys.exit(f"error: --dry_run_world_size={world_size} must be a positive multiple of --pp={cfg.pp}")
+        if cfg.fsdp and world_size == 1:
+            sys.exit("error: --dry_run with --fsdp needs --dry_run_world_size=N, the GPUs to shard across")
     if cfg.fsdp and cfg.dtype == "float16":
         sys.exit("error: --dtype=float16 needs a gradient scaler, which --fsdp does not support here; "
                  "use --dtype=bfloat16 or float32")
@@ -497,7 +675,11 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
+    model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, flags_given(argv))
     check_config(cfg, model_cfg)
+    if cfg.dry_run:                        # before any process group, data file or out_dir
+        print("\n".join(dry_run_report(cfg, model_cfg)))
+        return
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
     stop = StopSignals()
     try:
