@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import (GPT, GPT2_SIZES, GPTConfig, KVCache, causal_mask, configure_optimizers, explicit_attention,
                    flops_per_token, generate, sample_next_token, sdpa_attention)
@@ -120,6 +121,28 @@ def test_top_p_sampling_frequencies_follow_renormalised_probabilities():
     tokens = sample_next_token(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
     share_of_1 = (tokens == 1).float().mean().item()
     assert abs(share_of_1 - 0.5 / 0.8) < 0.02
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.7, None, 1.0), (1.3, 4, 1.0),
+                                                      (0.8, 6, 0.9), (1.0, None, 0.6)])
+def test_sampling_frequencies_match_the_filtered_softmax(temperature, top_k, top_p):
+    """The sampler draws among the top-k candidates by inverting their CDF; the reference here is the
+    textbook recipe over the whole vocabulary: mask the filtered logits to -inf, then softmax."""
+    logits = torch.randn(1, 10, generator=torch.Generator().manual_seed(1)) * 2
+    scaled = logits[0] / temperature
+    allowed = torch.ones(10, dtype=torch.bool)
+    order = scaled.argsort(descending=True)
+    if top_k is not None:
+        allowed[order[top_k:]] = False
+    probs = F.softmax(scaled.masked_fill(~allowed, float("-inf")), dim=-1)
+    mass_before = probs[order].cumsum(0) - probs[order]
+    allowed[order[mass_before >= top_p]] = False
+    expected = F.softmax(scaled.masked_fill(~allowed, float("-inf")), dim=-1)
+    tokens = sample_next_token(logits.expand(50_000, 10), temperature, top_k, top_p,
+                               torch.Generator().manual_seed(0))
+    observed = torch.bincount(tokens, minlength=10).double() / 50_000
+    assert observed[~allowed].sum() == 0                                    # filtered tokens never come
+    assert (observed - expected).abs().sum() / 2 < 0.01                     # total variation distance
 
 
 @pytest.mark.parametrize("name,expected", [
