@@ -175,6 +175,7 @@ def bench_sample(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
     torch.manual_seed(train_cfg.seed)
     model = GPT(dataclasses.replace(model_cfg, dropout=0.0)).to(device).eval()
     dtype = pick_dtype(train_cfg.dtype, device)
+    compile_steps = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
     figures = []
     for batch_size in [int(b) for b in cfg.sample_batch_sizes.split(",")]:
         rates, early_ms, late_ms = [], [], []
@@ -183,7 +184,8 @@ def bench_sample(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
             generator = torch.Generator(device=device).manual_seed(repeat)
             stamps = [time.perf_counter()]
             with autocast(device, dtype):
-                for token in generate(model, prompt, cfg.sample_tokens, 0.8, 200, 1.0, None, generator):
+                for token in generate(model, prompt, cfg.sample_tokens, 0.8, 200, 1.0, None, generator,
+                                      compile=compile_steps):
                     token.cpu()                           # wait for the step, as a streaming caller does
                     stamps.append(time.perf_counter())
             if repeat == 0:

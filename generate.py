@@ -40,6 +40,8 @@ class GenerateConfig:
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool | None = arg(None, "torch.compile each sampling step (default: on for CUDA, where it fuses "
+                                     "the step's many small kernels; off elsewhere, where it does not pay)")
 
 
 def check_config(cfg: GenerateConfig) -> None:
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # (1, T0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stop_token = EOT_TOKEN if cfg.stop_at_eot else None
+    compile_steps = cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
     new_tokens, seconds = 0, 0.0
     for sample in range(cfg.num_samples):
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         with autocast(device, dtype):
             for token in generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                  stop_token, generator):
+                                  stop_token, generator, vocab_limit=tokenizer.n_vocab, compile=compile_steps):
                 token_id = token.item()
                 new_tokens += 1
                 if token_id == EOT_TOKEN:

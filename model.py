@@ -11,6 +11,7 @@ Shapes use one alphabet throughout the project:
 import argparse
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -542,11 +543,28 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return best_ids.gather(-1, sample_from(probs, generator)[:, None]).squeeze(1)
 
 
+def next_token_logits(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits (B, V) of the token after idx (B, T), which follow the positions already in cache."""
+    return model.lm_head(model.hidden_states(idx, cache)[:, -1])
+
+
+@functools.cache
+def compiled_next_token_logits():
+    """next_token_logits through torch.compile, the cache length a dynamic size: compiled for the prompt and
+    once for all later steps. On a GPU, where a step of a small model is mostly kernel-launch overhead,
+    fusing its elementwise work pays; on a CPU it does not (README, "Performance"). Built on first use:
+    creating it imports the compiler (seconds)."""
+    return torch.compile(next_token_logits, dynamic=True)
+
+
 @torch.no_grad()
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, stop_token: int | None = None,
-             generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+             generator: torch.Generator | None = None, vocab_limit: int | None = None,
+             compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield new token ids (B,) one step at a time after prompt (B, T0), so callers can stream them.
+    vocab_limit: sample only ids below it (a vocabulary padded for speed, e.g. to 50,304, has rows that no
+    token maps to); compile: run each step through torch.compile.
 
     Each step feeds only the newest token through the model: the keys and values of earlier positions
     sit in a KV cache. Once a row emits stop_token it keeps emitting it, and generation ends when every
@@ -557,7 +575,8 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
     extrapolates = model.config.position == "alibi"
     window = prompt if extrapolates else prompt[:, -block_size:]   # the tokens the cache holds, (B, T0')
     cache = KVCache(model.config, prompt.size(0), window.size(1) + max_new_tokens if extrapolates else None)
-    logits = model.lm_head(model.hidden_states(window, cache)[:, -1])       # (B, V)
+    logits_after = compiled_next_token_logits() if compile else next_token_logits
+    logits = logits_after(model, window, cache)                              # (B, V)
     finished = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)
     for step in range(max_new_tokens):
         if step > 0:
@@ -565,10 +584,10 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
             if cache.length == block_size and not extrapolates:   # full: slide the window and re-encode
                 window = window[:, -(block_size // 2):]
                 cache = KVCache(model.config, prompt.size(0))
-                logits = model.lm_head(model.hidden_states(window, cache)[:, -1])
+                logits = logits_after(model, window, cache)
             else:
-                logits = model.lm_head(model.hidden_states(token[:, None], cache)[:, -1])
-        token = sample_next_token(logits, temperature, top_k, top_p, generator)
+                logits = logits_after(model, token[:, None], cache)
+        token = sample_next_token(logits[:, :vocab_limit], temperature, top_k, top_p, generator)
         if stop_token is not None:
             token = token.masked_fill(finished, stop_token)
             finished |= token == stop_token

@@ -246,3 +246,23 @@ def test_chunked_loss_with_a_frozen_head_matches_plain_path():
     for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_vocab_limit_keeps_padded_ids_out_of_samples():
+    """A vocabulary padded for speed (nanoGPT's 50,304) has ids no tokenizer maps to: never sample them."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64)).eval()
+    prompt = torch.zeros((200, 1), dtype=torch.long)
+    tokens = torch.stack(list(generate(model, prompt, 6, temperature=2.0, vocab_limit=10,
+                                       generator=torch.Generator().manual_seed(0))))
+    assert tokens.max() < 10 and len(tokens.unique()) == 10          # every allowed id shows up, no other
+
+
+@pytest.mark.slow
+def test_compiled_sampling_steps_give_the_same_tokens():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64)).eval()
+    prompt = torch.randint(64, (2, 3))
+    eager = [t.tolist() for t in generate(model, prompt, 10, temperature=0)]
+    compiled = [t.tolist() for t in generate(model, prompt, 10, temperature=0, compile=True)]
+    assert compiled == eager
