@@ -1,6 +1,7 @@
 """Measure this machine: training speed and memory, sampling speed, and data-preparation throughput.
 
     python bench.py                                  # nanoGPT's comparison config on the current device
+    python bench.py --preset=gpt2 --gradient_accumulation_steps=1 --batch_size=16 --vocab_size=50304  # on a GPU
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --parts=train,sample
     python bench.py --parts=soak --soak_steps=2000 --n_layer=2 --n_embd=64 --block_size=64
     python bench.py --parts=stages,pipeline --pp=2 --n_layer=8       # pipeline stages against the cost model
@@ -8,8 +9,8 @@
 Every measurement runs --repeats times and is reported as the median with its spread: one JSON line per
 figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so
 the figures are what a user gets (peak memory is that process's whole RSS, or torch's peak allocation on
-a GPU). Every TrainConfig and GPTConfig flag of train.py passes through to those runs; without model flags
-the model is the one nanoGPT was measured with on a 2-core CPU (README, "Performance").
+a GPU). Every TrainConfig and GPTConfig flag of train.py passes through to those runs (--preset too);
+without model flags the model is the one nanoGPT was measured with on a 2-core CPU (README, "Performance").
 """
 import dataclasses
 import json
@@ -27,8 +28,8 @@ import torch
 
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, arg, autocast, build_stage, flags_given, flops_per_token, generate, parse_args,
-                   peak_flops, pick_device, pick_dtype, plan_stages, stage_costs)
+from model import (GPT, GPTConfig, apply_preset, arg, autocast, build_stage, flags_given, flops_per_token, generate,
+                   parse_args, peak_flops, pick_device, pick_dtype, plan_stages, stage_costs)
 from train import TrainConfig, draw_windows, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +40,7 @@ COMPARISON_CONFIG = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_
                          gradient_accumulation_steps=1, dropout=0.0, bias=False)
 # The flags bench.py sets itself on its training runs (the bench flags in brackets control them).
 RUN_FLAGS = ("data_dir", "dataset", "out_dir", "init_from", "max_iters", "eval_interval", "eval_iters",
-             "log_interval", "eval_only")
+             "log_interval", "eval_only", "dry_run", "resume_from")
 
 
 @dataclass
@@ -312,7 +313,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"or --soak_steps")
     if cfg.repeats < 1 or cfg.train_steps < 1 or cfg.sample_tokens < 2 or cfg.soak_steps < 1:
         sys.exit("error: --repeats, --train_steps and --soak_steps must be >= 1, --sample_tokens >= 2")
-    defaults = {k: v for k, v in COMPARISON_CONFIG.items() if k not in given}
+    # A preset names the model (flags still win); without one, nanoGPT's comparison config is the default.
+    model_cfg, train_cfg = apply_preset(train_cfg.preset, model_cfg, train_cfg, given)
+    defaults = {} if train_cfg.preset else {k: v for k, v in COMPARISON_CONFIG.items() if k not in given}
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in defaults.items() if hasattr(train_cfg, k)})
     model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in defaults.items() if hasattr(model_cfg, k)})
     run_fields = {f.name for c in (TrainConfig, GPTConfig) for f in dataclasses.fields(c)} & (given | set(defaults))
