@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, configure_optimizers, flags_given,
                    flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
                    model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, save_checkpoint,
-                   save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals)
+                   save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps,
+                   append_log)
 from prepare import sha256_file, shakespeare_paths
 from train import format_step_line, get_lr, optimizer_step, restore_rng_states, rng_states
 
@@ -80,6 +81,8 @@ class FinetuneConfig:
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0 disables clipping)")
+    max_bad_steps: int = arg(5, "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                "(each such step is skipped, and logged)")
     # system
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
@@ -482,7 +485,8 @@ def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> G
 def check_config(cfg: FinetuneConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                "batch_size": 1, "gradient_accumulation_steps": 1, "lora_rank": 1, "loss_chunk": 0}
+                "batch_size": 1, "gradient_accumulation_steps": 1, "lora_rank": 1, "loss_chunk": 0,
+                "max_bad_steps": 1}
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
@@ -640,6 +644,8 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             }, state_path)
 
     step_time, timer_start, steps_timed, tokens_timed, stop_signal = None, time.perf_counter(), 0, 0, None
+    bad_steps = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled())
+    nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_STEPS", "").split(",") if s}   # tests only
     for step in range(start_step, cfg.max_iters + 1):
         # Evaluate and save before taking the step, so the state at step s resumes with step s.
         # A SIGTERM or Ctrl-C on any process since the last step: all save the state here and stop.
@@ -651,9 +657,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             best_val_loss = min(best_val_loss, losses["val"])
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
-                                           "val_loss": losses["val"]}) + "\n")
-                log_file.flush()
+                append_log(log_file, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
             save_state(step)
             if is_master:
                 save_adapter(model, cfg, base, step, losses["val"], adapter_path)
@@ -678,7 +682,15 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             dist.all_reduce(step_tokens)
         loss = accumulate_gradients(train_model, micro_batches, scaler, device, dtype, loss_chunk,
                                     int(step_tokens.item()), world_size)
-        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        if step in nan_steps:   # test hook: a loss gone non-finite, its gradients with it (see train.py)
+            loss = loss * float("nan")
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(float("nan"))
+        # A non-finite loss or gradient norm on any process: every process skips this update (the adapters and
+        # AdamW's moments stay as they were).
+        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, lambda norm: bad_steps.check(loss, norm))
+        bad_steps.count(step + 1, log_file if is_master else None, state_path)
         tokens_timed += sum(len(splits["train"][i][0]) - 1 for i in indices)   # real tokens, padding left out
 
         steps_timed += 1
@@ -693,10 +705,9 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             if is_master:
                 print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                                        round(tokens_per_step), flops_per_step, peak), flush=True)
-                log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
-                                           "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
-                                           "tokens_per_s": tokens_per_step / step_time}) + "\n")
-                log_file.flush()
+                append_log(log_file, {"step": step + 1, "loss": loss_value, "lr": lr,
+                                      "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
+                                      "tokens_per_s": tokens_per_step / step_time})
     if stop_signal and step < cfg.max_iters:
         if is_master:
             log_file.close()

@@ -1179,3 +1179,55 @@ def trim_log(path: str, step: int) -> None:
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line if line.endswith(b"\n") else line + b"\n")
     write_atomically(path, lambda f: f.write(b"".join(kept)))
+
+
+def append_log(log_file: typing.TextIO, record: dict) -> None:
+    """Append record to the run log (a JSON-lines file opened for appending) as one line, and flush it, so
+    the log on disk is current if the process dies. A full disk or a size limit stops with one line, as in
+    write_atomically: the checkpoints are written apart from the log and stay as they were; a torn last line
+    is dropped by trim_log when the run resumes."""
+    try:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    except OSError as e:
+        try:
+            log_file.close()   # flushes again, fails again, but closes: nothing is retried at exit
+        except OSError:
+            pass
+        sys.exit(f"error: cannot write {log_file.name} ({e.strerror or e}); the last checkpoint is untouched. "
+                 f"Free disk space or make {os.path.dirname(os.path.abspath(log_file.name))} writable, then "
+                 f"resume with --init_from=resume")
+
+
+class BadSteps:
+    """Optimizer steps skipped in a row because the loss or the gradient norm was not finite on some process.
+    One NaN would otherwise spread into every weight through AdamW's moments; a skipped step leaves weights and
+    moments as they were, so the last checkpoint stays good. With fp16, overflowing gradients are the gradient
+    scaler's business: it skips those steps itself and lowers its scale (Micikevicius et al. 2018)."""
+
+    def __init__(self, max_in_a_row: int, stop: StopSignals, scaler_enabled: bool):
+        self.max_in_a_row, self.stop, self.scaler_enabled = max_in_a_row, stop, scaler_enabled
+        self.in_a_row, self.is_good = 0, True
+
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """True, on every process, if this step may update the weights: its loss (a scalar) and its gradient
+        norm are finite on all of them (the norm need not be, under a gradient scaler)."""
+        is_finite = bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | self.scaler_enabled))
+        self.is_good = not self.stop.any_rank(not is_finite)
+        return self.is_good
+
+    def count(self, step: int, log_file: typing.TextIO | None, checkpoint: str) -> None:
+        """After step `step` (counted from 1, as logged), if check() refused it: print and log the skip
+        (log_file is None on the processes that write no log), and stop with one line after max_in_a_row
+        skips in a row, naming the checkpoint that holds the last good weights."""
+        self.in_a_row = 0 if self.is_good else self.in_a_row + 1
+        if not self.in_a_row:
+            return
+        print0(f"step {step}: skipped: non-finite loss or gradient norm ({self.in_a_row} in a row)", flush=True)
+        if log_file is not None:
+            append_log(log_file, {"step": step, "skipped": "non-finite loss or gradient norm"})
+        if self.in_a_row >= self.max_in_a_row:
+            is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+            sys.exit(f"error: {self.in_a_row} steps in a row had a non-finite loss or gradient norm (the last: step "
+                     f"{step}); stopped. Skipped steps change no weights, so {checkpoint} holds the last good "
+                     f"ones: resume with a lower --learning_rate, or look for bad data" if is_rank0 else 1)

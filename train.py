@@ -31,7 +31,7 @@ from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, 
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
-                   write_atomically, StopSignals)
+                   write_atomically, StopSignals, BadSteps, append_log)
 from prepare import sha256_file
 
 
@@ -836,7 +836,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             raise failure or SystemExit(1)
 
     step_time, timer_start, steps_timed, stop_signal = None, time.perf_counter(), 0, None
-    bad_steps = 0   # steps skipped in a row for a non-finite loss or gradient norm
+    bad_steps = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled())
     nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_STEPS", "").split(",") if s}   # tests only
     for step in range(start_step, cfg.max_iters + 1):
         # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
@@ -850,9 +850,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             best_val_loss = min(best_val_loss, losses["val"])
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_file.write(json.dumps({"step": step, "tokens": step * tokens_per_step,
-                                           "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
-                log_file.flush()
+                append_log(log_file, {"step": step, "tokens": step * tokens_per_step,
+                                      "train_loss": losses["train"], "val_loss": losses["val"]})
             save(step, is_best)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
         elif stop_signal and not (is_resumed_start and not cfg.resume_from):   # else ckpt.pt holds this step
@@ -893,28 +892,13 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         # A non-finite loss or gradient norm on any process: every process skips this update (the weights and
-        # AdamW's moments stay as they were). With fp16, overflowing gradients are the scaler's business:
-        # it skips those steps itself and lowers its scale.
-        verdicts = []   # is_good's answer, for the log below
-
-        def is_good(norm: torch.Tensor) -> bool:
-            is_finite = bool(torch.isfinite(loss_sum) & (torch.isfinite(norm) | scaler.is_enabled()))
-            verdicts.append(not stop.any_rank(not is_finite))
-            return verdicts[-1]
+        # AdamW's moments stay as they were).
+        is_good = lambda norm: bad_steps.check(loss_sum, norm)   # noqa: E731
         if pipe is None:
             grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, is_good)
         else:
             grad_norm = pipeline_optimizer_step(pipe, named_params, optimizer, cfg.grad_clip, is_good)
-        bad_steps = 0 if verdicts[0] else bad_steps + 1
-        if bad_steps:
-            print0(f"step {step + 1}: skipped: non-finite loss or gradient norm ({bad_steps} in a row)", flush=True)
-            if is_master:
-                log_file.write(json.dumps({"step": step + 1, "skipped": "non-finite loss or gradient norm"}) + "\n")
-                log_file.flush()
-            if bad_steps >= cfg.max_bad_steps:
-                sys.exit(f"error: {bad_steps} steps in a row had a non-finite loss or gradient norm (the last: step "
-                         f"{step + 1}); stopped. Skipped steps change no weights, so {ckpt_path} holds the last good "
-                         f"ones: resume with a lower --learning_rate, or look for bad data" if is_master else 1)
+        bad_steps.count(step + 1, log_file if is_master else None, ckpt_path)
 
         steps_timed += 1
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
@@ -927,13 +911,11 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             if is_master:
                 print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                                        tokens_per_step, flops_per_step, peak), flush=True)
-                log_file.write(json.dumps({"step": step + 1, "tokens": (step + 1) * tokens_per_step,
-                                           "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                                           "ms_per_step": 1000 * step_time,
-                                           "tokens_per_s": tokens_per_step / step_time,
-                                           "mfu": flops_per_step / step_time / peak if peak else None})
-                               + "\n")
-                log_file.flush()
+                append_log(log_file, {"step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                                      "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+                                      "ms_per_step": 1000 * step_time,
+                                      "tokens_per_s": tokens_per_step / step_time,
+                                      "mfu": flops_per_step / step_time / peak if peak else None})
     if is_master:
         log_file.close()
     if dist.is_initialized():

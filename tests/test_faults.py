@@ -306,6 +306,55 @@ def test_full_tmpfs_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_d
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
+def fill_log_to(out_dir: str, n_bytes: int) -> None:
+    """Grow metrics.jsonl to n_bytes with a line of step 0 (which a resume keeps): a nearly full disk."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    padding = n_bytes - os.path.getsize(path) - len('{"step": 0, "padding": ""}\n')
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 0, "padding": "x" * padding}) + "\n")
+    assert os.path.getsize(path) == n_bytes
+
+
+@pytest.mark.parametrize("script", ["train.py", "finetune_lora.py"])
+def test_full_disk_while_logging_stops_with_one_line_and_keeps_the_checkpoint(script, tiny_data_dir, tmp_path):
+    """A run resumed with its log a few bytes short of the file-size limit (which its checkpoints stay well
+    under): the first step's log line does not fit, and the run stops with one line naming metrics.jsonl,
+    instead of a traceback. The checkpoint is byte for byte the one before, and once there is room again the
+    run resumes: the torn line is dropped and every step is logged once."""
+    out_dir = str(tmp_path / "run")
+    if script == "train.py":
+        args = flags(tiny_data_dir, out_dir, "--eval_interval=4")
+        checkpoint = os.path.join(out_dir, "ckpt.pt")
+    else:
+        from test_lora import RECORDS, write_base
+        (tmp_path / "records.json").write_text(json.dumps(RECORDS))
+        args = [f"--data={tmp_path / 'records.json'}", f"--out_dir={out_dir}", "--batch_size=4", "--eval_iters=1",
+                "--eval_interval=4", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=40"]
+        args_first = [f"--init_from={write_base(tmp_path / 'base', seed=0)}"]
+        checkpoint = os.path.join(out_dir, "state.pt")
+
+    def run_script(*extra: str, limit: int | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, env=ENV,
+                              preexec_fn=limit_file_size(limit) if limit else None)
+    first = run_script("--max_iters=4", *(args_first if script == "finetune_lora.py" else []))
+    assert first.returncode == 0, first.stderr[-3000:]
+    with open(checkpoint, "rb") as f:
+        saved = f.read()
+    limit = 2 * max(os.path.getsize(os.path.join(out_dir, name)) for name in os.listdir(out_dir))
+    fill_log_to(out_dir, limit - 40)   # the resumed run's first line (step 5, ~150 bytes) does not fit
+    log = os.path.join(out_dir, "metrics.jsonl")
+    result = run_script("--max_iters=8", "--init_from=resume", limit=limit)
+    assert_one_line_error(result, f"cannot write {log} (File too large)", "the last checkpoint is untouched",
+                          "--init_from=resume")
+    with open(checkpoint, "rb") as f:
+        assert f.read() == saved
+    assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
+    assert run_script("--max_iters=6", "--init_from=resume").returncode == 0
+    steps = [r["step"] for r in logged_steps(out_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 # --- non-finite losses ---
 
 def test_a_non_finite_step_is_skipped_and_logged(tiny_data_dir, tmp_path, monkeypatch, capsys):
@@ -338,6 +387,60 @@ def test_non_finite_steps_in_a_row_stop_with_one_line(tiny_data_dir, tmp_path, m
     step2, step4 = (load_checkpoint(os.path.join(out_dir, f"ckpt-00000{s}.pt")) for s in (2, 4))
     for name, tensor in step2["model"].items():
         assert torch.isfinite(tensor).all() and torch.equal(step4["model"][name], tensor), name
+
+
+def finetune_nan_args(tmp_path, out_dir: str, *extra: str) -> list[str]:
+    from test_lora import RECORDS, finetune_flags, write_base
+    records = tmp_path / "records.json"
+    if not records.exists():
+        records.write_text(json.dumps(RECORDS))
+        write_base(tmp_path / "base", seed=0)
+    return finetune_flags(str(tmp_path / "base"), str(records), out_dir, "--lr_decay_iters=40", *extra)
+
+
+def test_a_non_finite_finetuning_step_is_skipped_and_logged(tmp_path, monkeypatch, capsys):
+    """finetune_lora.py, with the test hook making step 3's loss and gradients NaN: the step is skipped and
+    logged, the adapter and AdamW's state after it equal those of a run stopped before it (an independent
+    run of 3 steps), and training goes on from there."""
+    import finetune_lora
+    before, after = str(tmp_path / "before"), str(tmp_path / "after")
+    finetune_lora.main(finetune_nan_args(tmp_path, before, "--max_iters=3", "--eval_interval=3"))
+    monkeypatch.setenv("GPT_TEST_NAN_STEPS", "3")
+    finetune_lora.main(finetune_nan_args(tmp_path, after, "--max_iters=4", "--eval_interval=4"))
+    assert "step 4: skipped: non-finite loss or gradient norm (1 in a row)" in capsys.readouterr().out
+    assert [r["step"] for r in logged_steps(after) if "skipped" in r] == [4]
+    a, b = (load_checkpoint(os.path.join(d, "state.pt")) for d in (before, after))
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for name, tensor in a["tensors"].items():
+        assert torch.equal(b["tensors"][name], tensor), name
+    for key, state in a["optimizer"]["state"].items():
+        for field, value in state.items():
+            assert torch.equal(b["optimizer"]["state"][key][field], value), (key, field)
+    adapter_before, adapter_after = (finetune_lora.load_adapter(os.path.join(d, "adapter.pt"))["tensors"]
+                                     for d in (before, after))
+    assert all(torch.equal(adapter_after[name], t) for name, t in adapter_before.items())
+    finetune_lora.main([f"--out_dir={after}", "--init_from=resume", "--max_iters=6"])
+    later = finetune_lora.load_adapter(os.path.join(after, "adapter.pt"))["tensors"]
+    assert not all(torch.equal(later[name], t) for name, t in adapter_before.items())
+    assert all(math.isfinite(t.abs().sum()) for t in later.values())
+
+
+def test_non_finite_finetuning_steps_in_a_row_stop_with_one_line(tmp_path, monkeypatch):
+    """Every fine-tuning step after the first goes non-finite: after --max_bad_steps=2 the run stops with one
+    line naming the state it can resume from, which holds the (finite) adapter of the one good step."""
+    import finetune_lora
+    out_dir = str(tmp_path / "run")
+    monkeypatch.setenv("GPT_TEST_NAN_STEPS", ",".join(str(s) for s in range(1, 10)))
+    with pytest.raises(SystemExit) as stop:
+        finetune_lora.main(finetune_nan_args(tmp_path, out_dir, "--max_iters=20", "--eval_interval=2",
+                                             "--max_bad_steps=2"))
+    message = str(stop.value.code)
+    assert message.startswith("error: 2 steps in a row had a non-finite loss") and "\n" not in message, message
+    assert "(the last: step 3)" in message and os.path.join(out_dir, "state.pt") in message, message
+    assert [r["step"] for r in logged_steps(out_dir) if "skipped" in r] == [2, 3]
+    state = load_checkpoint(os.path.join(out_dir, "state.pt"))
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["tensors"].values())
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_data_dir, tmp_path):
