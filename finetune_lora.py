@@ -45,8 +45,9 @@ LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 @dataclass
 class FinetuneConfig:
     # data and files
-    init_from: str = arg("out", "directory holding the base checkpoint (ckpt.pt), or resume to continue the "
-                                "fine-tuning run in --out_dir exactly")
+    init_from: str = arg("out", "directory holding the base checkpoint (ckpt.pt), GPT-2's weights (gpt2, "
+                                "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory), or resume to "
+                                "continue the fine-tuning run in --out_dir exactly")
     data: str = arg("", "instruction records: a .json (list) or .jsonl file, a Hugging Face dataset id, or "
                         "shakespeare ('Who speaks this line?' records built from the plays, offline)")
     out_dir: str = arg("out-lora", "directory for adapter.pt, the resumable state (state.pt), metrics.jsonl and, "
@@ -551,6 +552,14 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         if existing:
             sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
                      f"--out_dir (nothing is overwritten)")
+        from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
+        if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
+            base_path = os.path.join(cfg.out_dir, "base.pt")
+            if is_master:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                save_hf_as_checkpoint(cfg.init_from, base_path)
+            if dist.is_initialized():
+                dist.barrier()
     records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
     # The base's own dropout is off: only the adapters' dropout regularizes fine-tuning.
     model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)

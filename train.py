@@ -35,8 +35,8 @@ class TrainConfig:
     dataset: str = arg("shakespeare", "name of a dataset prepared by prepare.py under --data_dir")
     data_dir: str = arg("data", "directory holding the prepared datasets")
     out_dir: str = arg("out", "directory for the checkpoint (ckpt.pt) and the training log (metrics.jsonl)")
-    init_from: str = arg("scratch", "start from random weights, or resume the run in --out_dir exactly",
-                         choices=("scratch", "resume"))
+    init_from: str = arg("scratch", "scratch (random weights), resume (the run in --out_dir, exactly), or GPT-2's "
+                                    "weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
     # schedule of the run
     max_iters: int = arg(600, "optimizer steps in the whole run")
     eval_interval: int = arg(100, "evaluate train/val loss and save a checkpoint every this many steps")
@@ -240,6 +240,11 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
     if not 0 <= model_cfg.dropout < 1:
         sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
+    if cfg.init_from not in ("scratch", "resume"):
+        from hf_gpt2 import is_hf_source
+        if not is_hf_source(cfg.init_from):
+            sys.exit(f"error: --init_from={cfg.init_from} is not scratch, resume, gpt2, gpt2-medium, gpt2-large, "
+                     f"gpt2-xl or a directory holding a Hugging Face config.json")
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
     if cfg.fsdp and cfg.dtype == "float16":
@@ -449,6 +454,11 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     elif os.path.exists(ckpt_path) and not cfg.eval_only:
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
                  f"(nothing is overwritten)")
+    initial_weights = None
+    if cfg.init_from not in ("scratch", "resume"):   # GPT-2's weights, through hf_gpt2.py
+        from hf_gpt2 import init_from_hf
+        pretrained = init_from_hf(cfg.init_from, model_cfg, given)
+        model_cfg, initial_weights = pretrained.config, pretrained.state_dict()
     meta, paths = load_data_meta(cfg, model_cfg.block_size)
     if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
         sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
@@ -459,6 +469,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     model = GPT(model_cfg)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    elif initial_weights is not None:
+        model.load_state_dict(initial_weights)
     n_params = model.num_params()
     pipe, aliases = None, {}
     if cfg.pp > 1:
