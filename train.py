@@ -7,6 +7,7 @@
 Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them with their defaults).
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -43,6 +44,9 @@ class TrainConfig:
     eval_iters: int = arg(20, "batches per split in each evaluation")
     eval_only: bool = arg(False, "evaluate the checkpoint (or the initial weights) once and exit")
     log_interval: int = arg(10, "print a progress line every this many steps")
+    wandb_project: str = arg("", "also stream the metrics to this Weights & Biases project (needs wandb)")
+    wandb_run_name: str = arg("", "name of the Weights & Biases run (default: wandb picks one)")
+    tensorboard: bool = arg(False, "also stream the metrics to TensorBoard event files in out_dir/tensorboard")
     # batch
     batch_size: int = arg(16, "sequences per micro-batch")
     gradient_accumulation_steps: int = arg(1, "micro-batches whose gradients are summed per optimizer step")
@@ -224,6 +228,48 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     return grad_norm
 
 
+def check_metric_streams(cfg) -> None:
+    """Stop with one line when --wandb_project or --tensorboard is given but its package is missing."""
+    for flag, package in (("wandb_project", "wandb"), ("tensorboard", "tensorboard")):
+        if getattr(cfg, flag) and importlib.util.find_spec(package) is None:
+            sys.exit(f"error: --{flag} needs the package {package}; `pip install {package}` "
+                     f"(or `pip install -r requirements-extra.txt`)")
+
+
+def open_metric_streams(cfg, run_config: dict) -> dict:
+    """The live copies of metrics.jsonl the flags ask for: a Weights & Biases run (WANDB_MODE=offline keeps
+    it on disk, under out_dir/wandb) and/or a TensorBoard writer (`tensorboard --logdir out_dir/tensorboard`)."""
+    streams = {}
+    if cfg.wandb_project:
+        import wandb
+        streams["wandb"] = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                      config=run_config, dir=cfg.out_dir)
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        streams["tensorboard"] = SummaryWriter(log_dir=os.path.join(cfg.out_dir, "tensorboard"))
+    return streams
+
+
+def log_metrics(log_file, streams: dict, record: dict) -> None:
+    """Append one record to metrics.jsonl and send its numbers to the live streams, against its step."""
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    numbers = {name: value for name, value in record.items()
+               if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if "wandb" in streams:
+        streams["wandb"].log(numbers, step=record["step"])
+    if "tensorboard" in streams:
+        for name, value in numbers.items():
+            streams["tensorboard"].add_scalar(name, value, record["step"])
+
+
+def close_metric_streams(streams: dict) -> None:
+    if "wandb" in streams:
+        streams["wandb"].finish()
+    if "tensorboard" in streams:
+        streams["tensorboard"].close()
+
+
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
@@ -245,6 +291,7 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         if not is_hf_source(cfg.init_from):
             sys.exit(f"error: --init_from={cfg.init_from} is not scratch, resume, gpt2, gpt2-medium, gpt2-large, "
                      f"gpt2-xl or a directory holding a Hugging Face config.json")
+    check_metric_streams(cfg)
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
     if cfg.fsdp and cfg.dtype == "float16":
@@ -548,6 +595,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+        streams = open_metric_streams(cfg, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)})
 
     step_time, timer_start, steps_timed = None, time.perf_counter(), 0
     for step in range(start_step, cfg.max_iters + 1):
@@ -562,9 +610,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                                                            cfg.fsdp)
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_file.write(json.dumps({"step": step, "tokens": step * tokens_per_step,
-                                           "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
-                log_file.flush()
+                log_metrics(log_file, streams, {"step": step, "tokens": step * tokens_per_step,
+                                                "train_loss": losses["train"], "val_loss": losses["val"]})
                 save_checkpoint({
                     "model": weights, "optimizer": optimizer_state,
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
@@ -621,15 +668,14 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             if is_master:
                 print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                                        tokens_per_step, flops_per_step, peak), flush=True)
-                log_file.write(json.dumps({"step": step + 1, "tokens": (step + 1) * tokens_per_step,
-                                           "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                                           "ms_per_step": 1000 * step_time,
-                                           "tokens_per_s": tokens_per_step / step_time,
-                                           "mfu": flops_per_step / step_time / peak if peak else None})
-                               + "\n")
-                log_file.flush()
+                log_metrics(log_file, streams, {"step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                                                "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+                                                "ms_per_step": 1000 * step_time,
+                                                "tokens_per_s": tokens_per_step / step_time,
+                                                "mfu": flops_per_step / step_time / peak if peak else None})
     if is_master:
         log_file.close()
+        close_metric_streams(streams)
     if dist.is_initialized():
         dist.barrier()   # leave together: a process that tears down while others still work can abort them
     print0(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
