@@ -35,7 +35,8 @@ from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, configure_opti
                    model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, save_checkpoint,
                    setup_distributed, teardown_distributed, write_atomically)
 from prepare import sha256_file, shakespeare_paths
-from train import format_step_line, get_lr, optimizer_step, restore_rng_states, rng_states
+from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
+                   open_metric_streams, optimizer_step, restore_rng_states, rng_states)
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names). The LM head is left
 # out: it shares its weight with the token embedding, and the chunked loss reads that weight directly.
@@ -68,6 +69,9 @@ class FinetuneConfig:
     eval_interval: int = arg(50, "evaluate train/val loss and save the adapter every this many steps")
     eval_iters: int = arg(20, "batches per split in each evaluation (at most the whole split)")
     log_interval: int = arg(10, "print a progress line every this many steps")
+    wandb_project: str = arg("", "also stream the metrics to this Weights & Biases project (needs wandb)")
+    wandb_run_name: str = arg("", "name of the Weights & Biases run (default: wandb picks one)")
+    tensorboard: bool = arg(False, "also stream the metrics to TensorBoard event files in out_dir/tensorboard")
     # batch
     batch_size: int = arg(16, "records per micro-batch, padded to the longest")
     gradient_accumulation_steps: int = arg(1, "micro-batches whose gradients are summed per optimizer step")
@@ -500,6 +504,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
+    check_metric_streams(cfg)
     if cfg.init_from != "resume" and not cfg.data:
         sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
                  "id, or shakespeare")
@@ -633,6 +638,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+        streams = open_metric_streams(cfg, dataclasses.asdict(cfg))
 
     step_time, timer_start, steps_timed, tokens_timed = None, time.perf_counter(), 0, 0
     for step in range(start_step, cfg.max_iters + 1):
@@ -645,9 +651,8 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             rngs = gather_to_rank0(rng_states(data_generator))
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_file.write(json.dumps({"step": step, "train_loss": losses["train"],
-                                           "val_loss": losses["val"]}) + "\n")
-                log_file.flush()
+                log_metrics(log_file, streams, {"step": step, "train_loss": losses["train"],
+                                                "val_loss": losses["val"]})
                 # The state first: it alone is what a resumed run reads, adapter tensors included.
                 save_checkpoint({
                     "tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(),
@@ -689,13 +694,13 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             if is_master:
                 print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                                        round(tokens_per_step), flops_per_step, peak), flush=True)
-                log_file.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
-                                           "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
-                                           "tokens_per_s": tokens_per_step / step_time}) + "\n")
-                log_file.flush()
+                log_metrics(log_file, streams, {"step": step + 1, "loss": loss_value, "lr": lr,
+                                                "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
+                                                "tokens_per_s": tokens_per_step / step_time})
     if not is_master:
         return
     log_file.close()
+    close_metric_streams(streams)
     base_size, adapter_size = os.path.getsize(base_path), os.path.getsize(adapter_path)
     print(f"done: best val loss {best_val_loss:.4f}; adapter {adapter_path}: {adapter_size / 2**20:.2f} MiB, "
           f"{100 * adapter_size / base_size:.2f}% of the base checkpoint's {base_size / 2**20:.1f} MiB"

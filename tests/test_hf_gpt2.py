@@ -33,7 +33,7 @@ def random_gpt(seed: int = 0, **fields) -> GPT:
 def hf_dir(tmp_path_factory) -> str:
     """A random transformers GPT-2 saved with save_pretrained, as a downloaded model would be."""
     torch.manual_seed(1)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=24, vocab_size=50257)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)
     hf_model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():
         for p in hf_model.parameters():
@@ -160,3 +160,21 @@ def test_init_from_a_bad_source_is_one_line(tmp_path):
     result = run_script("train.py", f"--init_from={tmp_path}")
     assert result.returncode != 0 and "Hugging Face config.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_finetune_lora_from_hf_directory_saves_the_base_its_adapter_names(hf_dir, tmp_path):
+    """finetune_lora.py --init_from=<HF dir>: the GPT-2 weights become out_dir/base.pt, a checkpoint of ours
+    that the adapter names (path and sha256), so generate.py --lora finds its base."""
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": f"Say {w}.", "output": w} for w in
+                                   ("yes", "no", "maybe", "never", "always", "soon", "later", "now")]))
+    out = tmp_path / "lora"
+    result = run_script("finetune_lora.py", f"--init_from={hf_dir}", f"--data={records}", f"--out_dir={out}",
+                        "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=2",
+                        "--val_fraction=0.25")
+    assert result.returncode == 0, result.stderr
+    base = load_checkpoint(str(out / "base.pt"))
+    reference = load_hf_gpt2(hf_dir).state_dict()
+    assert all(torch.equal(base["model"][name], reference[name]) for name in reference)
+    adapter = torch.load(out / "adapter.pt", weights_only=True)
+    assert adapter["base"]["path"] == str(out / "base.pt")
