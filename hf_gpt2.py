@@ -15,6 +15,7 @@ Needs the optional packages safetensors (both ways) and huggingface_hub (Hub nam
 requirements-extra.txt.
 """
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -51,7 +52,7 @@ HF_FIXED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),   # both a
 def _need(module: str, purpose: str):
     """Import an optional package, or stop with one line saying how to install it."""
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ModuleNotFoundError:
         sys.exit(f"error: {purpose} needs the package {module.split('.')[0]}; "
                  f"`pip install -r requirements-extra.txt`")

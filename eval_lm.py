@@ -1,13 +1,14 @@
 """Evaluate a checkpoint: lm-evaluation-harness tasks, or perplexity on a token file or a text file.
 
-    python evaluate.py --out_dir=out --tasks=hellaswag,lambada_openai,arc_easy --limit=200
-    python evaluate.py --init_from=gpt2 --tasks=hellaswag                       # OpenAI's GPT-2 124M
-    python evaluate.py --tasks=my_task --include_path=my_tasks/                # a task of your own (YAML)
-    python evaluate.py --out_dir=out --perplexity=data/shakespeare/val.bin      # or any .txt file
+    python eval_lm.py --out_dir=out --tasks=hellaswag,lambada_openai,arc_easy --limit=200
+    python eval_lm.py --init_from=gpt2 --tasks=hellaswag                       # OpenAI's GPT-2 124M
+    python eval_lm.py --tasks=my_task --include_path=my_tasks/                # a task of your own (YAML)
+    python eval_lm.py --out_dir=out --perplexity=data/shakespeare/val.bin      # or any .txt file
 
 Tasks run through the harness's Python API (EleutherAI's lm-evaluation-harness, `pip install lm-eval`) with
 GPTAdapter, our model behind the harness's LM interface: it scores batches of (context, continuation)
-pairs with our GPT directly. The results go to a JSON file and a short table on stdout.
+pairs with our GPT directly. The results go to a JSON file and a short table on stdout. (The file is not
+called evaluate.py: it would shadow Hugging Face's `evaluate` package, which some harness tasks import.)
 """
 import codecs
 import json

@@ -1,4 +1,4 @@
-"""evaluate.py: lm-evaluation-harness end to end on a local task, and perplexity, both against log-likelihoods
+"""eval_lm.py: lm-evaluation-harness end to end on a local task, and perplexity, both against log-likelihoods
 computed here directly from the model's full logits."""
 import dataclasses
 import json
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_script
-from evaluate import make_adapter_class, rolling_windows, score_continuations
+from eval_lm import make_adapter_class, rolling_windows, score_continuations
 from model import GPT, GPTConfig, get_tokenizer, save_checkpoint
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -82,7 +82,7 @@ def test_rolling_windows_predict_every_token_once():
 @pytest.mark.slow
 def test_local_task_accuracy_equals_hand_computation(checkpoint_dir, tmp_path):
     """A multiple-choice task in the harness's local-dataset format (dataset_path: json, data_files) runs end
-    to end through evaluate.py; acc and acc_norm equal the argmax over log-likelihoods computed here."""
+    to end through eval_lm.py; acc and acc_norm equal the argmax over log-likelihoods computed here."""
     pytest.importorskip("lm_eval")
     model, out = checkpoint_dir
     tasks = tmp_path / "tasks"
@@ -105,7 +105,7 @@ def test_local_task_accuracy_equals_hand_computation(checkpoint_dir, tmp_path):
         "  - metric: acc\n"
         "  - metric: acc_norm\n", encoding="utf-8")
     output = tmp_path / "results.json"
-    result = run_script("evaluate.py", f"--out_dir={out}", "--tasks=tiny_choice", f"--include_path={tasks}",
+    result = run_script("eval_lm.py", f"--out_dir={out}", "--tasks=tiny_choice", f"--include_path={tasks}",
                         f"--output={output}", "--batch_size=3",
                         env={**OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_perplexity_of_a_token_file_equals_direct_computation(checkpoint_dir, tm
     model, out = checkpoint_dir
     tokens = np.random.default_rng(1).integers(0, 50257, 70).astype(np.uint16)
     tokens.tofile(tmp_path / "val.bin")
-    result = run_script("evaluate.py", f"--out_dir={out}", f"--perplexity={tmp_path / 'val.bin'}",
+    result = run_script("eval_lm.py", f"--out_dir={out}", f"--perplexity={tmp_path / 'val.bin'}",
                         f"--output={tmp_path / 'ppl.json'}")
     assert result.returncode == 0, result.stderr
     measured = json.loads((tmp_path / "ppl.json").read_text())
