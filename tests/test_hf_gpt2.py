@@ -178,3 +178,19 @@ def test_finetune_lora_from_hf_directory_saves_the_base_its_adapter_names(hf_dir
     assert all(torch.equal(base["model"][name], reference[name]) for name in reference)
     adapter = torch.load(out / "adapter.pt", weights_only=True)
     assert adapter["base"]["path"] == str(out / "base.pt")
+
+
+def test_generate_from_hf_directory_is_transformers_greedy_decoding(hf_dir):
+    prompt = "Hello, world"
+    ids = get_tokenizer().encode(prompt)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        greedy = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                   pad_token_id=50256)[0, len(ids):].tolist()
+    if 50256 in greedy:                      # generate.py ends a sample at <|endoftext|>
+        greedy = greedy[:greedy.index(50256)]
+    expected = get_tokenizer().decode(greedy)
+    result = run_script("generate.py", f"--init_from={hf_dir}", f"--prompt={prompt}", "--temperature=0",
+                        "--max_new_tokens=8", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == prompt + expected + "\n"
