@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
               f"perplexity {math.exp(nll):.2f}")
     else:
+        evaluated = run_tasks(cfg, model, device, dtype)     # stops with one line if lm_eval is missing
         from lm_eval.utils import handle_non_serializable, make_table
-        evaluated = run_tasks(cfg, model, device, dtype)
         results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
         results = json.loads(json.dumps(results, default=handle_non_serializable))
         print(make_table(evaluated))

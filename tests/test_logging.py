@@ -38,7 +38,6 @@ def test_tensorboard_event_file_holds_the_metrics_jsonl_numbers(tiny_data_dir, t
     assert [step for step, _ in ((e.step, e.value) for e in events.Scalars("val_loss"))] == [0, 10, 20]
 
 
-@pytest.mark.slow
 def test_wandb_offline_run_records_the_metrics(tiny_data_dir, tmp_path):
     """WANDB_MODE=offline writes the run to out_dir/wandb/offline-run-*/run-*.wandb (protobuf records whose
     values are JSON text; wandb ships no reader for it, so the test looks for the names and values)."""
