@@ -33,10 +33,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, configure_optimizers, flags_given,
                    flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
                    model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, save_checkpoint,
-                   save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps,
-                   append_log)
+                   save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps)
 from prepare import sha256_file, shakespeare_paths
-from train import format_step_line, get_lr, optimizer_step, restore_rng_states, rng_states
+from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
+                   open_metric_streams, optimizer_step, restore_rng_states, rng_states)
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names). The LM head is left
 # out: it shares its weight with the token embedding, and the chunked loss reads that weight directly.
@@ -46,8 +46,9 @@ LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 @dataclass
 class FinetuneConfig:
     # data and files
-    init_from: str = arg("out", "directory holding the base checkpoint (ckpt.pt), or resume to continue the "
-                                "fine-tuning run in --out_dir exactly")
+    init_from: str = arg("out", "directory holding the base checkpoint (ckpt.pt), GPT-2's weights (gpt2, "
+                                "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory), or resume to "
+                                "continue the fine-tuning run in --out_dir exactly")
     data: str = arg("", "instruction records: a .json (list) or .jsonl file, a Hugging Face dataset id, or "
                         "shakespeare ('Who speaks this line?' records built from the plays, offline)")
     out_dir: str = arg("out-lora", "directory for adapter.pt, the resumable state (state.pt), metrics.jsonl and, "
@@ -68,6 +69,9 @@ class FinetuneConfig:
     eval_interval: int = arg(50, "evaluate train/val loss and save the adapter every this many steps")
     eval_iters: int = arg(20, "batches per split in each evaluation (at most the whole split)")
     log_interval: int = arg(10, "print a progress line every this many steps")
+    wandb_project: str = arg("", "also stream the metrics to this Weights & Biases project (needs wandb)")
+    wandb_run_name: str = arg("", "name of the Weights & Biases run (default: wandb picks one)")
+    tensorboard: bool = arg(False, "also stream the metrics to TensorBoard event files in out_dir/tensorboard")
     # batch
     batch_size: int = arg(16, "records per micro-batch, padded to the longest")
     gradient_accumulation_steps: int = arg(1, "micro-batches whose gradients are summed per optimizer step")
@@ -502,6 +506,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
+    check_metric_streams(cfg)
     if cfg.init_from != "resume" and not cfg.data:
         sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
                  "id, or shakespeare")
@@ -556,6 +561,14 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         if existing:
             sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
                      f"--out_dir (nothing is overwritten)")
+        from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
+        if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
+            base_path = os.path.join(cfg.out_dir, "base.pt")
+            if is_master:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                save_hf_as_checkpoint(cfg.init_from, base_path)
+            if dist.is_initialized():
+                dist.barrier()
     records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
     # The base's own dropout is off: only the adapters' dropout regularizes fine-tuning.
     model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
@@ -632,6 +645,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         # process that logged them; they are about to be redone, and each step is logged once.
         trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+        streams = open_metric_streams(cfg, dataclasses.asdict(cfg))
 
     def save_state(step: int) -> None:
         """Save the resumable state before step `step` (every process takes part)."""
@@ -657,7 +671,8 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             best_val_loss = min(best_val_loss, losses["val"])
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                append_log(log_file, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+                log_metrics(log_file, streams, {"step": step, "train_loss": losses["train"],
+                                                "val_loss": losses["val"]})
             save_state(step)
             if is_master:
                 save_adapter(model, cfg, base, step, losses["val"], adapter_path)
@@ -705,18 +720,20 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             if is_master:
                 print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                                        round(tokens_per_step), flops_per_step, peak), flush=True)
-                append_log(log_file, {"step": step + 1, "loss": loss_value, "lr": lr,
-                                      "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
-                                      "tokens_per_s": tokens_per_step / step_time})
+                log_metrics(log_file, streams, {"step": step + 1, "loss": loss_value, "lr": lr,
+                                                "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
+                                                "tokens_per_s": tokens_per_step / step_time})
     if stop_signal and step < cfg.max_iters:
         if is_master:
             log_file.close()
+            close_metric_streams(streams)
         print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with "
                f"`python finetune_lora.py --init_from=resume --out_dir={cfg.out_dir}`", flush=True)
         sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
     if not is_master:
         return
     log_file.close()
+    close_metric_streams(streams)
     base_size, adapter_size = os.path.getsize(base_path), os.path.getsize(adapter_path)
     print(f"done: best val loss {best_val_loss:.4f}; adapter {adapter_path}: {adapter_size / 2**20:.2f} MiB, "
           f"{100 * adapter_size / base_size:.2f}% of the base checkpoint's {base_size / 2**20:.1f} MiB"

@@ -28,6 +28,8 @@ class GenerateConfig:
     instruction: str = arg("", "an instruction instead of a prompt: the prompt becomes finetune_lora.py's "
                                "template around it, and the sample is the response")
     input: str = arg("", "context for --instruction (the template's Input section)")
+    init_from: str = arg("", "sample GPT-2's weights instead of --out_dir's checkpoint: gpt2, gpt2-medium, "
+                             "gpt2-large, gpt2-xl or a Hugging Face directory")
     lora: str = arg("", "adapter file written by finetune_lora.py, applied to its base: the checkpoint it "
                         "records, or --out_dir's if that flag is given")
     num_samples: int = arg(1, "number of samples, one after the other")
@@ -55,6 +57,13 @@ def check_config(cfg: GenerateConfig) -> None:
         sys.exit(f"error: --top_p={cfg.top_p} must be in (0, 1]")
     if cfg.instruction and (cfg.prompt or cfg.prompt_file):
         sys.exit("error: give either --instruction (with --input) or --prompt/--prompt_file, not both")
+    if cfg.init_from and cfg.lora:
+        sys.exit("error: an adapter carries its own base; give --lora or --init_from, not both")
+    if cfg.init_from:
+        from hf_gpt2 import is_hf_source
+        if not is_hf_source(cfg.init_from):
+            sys.exit(f"error: --init_from={cfg.init_from} is not gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+                     f"directory holding a Hugging Face config.json")
     if cfg.input and not cfg.instruction:
         sys.exit("error: --input is the context of an instruction; give --instruction too")
 
@@ -82,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         # The adapter on its base, then folded in: sampling then costs what the base model costs.
         base_path = ckpt_path if "out_dir" in flags_given(argv) else None
         model = merge_lora(load_base_with_adapter(cfg.lora, base_path))
+    elif cfg.init_from:
+        from hf_gpt2 import load_hf_gpt2
+        model = load_hf_gpt2(cfg.init_from)
     else:
         model = model_from_checkpoint(load_checkpoint(ckpt_path), dropout=0.0)
     model.to(device).eval()

@@ -7,6 +7,7 @@
 Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them with their defaults).
 """
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -43,14 +44,17 @@ class TrainConfig:
     dataset: str = arg("shakespeare", "name of a dataset prepared by prepare.py under --data_dir")
     data_dir: str = arg("data", "directory holding the prepared datasets")
     out_dir: str = arg("out", "directory for the checkpoint (ckpt.pt) and the training log (metrics.jsonl)")
-    init_from: str = arg("scratch", "start from random weights, or resume the run in --out_dir exactly",
-                         choices=("scratch", "resume"))
+    init_from: str = arg("scratch", "scratch (random weights), resume (the run in --out_dir, exactly), or GPT-2's "
+                                    "weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
     # schedule of the run
     max_iters: int = arg(600, "optimizer steps in the whole run")
     eval_interval: int = arg(100, "evaluate train/val loss and save a checkpoint every this many steps")
     eval_iters: int = arg(20, "batches per split in each evaluation")
     eval_only: bool = arg(False, "evaluate the checkpoint (or the initial weights) once and exit")
     log_interval: int = arg(10, "print a progress line every this many steps")
+    wandb_project: str = arg("", "also stream the metrics to this Weights & Biases project (needs wandb)")
+    wandb_run_name: str = arg("", "name of the Weights & Biases run (default: wandb picks one)")
+    tensorboard: bool = arg(False, "also stream the metrics to TensorBoard event files in out_dir/tensorboard")
     # batch
     batch_size: int = arg(16, "sequences per micro-batch")
     gradient_accumulation_steps: int = arg(1, "micro-batches whose gradients are summed per optimizer step")
@@ -429,6 +433,47 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     return grad_norm
 
 
+def check_metric_streams(cfg) -> None:
+    """Stop with one line when --wandb_project or --tensorboard is given but its package is missing."""
+    for flag, package in (("wandb_project", "wandb"), ("tensorboard", "tensorboard")):
+        if getattr(cfg, flag) and importlib.util.find_spec(package) is None:
+            sys.exit(f"error: --{flag} needs the package {package}; `pip install {package}` "
+                     f"(or `pip install -r requirements-extra.txt`)")
+
+
+def open_metric_streams(cfg, run_config: dict) -> dict:
+    """The live copies of metrics.jsonl the flags ask for: a Weights & Biases run (WANDB_MODE=offline keeps
+    it on disk, under out_dir/wandb) and/or a TensorBoard writer (`tensorboard --logdir out_dir/tensorboard`)."""
+    streams = {}
+    if cfg.wandb_project:
+        import wandb
+        streams["wandb"] = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                      config=run_config, dir=cfg.out_dir)
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        streams["tensorboard"] = SummaryWriter(log_dir=os.path.join(cfg.out_dir, "tensorboard"))
+    return streams
+
+
+def log_metrics(log_file, streams: dict, record: dict) -> None:
+    """Append one record to metrics.jsonl and send its numbers to the live streams, against its step."""
+    append_log(log_file, record)
+    numbers = {name: value for name, value in record.items()
+               if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if "wandb" in streams:
+        streams["wandb"].log(numbers, step=record["step"])
+    if "tensorboard" in streams:
+        for name, value in numbers.items():
+            streams["tensorboard"].add_scalar(name, value, record["step"])
+
+
+def close_metric_streams(streams: dict) -> None:
+    if "wandb" in streams:
+        streams["wandb"].finish()
+    if "tensorboard" in streams:
+        streams["tensorboard"].close()
+
+
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
@@ -453,6 +498,12 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     if model_cfg.realformer and cfg.pp > 1:
         sys.exit("error: --realformer passes attention scores from block to block, which pipeline stages do not "
                  "carry; drop --pp or --realformer")
+    if cfg.init_from not in ("scratch", "resume"):
+        from hf_gpt2 import is_hf_source
+        if not is_hf_source(cfg.init_from):
+            sys.exit(f"error: --init_from={cfg.init_from} is not scratch, resume, gpt2, gpt2-medium, gpt2-large, "
+                     f"gpt2-xl or a directory holding a Hugging Face config.json")
+    check_metric_streams(cfg)
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
     if cfg.dry_run:
@@ -716,6 +767,11 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     elif os.path.exists(ckpt_path) and not cfg.eval_only:
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
                  f"(nothing is overwritten)")
+    initial_weights = None
+    if cfg.init_from not in ("scratch", "resume"):   # GPT-2's weights, through hf_gpt2.py
+        from hf_gpt2 import init_from_hf
+        pretrained = init_from_hf(cfg.init_from, model_cfg, given)
+        model_cfg, initial_weights = pretrained.config, pretrained.state_dict()
     meta, paths = load_data_meta(cfg, model_cfg.block_size)
     if checkpoint is not None:
         check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
@@ -729,6 +785,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     model = GPT(model_cfg)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+    elif initial_weights is not None:
+        model.load_state_dict(initial_weights)
     n_params = model.num_params()
     pipe, aliases = None, {}
     if cfg.pp > 1:
@@ -812,6 +870,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             if re.fullmatch(r"(ckpt.*\.pt|metrics\.jsonl)\.tmp", name):
                 os.remove(os.path.join(cfg.out_dir, name))
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+        streams = open_metric_streams(cfg, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)})
 
     def save(step: int, is_best: bool) -> None:
         """Checkpoint the whole training state before step `step` (every process takes part)."""
@@ -850,8 +909,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             best_val_loss = min(best_val_loss, losses["val"])
             if is_master:
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                append_log(log_file, {"step": step, "tokens": step * tokens_per_step,
-                                      "train_loss": losses["train"], "val_loss": losses["val"]})
+                log_metrics(log_file, streams, {"step": step, "tokens": step * tokens_per_step,
+                                                "train_loss": losses["train"], "val_loss": losses["val"]})
             save(step, is_best)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
         elif stop_signal and not (is_resumed_start and not cfg.resume_from):   # else ckpt.pt holds this step
@@ -911,13 +970,14 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
             if is_master:
                 print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                                        tokens_per_step, flops_per_step, peak), flush=True)
-                append_log(log_file, {"step": step + 1, "tokens": (step + 1) * tokens_per_step,
-                                      "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                                      "ms_per_step": 1000 * step_time,
-                                      "tokens_per_s": tokens_per_step / step_time,
-                                      "mfu": flops_per_step / step_time / peak if peak else None})
+                log_metrics(log_file, streams, {"step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                                                "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+                                                "ms_per_step": 1000 * step_time,
+                                                "tokens_per_s": tokens_per_step / step_time,
+                                                "mfu": flops_per_step / step_time / peak if peak else None})
     if is_master:
         log_file.close()
+        close_metric_streams(streams)
     if dist.is_initialized():
         dist.barrier()   # leave together: a process that tears down while others still work can abort them
     if stop_signal and step < cfg.max_iters:

@@ -3,8 +3,11 @@ import dataclasses
 import os
 import re
 
+import eval_lm
 import finetune_lora
 import generate
+import hf_gpt2
+import plot
 import prepare
 import train
 from conftest import ROOT
@@ -23,7 +26,7 @@ def test_readme_flag_tables_match_the_dataclasses():
     documented = set(re.findall(r"^\| `--(\w+)` \|", README, flags=re.MULTILINE))
     expected = set()
     for config in (prepare.PrepareConfig, train.TrainConfig, GPTConfig, generate.GenerateConfig,
-                   finetune_lora.FinetuneConfig):
+                   finetune_lora.FinetuneConfig, hf_gpt2.ExportConfig, eval_lm.EvalConfig, plot.PlotConfig):
         for f in dataclasses.fields(config):
             assert table_row(f) in README, f"README row for {config.__name__}.{f.name} is out of date"
             expected.add(f.name)

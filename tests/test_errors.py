@@ -38,7 +38,7 @@ def test_unknown_flag_suggests_the_close_match():
 @pytest.mark.parametrize("flag,fragment", [
     ("--batch_size=abc", "--batch_size: invalid int value: 'abc'"),
     ("--compile=maybe", "--compile"),
-    ("--init_from=gpt5", "--init_from: invalid choice"),
+    ("--init_from=gpt5", "--init_from=gpt5 is not scratch, resume, gpt2"),
     ("--batch_size=0", "--batch_size=0 must be >= 1"),
     ("--n_head=3", "divisible by --n_head=3"),
     ("--device=tpu", "--device=tpu is not a device"),

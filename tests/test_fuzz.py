@@ -1,7 +1,6 @@
 """Damaged files never load as wrong numbers: truncated and bit-flipped checkpoints, adapters, meta.json and
 .bin files end in one clean line or in a load equal to the undamaged file; pickled code is refused; a resume
 on other data or another tokenizer is refused."""
-import dataclasses
 import hashlib
 import json
 import os

@@ -1,0 +1,263 @@
+"""Evaluate a checkpoint: lm-evaluation-harness tasks, or perplexity on a token file or a text file.
+
+    python eval_lm.py --out_dir=out --tasks=hellaswag,lambada_openai,arc_easy --limit=200
+    python eval_lm.py --init_from=gpt2 --tasks=hellaswag                       # OpenAI's GPT-2 124M
+    python eval_lm.py --tasks=my_task --include_path=my_tasks/                # a task of your own (YAML)
+    python eval_lm.py --out_dir=out --perplexity=data/shakespeare/val.bin      # or any .txt file
+
+Tasks run through the harness's Python API (EleutherAI's lm-evaluation-harness, `pip install lm-eval`) with
+GPTAdapter, our model behind the harness's LM interface: it scores batches of (context, continuation)
+pairs with our GPT directly. The results go to a JSON file and a short table on stdout. (The file is not
+called evaluate.py: it would shadow Hugging Face's `evaluate` package, which some harness tasks import.)
+"""
+import codecs
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import (EOT_TOKEN, GPT, arg, autocast, generate, get_tokenizer, load_checkpoint, model_from_checkpoint,
+                   parse_args, pick_device, pick_dtype, write_atomically)
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = arg("out", "directory holding the checkpoint (ckpt.pt) to evaluate")
+    init_from: str = arg("", "evaluate GPT-2's weights instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+                             "Hugging Face directory (one hf_gpt2.py exported, too)")
+    tasks: str = arg("", "comma-separated lm-evaluation-harness tasks, e.g. hellaswag,lambada_openai,arc_easy")
+    num_fewshot: int | None = arg(None, "solved examples put before each question (None: the task's default)")
+    limit: int | None = arg(None, "evaluate only the first N examples of each task (None: all)")
+    include_path: str = arg("", "directory of extra task YAML files for the harness (tasks of your own)")
+    perplexity: str = arg("", "instead of tasks: the perplexity on a token file prepare.py wrote (.bin) or on "
+                              "a text file")
+    batch_size: int = arg(16, "sequences per forward pass")
+    output: str = arg("", "JSON file for the results (default: eval.json in --out_dir, or in the current "
+                          "directory with --init_from)")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+
+
+# --- the math: log-likelihoods of continuations, and of long token streams ---
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, the way the harness splits them (TemplateLM._encode_pair):
+    spaces at the end of the context move to the continuation, and the whole text is encoded at once, so the
+    continuation's first token is the one the model would write (' Paris', not ' ' then 'Paris'). An empty
+    context becomes <|endoftext|>, the token every document starts after."""
+    if not context:
+        return [EOT_TOKEN], tokenizer.encode(continuation, allowed_special="all")
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation, allowed_special="all")
+    n_context = len(tokenizer.encode(context, allowed_special="all"))
+    return whole[:n_context], whole[n_context:]
+
+
+@torch.no_grad()
+def score_continuations(model: GPT, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): (log p(continuation | context), True if greedy decoding
+    would write the continuation), all pairs in one right-padded batch. A sequence longer than the context
+    window keeps its last block_size + 1 tokens (and a continuation longer than that, its last block_size
+    tokens). Only the continuation's positions go through the LM head,
+    so a batch never holds (B, T, V) logits. Reference: log_softmax(model(ids)) summed at those positions."""
+    block_size = model.config.block_size
+    rows = [(context + continuation)[-(block_size + 1):] for context, continuation in pairs]
+    T = max(len(row) for row in rows) - 1
+    device = model.transformer.wte.weight.device
+    idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)          # (B, T); padding on the right
+    for i, row in enumerate(rows):
+        idx[i, :len(row) - 1] = torch.tensor(row[:-1])
+    hidden = model.hidden_states(idx)                                        # (B, T, C)
+    results = []
+    for i, (row, (_, continuation)) in enumerate(zip(rows, pairs)):
+        n = min(len(continuation), len(row) - 1)
+        positions = torch.arange(len(row) - 1 - n, len(row) - 1, device=device)   # predict the continuation
+        logits = model.lm_head(hidden[i, positions]).float()                  # (n, V)
+        log_probs = F.log_softmax(logits, dim=-1)
+        targets = torch.tensor(continuation[-n:], device=device)
+        results.append((log_probs.gather(1, targets[:, None]).sum().item(),
+                        bool((logits.argmax(dim=-1) == targets).all())))
+    return results
+
+
+def rolling_windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
+    """(start, end) slices of a token stream that predict every token but the first exactly once: window
+    tokens[start:end] feeds end - start - 1 <= block_size inputs and predicts tokens[start + 1:end].
+    Windows overlap by one token, so each starts with the context of its first prediction."""
+    return [(start, min(start + block_size + 1, n_tokens)) for start in range(0, n_tokens - 1, block_size)]
+
+
+@torch.no_grad()
+def stream_log_likelihood(model: GPT, tokens: np.ndarray, batch_size: int) -> float:
+    """Sum of log p(token | the tokens before it in its window) over tokens[1:], window by window
+    (rolling_windows). With tokens = [<|endoftext|>] + a document, this is the document's log-likelihood,
+    the harness's loglikelihood_rolling."""
+    windows = rolling_windows(len(tokens), model.config.block_size)
+    total = 0.0
+    for first in range(0, len(windows), batch_size):
+        pairs = [(tokens[start:start + 1].tolist(), tokens[start + 1:end].tolist())
+                 for start, end in windows[first:first + batch_size]]
+        total += sum(log_p for log_p, _ in score_continuations(model, pairs))
+    return total
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """(text cut before the first stop sequence in it, whether one was found)."""
+    cuts = [text.index(stop) for stop in stops if stop and stop in text]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+# --- the harness adapter ---
+
+def make_adapter_class():
+    """GPTAdapter, defined once lm_eval is importable (the package is optional)."""
+    try:
+        from lm_eval.api.model import LM
+    except ModuleNotFoundError:
+        sys.exit("error: --tasks needs lm-evaluation-harness; `pip install -r requirements-extra.txt`")
+
+    class GPTAdapter(LM):
+        """Our GPT behind the harness's LM interface: its three request types, answered with our model."""
+
+        def __init__(self, model: GPT, tokenizer, batch_size: int, device: str, dtype: torch.dtype):
+            super().__init__()
+            self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+            self.device_name, self.dtype = device, dtype
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            """(log p(continuation | context), is greedy) per request. Pairs are scored longest first, so
+            the sequences in a batch have similar lengths and little padding."""
+            pairs = [encode_pair(self.tokenizer, *request.args) for request in requests]
+            order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+            results = [None] * len(pairs)
+            with autocast(self.device_name, self.dtype):
+                for first in range(0, len(order), self.batch_size):
+                    batch = order[first:first + self.batch_size]
+                    for i, result in zip(batch, score_continuations(self.model, [pairs[i] for i in batch])):
+                        results[i] = result
+            return results
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            """Log-likelihood of whole documents (perplexity tasks such as wikitext), window by window."""
+            results = []
+            with autocast(self.device_name, self.dtype):
+                for (text,) in (request.args for request in requests):
+                    tokens = np.array([EOT_TOKEN] + self.tokenizer.encode(text, allowed_special="all"))
+                    results.append(stream_log_likelihood(self.model, tokens, self.batch_size))
+            return results
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            """Greedy continuation of each context (sampled if the task asks for do_sample), stopped at the
+            first of the task's stop sequences or after max_gen_toks tokens."""
+            outputs = []
+            for context, gen_kwargs in (request.args for request in requests):
+                stops = gen_kwargs.get("until", [])
+                stops = [stops] if isinstance(stops, str) else list(stops)
+                temperature = gen_kwargs.get("temperature", 0.0) if gen_kwargs.get("do_sample") else 0.0
+                prompt_ids = self.tokenizer.encode(context, allowed_special="all") or [EOT_TOKEN]
+                prompt = torch.tensor([prompt_ids], device=self.model.transformer.wte.weight.device)
+                utf8, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+                with autocast(self.device_name, self.dtype):
+                    for token in generate(self.model, prompt, gen_kwargs.get("max_gen_toks", 256), temperature,
+                                          stop_token=EOT_TOKEN):
+                        if token.item() == EOT_TOKEN:
+                            break
+                        text += utf8.decode(self.tokenizer.decode_single_token_bytes(token.item()))
+                        text, stopped = truncate_at_stop(text, stops)
+                        if stopped:
+                            break
+                outputs.append(text)
+            return outputs
+
+    return GPTAdapter
+
+
+# --- side effects: the model, the files, the harness ---
+
+def load_model(cfg: EvalConfig) -> GPT:
+    if cfg.init_from:
+        from hf_gpt2 import is_hf_source, load_hf_gpt2
+        if not is_hf_source(cfg.init_from):
+            sys.exit(f"error: --init_from={cfg.init_from} is not gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+                     f"directory holding a Hugging Face config.json")
+        return load_hf_gpt2(cfg.init_from)
+    return model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), dropout=0.0)
+
+
+def read_tokens(path: str, tokenizer) -> np.ndarray:
+    """A token stream: a prepare.py .bin file (uint16 ids) as it is, a text file encoded, both starting after
+    an <|endoftext|> (so the first real token is predicted too, as in training's concatenated documents)."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: --perplexity={path} not found; give a .bin file that prepare.py wrote or a text file")
+    if path.endswith(".bin"):
+        tokens = np.fromfile(path, dtype=np.uint16).astype(np.int64)
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                tokens = np.array(tokenizer.encode(f.read(), allowed_special="all"), dtype=np.int64)
+        except UnicodeDecodeError:
+            sys.exit(f"error: {path} is not UTF-8 text (a token file must end in .bin)")
+    return np.concatenate([[EOT_TOKEN], tokens])
+
+
+def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype) -> dict:
+    """The harness's results dict for cfg.tasks, evaluated through GPTAdapter."""
+    adapter = make_adapter_class()(model, get_tokenizer(), cfg.batch_size, device, dtype)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    if cfg.include_path and not os.path.isdir(cfg.include_path):
+        sys.exit(f"error: --include_path={cfg.include_path} is not a directory of task YAML files")
+    task_manager = TaskManager(include_path=cfg.include_path or None)
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+    if unknown:
+        sys.exit(f"error: lm-evaluation-harness has no task {unknown[0]!r}; `lm_eval ls tasks` lists them "
+                 f"(or add a YAML file to --include_path)")
+    return lm_eval.simple_evaluate(model=adapter, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                   task_manager=task_manager, log_samples=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = parse_args(EvalConfig, argv=argv)
+    if bool(cfg.tasks) == bool(cfg.perplexity):
+        sys.exit("error: give --tasks=... (lm-evaluation-harness) or --perplexity=FILE, one of the two")
+    if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
+        sys.exit("error: --batch_size and --limit must be >= 1")
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    model = load_model(cfg).to(device).eval()
+    output = cfg.output or os.path.join("." if cfg.init_from else cfg.out_dir, "eval.json")
+    source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
+
+    if cfg.perplexity:
+        tokens = read_tokens(cfg.perplexity, get_tokenizer())
+        if tokens.max() >= model.config.vocab_size:
+            sys.exit(f"error: {cfg.perplexity} holds token ids up to {tokens.max()}, beyond the model's "
+                     f"vocabulary of {model.config.vocab_size}")
+        with autocast(device, dtype):
+            nll = -stream_log_likelihood(model, tokens, cfg.batch_size) / (len(tokens) - 1)   # nats per token
+        results = {"model": source, "file": cfg.perplexity, "tokens": len(tokens) - 1, "loss": nll,
+                   "perplexity": math.exp(nll)}
+        print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
+              f"perplexity {math.exp(nll):.2f}")
+    else:
+        evaluated = run_tasks(cfg, model, device, dtype)     # stops with one line if lm_eval is missing
+        from lm_eval.utils import handle_non_serializable, make_table
+        results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
+        results = json.loads(json.dumps(results, default=handle_non_serializable))
+        print(make_table(evaluated))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    write_atomically(output, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
+    print(f"results: {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""GPT-2 weights in and out of Hugging Face transformers.
+
+    python hf_gpt2.py --checkpoint=out/ckpt.pt --out=hf-out     # our checkpoint -> a Hugging Face directory
+    python train.py --init_from=gpt2                            # OpenAI's GPT-2 124M -> our GPT (any script)
+
+In: `load_hf_gpt2("gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" | <directory>)` reads config.json and
+model.safetensors (from the Hub, or a directory that transformers' save_pretrained wrote) into our GPT.
+Out: this script writes config.json, model.safetensors and GPT-2's tokenizer files (vocab.json, merges.txt)
+so that GPT2LMHeadModel.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir) load the model.
+
+Our GPT and transformers' GPT2LMHeadModel have the same parameter names (both follow OpenAI's release).
+The one difference: OpenAI wrote the four projections as Conv1D, which stores its weight as (C_in, C_out);
+we use nn.Linear, which stores (C_out, C_in). Those four weights are transposed on the way in and out.
+Needs the optional packages safetensors (both ways) and huggingface_hub (Hub names); see
+requirements-extra.txt.
+"""
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from model import (EOT_TOKEN, GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig, arg, get_tokenizer, load_checkpoint,
+                   parse_args, save_checkpoint)
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = arg("out/ckpt.pt", "checkpoint of ours to export (train.py's, or finetune_lora.py's "
+                                         "merged one)")
+    out: str = arg("hf-out", "new directory for the Hugging Face files (an existing one is not overwritten)")
+
+
+# The weights that OpenAI's Conv1D stores transposed: (C_in, C_out) there, (C_out, C_in) in nn.Linear.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# GPTConfig fields that do not change what the network computes at inference, so any value exports.
+RUNTIME_FIELDS = ("dropout", "sdpa", "activation_checkpointing")
+
+# transformers' GPT2Config entries whose values our GPT computes; any other value is refused on import.
+HF_FIXED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),   # both are GELU's tanh approximation
+            "layer_norm_epsilon": (1e-5,), "scale_attn_weights": (True,),
+            "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
+            "add_cross_attention": (False,), "tie_word_embeddings": (True,)}
+
+
+def _need(module: str, purpose: str):
+    """Import an optional package, or stop with one line saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        sys.exit(f"error: {purpose} needs the package {module.split('.')[0]}; "
+                 f"`pip install -r requirements-extra.txt`")
+
+
+# --- the mapping, both ways: pure functions on configs and state dicts ---
+
+def is_hf_source(init_from: str) -> bool:
+    """True for a GPT-2 name on the Hugging Face Hub or a directory holding a transformers config.json."""
+    return init_from in GPT2_SIZES or os.path.isfile(os.path.join(init_from, "config.json"))
+
+
+def config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
+    """Our GPTConfig for a transformers GPT-2 config.json, or a one-line exit naming the first entry our GPT
+    cannot compute. overrides set runtime fields (dropout, sdpa, activation_checkpointing)."""
+    if hf_config.get("model_type") != "gpt2":
+        sys.exit(f"error: {source} holds a {hf_config.get('model_type')!r} model; only GPT-2 (model_type "
+                 f"'gpt2') loads into this GPT")
+    for key, allowed in HF_FIXED.items():
+        value = hf_config.get(key, allowed[0])
+        if value not in allowed:
+            sys.exit(f"error: {source}: {key}={value!r} is not supported (this GPT computes {key}={allowed[0]!r})")
+    n_embd = hf_config["n_embd"]
+    if hf_config.get("n_inner") not in (None, 4 * n_embd):
+        sys.exit(f"error: {source}: n_inner={hf_config['n_inner']} is not supported (the MLP is 4 * n_embd wide)")
+    return GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=n_embd,
+                     block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"], bias=True,
+                     tie_embeddings=True, **overrides)
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our GPT's state dict from a GPT2LMHeadModel's (or GPT2Model's, whose keys lack 'transformer.').
+    Conv1D weights are transposed; the causal-mask buffers of older transformers versions are dropped."""
+    ours = {}
+    for key, tensor in hf_state.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+        if name.endswith((".attn.bias", ".attn.masked_bias")):     # buffers, not weights
+            continue
+        ours[name] = tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor
+    ours["lm_head.weight"] = ours["transformer.wte.weight"]          # tied, as in GPT-2
+    return ours
+
+
+def hf_config_from(config: GPTConfig) -> dict:
+    """transformers' GPT-2 config.json for our GPTConfig, or a one-line exit naming the first field GPT-2's
+    class cannot express. A field this exporter does not know (a variant added to GPTConfig later: ALiBi,
+    top-k attention, ReZero, ...) exports only at its default value, which is plain GPT-2."""
+    if not config.bias:
+        sys.exit("error: cannot export bias=False: GPT-2's class always has biases in its Linear and LayerNorm "
+                 "layers")
+    if not config.tie_embeddings:
+        sys.exit("error: cannot export tie_embeddings=False: GPT-2's class ties the LM head to the token "
+                 "embedding")
+    known = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings", *RUNTIME_FIELDS}
+    for f in dataclasses.fields(GPTConfig):
+        if f.name not in known and getattr(config, f.name) != f.default:
+            sys.exit(f"error: cannot export {f.name}={getattr(config, f.name)!r}: GPT-2's class has no "
+                     f"counterpart (only {f.name}={f.default!r} exports)")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+            "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
+            "torch_dtype": "float32"}
+
+
+def hf_state_dict_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's state dict (as save_pretrained writes it) from ours: Conv1D weights transposed,
+    contiguous and in fp32; the tied lm_head.weight left out, since transformers re-ties it on load."""
+    return {name: (tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor).float().contiguous()
+            for name, tensor in state.items() if name != "lm_head.weight"}
+
+
+# --- the tokenizer files: GPT-2's BPE written the way OpenAI and transformers store it ---
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2, encoder.py):
+    printable Latin-1 bytes map to themselves, the others to characters from U+0100 on, so every token's
+    bytes can be written as a string in vocab.json and merges.txt."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """token's bytes merged by byte-pair encoding using only merges ranked below max_rank: repeatedly join
+    the adjacent pair with the lowest rank (Sennrich et al. 2016). For a token of rank r and max_rank=r this
+    stops one merge short, at the two parts whose merge created the token."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < max_rank and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            return parts
+        i = best[1]
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+
+
+def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
+    """(vocab.json's token -> id map, merges.txt's lines in rank order) for a tiktoken BPE encoding."""
+    to_char = bytes_to_unicode()
+    as_text = lambda b: "".join(to_char[x] for x in b)   # noqa: E731
+    n_ranked = tokenizer.n_vocab - len(tokenizer.special_tokens_set)
+    token_bytes = [tokenizer.decode_single_token_bytes(i) for i in range(n_ranked)]
+    ranks = {b: i for i, b in enumerate(token_bytes)}
+    vocab = {as_text(b): i for i, b in enumerate(token_bytes)}
+    vocab.update({name: tokenizer.encode_single_token(name) for name in tokenizer.special_tokens_set})
+    merges = []
+    for rank, token in enumerate(token_bytes):
+        if len(token) < 2:
+            continue
+        left, right = bpe_parts(ranks, token, rank)    # the two halves this rank's merge joined
+        merges.append(f"{as_text(left)} {as_text(right)}")
+    return vocab, merges
+
+
+# --- side effects: files in and out ---
+
+def resolve_hf_dir(source: str) -> str:
+    """A local directory with the model's files: source itself, or the Hub download of a GPT-2 name."""
+    if os.path.isdir(source):
+        return source
+    hub = _need("huggingface_hub", f"--init_from={source}")
+    try:
+        return hub.snapshot_download(repo_id=f"openai-community/{source}",
+                                     allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:
+        sys.exit(f"error: cannot download {source} from the Hugging Face Hub ({type(e).__name__}); check the "
+                 f"network, or give --init_from a local directory that save_pretrained wrote")
+
+
+def load_hf_gpt2(source: str, **overrides) -> GPT:
+    """Our GPT (on the CPU) with the weights of a transformers GPT-2: a Hub name (gpt2, gpt2-medium,
+    gpt2-large, gpt2-xl) or a local directory with config.json and model.safetensors (or pytorch_model.bin).
+    overrides set runtime fields (dropout, sdpa, activation_checkpointing)."""
+    directory = resolve_hf_dir(source)
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        config = config_from_hf(json.load(f), source, **overrides)
+    safetensors_path = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(safetensors_path):
+        hf_state = _need("safetensors.torch", "reading model.safetensors").load_file(safetensors_path)
+    elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
+        hf_state = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        sys.exit(f"error: {source} has no model.safetensors (or pytorch_model.bin)")
+    model = GPT(config)
+    state = state_dict_from_hf(hf_state, config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        sys.exit(f"error: {source} lacks {len(missing)} GPT-2 weights, e.g. {missing[0]}")
+    wrong = [n for n in expected if state[n].shape != expected[n].shape]
+    if wrong:
+        sys.exit(f"error: {source}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config.json implies "
+                 f"{tuple(expected[wrong[0]].shape)}")
+    model.load_state_dict({n: state[n] for n in expected})
+    return model
+
+
+def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
+    """load_hf_gpt2 for the training scripts' --init_from: the runtime fields come from the flags (dropout,
+    sdpa, activation_checkpointing); a smaller --block_size crops the position embedding (as nanoGPT's
+    crop_block_size does); any other shape flag that disagrees with the weights is refused, all at once."""
+    model = load_hf_gpt2(source, **{name: getattr(flags, name) for name in RUNTIME_FIELDS})
+    pretrained = model.config
+    differ = [f"{name} (weights {getattr(pretrained, name)}, flag {getattr(flags, name)})" for name in SHAPE_FIELDS
+              if name in given and getattr(flags, name) != getattr(pretrained, name)
+              and not (name == "block_size" and flags.block_size < pretrained.block_size)]
+    if differ:
+        sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ)
+                 + "; drop these flags")
+    if "block_size" in given and flags.block_size < pretrained.block_size:
+        state = model.state_dict()
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:flags.block_size]   # (T, C)
+        model = GPT(dataclasses.replace(pretrained, block_size=flags.block_size))
+        model.load_state_dict(state)
+    return model
+
+
+def save_hf_as_checkpoint(source: str, path: str) -> None:
+    """GPT-2 weights saved as a checkpoint of ours (model and model_config), for scripts that tie their
+    output to a checkpoint file: finetune_lora.py's adapters record their base's path and sha256."""
+    model = load_hf_gpt2(source)
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                     "hf_source": source}, path)
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> None:
+    """Write a Hugging Face GPT-2 directory at out, atomically: the files go into a temporary directory
+    beside it, which is renamed to out once complete, so out is either absent or whole."""
+    hf_config = hf_config_from(config)     # refuses unexpressible configs before anything is written
+    save_file = _need("safetensors.torch", "export").save_file
+    if os.path.exists(out):
+        sys.exit(f"error: {out} exists; pick another --out (nothing is overwritten)")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
+    try:
+        write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+        save_file(hf_state_dict_from(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
+            vocab, merges = gpt2_tokenizer_files(get_tokenizer())
+            write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
+            write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
+            write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
+                "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
+                "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "add_prefix_space": False}, indent=2) + "\n")
+        os.rename(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = parse_args(ExportConfig, argv=argv)
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    config = GPTConfig(**checkpoint["model_config"])
+    export_hf(checkpoint["model"], config, cfg.out)
+    has_tokenizer = config.vocab_size >= EOT_TOKEN + 1
+    print(f"wrote {cfg.out}: config.json, model.safetensors"
+          + (", vocab.json, merges.txt, tokenizer_config.json" if has_tokenizer else
+             f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
+    print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.out!r})")
+
+
+if __name__ == "__main__":
+    main()

