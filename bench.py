@@ -97,9 +97,12 @@ TRAIN_RUNNER = ("import sys, torch, train; train.main(sys.argv[1:]); "
                 "print('peak_cuda_bytes', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
 
 
-def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: int) -> list[str]:
+def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: int,
+               eval_interval: int | None = None) -> list[str]:
+    """train.py's flags for a timed run: every step logged; evaluation (one batch) and checkpoint at the start
+    and the end, or every eval_interval steps."""
     return ["-c", TRAIN_RUNNER, *passthrough, f"--data_dir={data_dir}", "--dataset=shakespeare",
-            f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--eval_interval={max_iters}",
+            f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--eval_interval={eval_interval or max_iters}",
             "--eval_iters=1", "--log_interval=1"]
 
 
@@ -201,8 +204,9 @@ def bench_sample(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
 
 
 def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir: str) -> list[dict]:
-    """One long run: its RSS and open file handles at step 100 against their peak afterwards, and the
-    slowest step against the median (eval and checkpoint time is not in any step's time)."""
+    """One long run that evaluates and checkpoints every 100 steps: its RSS and open file handles at step 100
+    against their peak afterwards, and the slowest step against the median (train.py keeps evaluation and
+    checkpoint time out of the steps' times)."""
     if not os.path.isdir("/proc/self/fd"):
         sys.exit("error: --parts=soak reads /proc for the run's RSS and open files; it needs Linux")
     out_dir = os.path.join(work_dir, "soak")
@@ -215,14 +219,20 @@ def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir
                 rss_kib = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
             by_step[int(match.group(1))] = (rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd")))
 
-    run_script(train_argv(passthrough, data_dir, out_dir, cfg.soak_steps), cwd=ROOT, watch=watch)
+    run_script(train_argv(passthrough, data_dir, out_dir, cfg.soak_steps, eval_interval=100), cwd=ROOT,
+               watch=watch)
     step_ms = steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), 0)
     reference = min(100, cfg.soak_steps)
     rss_at, files_at = by_step[reference]
-    later = [v for step, v in by_step.items() if step > reference] or [by_step[reference]]
+    later = [v for step, v in sorted(by_step.items()) if step > reference] or [by_step[reference]]
+    first_half, second_half = later[:len(later) // 2] or later, later[len(later) // 2:]
     median = statistics.median(step_ms)
+    # A leak climbs; the allocator's reuse of freed buffers swings RSS up and down around a level. The trend
+    # (peak of the second half against the first) tells the two apart.
     return [summarize("soak_rss_at_step100", "MiB", [rss_at]),
             summarize("soak_rss_growth_after_step100", "%", [100 * (max(r for r, _ in later) / rss_at - 1)]),
+            summarize("soak_rss_trend_second_half_vs_first", "%",
+                      [100 * (max(r for r, _ in second_half) / max(r for r, _ in first_half) - 1)]),
             summarize("soak_open_files_growth_after_step100", "files", [max(f for _, f in later) - files_at]),
             summarize("soak_slowest_step_over_median", "x", [max(step_ms) / median]),
             summarize("soak_median_step", "ms", [median])]

@@ -3,6 +3,7 @@ import dataclasses
 import os
 import re
 
+import bench
 import eval_lm
 import finetune_lora
 import generate
@@ -26,7 +27,8 @@ def test_readme_flag_tables_match_the_dataclasses():
     documented = set(re.findall(r"^\| `--(\w+)` \|", README, flags=re.MULTILINE))
     expected = set()
     for config in (prepare.PrepareConfig, train.TrainConfig, GPTConfig, generate.GenerateConfig,
-                   finetune_lora.FinetuneConfig, hf_gpt2.ExportConfig, eval_lm.EvalConfig, plot.PlotConfig):
+                   finetune_lora.FinetuneConfig, hf_gpt2.ExportConfig, eval_lm.EvalConfig, plot.PlotConfig,
+                   bench.BenchConfig):
         for f in dataclasses.fields(config):
             assert table_row(f) in README, f"README row for {config.__name__}.{f.name} is out of date"
             expected.add(f.name)
