@@ -184,10 +184,8 @@ def make_adapter_class():
 
 def load_model(cfg: EvalConfig) -> GPT:
     if cfg.init_from:
-        from hf_gpt2 import is_hf_source, load_hf_gpt2
-        if not is_hf_source(cfg.init_from):
-            sys.exit(f"error: --init_from={cfg.init_from} is not gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
-                     f"directory holding a Hugging Face config.json")
+        from hf_gpt2 import check_hf_source, load_hf_gpt2
+        check_hf_source(cfg.init_from)
         return load_hf_gpt2(cfg.init_from)
     return model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), dropout=0.0)
 

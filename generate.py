@@ -60,10 +60,8 @@ def check_config(cfg: GenerateConfig) -> None:
     if cfg.init_from and cfg.lora:
         sys.exit("error: an adapter carries its own base; give --lora or --init_from, not both")
     if cfg.init_from:
-        from hf_gpt2 import is_hf_source
-        if not is_hf_source(cfg.init_from):
-            sys.exit(f"error: --init_from={cfg.init_from} is not gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
-                     f"directory holding a Hugging Face config.json")
+        from hf_gpt2 import check_hf_source
+        check_hf_source(cfg.init_from)
     if cfg.input and not cfg.instruction:
         sys.exit("error: --input is the context of an instruction; give --instruction too")
 

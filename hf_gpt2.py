@@ -65,6 +65,13 @@ def is_hf_source(init_from: str) -> bool:
     return init_from in GPT2_SIZES or os.path.isfile(os.path.join(init_from, "config.json"))
 
 
+def check_hf_source(init_from: str, other_choices: tuple[str, ...] = ()) -> None:
+    """Stop with one line unless --init_from is one of other_choices, a GPT-2 name or a Hugging Face directory."""
+    if init_from not in other_choices and not is_hf_source(init_from):
+        sys.exit(f"error: --init_from={init_from} is not {', '.join([*other_choices, *GPT2_SIZES])} or a "
+                 f"directory holding a Hugging Face config.json")
+
+
 def config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
     """Our GPTConfig for a transformers GPT-2 config.json, or a one-line exit naming the first entry our GPT
     cannot compute. overrides set runtime fields (dropout, sdpa, activation_checkpointing)."""

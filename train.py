@@ -499,10 +499,8 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit("error: --realformer passes attention scores from block to block, which pipeline stages do not "
                  "carry; drop --pp or --realformer")
     if cfg.init_from not in ("scratch", "resume"):
-        from hf_gpt2 import is_hf_source
-        if not is_hf_source(cfg.init_from):
-            sys.exit(f"error: --init_from={cfg.init_from} is not scratch, resume, gpt2, gpt2-medium, gpt2-large, "
-                     f"gpt2-xl or a directory holding a Hugging Face config.json")
+        from hf_gpt2 import check_hf_source
+        check_hf_source(cfg.init_from, ("scratch", "resume"))
     check_metric_streams(cfg)
     if cfg.fsdp and cfg.pp > 1:
         sys.exit("error: --fsdp together with --pp is not supported; use one of them")
