@@ -538,9 +538,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
                       top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) drawn from logits (B, V). temperature 0 is greedy decoding; top_k keeps the k
     most likely tokens; top_p keeps the smallest set of most likely tokens whose probability reaches p
-    (nucleus sampling, Holtzman et al. 2020). Both filters only need the best tokens, so the draw runs over
-    those k candidates (sorted best first) instead of the whole vocabulary."""
-    if temperature == 0:
+    (nucleus sampling, Holtzman et al. 2020), and at least the most likely one: top_p <= 0 is greedy too.
+    Both filters only need the best tokens, so the draw runs over those k candidates (sorted best first)
+    instead of the whole vocabulary."""
+    if temperature == 0 or top_p <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature                                  # (B, V)
     V = logits.size(-1)

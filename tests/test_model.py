@@ -117,6 +117,16 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert draw(temperature=0) == {1}
 
 
+@pytest.mark.parametrize("top_p", [0.0, -0.5])
+def test_top_p_zero_or_below_is_greedy(top_p):
+    """top_p = 0 used to mask every candidate, the best one included (its probability mass before it, 0,
+    is >= 0), and the draw over all-zero probabilities then returned the *least* likely of the top_k."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    for top_k in (None, 5):
+        tokens = sample_next_token(logits, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
 def test_top_p_sampling_frequencies_follow_renormalised_probabilities():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(20_000, 4)
     tokens = sample_next_token(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
