@@ -604,8 +604,8 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     present = [t for t in targets if any(name.endswith("." + t) for name, _ in model.named_modules())]
     if "lora_targets" in given and present != targets:
         missing = ", ".join(t for t in targets if t not in present)
-        sys.exit(f"error: --lora_targets={cfg.lora_targets}: the base model has no {missing} layer (mlp_0 is in "
-                 f"Macaron models only)")
+        sys.exit(f"error: --lora_targets={cfg.lora_targets}: the base model has no {missing} layer "
+                 f"(mlp_0 is in Macaron models only)")
     torch.manual_seed(cfg.seed)            # the same initial A on every process
     apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if state is not None:
