@@ -393,7 +393,7 @@ def test_adapter_on_the_wrong_base_is_refused(short_run, bases):
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--lora_targets=attn.c_attn,lm_head"], "--lora_targets=attn.c_attn,lm_head: name one or more of"),
-    (["--lora_targets=attn.c_attn,mlp_0.c_fc"], "the base model has no mlp_0.c_fc layer (mlp_0 is in Macaron "),
+    (["--lora_targets=attn.c_attn,mlp_0.c_fc"], "the base model has no mlp_0.c_fc layer (mlp_0 is in"),
     (["--lora_rank=0"], "--lora_rank=0 must be >= 1"),
     (["--overlong=cut"], "--overlong: invalid choice"),
     (["--val_fraction=1"], "--val_fraction=1.0 must be in (0, 1)"),
