@@ -38,9 +38,11 @@ from prepare import sha256_file, shakespeare_paths
 from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
                    open_metric_streams, optimizer_step, restore_rng_states, rng_states)
 
-# The linear layers of a transformer block that may carry an adapter (GPT-2's names). The LM head is left
-# out: it shares its weight with the token embedding, and the chunked loss reads that weight directly.
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# The linear layers of a transformer block that may carry an adapter (GPT-2's names; mlp_0 is the first
+# half-step feed-forward of a Macaron block, --macaron). The default names them all: a layer the model does
+# not have is skipped. The LM head is left out: it shares its weight with the token embedding, and the
+# chunked loss reads that weight directly.
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp_0.c_fc", "mlp_0.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 @dataclass
@@ -598,8 +600,14 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
            f"val examples | over {block_size + 1} tokens: {n_truncated:,} truncated, {n_skipped:,} skipped")
 
     # The model: the frozen base with adapters; only the adapters reach the optimizer.
+    targets = parse_targets(cfg.lora_targets)
+    present = [t for t in targets if any(name.endswith("." + t) for name, _ in model.named_modules())]
+    if "lora_targets" in given and present != targets:
+        missing = ", ".join(t for t in targets if t not in present)
+        sys.exit(f"error: --lora_targets={cfg.lora_targets}: the base model has no {missing} layer "
+                 f"(mlp_0 is in Macaron models only)")
     torch.manual_seed(cfg.seed)            # the same initial A on every process
-    apply_lora(model, parse_targets(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if state is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -629,7 +637,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base_path} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
-           f"{cfg.lora_targets}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
+           f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
     print0(f"{world_size} x {device}, {str(dtype).removeprefix('torch.')} | {examples_per_step} records per step "
            f"| loss on {'response tokens only' if cfg.mask_input else 'every token'}")
 

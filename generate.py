@@ -54,7 +54,7 @@ def check_config(cfg: GenerateConfig) -> None:
     if cfg.top_k is not None and cfg.top_k < 1:
         sys.exit(f"error: --top_k={cfg.top_k} must be >= 1 (or None for no limit)")
     if not 0 < cfg.top_p <= 1:
-        sys.exit(f"error: --top_p={cfg.top_p} must be in (0, 1]")
+        sys.exit(f"error: --top_p={cfg.top_p} must be in (0, 1]; --temperature=0 decodes greedily")
     if cfg.instruction and (cfg.prompt or cfg.prompt_file):
         sys.exit("error: give either --instruction (with --input) or --prompt/--prompt_file, not both")
     if cfg.init_from and cfg.lora:

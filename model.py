@@ -370,7 +370,15 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     allocating and freeing buffers that large every step costs more page faults than matmul time.
 
     The gradient is computed in the same pass (d loss / d logits = softmax - one_hot, per valid row) and
-    handed back by backward(). Reference: F.cross_entropy(x @ weight^T, targets, ignore_index=-1)."""
+    handed back by backward(). Reference: F.cross_entropy(x @ weight^T, targets, ignore_index=-1).
+
+    Under fp16 autocast the two gradient matmuls run in fp32. The plain path's gradient reaches fp16 only
+    after GradScaler has multiplied it by its loss scale (PyTorch AMP docs, "Gradient Scaling"); here it is
+    formed in forward, before any scale, and its entries softmax / N (about 1 / (N V): 2.4e-9 at GPT-2's
+    8,192 rows and 50,257 tokens) lie below fp16's smallest normal (6.1e-5), most below its smallest
+    subnormal (6.0e-8): in fp16 they would lose their digits or become 0. That costs fp16's speed on two
+    of the head's three matmuls, for --loss_chunk on fp16 GPUs only (the CUDA default is the plain path).
+    bf16 has fp32's exponent range, so bf16 and fp32 runs keep their matmuls as they were."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
@@ -380,7 +388,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # and a frozen head (LoRA fine-tuning) needs no (V, C) weight gradient.
         needs_grad = needs_grad_x or needs_grad_weight
         n_valid = (targets != -1).sum().clamp(min=1)
-        grad_x = torch.empty_like(x) if needs_grad_x else None
+        device = x.device.type
+        in_fp16 = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        grad_precision = torch.autocast(device, enabled=False) if in_fp16 else nullcontext()
+        grad_x = torch.empty_like(x, dtype=torch.float32 if in_fp16 else x.dtype) if needs_grad_x else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad_weight else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.size(0), chunk):
@@ -394,10 +405,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 d_logits = logits.sub_(log_norm).exp_()                                  # softmax, in place
                 d_logits.scatter_add_(1, t_safe, -torch.ones_like(log_norm))             # - one_hot(target)
                 d_logits.mul_(is_valid).div_(n_valid)                                    # (n, V)
-                if needs_grad_x:
-                    grad_x[start:start + chunk] = d_logits @ weight.to(d_logits.dtype)   # (n, C)
-                if needs_grad_weight:
-                    grad_weight += d_logits.t() @ x_c.to(d_logits.dtype)                 # (V, C)
+                with grad_precision:
+                    if needs_grad_x:
+                        grad_x[start:start + chunk] = d_logits @ weight.to(d_logits.dtype)   # (n, C)
+                    if needs_grad_weight:
+                        grad_weight += d_logits.t() @ x_c.to(d_logits.dtype)                 # (V, C)
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype) if needs_grad_weight else None)
         return loss_sum / n_valid
@@ -526,9 +538,10 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
                       top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) drawn from logits (B, V). temperature 0 is greedy decoding; top_k keeps the k
     most likely tokens; top_p keeps the smallest set of most likely tokens whose probability reaches p
-    (nucleus sampling, Holtzman et al. 2020). Both filters only need the best tokens, so the draw runs over
-    those k candidates (sorted best first) instead of the whole vocabulary."""
-    if temperature == 0:
+    (nucleus sampling, Holtzman et al. 2020), and at least the most likely one: top_p <= 0 is greedy too.
+    Both filters only need the best tokens, so the draw runs over those k candidates (sorted best first)
+    instead of the whole vocabulary."""
+    if temperature == 0 or top_p <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature                                  # (B, V)
     V = logits.size(-1)

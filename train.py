@@ -564,9 +564,28 @@ def scaled_cross_entropy(scale: float):
     return loss_fn
 
 
-def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mesh, device: str) -> PipelineRank:
-    """This process's stages, with weights from a full GPT state dict, wrapped in DDP over the data-parallel
-    replicas when there are several, and the schedule that drives them."""
+class AutocastForward(torch.nn.Module):
+    """A pipeline stage's module with its forward run under autocast to dtype (a no-op for fp32). The schedule
+    runs every micro-batch's forward and backward inside one schedule.step() call, and PyTorch's AMP docs
+    (torch.autocast) say autocast should wrap only the forward passes and the loss: "Backward passes under
+    autocast are not recommended" (backward ops already run in the dtype autocast chose for their forward
+    ops). So autocast goes inside each stage's forward, and step() runs outside it. Only the schedule sees
+    this wrapper: PipelineRank.modules keeps the stages themselves, so parameter names stay the GPT's."""
+
+    def __init__(self, module: torch.nn.Module, device: str, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.device, self.dtype = module, device, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            return self.module(x)
+
+
+def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mesh, device: str,
+                   dtype: torch.dtype) -> PipelineRank:
+    """This process's stages, with weights from a full GPT state dict, each stage's forward under autocast to
+    dtype, wrapped in DDP over the data-parallel replicas when there are several, and the schedule that drives
+    them. Call its schedule outside autocast."""
     # Imported here, like FSDP's modules below: at the top they would add ~1 s to every `import train`.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     pp_rank, dp_size = mesh.get_local_rank("pp"), mesh.size(1)
@@ -577,8 +596,9 @@ def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mes
     stage_ids = [pp_rank + v * cfg.pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
     modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    autocast_modules = [AutocastForward(m, device, dtype) for m in modules]
     runners = [DDP(m, process_group=mesh.get_group("dp"), device_ids=device_ids) if dp_size > 1 else m
-               for m in modules]
+               for m in autocast_modules]
     stages = [PipelineStage(r, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
               for r, i in zip(runners, stage_ids)]
     loss_fn = scaled_cross_entropy(1 / (cfg.n_microbatches * cfg.gradient_accumulation_steps))
@@ -625,7 +645,8 @@ def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, g
 
 def pipeline_loss(pipe: PipelineRank, x: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
     """Run one batch through the pipeline (forward and backward when train) and return the sum of the
-    micro-batch losses the schedule computed: non-zero on the last stage only."""
+    micro-batch losses the schedule computed: non-zero on the last stage only. Call it outside autocast:
+    the stages apply it to their forward passes (AutocastForward)."""
     losses = []
     run = pipe.schedule.step if train else pipe.schedule.eval
     run(*([x] if pipe.holds_first else []), target=y if pipe.holds_last else None, losses=losses)
@@ -790,7 +811,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     if cfg.pp > 1:
         mesh = init_device_mesh(device_type, (cfg.pp, dp_size), mesh_dim_names=("pp", "dp"))
         dp_rank, dp_group = mesh.get_local_rank("dp"), mesh.get_group("dp")
-        pipe = build_pipeline(cfg, model_cfg, model.state_dict(), mesh, device)
+        pipe = build_pipeline(cfg, model_cfg, model.state_dict(), mesh, device, dtype)
         trained = pipe.modules
         if model_cfg.tie_embeddings:
             aliases = {"lm_head.weight": "transformer.wte.weight"}   # the last stage's copy of wte
@@ -932,9 +953,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 x, y = x.to(device), y.to(device)
             # DDP averages gradients during backward; on all but the last micro-step there is nothing to
             # average yet (DDP decides at forward time, so no_sync wraps the forward too).
-            if pipe is not None:           # the schedule runs forward and backward of every micro-batch
-                with autocast(device, dtype):
-                    loss_sum += pipeline_loss(pipe, x, y, train=True)
+            if pipe is not None:           # forward and backward of every micro-batch; the stages autocast
+                loss_sum += pipeline_loss(pipe, x, y, train=True)       # their forwards (AutocastForward)
                 continue
             is_last_micro_step = micro_step == accum - 1
             if cfg.fsdp:                   # FSDP's counterpart of no_sync: reduce only on the last micro-step

@@ -100,6 +100,53 @@ def test_pipeline_and_sharded_layouts_match_one_process(layout, one_process_runs
         assert torch.equal(weights["transformer.wte.weight"], weights["lm_head.weight"])
 
 
+def test_bf16_pipeline_matches_bf16_one_process(tiny_data_dir, tmp_path):
+    """Under --pp, autocast now wraps each stage's forward instead of schedule.step(), which also ran every
+    backward under it. The pipeline must still compute in bf16, and compute what one process does.
+    The two runs are set up to do the same bf16 operations: micro-batches of 1 sequence in both (the
+    pipeline cuts batches of 4 into 4), the plain loss, an untied head and no clipping (the tied copies'
+    gradient sum and the clipping norm add fp32 terms in another order, and bf16's rounding of the
+    updated weights would magnify that last bit). So they agree to fp32 rounding, while the same run in
+    fp32 lands 5e-3 away: a pipeline without autocast, or with a wrong gradient, fails."""
+    common = ["--n_layer=4", "--max_iters=6", "--eval_interval=3", "--tie_embeddings=False", "--grad_clip=0"]
+    one_process = ["--batch_size=1", "--gradient_accumulation_steps=8", "--loss_chunk=0"]
+    runs = {name: str(tmp_path / name) for name in ("one bf16", "pp2 bf16", "one fp32")}
+    run_train(runs["one bf16"], tiny_data_dir, 1, *common, *one_process, "--dtype=bfloat16")
+    run_train(runs["pp2 bf16"], tiny_data_dir, 2, *common, "--pp=2", "--gradient_accumulation_steps=2",
+              "--dtype=bfloat16")
+    run_train(runs["one fp32"], tiny_data_dir, 1, *common, *one_process, "--dtype=float32")
+    assert_same_run(runs["one bf16"], runs["pp2 bf16"], atol=1e-5)
+    bf16, fp32 = (load_checkpoint(os.path.join(runs[name], "ckpt.pt"))["model"]
+                  for name in ("one bf16", "one fp32"))
+    assert max((bf16[name] - fp32[name]).abs().max().item() for name in bf16) > 1e-3   # bf16 mattered
+
+
+def test_pipeline_runs_forward_under_autocast_and_backward_outside_it(tmp_path):
+    """schedule.step() runs forward and backward; train.py wrapped it in autocast, so every backward op
+    ran under autocast, which PyTorch's AMP docs advise against. Autocast now sits in each stage's forward
+    (AutocastForward), and the schedule is called outside it. Checked here on a one-stage pipeline in this
+    process: a block's forward sees autocast on, its backward sees it off."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    import train
+    from model import GPT, GPTConfig
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=False)
+        cfg = train.TrainConfig(pp=1, pp_schedule="gpipe", n_microbatches=2)
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("pp", "dp"))
+        pipe = train.build_pipeline(cfg, config, GPT(config).state_dict(), mesh, "cpu", torch.bfloat16)
+        autocast_on, block = {}, pipe.modules[0].transformer.h["0"]
+        is_on = lambda: torch.is_autocast_enabled("cpu")                            # noqa: E731
+        block.register_forward_hook(lambda *_: autocast_on.update(forward=is_on()))
+        block.register_full_backward_hook(lambda *_: autocast_on.update(backward=is_on()))
+        x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+        train.pipeline_loss(pipe, x, y, train=True)              # as train.py's loop calls it
+        assert autocast_on == {"forward": True, "backward": False}
+    finally:
+        dist.destroy_process_group()
+
+
 LAYOUTS = {
     "one process": (1, ["--gradient_accumulation_steps=2"]),
     "dp2": (2, ["--gradient_accumulation_steps=1"]),

@@ -117,6 +117,25 @@ def test_lora_with_zero_B_matches_the_base_exactly():
     assert torch.equal(adapted(idx), base(idx))
 
 
+VARIANTS = {"plain": {}, "rezero": dict(rezero=True), "macaron": dict(macaron=True),
+            "realformer": dict(realformer=True), "sparse_topk": dict(sparse_topk=4),
+            "alibi": dict(position="alibi"), "rope": dict(position="rope"),
+            "all at once": dict(rezero=True, macaron=True, realformer=True, sparse_topk=4, position="rope")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_default_targets_adapt_every_linear_layer_of_every_variant(variant):
+    """The default targets once named attn.* and mlp.* only, so Macaron's first half-step feed-forward
+    (mlp_0.c_fc, mlp_0.c_proj) got no adapter: 40% of a Macaron block's weights stayed as the base had
+    them."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(TINY, **VARIANTS[variant]))
+    linears = {name for name, m in model.transformer.h.named_modules() if isinstance(m, torch.nn.Linear)}
+    ft.apply_lora(model, ft.parse_targets(ft.FinetuneConfig().lora_targets), rank=2, alpha=4.0, dropout=0.0)
+    adapted = {name for name, m in model.transformer.h.named_modules() if isinstance(m, ft.LoRALinear)}
+    assert adapted == linears
+
+
 def test_lora_layer_computes_the_low_rank_update():
     """y = W x + b + (alpha / R) B A x, checked against the formula with random A and B."""
     torch.manual_seed(0)
@@ -374,6 +393,7 @@ def test_adapter_on_the_wrong_base_is_refused(short_run, bases):
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--lora_targets=attn.c_attn,lm_head"], "--lora_targets=attn.c_attn,lm_head: name one or more of"),
+    (["--lora_targets=attn.c_attn,mlp_0.c_fc"], "the base model has no mlp_0.c_fc layer (mlp_0 is in"),
     (["--lora_rank=0"], "--lora_rank=0 must be >= 1"),
     (["--overlong=cut"], "--overlong: invalid choice"),
     (["--val_fraction=1"], "--val_fraction=1.0 must be in (0, 1)"),

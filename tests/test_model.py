@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, GPT2_SIZES, GPTConfig, KVCache, causal_mask, configure_optimizers, explicit_attention,
-                   flops_per_token, generate, sample_next_token, sdpa_attention)
+from model import (GPT, GPT2_SIZES, ChunkedCrossEntropy, GPTConfig, KVCache, causal_mask,
+                   configure_optimizers, explicit_attention, flops_per_token, generate, sample_next_token,
+                   sdpa_attention)
 
 TINY = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=97)
 
@@ -116,6 +117,16 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert draw(temperature=0) == {1}
 
 
+@pytest.mark.parametrize("top_p", [0.0, -0.5])
+def test_top_p_zero_or_below_is_greedy(top_p):
+    """top_p = 0 used to mask every candidate, the best one included (its probability mass before it, 0,
+    is >= 0), and the draw over all-zero probabilities then returned the *least* likely of the top_k."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    for top_k in (None, 5):
+        tokens = sample_next_token(logits, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
 def test_top_p_sampling_frequencies_follow_renormalised_probabilities():
     logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log().expand(20_000, 4)
     tokens = sample_next_token(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
@@ -215,6 +226,42 @@ def test_chunked_loss_matches_plain_cross_entropy(chunk):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
     with torch.no_grad():   # evaluation: no gradients are built
         torch.testing.assert_close(chunked(idx, targets, loss_chunk=chunk), plain_loss.detach(), rtol=0, atol=1e-6)
+
+
+def test_chunked_loss_keeps_small_gradients_under_fp16_autocast():
+    """Under fp16 autocast the chunked loss once formed d_logits / n_valid in forward and multiplied it with
+    the weights in fp16: entries of softmax / n below fp16's smallest normal (6.1e-5) lost their digits or
+    became 0 before GradScaler's loss scale could lift them in backward. At GPT-2's shape (8,192 rows,
+    V = 50,257) the head's rows for tokens absent from the batch got no gradient at all. Here (1,024 rows,
+    V = 4,096) the chunked gradient of those rows was 16% off the fp32 one; the plain path, whose
+    gradient GradScaler scales before it reaches fp16, was 0.03% off. Chunked must do as well as plain."""
+    N, C, V = 1024, 16, 4096
+    generator = torch.Generator().manual_seed(0)
+    x0, weight0 = torch.randn(N, C, generator=generator), torch.randn(V, C, generator=generator) * 0.02
+    targets = torch.randint(0, V // 2, (N,), generator=generator)   # tokens V/2.. never appear
+    targets[:10] = -1
+
+    def gradients(chunked: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        x, weight = x0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if chunked:
+                loss = ChunkedCrossEntropy.apply(x, weight, targets, 64, True, True)
+            else:
+                loss = F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-1)
+        (loss * 65536.0).backward()                  # GradScaler's initial scale, as it scales the loss
+        return x.grad / 65536.0, weight.grad / 65536.0
+
+    def errors(grads: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        """Relative L2 errors against the fp32 gradients: of x, of W, of W's rows for the absent tokens."""
+        pairs = {"grad_x": (grads[0], reference[0]), "grad_W": (grads[1], reference[1]),
+                 "grad_W absent": (grads[1][V // 2:], reference[1][V // 2:])}
+        return {name: ((a - b).norm() / b.norm()).item() for name, (a, b) in pairs.items()}
+
+    reference = gradients(False, torch.float32)
+    plain, chunked = errors(gradients(False, torch.float16)), errors(gradients(True, torch.float16))
+    for name in plain:
+        assert plain[name] < 1e-3                                   # fp16's rounding of the logits
+        assert chunked[name] <= 1.5 * plain[name], (name, chunked[name], plain[name])
 
 
 def test_untied_head_has_its_own_weights():
