@@ -5,8 +5,9 @@
 
 In: `load_hf_gpt2("gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" | <directory>)` reads config.json and
 model.safetensors (from the Hub, or a directory that transformers' save_pretrained wrote) into our GPT.
-Out: this script writes config.json, model.safetensors and GPT-2's tokenizer files (vocab.json, merges.txt)
-so that GPT2LMHeadModel.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir) load the model.
+Out: this script writes config.json, generation_config.json, model.safetensors and GPT-2's tokenizer files
+(vocab.json, merges.txt) so that GPT2LMHeadModel.from_pretrained(dir), AutoTokenizer.from_pretrained(dir) and
+pipeline("text-generation", dir) load the model.
 
 Our GPT and transformers' GPT2LMHeadModel have the same parameter names (both follow OpenAI's release).
 The one difference: OpenAI wrote the four projections as Conv1D, which stores its weight as (C_in, C_out);
@@ -126,6 +127,18 @@ def hf_config_from(config: GPTConfig) -> dict:
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "tie_word_embeddings": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
             "torch_dtype": "float32"}
+
+
+def hf_generation_config_from(config: GPTConfig) -> dict:
+    """transformers' generation_config.json for our GPTConfig: generation stops at the context window
+    (max_length counts the prompt too), and on GPT-2's vocabulary <|endoftext|> ends and pads a sample.
+    Without max_length, transformers 5's text-generation pipeline asks for 256 new tokens (its
+    _default_generation_config), and positions past n_positions index outside the position embedding
+    (IndexError); a model's own generation config takes precedence over the pipeline's defaults."""
+    generation = {"max_length": config.block_size}
+    if config.vocab_size > EOT_TOKEN:     # a smaller vocabulary has no such token to end or pad with
+        generation.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN)
+    return generation
 
 
 def hf_state_dict_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -264,9 +277,19 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def current_umask() -> int:
+    """The process's umask (the permission bits new files do not get). os.umask can only read it by
+    setting another, so the old one is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> None:
     """Write a Hugging Face GPT-2 directory at out, atomically: the files go into a temporary directory
-    beside it, which is renamed to out once complete, so out is either absent or whole."""
+    beside it, which is renamed to out once complete, so out is either absent or whole. The directory and
+    its files get the modes that os.mkdir and open would give them (0777 and 0666 less the umask), not the
+    temporary directory's private 0700 (tempfile.mkdtemp) or safetensors' 0600 for model.safetensors."""
     hf_config = hf_config_from(config)     # refuses unexpressible configs before anything is written
     save_file = _need("safetensors.torch", "export").save_file
     if os.path.exists(out):
@@ -276,6 +299,8 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> No
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
         write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+        write_text(os.path.join(tmp, "generation_config.json"),
+                   json.dumps(hf_generation_config_from(config), indent=2) + "\n")
         save_file(hf_state_dict_from(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
             vocab, merges = gpt2_tokenizer_files(get_tokenizer())
@@ -285,6 +310,10 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> No
                 "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
                 "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "add_prefix_space": False}, indent=2) + "\n")
+        mask = current_umask()
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         os.rename(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -297,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     config = GPTConfig(**checkpoint["model_config"])
     export_hf(checkpoint["model"], config, cfg.out)
     has_tokenizer = config.vocab_size >= EOT_TOKEN + 1
-    print(f"wrote {cfg.out}: config.json, model.safetensors"
+    print(f"wrote {cfg.out}: config.json, generation_config.json, model.safetensors"
           + (", vocab.json, merges.txt, tokenizer_config.json" if has_tokenizer else
              f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.out!r})")

@@ -3,6 +3,7 @@ random GPT2LMHeadModel stands in for OpenAI's weights, which cannot be downloade
 import dataclasses
 import json
 import os
+import stat
 from importlib.resources import files
 
 import pytest
@@ -73,13 +74,45 @@ def test_imported_gpt2_logits_match_transformers(hf_dir):
 
 def test_exported_checkpoint_reloads_in_transformers_with_equal_logits(exported):
     model, out = exported
-    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
-                                       "vocab.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                                       "tokenizer_config.json", "vocab.json"]
     idx = torch.randint(0, 50257, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         difference = (model(idx) - hf_logits(out, idx)).abs().max().item()
     print(f"export: max |logits ours - transformers| = {difference:.2e}")
     assert difference < 1e-4
+
+
+def test_text_generation_pipeline_on_the_export_stays_within_the_context(exported):
+    """The README's `pipeline('text-generation', 'hf-out')('ROMEO:')` crashed with IndexError: transformers 5's
+    pipeline asks for 256 new tokens by default, past the model's positions (128 in the quick start, 24
+    here). The export's generation_config.json stops generation at block_size tokens, prompt included."""
+    model, out = exported
+    generator = transformers.pipeline("text-generation", out)
+    assert generator("ROMEO:")[0]["generated_text"].startswith("ROMEO:")      # the README's call, as it is
+    ids = generator("ROMEO:", return_tensors=True)[0]["generated_token_ids"]
+    prompt = get_tokenizer().encode("ROMEO:")
+    assert list(ids[:len(prompt)]) == prompt and len(prompt) < len(ids) <= model.config.block_size
+    with open(os.path.join(out, "generation_config.json"), encoding="utf-8") as f:
+        generation = json.load(f)
+    assert generation["eos_token_id"] == generation["pad_token_id"] == 50256
+
+
+def test_export_gets_the_modes_of_the_umask(tmp_path):
+    """The export directory came out 0700 and model.safetensors 0600: the private modes of the temporary
+    directory (tempfile.mkdtemp) and of safetensors' file survived the rename, so a model meant to be shared
+    could not be read by anyone else. Now they are what os.mkdir and open give: 0777 and 0666 less the umask
+    (0o002 here, so that a fixed 0755/0644 would fail too)."""
+    model = random_gpt()
+    old_mask = os.umask(0o002)
+    try:
+        export_hf(model.state_dict(), model.config, str(tmp_path / "hf-out"))
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "hf-out").st_mode) == 0o775
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / "hf-out" / name).st_mode)
+             for name in os.listdir(tmp_path / "hf-out")}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o664}, modes
 
 
 def test_exported_tokenizer_gives_our_ids(exported):
