@@ -561,15 +561,15 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         if existing:
             sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
                      f"--out_dir (nothing is overwritten)")
+    records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
+    if cfg.init_from != "resume":
         from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
         if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
             base_path = os.path.join(cfg.out_dir, "base.pt")
-            if is_master:
-                os.makedirs(cfg.out_dir, exist_ok=True)
+            if is_master:                  # out_dir appears only once the weights have loaded
                 save_hf_as_checkpoint(cfg.init_from, base_path)
             if dist.is_initialized():
                 dist.barrier()
-    records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
     # The base's own dropout is off: only the adapters' dropout regularizes fine-tuning.
     model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
     base = {"path": base_path, "sha256": sha256_file(base_path)}

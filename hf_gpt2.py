@@ -266,8 +266,10 @@ def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
 
 def save_hf_as_checkpoint(source: str, path: str) -> None:
     """GPT-2 weights saved as a checkpoint of ours (model and model_config), for scripts that tie their
-    output to a checkpoint file: finetune_lora.py's adapters record their base's path and sha256."""
+    output to a checkpoint file: finetune_lora.py's adapters record their base's path and sha256. The
+    folder is created only once the weights have loaded, so a failed download leaves nothing behind."""
     model = load_hf_gpt2(source)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                      "hf_source": source}, path)
 

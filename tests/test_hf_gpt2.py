@@ -213,6 +213,26 @@ def test_finetune_lora_from_hf_directory_saves_the_base_its_adapter_names(hf_dir
     assert adapter["base"]["path"] == str(out / "base.pt")
 
 
+@pytest.mark.parametrize("broken", ["weights", "data"])
+def test_failed_finetune_from_hf_leaves_no_out_dir(hf_dir, tmp_path, broken):
+    """finetune_lora.py created out_dir before loading GPT-2's weights, so a failed download (here: a
+    directory without weights) left an empty out_dir behind; and it read --data only after writing
+    out_dir/base.pt, so a bad data file left a directory holding a copy of GPT-2. Both now fail with one
+    line before out_dir exists."""
+    source = hf_dir
+    if broken == "weights":
+        source = tmp_path / "no-weights"
+        source.mkdir()
+        (source / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": "Say yes.", "output": "yes"}] * 4 if broken == "weights"
+                                  else [{"instruction": "Say yes."}]))      # no output field
+    out = tmp_path / "lora"
+    result = run_script("finetune_lora.py", f"--init_from={source}", f"--data={records}", f"--out_dir={out}")
+    assert result.returncode != 0 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def test_generate_from_hf_directory_is_transformers_greedy_decoding(hf_dir):
     prompt = "Hello, world"
     ids = get_tokenizer().encode(prompt)
