@@ -7,13 +7,16 @@
 
 Tasks run through the harness's Python API (EleutherAI's lm-evaluation-harness, `pip install lm-eval`) with
 GPTAdapter, our model behind the harness's LM interface: it scores batches of (context, continuation)
-pairs with our GPT directly. The results go to a JSON file and a short table on stdout. (The file is not
-called evaluate.py: it would shadow Hugging Face's `evaluate` package, which some harness tasks import.)
+pairs with our GPT directly. The results go to a JSON file named after the tasks or the file (default_output)
+and a short table on stdout. (The file is not called evaluate.py: it would shadow Hugging Face's `evaluate`
+package, which some harness tasks import.)
 """
 import codecs
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -37,8 +40,9 @@ class EvalConfig:
     perplexity: str = arg("", "instead of tasks: the perplexity on a token file prepare.py wrote (.bin) or on "
                               "a text file")
     batch_size: int = arg(16, "sequences per forward pass")
-    output: str = arg("", "JSON file for the results (default: eval.json in --out_dir, or in the current "
-                          "directory with --init_from)")
+    output: str = arg("", "JSON file for the results (default: named after the tasks or the perplexity "
+                          "file, e.g. eval-hellaswag.json, in --out_dir, or with --init_from in the current "
+                          "directory)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
@@ -113,6 +117,26 @@ def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """(text cut before the first stop sequence in it, whether one was found)."""
     cuts = [text.index(stop) for stop in stops if stop and stop in text]
     return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def default_output(cfg: EvalConfig) -> str:
+    """The results file of a run without --output, named after what the run evaluates, so that runs on other
+    tasks, shot counts, limits or files do not overwrite each other: out_dir/eval-hellaswag+arc_easy-5shot.json,
+    out_dir/eval-perplexity-val.bin.json; with --init_from, ./eval-gpt2-hellaswag.json (the model named too)."""
+    if cfg.perplexity:
+        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity))
+    else:
+        tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+        name = "+".join(tasks)
+        if len(name) > 80:   # a long list: the first task, the count, and a hash of the whole list
+            digest = hashlib.sha256(",".join(tasks).encode()).hexdigest()[:8]
+            name = f"{tasks[0]}+{len(tasks) - 1}_more-{digest}"
+        name += (f"-{cfg.num_fewshot}shot" if cfg.num_fewshot is not None else "") + \
+            (f"-limit{cfg.limit}" if cfg.limit is not None else "")
+    if cfg.init_from:
+        name = os.path.basename(os.path.normpath(cfg.init_from)) + "-" + name
+    name = re.sub(r"[^\w.+-]", "_", name)     # a file name, whatever the task or model is called
+    return os.path.join("." if cfg.init_from else cfg.out_dir, f"eval-{name}.json")
 
 
 # --- the harness adapter ---
@@ -232,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model = load_model(cfg).to(device).eval()
-    output = cfg.output or os.path.join("." if cfg.init_from else cfg.out_dir, "eval.json")
+    output = cfg.output or default_output(cfg)
     source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
 
     if cfg.perplexity:

@@ -3,6 +3,7 @@ computed here directly from the model's full logits."""
 import dataclasses
 import json
 import math
+import os
 import types
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_script
-from eval_lm import make_adapter_class, rolling_windows, score_continuations
+from eval_lm import EvalConfig, default_output, make_adapter_class, rolling_windows, score_continuations
 from model import GPT, GPTConfig, get_tokenizer, save_checkpoint
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -146,6 +147,44 @@ def test_perplexity_of_a_token_file_equals_direct_computation(checkpoint_dir, tm
             nll.append(-F.log_softmax(logits, dim=-1)[stream[t]].item())
     assert measured["tokens"] == 70
     assert measured["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+
+
+def test_each_run_writes_its_own_results_file(checkpoint_dir, tmp_path):
+    """Every run wrote out_dir/eval.json, so a second evaluation overwrote the first one's results. Now the
+    default file is named after what the run evaluates; --output still picks the file."""
+    model, out = checkpoint_dir
+    rng = np.random.default_rng(2)
+    for name in ("val.bin", "test.bin"):
+        rng.integers(0, 50257, 40).astype(np.uint16).tofile(tmp_path / name)
+        result = run_script("eval_lm.py", f"--out_dir={out}", f"--perplexity={tmp_path / name}")
+        assert result.returncode == 0, result.stderr
+        assert f"results: {os.path.join(out, f'eval-perplexity-{name}.json')}" in result.stdout
+    results = {name: json.loads(open(os.path.join(out, f"eval-perplexity-{name}.json")).read())
+               for name in ("val.bin", "test.bin")}
+    assert {r["file"] for r in results.values()} == {str(tmp_path / "val.bin"), str(tmp_path / "test.bin")}
+    assert results["val.bin"]["perplexity"] != results["test.bin"]["perplexity"]
+    assert not os.path.exists(os.path.join(out, "eval.json"))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(tasks="hellaswag"), "out/eval-hellaswag.json"),
+    (dict(tasks="hellaswag, arc_easy", num_fewshot=5, limit=200),
+     "out/eval-hellaswag+arc_easy-5shot-limit200.json"),
+    (dict(tasks="arc_easy", num_fewshot=0), "out/eval-arc_easy-0shot.json"),
+    (dict(tasks="hellaswag", init_from="gpt2-medium"), "./eval-gpt2-medium-hellaswag.json"),
+    (dict(tasks="hellaswag", init_from="models/hf-out/"), "./eval-hf-out-hellaswag.json"),
+    (dict(perplexity="data/shakespeare/val.bin"), "out/eval-perplexity-val.bin.json"),
+    (dict(perplexity="my notes.txt", out_dir="runs/a"), "runs/a/eval-perplexity-my_notes.txt.json"),
+])
+def test_default_output_is_named_after_the_run(flags, expected):
+    assert default_output(EvalConfig(**flags)) == expected
+
+
+def test_default_output_of_a_long_task_list_stays_short_and_distinct():
+    tasks = [f"mmlu_subject_number_{i}" for i in range(40)]
+    names = {default_output(EvalConfig(tasks=",".join(tasks[:n]))) for n in (30, 31, 40)}
+    assert len(names) == 3 and all(len(os.path.basename(n)) < 120 for n in names)
+    assert all(os.path.basename(n).startswith("eval-mmlu_subject_number_0+") for n in names)
 
 
 def test_generate_until_is_greedy_and_stops_at_the_stop_sequence():
