@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (EOT_TOKEN, GPT, arg, autocast, generate, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                   parse_args, pick_device, pick_dtype, write_atomically)
+from hf_gpt2 import check_hf_source, go_offline_if_hub_unreachable, load_hf_gpt2
+from model import (EOT_TOKEN, GPT, GPT2_SIZES, arg, autocast, generate, get_tokenizer, load_checkpoint,
+                   model_from_checkpoint, parse_args, pick_device, pick_dtype, write_atomically)
 
 
 @dataclass
@@ -208,7 +209,6 @@ def make_adapter_class():
 
 def load_model(cfg: EvalConfig) -> GPT:
     if cfg.init_from:
-        from hf_gpt2 import check_hf_source, load_hf_gpt2
         check_hf_source(cfg.init_from)
         return load_hf_gpt2(cfg.init_from)
     return model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), dropout=0.0)
@@ -230,8 +230,9 @@ def read_tokens(path: str, tokenizer) -> np.ndarray:
     return np.concatenate([[EOT_TOKEN], tokens])
 
 
-def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype) -> dict:
-    """The harness's results dict for cfg.tasks, evaluated through GPTAdapter."""
+def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype, hub_unreachable: str | None) -> dict:
+    """The harness's results dict for cfg.tasks, evaluated through GPTAdapter. A task whose data cannot be
+    fetched stops with one line; hub_unreachable is the Hub's address when a probe found it unreachable."""
     adapter = make_adapter_class()(model, get_tokenizer(), cfg.batch_size, device, dtype)
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -243,8 +244,17 @@ def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype) -> d
     if unknown:
         sys.exit(f"error: lm-evaluation-harness has no task {unknown[0]!r}; `lm_eval ls tasks` lists them "
                  f"(or add a YAML file to --include_path)")
-    return lm_eval.simple_evaluate(model=adapter, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                   task_manager=task_manager, log_samples=False)
+    try:
+        return lm_eval.simple_evaluate(model=adapter, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                       task_manager=task_manager, log_samples=False)
+    except ConnectionError as e:   # datasets' "Couldn't reach '<id>' on the Hub", offline mode's refusal
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if hub_unreachable:
+            sys.exit(f"error: --tasks={cfg.tasks}: the Hugging Face Hub ({hub_unreachable}) is unreachable and a "
+                     f"task's data is not in the local cache ({reason}); run once with network access, or "
+                     f"evaluate a local task (--include_path)")
+        sys.exit(f"error: --tasks={cfg.tasks}: a task's data could not be loaded ({reason}); check the network "
+                 f"(and HF_HUB_OFFLINE), or evaluate a local task (--include_path)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: give --tasks=... (lm-evaluation-harness) or --perplexity=FILE, one of the two")
     if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         sys.exit("error: --batch_size and --limit must be >= 1")
+    # Without a network, fail (or read the cache) at once instead of after ~25 s of retries per request;
+    # this has to come before huggingface_hub and datasets are imported.
+    needs_hub = cfg.tasks or cfg.init_from in GPT2_SIZES
+    hub_unreachable = go_offline_if_hub_unreachable() if needs_hub else None
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model = load_model(cfg).to(device).eval()
@@ -271,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
               f"perplexity {math.exp(nll):.2f}")
     else:
-        evaluated = run_tasks(cfg, model, device, dtype)     # stops with one line if lm_eval is missing
+        evaluated = run_tasks(cfg, model, device, dtype, hub_unreachable)   # one line if lm_eval is missing
         from lm_eval.utils import handle_non_serializable, make_table
         results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
         results = json.loads(json.dumps(results, default=handle_non_serializable))

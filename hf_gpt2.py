@@ -20,8 +20,12 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -202,6 +206,43 @@ def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
 
 
 # --- side effects: files in and out ---
+
+def go_offline_if_hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Set HF_HUB_OFFLINE=1 when the Hugging Face Hub cannot be reached, and return its address (None when it
+    can, or when this cannot be told). Offline, huggingface_hub and datasets read their cache at once, or fail
+    at once, instead of retrying each request for ~25 s (huggingface_hub's backoff: 1 + 2 + 4 + 8 + 8 s).
+
+    The probe is one TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co), given timeout_s
+    in all, DNS included; online it costs one round trip. Nothing is probed when the user set
+    HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) either way, or when a proxy carries the
+    traffic, which a direct connection cannot stand for. Call it before huggingface_hub or datasets is
+    imported: both read the variable once, at import."""
+    if any(name in os.environ for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = urllib.parse.urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    if (url.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return None
+    reached = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout_s).close()
+            reached.set()
+        except OSError:     # no route, no name server, refused, timed out
+            pass
+
+    # In a thread, because a name lookup has no timeout of its own (a silent DNS server takes ~10 s or more).
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    if reached.is_set():
+        return None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return endpoint
+
 
 def resolve_hf_dir(source: str) -> str:
     """A local directory with the model's files: source itself, or the Hub download of a GPT-2 name."""

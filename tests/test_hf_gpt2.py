@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from conftest import run_script  # noqa: E402
+from conftest import ROOT, run_script  # noqa: E402
 from hf_gpt2 import config_from_hf, export_hf, hf_config_from, load_hf_gpt2  # noqa: E402
 from model import GPT, GPTConfig, get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -113,6 +113,32 @@ def test_export_gets_the_modes_of_the_umask(tmp_path):
     modes = {name: stat.S_IMODE(os.stat(tmp_path / "hf-out" / name).st_mode)
              for name in os.listdir(tmp_path / "hf-out")}
     assert "model.safetensors" in modes and set(modes.values()) == {0o664}, modes
+
+
+def test_lm_eval_hf_backend_loads_the_export_and_scores_as_our_model(exported):
+    """The README's `lm_eval --model hf --model_args pretrained=hf-out` failed at once: the harness's hf
+    backend imports accelerate, which requirements-extra.txt did not install (it named lm-eval without its
+    [hf] extra). Installed from it, HFLM loads the export, and its log-likelihoods of continuations equal
+    those of our model's full forward passes."""
+    pytest.importorskip("lm_eval")
+    from packaging.requirements import Requirement
+    with open(os.path.join(ROOT, "requirements-extra.txt"), encoding="utf-8") as f:
+        extra = [Requirement(line.split("#")[0]) for line in f if line.split("#")[0].strip()]
+    assert any((r.name == "lm-eval" and "hf" in r.extras) or r.name == "accelerate" for r in extra)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM     # imports accelerate
+    model, out = exported
+    pairs = [("The capital of France is", " Paris"), ("Romeo loved", " Juliet and the night"), ("A", " b")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    scored = HFLM(pretrained=out, device="cpu", batch_size=2).loglikelihood(requests)
+    tokenizer = get_tokenizer()
+    for (context, continuation), (log_p, _) in zip(pairs, scored):
+        ids = tokenizer.encode(context + continuation)
+        n_context = len(tokenizer.encode(context))
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], dim=-1)     # (T - 1, V)
+        expected = sum(log_probs[t - 1, ids[t]].item() for t in range(n_context, len(ids)))
+        assert log_p == pytest.approx(expected, abs=1e-4)
 
 
 def test_exported_tokenizer_gives_our_ids(exported):
