@@ -207,16 +207,17 @@ def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
 
 # --- side effects: files in and out ---
 
-def go_offline_if_hub_unreachable(timeout_s: float = 5.0) -> str | None:
+def go_offline_if_hub_unreachable(timeout_s: float = 10.0) -> str | None:
     """Set HF_HUB_OFFLINE=1 when the Hugging Face Hub cannot be reached, and return its address (None when it
     can, or when this cannot be told). Offline, huggingface_hub and datasets read their cache at once, or fail
     at once, instead of retrying each request for ~25 s (huggingface_hub's backoff: 1 + 2 + 4 + 8 + 8 s).
 
     The probe is one TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co), given timeout_s
-    in all, DNS included; online it costs one round trip. Nothing is probed when the user set
-    HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) either way, or when a proxy carries the
-    traffic, which a direct connection cannot stand for. Call it before huggingface_hub or datasets is
-    imported: both read the variable once, at import."""
+    in all, DNS included, and half of it per address, so that a broken IPv6 route still leaves time for
+    IPv4; online it costs one round trip, and a refused connection or a failed lookup returns at once.
+    Nothing is probed when the user set HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) either
+    way, or when a proxy carries the traffic, which a direct connection cannot stand for. Call it before
+    huggingface_hub or datasets is imported: both read the variable once, at import."""
     if any(name in os.environ for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return None
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
@@ -229,7 +230,7 @@ def go_offline_if_hub_unreachable(timeout_s: float = 5.0) -> str | None:
     def connect() -> None:
         try:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                     timeout=timeout_s).close()
+                                     timeout=timeout_s / 2).close()
             reached.set()
         except OSError:     # no route, no name server, refused, timed out
             pass
