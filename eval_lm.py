@@ -7,13 +7,16 @@
 
 Tasks run through the harness's Python API (EleutherAI's lm-evaluation-harness, `pip install lm-eval`) with
 GPTAdapter, our model behind the harness's LM interface: it scores batches of (context, continuation)
-pairs with our GPT directly. The results go to a JSON file and a short table on stdout. (The file is not
-called evaluate.py: it would shadow Hugging Face's `evaluate` package, which some harness tasks import.)
+pairs with our GPT directly. The results go to a JSON file named after the tasks or the file (default_output)
+and a short table on stdout. (The file is not called evaluate.py: it would shadow Hugging Face's `evaluate`
+package, which some harness tasks import.)
 """
 import codecs
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -21,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import (EOT_TOKEN, GPT, arg, autocast, generate, get_tokenizer, load_checkpoint, model_from_checkpoint,
-                   parse_args, pick_device, pick_dtype, write_atomically)
+from hf_gpt2 import check_hf_source, go_offline_if_hub_unreachable, load_hf_gpt2
+from model import (EOT_TOKEN, GPT, GPT2_SIZES, arg, autocast, generate, get_tokenizer, load_checkpoint,
+                   model_from_checkpoint, parse_args, pick_device, pick_dtype, write_atomically)
 
 
 @dataclass
@@ -37,8 +41,9 @@ class EvalConfig:
     perplexity: str = arg("", "instead of tasks: the perplexity on a token file prepare.py wrote (.bin) or on "
                               "a text file")
     batch_size: int = arg(16, "sequences per forward pass")
-    output: str = arg("", "JSON file for the results (default: eval.json in --out_dir, or in the current "
-                          "directory with --init_from)")
+    output: str = arg("", "JSON file for the results (default: named after the tasks or the perplexity "
+                          "file, e.g. eval-hellaswag.json, in --out_dir, or with --init_from in the current "
+                          "directory)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
@@ -115,6 +120,26 @@ def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+def default_output(cfg: EvalConfig) -> str:
+    """The results file of a run without --output, named after what the run evaluates, so that runs on other
+    tasks, shot counts, limits or files do not overwrite each other: out_dir/eval-hellaswag+arc_easy-5shot.json,
+    out_dir/eval-perplexity-val.bin.json; with --init_from, ./eval-gpt2-hellaswag.json (the model named too)."""
+    if cfg.perplexity:
+        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity))
+    else:
+        tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+        name = "+".join(tasks)
+        if len(name) > 80:   # a long list: the first task, the count, and a hash of the whole list
+            digest = hashlib.sha256(",".join(tasks).encode()).hexdigest()[:8]
+            name = f"{tasks[0]}+{len(tasks) - 1}_more-{digest}"
+        name += (f"-{cfg.num_fewshot}shot" if cfg.num_fewshot is not None else "") + \
+            (f"-limit{cfg.limit}" if cfg.limit is not None else "")
+    if cfg.init_from:
+        name = os.path.basename(os.path.normpath(cfg.init_from)) + "-" + name
+    name = re.sub(r"[^\w.+-]", "_", name)     # a file name, whatever the task or model is called
+    return os.path.join("." if cfg.init_from else cfg.out_dir, f"eval-{name}.json")
+
+
 # --- the harness adapter ---
 
 def make_adapter_class():
@@ -184,7 +209,6 @@ def make_adapter_class():
 
 def load_model(cfg: EvalConfig) -> GPT:
     if cfg.init_from:
-        from hf_gpt2 import check_hf_source, load_hf_gpt2
         check_hf_source(cfg.init_from)
         return load_hf_gpt2(cfg.init_from)
     return model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), dropout=0.0)
@@ -206,8 +230,9 @@ def read_tokens(path: str, tokenizer) -> np.ndarray:
     return np.concatenate([[EOT_TOKEN], tokens])
 
 
-def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype) -> dict:
-    """The harness's results dict for cfg.tasks, evaluated through GPTAdapter."""
+def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype, hub_unreachable: str | None) -> dict:
+    """The harness's results dict for cfg.tasks, evaluated through GPTAdapter. A task whose data cannot be
+    fetched stops with one line; hub_unreachable is the Hub's address when a probe found it unreachable."""
     adapter = make_adapter_class()(model, get_tokenizer(), cfg.batch_size, device, dtype)
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -219,8 +244,17 @@ def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype) -> d
     if unknown:
         sys.exit(f"error: lm-evaluation-harness has no task {unknown[0]!r}; `lm_eval ls tasks` lists them "
                  f"(or add a YAML file to --include_path)")
-    return lm_eval.simple_evaluate(model=adapter, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                   task_manager=task_manager, log_samples=False)
+    try:
+        return lm_eval.simple_evaluate(model=adapter, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                       task_manager=task_manager, log_samples=False)
+    except ConnectionError as e:   # datasets' "Couldn't reach '<id>' on the Hub", offline mode's refusal
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if hub_unreachable:
+            sys.exit(f"error: --tasks={cfg.tasks}: the Hugging Face Hub ({hub_unreachable}) is unreachable and a "
+                     f"task's data is not in the local cache ({reason}); run once with network access, or "
+                     f"evaluate a local task (--include_path)")
+        sys.exit(f"error: --tasks={cfg.tasks}: a task's data could not be loaded ({reason}); check the network "
+                 f"(and HF_HUB_OFFLINE), or evaluate a local task (--include_path)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,10 +263,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: give --tasks=... (lm-evaluation-harness) or --perplexity=FILE, one of the two")
     if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         sys.exit("error: --batch_size and --limit must be >= 1")
+    # Without a network, fail (or read the cache) at once instead of after ~25 s of retries per request;
+    # this has to come before huggingface_hub and datasets are imported.
+    needs_hub = cfg.tasks or cfg.init_from in GPT2_SIZES
+    hub_unreachable = go_offline_if_hub_unreachable() if needs_hub else None
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model = load_model(cfg).to(device).eval()
-    output = cfg.output or os.path.join("." if cfg.init_from else cfg.out_dir, "eval.json")
+    output = cfg.output or default_output(cfg)
     source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
 
     if cfg.perplexity:
@@ -247,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
               f"perplexity {math.exp(nll):.2f}")
     else:
-        evaluated = run_tasks(cfg, model, device, dtype)     # stops with one line if lm_eval is missing
+        evaluated = run_tasks(cfg, model, device, dtype, hub_unreachable)   # one line if lm_eval is missing
         from lm_eval.utils import handle_non_serializable, make_table
         results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
         results = json.loads(json.dumps(results, default=handle_non_serializable))

@@ -93,8 +93,10 @@ class FinetuneConfig:
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
                      choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool | None = arg(None, "torch.compile the model for the training steps, as in train.py (default: on "
+                                     "for CUDA, off elsewhere)")
     loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, as in train.py; 0: "
-                                       "the plain path (default: 64 on CPU/MPS, 0 on CUDA)")
+                                       "the plain path (default: 64 on CPU/MPS, 0 on CUDA or with --compile)")
     seed: int = arg(1337, "seed for the adapters' initial A, dropout, the validation split and the data order")
 
 
@@ -563,15 +565,15 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         if existing:
             sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
                      f"--out_dir (nothing is overwritten)")
+    records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
+    if cfg.init_from != "resume":
         from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
         if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
             base_path = os.path.join(cfg.out_dir, "base.pt")
-            if is_master:
-                os.makedirs(cfg.out_dir, exist_ok=True)
+            if is_master:                  # out_dir appears only once the weights have loaded
                 save_hf_as_checkpoint(cfg.init_from, base_path)
             if dist.is_initialized():
                 dist.barrier()
-    records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
     # The base's own dropout is off: only the adapters' dropout regularizes fine-tuning.
     model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
     base = {"path": base_path, "sha256": sha256_file(base_path)}
@@ -629,17 +631,27 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = state["step"], state["best_val_loss"]
         print0(f"resuming {state_path} at step {start_step}")
-    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
+    compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
+    # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
+    # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
+        (0 if device_type == "cuda" or compile_model else 64)
+    # The training steps run through torch.compile; evaluation and saving use `model`, the plain module.
     # DDP (Li et al. 2020) over the adapters: every process holds the whole model and trains on its share
     # of each step's records; backward averages the adapters' gradients (the frozen weights have none).
-    train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) \
-        if world_size > 1 else model
+    # DDP wraps the compiled module (as nanoGPT does), so accumulate_gradients still finds DDP's no_sync; the
+    # all-reduce then waits for the whole compiled backward, which costs nothing for the adapters' few MB.
+    train_model = torch.compile(model) if compile_model else model
+    train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None) \
+        if world_size > 1 else train_model
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base_path} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
-    print0(f"{world_size} x {device}, {str(dtype).removeprefix('torch.')} | {examples_per_step} records per step "
-           f"| loss on {'response tokens only' if cfg.mask_input else 'every token'}")
+    print0(f"{world_size} x {device}, {str(dtype).removeprefix('torch.')}{', compiled' if compile_model else ''} | "
+           f"{examples_per_step} records per step | loss on "
+           f"{'response tokens only' if cfg.mask_input else 'every token'}")
 
     # Fixed evaluation examples: the first eval_iters batches of each split (the whole split if smaller).
     n_eval = cfg.eval_iters * cfg.batch_size

@@ -5,8 +5,9 @@
 
 In: `load_hf_gpt2("gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" | <directory>)` reads config.json and
 model.safetensors (from the Hub, or a directory that transformers' save_pretrained wrote) into our GPT.
-Out: this script writes config.json, model.safetensors and GPT-2's tokenizer files (vocab.json, merges.txt)
-so that GPT2LMHeadModel.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir) load the model.
+Out: this script writes config.json, generation_config.json, model.safetensors and GPT-2's tokenizer files
+(vocab.json, merges.txt) so that GPT2LMHeadModel.from_pretrained(dir), AutoTokenizer.from_pretrained(dir) and
+pipeline("text-generation", dir) load the model.
 
 Our GPT and transformers' GPT2LMHeadModel have the same parameter names (both follow OpenAI's release).
 The one difference: OpenAI wrote the four projections as Conv1D, which stores its weight as (C_in, C_out);
@@ -19,8 +20,12 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +133,18 @@ def hf_config_from(config: GPTConfig) -> dict:
             "torch_dtype": "float32"}
 
 
+def hf_generation_config_from(config: GPTConfig) -> dict:
+    """transformers' generation_config.json for our GPTConfig: generation stops at the context window
+    (max_length counts the prompt too), and on GPT-2's vocabulary <|endoftext|> ends and pads a sample.
+    Without max_length, transformers 5's text-generation pipeline asks for 256 new tokens (its
+    _default_generation_config), and positions past n_positions index outside the position embedding
+    (IndexError); a model's own generation config takes precedence over the pipeline's defaults."""
+    generation = {"max_length": config.block_size}
+    if config.vocab_size > EOT_TOKEN:     # a smaller vocabulary has no such token to end or pad with
+        generation.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN)
+    return generation
+
+
 def hf_state_dict_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's state dict (as save_pretrained writes it) from ours: Conv1D weights transposed,
     contiguous and in fp32; the tied lm_head.weight left out, since transformers re-ties it on load."""
@@ -189,6 +206,44 @@ def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
 
 
 # --- side effects: files in and out ---
+
+def go_offline_if_hub_unreachable(timeout_s: float = 10.0) -> str | None:
+    """Set HF_HUB_OFFLINE=1 when the Hugging Face Hub cannot be reached, and return its address (None when it
+    can, or when this cannot be told). Offline, huggingface_hub and datasets read their cache at once, or fail
+    at once, instead of retrying each request for ~25 s (huggingface_hub's backoff: 1 + 2 + 4 + 8 + 8 s).
+
+    The probe is one TCP connection to the endpoint (HF_ENDPOINT, default huggingface.co), given timeout_s
+    in all, DNS included, and half of it per address, so that a broken IPv6 route still leaves time for
+    IPv4; online it costs one round trip, and a refused connection or a failed lookup returns at once.
+    Nothing is probed when the user set HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) either
+    way, or when a proxy carries the traffic, which a direct connection cannot stand for. Call it before
+    huggingface_hub or datasets is imported: both read the variable once, at import."""
+    if any(name in os.environ for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = urllib.parse.urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    if (url.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return None
+    reached = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout_s / 2).close()
+            reached.set()
+        except OSError:     # no route, no name server, refused, timed out
+            pass
+
+    # In a thread, because a name lookup has no timeout of its own (a silent DNS server takes ~10 s or more).
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    if reached.is_set():
+        return None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return endpoint
+
 
 def resolve_hf_dir(source: str) -> str:
     """A local directory with the model's files: source itself, or the Hub download of a GPT-2 name."""
@@ -253,8 +308,10 @@ def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
 
 def save_hf_as_checkpoint(source: str, path: str) -> None:
     """GPT-2 weights saved as a checkpoint of ours (model and model_config), for scripts that tie their
-    output to a checkpoint file: finetune_lora.py's adapters record their base's path and sha256."""
+    output to a checkpoint file: finetune_lora.py's adapters record their base's path and sha256. The
+    folder is created only once the weights have loaded, so a failed download leaves nothing behind."""
     model = load_hf_gpt2(source)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                      "hf_source": source}, path)
 
@@ -264,9 +321,19 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def current_umask() -> int:
+    """The process's umask (the permission bits new files do not get). os.umask can only read it by
+    setting another, so the old one is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> None:
     """Write a Hugging Face GPT-2 directory at out, atomically: the files go into a temporary directory
-    beside it, which is renamed to out once complete, so out is either absent or whole."""
+    beside it, which is renamed to out once complete, so out is either absent or whole. The directory and
+    its files get the modes that os.mkdir and open would give them (0777 and 0666 less the umask), not the
+    temporary directory's private 0700 (tempfile.mkdtemp) or safetensors' 0600 for model.safetensors."""
     hf_config = hf_config_from(config)     # refuses unexpressible configs before anything is written
     save_file = _need("safetensors.torch", "export").save_file
     if os.path.exists(out):
@@ -276,6 +343,8 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> No
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
         write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
+        write_text(os.path.join(tmp, "generation_config.json"),
+                   json.dumps(hf_generation_config_from(config), indent=2) + "\n")
         save_file(hf_state_dict_from(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
             vocab, merges = gpt2_tokenizer_files(get_tokenizer())
@@ -285,6 +354,10 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> No
                 "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
                 "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                 "add_prefix_space": False}, indent=2) + "\n")
+        mask = current_umask()
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         os.rename(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -297,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     config = GPTConfig(**checkpoint["model_config"])
     export_hf(checkpoint["model"], config, cfg.out)
     has_tokenizer = config.vocab_size >= EOT_TOKEN + 1
-    print(f"wrote {cfg.out}: config.json, model.safetensors"
+    print(f"wrote {cfg.out}: config.json, generation_config.json, model.safetensors"
           + (", vocab.json, merges.txt, tokenizer_config.json" if has_tokenizer else
              f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.out!r})")

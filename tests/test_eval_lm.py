@@ -3,6 +3,11 @@ computed here directly from the model's full logits."""
 import dataclasses
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+import time
 import types
 
 import numpy as np
@@ -10,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
-from eval_lm import make_adapter_class, rolling_windows, score_continuations
+from conftest import ROOT, run_script
+from eval_lm import EvalConfig, default_output, make_adapter_class, rolling_windows, score_continuations
+from hf_gpt2 import go_offline_if_hub_unreachable
 from model import GPT, GPTConfig, get_tokenizer, save_checkpoint
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -148,6 +154,44 @@ def test_perplexity_of_a_token_file_equals_direct_computation(checkpoint_dir, tm
     assert measured["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
 
 
+def test_each_run_writes_its_own_results_file(checkpoint_dir, tmp_path):
+    """Every run wrote out_dir/eval.json, so a second evaluation overwrote the first one's results. Now the
+    default file is named after what the run evaluates; --output still picks the file."""
+    model, out = checkpoint_dir
+    rng = np.random.default_rng(2)
+    for name in ("val.bin", "test.bin"):
+        rng.integers(0, 50257, 40).astype(np.uint16).tofile(tmp_path / name)
+        result = run_script("eval_lm.py", f"--out_dir={out}", f"--perplexity={tmp_path / name}")
+        assert result.returncode == 0, result.stderr
+        assert f"results: {os.path.join(out, f'eval-perplexity-{name}.json')}" in result.stdout
+    results = {name: json.loads(open(os.path.join(out, f"eval-perplexity-{name}.json")).read())
+               for name in ("val.bin", "test.bin")}
+    assert {r["file"] for r in results.values()} == {str(tmp_path / "val.bin"), str(tmp_path / "test.bin")}
+    assert results["val.bin"]["perplexity"] != results["test.bin"]["perplexity"]
+    assert not os.path.exists(os.path.join(out, "eval.json"))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(tasks="hellaswag"), "out/eval-hellaswag.json"),
+    (dict(tasks="hellaswag, arc_easy", num_fewshot=5, limit=200),
+     "out/eval-hellaswag+arc_easy-5shot-limit200.json"),
+    (dict(tasks="arc_easy", num_fewshot=0), "out/eval-arc_easy-0shot.json"),
+    (dict(tasks="hellaswag", init_from="gpt2-medium"), "./eval-gpt2-medium-hellaswag.json"),
+    (dict(tasks="hellaswag", init_from="models/hf-out/"), "./eval-hf-out-hellaswag.json"),
+    (dict(perplexity="data/shakespeare/val.bin"), "out/eval-perplexity-val.bin.json"),
+    (dict(perplexity="my notes.txt", out_dir="runs/a"), "runs/a/eval-perplexity-my_notes.txt.json"),
+])
+def test_default_output_is_named_after_the_run(flags, expected):
+    assert default_output(EvalConfig(**flags)) == expected
+
+
+def test_default_output_of_a_long_task_list_stays_short_and_distinct():
+    tasks = [f"mmlu_subject_number_{i}" for i in range(40)]
+    names = {default_output(EvalConfig(tasks=",".join(tasks[:n]))) for n in (30, 31, 40)}
+    assert len(names) == 3 and all(len(os.path.basename(n)) < 120 for n in names)
+    assert all(os.path.basename(n).startswith("eval-mmlu_subject_number_0+") for n in names)
+
+
 def test_generate_until_is_greedy_and_stops_at_the_stop_sequence():
     pytest.importorskip("lm_eval")
     model, tokenizer = random_gpt(2), get_tokenizer()
@@ -163,3 +207,73 @@ def test_generate_until_is_greedy_and_stops_at_the_stop_sequence():
     request = types.SimpleNamespace(args=(context, {"until": [stop], "max_gen_toks": 12}))
     unstopped = types.SimpleNamespace(args=(context, {"until": ["\x00"], "max_gen_toks": 12}))
     assert adapter.generate_until([request, unstopped]) == [text[:text.index(stop)], text]
+
+
+# --- without a network ---
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def closed_port() -> int:
+    """A local TCP port that nothing listens on: connecting to it is refused at once, as with no network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def online_env(monkeypatch):
+    """No offline variable set (whatever the shell had), restored after the test even where the probe sets
+    one: monkeypatch only restores the variables it has touched."""
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_unreachable_hub_turns_on_offline_mode(online_env):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    online_env.setenv("HF_ENDPOINT", endpoint)
+    assert go_offline_if_hub_unreachable(timeout_s=5) == endpoint
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_reachable_hub_stays_online(online_env):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        online_env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert go_offline_if_hub_unreachable(timeout_s=5) is None
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+@pytest.mark.parametrize("variable, value", [("HF_HUB_OFFLINE", "0"), ("HF_DATASETS_OFFLINE", "1"),
+                                             ("https_proxy", "http://127.0.0.1:3128")])
+def test_no_probe_when_the_user_decided_or_a_proxy_carries_the_traffic(online_env, variable, value):
+    """The user's own offline setting, either way, is kept; through a proxy, a direct connection proves
+    nothing about the Hub, so the libraries are left to find out."""
+    online_env.setenv("HF_ENDPOINT", f"https://127.0.0.1:{closed_port()}")
+    online_env.setenv(variable, value)
+    assert go_offline_if_hub_unreachable(timeout_s=5) is None
+    assert os.environ.get("HF_HUB_OFFLINE") == (value if variable == "HF_HUB_OFFLINE" else None)
+
+
+@pytest.mark.slow
+def test_hub_task_without_a_network_is_one_line(checkpoint_dir, tmp_path):
+    """Without a network, `eval_lm.py --tasks=hellaswag` printed a 40-line traceback after ~25 s of
+    huggingface_hub's retries (1 + 2 + 4 + 8 + 8 s). A closed local port stands in for the Hub (HF_ENDPOINT),
+    with no offline variable set, as on a machine without a network: now one line saying so, and no retries
+    (the rest of the time is the harness indexing its tasks)."""
+    pytest.importorskip("lm_eval")
+    _, out = checkpoint_dir
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf"))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval_lm.py"), f"--out_dir={out}",
+                             "--tasks=hellaswag", "--limit=5"], capture_output=True, text=True, env=env,
+                            timeout=300, cwd=tmp_path)
+    print(f"hellaswag without a network: {time.perf_counter() - start:.1f} s")
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --tasks=hellaswag: the Hugging Face Hub"), lines
+    assert "is unreachable" in lines[0]

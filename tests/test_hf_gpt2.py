@@ -3,6 +3,7 @@ random GPT2LMHeadModel stands in for OpenAI's weights, which cannot be downloade
 import dataclasses
 import json
 import os
+import stat
 from importlib.resources import files
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from conftest import run_script  # noqa: E402
+from conftest import ROOT, run_script  # noqa: E402
 from hf_gpt2 import config_from_hf, export_hf, hf_config_from, load_hf_gpt2  # noqa: E402
 from model import GPT, GPTConfig, get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -73,13 +74,71 @@ def test_imported_gpt2_logits_match_transformers(hf_dir):
 
 def test_exported_checkpoint_reloads_in_transformers_with_equal_logits(exported):
     model, out = exported
-    assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json",
-                                       "vocab.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                                       "tokenizer_config.json", "vocab.json"]
     idx = torch.randint(0, 50257, (3, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         difference = (model(idx) - hf_logits(out, idx)).abs().max().item()
     print(f"export: max |logits ours - transformers| = {difference:.2e}")
     assert difference < 1e-4
+
+
+def test_text_generation_pipeline_on_the_export_stays_within_the_context(exported):
+    """The README's `pipeline('text-generation', 'hf-out')('ROMEO:')` crashed with IndexError: transformers 5's
+    pipeline asks for 256 new tokens by default, past the model's positions (128 in the quick start, 24
+    here). The export's generation_config.json stops generation at block_size tokens, prompt included."""
+    model, out = exported
+    generator = transformers.pipeline("text-generation", out)
+    assert generator("ROMEO:")[0]["generated_text"].startswith("ROMEO:")      # the README's call, as it is
+    ids = generator("ROMEO:", return_tensors=True)[0]["generated_token_ids"]
+    prompt = get_tokenizer().encode("ROMEO:")
+    assert list(ids[:len(prompt)]) == prompt and len(prompt) < len(ids) <= model.config.block_size
+    with open(os.path.join(out, "generation_config.json"), encoding="utf-8") as f:
+        generation = json.load(f)
+    assert generation["eos_token_id"] == generation["pad_token_id"] == 50256
+
+
+def test_export_gets_the_modes_of_the_umask(tmp_path):
+    """The export directory came out 0700 and model.safetensors 0600: the private modes of the temporary
+    directory (tempfile.mkdtemp) and of safetensors' file survived the rename, so a model meant to be shared
+    could not be read by anyone else. Now they are what os.mkdir and open give: 0777 and 0666 less the umask
+    (0o002 here, so that a fixed 0755/0644 would fail too)."""
+    model = random_gpt()
+    old_mask = os.umask(0o002)
+    try:
+        export_hf(model.state_dict(), model.config, str(tmp_path / "hf-out"))
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "hf-out").st_mode) == 0o775
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / "hf-out" / name).st_mode)
+             for name in os.listdir(tmp_path / "hf-out")}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o664}, modes
+
+
+def test_lm_eval_hf_backend_loads_the_export_and_scores_as_our_model(exported):
+    """The README's `lm_eval --model hf --model_args pretrained=hf-out` failed at once: the harness's hf
+    backend imports accelerate, which requirements-extra.txt did not install (it named lm-eval without its
+    [hf] extra). Installed from it, HFLM loads the export, and its log-likelihoods of continuations equal
+    those of our model's full forward passes."""
+    pytest.importorskip("lm_eval")
+    from packaging.requirements import Requirement
+    with open(os.path.join(ROOT, "requirements-extra.txt"), encoding="utf-8") as f:
+        extra = [Requirement(line.split("#")[0]) for line in f if line.split("#")[0].strip()]
+    assert any((r.name == "lm-eval" and "hf" in r.extras) or r.name == "accelerate" for r in extra)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM     # imports accelerate
+    model, out = exported
+    pairs = [("The capital of France is", " Paris"), ("Romeo loved", " Juliet and the night"), ("A", " b")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    scored = HFLM(pretrained=out, device="cpu", batch_size=2).loglikelihood(requests)
+    tokenizer = get_tokenizer()
+    for (context, continuation), (log_p, _) in zip(pairs, scored):
+        ids = tokenizer.encode(context + continuation)
+        n_context = len(tokenizer.encode(context))
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], dim=-1)     # (T - 1, V)
+        expected = sum(log_probs[t - 1, ids[t]].item() for t in range(n_context, len(ids)))
+        assert log_p == pytest.approx(expected, abs=1e-4)
 
 
 def test_exported_tokenizer_gives_our_ids(exported):
@@ -178,6 +237,26 @@ def test_finetune_lora_from_hf_directory_saves_the_base_its_adapter_names(hf_dir
     assert all(torch.equal(base["model"][name], reference[name]) for name in reference)
     adapter = torch.load(out / "adapter.pt", weights_only=True)
     assert adapter["base"]["path"] == str(out / "base.pt")
+
+
+@pytest.mark.parametrize("broken", ["weights", "data"])
+def test_failed_finetune_from_hf_leaves_no_out_dir(hf_dir, tmp_path, broken):
+    """finetune_lora.py created out_dir before loading GPT-2's weights, so a failed download (here: a
+    directory without weights) left an empty out_dir behind; and it read --data only after writing
+    out_dir/base.pt, so a bad data file left a directory holding a copy of GPT-2. Both now fail with one
+    line before out_dir exists."""
+    source = hf_dir
+    if broken == "weights":
+        source = tmp_path / "no-weights"
+        source.mkdir()
+        (source / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": "Say yes.", "output": "yes"}] * 4 if broken == "weights"
+                                  else [{"instruction": "Say yes."}]))      # no output field
+    out = tmp_path / "lora"
+    result = run_script("finetune_lora.py", f"--init_from={source}", f"--data={records}", f"--out_dir={out}")
+    assert result.returncode != 0 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not out.exists()
 
 
 def test_generate_from_hf_directory_is_transformers_greedy_decoding(hf_dir):
