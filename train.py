@@ -482,8 +482,11 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
-    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
-        sys.exit("error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0")
+    # min_lr is where the cosine decay ends: with --decay_lr=False it is never used (get_lr), so its default
+    # must not refuse a learning rate below it.
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or (cfg.decay_lr and cfg.min_lr > cfg.learning_rate):
+        sys.exit(f"error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0 (--min_lr={cfg.min_lr}, "
+                 f"--learning_rate={cfg.learning_rate})")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         if getattr(model_cfg, name) < 1:
             sys.exit(f"error: --{name}={getattr(model_cfg, name)} must be >= 1")
