@@ -86,7 +86,9 @@ class TrainConfig:
                            choices=("gpipe", "1f1b", "interleaved_1f1b"))
     pp_balance: str = arg("flops", "cost model the splitter balances the stages by",
                           choices=("flops", "params", "uniform"))
-    n_microbatches: int = arg(4, "micro-batches each batch_size batch is cut into under --pp")
+    n_microbatches: int | None = arg(None, "micro-batches each batch_size batch is cut into under --pp (default: "
+                                           "the fewest that keep every stage busy: >= --pp and dividing "
+                                           "--batch_size; more shrink the bubble and the activations in flight)")
     pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
     # checkpoints kept, and where a resumed run starts
     keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
@@ -142,6 +144,25 @@ def read_batch(bin_path: str, offsets: torch.Tensor, block_size: int) -> tuple[t
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
+def microbatch_choices(batch_size: int, pp: int, schedule: str) -> list[int]:
+    """Micro-batch counts, smallest first, that cut a batch of batch_size sequences evenly and give each of pp
+    pipeline stages work at the pipe's fullest: at least pp (1F1B needs one micro-batch per stage to start its
+    steady state; GPipe with fewer leaves stages idle throughout), and multiples of pp under interleaved 1F1B,
+    whose schedule runs the micro-batches in rounds of pp (Narayanan et al. 2021, section 2.2)."""
+    return [n for n in range(pp, batch_size + 1)
+            if batch_size % n == 0 and (schedule != "interleaved_1f1b" or n % pp == 0)]
+
+
+def microbatches(cfg: TrainConfig) -> int:
+    """Micro-batches per batch under --pp: --n_microbatches, or by default the fewest that work
+    (microbatch_choices), which follows --pp. No choice at all (batch_size < pp): pp, which check_config
+    refuses with a batch size that works."""
+    if cfg.n_microbatches is not None:
+        return cfg.n_microbatches
+    choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
+    return choices[0] if choices else cfg.pp
+
+
 # --- the dry run: plan a run before it starts ---
 #
 # Memory on a GPU while training = weights, gradients and AdamW's two moments (all fp32: 4 + 4 + 8 bytes per
@@ -190,7 +211,7 @@ def microbatches_in_flight(cfg: TrainConfig, pp_rank: int) -> int:
     """Micro-batches whose activations pipeline rank pp_rank holds at once (in virtual-stage chunks when
     interleaved): GPipe runs every forward first; 1F1B (Narayanan et al. 2019) starts backward after P - p
     forwards; interleaved 1F1B warms up with 2(P - p - 1) + (V - 1)P chunks (Narayanan et al. 2021)."""
-    P, n = cfg.pp, cfg.n_microbatches
+    P, n = cfg.pp, microbatches(cfg)
     if cfg.pp_schedule == "gpipe":
         return n
     if cfg.pp_schedule == "1f1b":
@@ -248,7 +269,7 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
     flops_token = flops_per_token(model_cfg, n_params, T)
     gpu = cfg.dry_run_gpu
     peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
-    layout = (f"pp={cfg.pp} ({cfg.pp_schedule}, {cfg.n_microbatches} micro-batches) x " if cfg.pp > 1 else "") + \
+    layout = (f"pp={cfg.pp} ({cfg.pp_schedule}, {microbatches(cfg)} micro-batches) x " if cfg.pp > 1 else "") + \
         f"{dp_size} {'FSDP shard' if cfg.fsdp else 'data-parallel replica'}{'s' if dp_size > 1 else ''}"
     lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
              f"TFLOP/s at 16 bits) | {layout} | {'fp32' if act_bytes == 4 else '16-bit autocast'}",
@@ -257,7 +278,7 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
              f"FLOPs per token: {flops_token / 1e9:.2f} GFLOP (forward + backward: 6N + 12LHDT)",
              f"tokens per optimizer step: {tokens_per_step:,} ({cfg.batch_size} sequences x "
              f"{cfg.gradient_accumulation_steps} micro-steps x {dp_size} data-parallel x {T} tokens)"]
-    rows, micro_batch = [], cfg.batch_size // cfg.n_microbatches if cfg.pp > 1 else cfg.batch_size
+    rows, micro_batch = [], cfg.batch_size // microbatches(cfg) if cfg.pp > 1 else cfg.batch_size
     if cfg.pp > 1:
         n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1
         plan = plan_stages(model_cfg, cfg.pp * n_virtual, cfg.pp_balance)
@@ -523,12 +544,21 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         if n_stages > model_cfg.n_layer:
             sys.exit(f"error: {n_stages} pipeline stages need at least as many blocks, but --n_layer="
                      f"{model_cfg.n_layer}; lower --pp (or --pp_virtual_stages)")
-        if cfg.n_microbatches < 1 or cfg.batch_size % cfg.n_microbatches:
-            sys.exit(f"error: --n_microbatches={cfg.n_microbatches} must divide --batch_size={cfg.batch_size}")
-        if cfg.pp_schedule != "gpipe" and cfg.n_microbatches < cfg.pp:
-            sys.exit(f"error: --pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}")
-        if cfg.pp_schedule == "interleaved_1f1b" and cfg.n_microbatches % cfg.pp:
-            sys.exit(f"error: interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}")
+        # Each refusal names a value that works: the default's choice, or the smallest batch that has one.
+        choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
+        works = f"--n_microbatches={choices[0]} works" if choices else \
+            f"--batch_size={-(-cfg.batch_size // cfg.pp) * cfg.pp} --n_microbatches={cfg.pp} works"
+        n = cfg.n_microbatches
+        if n is None and not choices:
+            sys.exit(f"error: --pp={cfg.pp} with {cfg.pp_schedule} needs a number of micro-batches that is at least "
+                     f"{cfg.pp}{' and a multiple of it' if cfg.pp_schedule == 'interleaved_1f1b' else ''} and divides "
+                     f"--batch_size={cfg.batch_size}; {works}")
+        if n is not None and (n < 1 or cfg.batch_size % n):
+            sys.exit(f"error: --n_microbatches={n} must divide --batch_size={cfg.batch_size}; {works}")
+        if n is not None and cfg.pp_schedule != "gpipe" and n < cfg.pp:
+            sys.exit(f"error: --pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}; {works}")
+        if n is not None and cfg.pp_schedule == "interleaved_1f1b" and n % cfg.pp:
+            sys.exit(f"error: interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}; {works}")
         if cfg.dtype == "float16":
             sys.exit("error: --dtype=float16 needs a gradient scaler, which --pp does not support; "
                      "use --dtype=bfloat16 or float32")
@@ -584,13 +614,14 @@ def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mes
                for m in modules]
     stages = [PipelineStage(r, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
               for r, i in zip(runners, stage_ids)]
-    loss_fn = scaled_cross_entropy(1 / (cfg.n_microbatches * cfg.gradient_accumulation_steps))
+    n_microbatches = microbatches(cfg)
+    loss_fn = scaled_cross_entropy(1 / (n_microbatches * cfg.gradient_accumulation_steps))
     # scale_grads=False: the loss is already scaled, and gradients accumulate over several step() calls.
     if cfg.pp_schedule == "interleaved_1f1b":
-        schedule = ScheduleInterleaved1F1B(stages, cfg.n_microbatches, loss_fn, scale_grads=False)
+        schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn, scale_grads=False)
     else:
         schedule_class = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
-        schedule = schedule_class(stages[0], cfg.n_microbatches, loss_fn, scale_grads=False)
+        schedule = schedule_class(stages[0], n_microbatches, loss_fn, scale_grads=False)
     # Every process creates every group, in the same order (a rule of torch.distributed.new_group).
     tie_group = None
     if model_cfg.tie_embeddings:
