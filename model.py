@@ -126,9 +126,13 @@ PRESETS = {
     # 16 GB V100s. Its DeepSpeed log counts 1,099,214,888 parameters; exactly these choices reproduce it:
     # biases on, an untied LM head (no bias), a learned position embedding, ReZero removing both block
     # LayerNorms (one scalar per residual branch) and keeping the final one. tests/test_presets.py checks it.
+    # Its recipe: the learning rate of the seed's table, and the batch its pipeline ran, 4 micro-batches of 1
+    # sequence per optimizer step (with --pp the batch of batch_size is cut into n_microbatches). The table
+    # gives no final learning rate: the decay goes to 10% of the peak, as GPT-3's does.
     "gptx-1b": {"model": dict(n_layer=20, n_embd=2048, n_head=16, vocab_size=22000, block_size=1024, bias=True,
                               tie_embeddings=False, rezero=True, sparse_topk=8, position="learned"),
-                "train": {}},
+                "train": dict(batch_size=4, n_microbatches=4, gradient_accumulation_steps=1, learning_rate=2.0e-4,
+                              min_lr=2.0e-5)},
 }
 
 
