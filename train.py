@@ -77,6 +77,9 @@ class TrainConfig:
     loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, which never holds "
                                        "the whole (B*T, V) logits; 0: the plain path (default: 64 on CPU/MPS, "
                                        "0 on CUDA, where torch.compile fuses the plain path)")
+    peak_flops: float | None = arg(None, "peak FLOP/s of one device, for the MFU in the log (default: the data "
+                                         "sheet's bf16 figure for the GPUs model.PEAK_BF16_FLOPS lists; on others "
+                                         "and on CPUs the log gives GFLOP/s instead)")
     seed: int = arg(1337, "seed for the weights, dropout and the order of the batches")
     fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state across the processes "
                             "(FSDP2) instead of giving each a full copy (DDP)")
@@ -503,6 +506,8 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
+    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
+        sys.exit(f"error: --peak_flops={cfg.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12 for an H100)")
     # min_lr is where the cosine decay ends: with --decay_lr=False it is never used (get_lr), so its default
     # must not refuse a learning rate below it.
     if cfg.learning_rate <= 0 or cfg.min_lr < 0 or (cfg.decay_lr and cfg.min_lr > cfg.learning_rate):
@@ -887,7 +892,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
 
     tokens_per_step = B * accum * dp_size * T
     flops_per_step = flops_per_token(model_cfg, n_params, T) * tokens_per_step
-    peak = peak_flops(device)
+    # MFU: the FLOPs of the global batch over the peak of every device that computed them, each of the
+    # world_size processes (DDP replicas, FSDP shards, pipeline stages) on its own device.
+    peak = cfg.peak_flops or peak_flops(device)
+    peak = world_size * peak if peak else None
     print0(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
            f"{model_cfg.n_embd} channels, context {T}")
     print0(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "

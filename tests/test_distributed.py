@@ -64,6 +64,28 @@ def test_checkpoint_saved_under_ddp_resumes_on_one_process(tiny_data_dir, tmp_pa
     assert_same_run(straight, moved)
 
 
+
+@pytest.mark.parametrize("nproc,flags", [(1, ["--gradient_accumulation_steps=2"]),
+                                         (2, ["--gradient_accumulation_steps=1"]),
+                                         (2, ["--fsdp", "--gradient_accumulation_steps=1"]),
+                                         (2, ["--pp=2", "--gradient_accumulation_steps=2"])])
+def test_logged_mfu_divides_by_the_peak_of_every_process(nproc, flags, tiny_data_dir, tmp_path):
+    """MFU was logged world-size times too high under DDP, FSDP and PP: the FLOPs of the global batch were divided
+    by one device's peak. Each logged MFU must be a step's FLOPs, counted by hand (6N + 12LCT per token, N
+    without the position embedding, a lookup), over the step's time and nproc devices' peak (--peak_flops)."""
+    L, C, V, T, peak = 2, 32, 64, 16, 1e9                              # TINY_MODEL_FLAGS
+    n_matmul = L * (12 * C * C + 13 * C) + V * C + 2 * C               # blocks, tied wte/head, ln_f
+    flops_per_step = (6 * n_matmul + 12 * L * C * T) * 8 * T          # 8 sequences of T tokens per step
+    run_train(str(tmp_path), tiny_data_dir, nproc, "--max_iters=3", "--eval_interval=3", f"--peak_flops={peak:g}",
+              *flags)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "mfu" in r]
+    assert len(steps) == 3
+    for r in steps:
+        assert r["tokens_per_s"] * r["ms_per_step"] / 1000 == pytest.approx(8 * T)
+        assert r["mfu"] == pytest.approx(flops_per_step / (r["ms_per_step"] / 1000) / (nproc * peak), rel=1e-9)
+
+
 PIPELINE_LAYOUTS = {
     "pp2 gpipe": (2, ["--pp=2", "--pp_schedule=gpipe", "--gradient_accumulation_steps=2"]),
     "pp2 1f1b": (2, ["--pp=2", "--pp_schedule=1f1b", "--gradient_accumulation_steps=2"]),

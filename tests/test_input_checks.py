@@ -44,6 +44,8 @@ def assert_one_line_error(script: str, flags: list[str], *fragments: str) -> Non
     ("train.py", ["--resume_from=out/ckpt-000100.pt"], "--resume_from=out/ckpt-000100.pt needs --init_from=resume"),
     ("train.py", ["--pp=2", "--fsdp"], "--fsdp together with --pp is not supported"),
     ("train.py", ["--max_iters=ten"], "--max_iters: invalid int value: 'ten'"),
+    ("train.py", ["--peak_flops=0"], "--peak_flops=0.0 must be > 0"),
+    ("finetune_lora.py", ["--peak_flops=-1"], "--peak_flops=-1.0 must be > 0"),
     ("prepare.py", ["--num_proc=-1"], "--num_proc=-1 must be >= 0"),
     ("prepare.py", ["--val_fraction=x"], "--val_fraction: invalid float value: 'x'"),
     ("prepare.py", ["--datset=x"], "did you mean --dataset?"),
