@@ -234,7 +234,8 @@ def memory_estimate(cfg: TrainConfig, config: GPTConfig, module: torch.nn.Module
                     data_parallel: bool) -> dict[str, float]:
     """Estimated peak bytes on one GPU, by kind, for a module (the GPT, or one rank's pipeline stages) built on
     the meta device. shards > 1: FSDP splits weights, gradients and AdamW states, and gathers two blocks at a
-    time (the current and the prefetched next). data_parallel: DDP keeps its gradient buckets beside .grad."""
+    time (the current and the prefetched next). data_parallel: DDP keeps its gradient buckets beside .grad
+    (under --pp, the flat copy the replicas average)."""
     T = config.block_size
     params, linear = count_params(module)
     blocks = [m for m in module.modules() if isinstance(m, Block)]
@@ -582,6 +583,13 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
 # With tied embeddings, the first and last stages each hold a copy of wte; their gradients are summed
 # over a two-process group every step, so the copies take identical steps and stay equal. (Colossal-AI
 # keeps one shared module; torchtitan refuses tied embeddings under pipelining.)
+# With P x D processes, the D replicas of a stage average their gradients once per optimizer step, in
+# pipeline_optimizer_step, as DDP would. Not through DDP itself: on the first step the schedule infers the
+# stages' shapes by running the module's forward outside no_sync, which leaves DDP expecting one more backward;
+# unless a forward falls between a stage's first and last backward (1F1B with more micro-batches than
+# stages), DDP records each parameter twice and stops at its next forward with an internal assert
+# ("rebuilt parameter indices size is not same as original model parameters size", torch 2.13): GPipe,
+# interleaved 1F1B, and 1F1B with as many micro-batches as stages.
 
 @dataclass
 class PipelineRank:
@@ -592,6 +600,7 @@ class PipelineRank:
     holds_last: bool                      # runs the last stage: computes the loss
     pp_group: object                      # the processes of this pipeline
     tie_group: object | None              # {first stage, last stage} of this pipeline, when wte is tied
+    dp_group: object | None = None        # the data-parallel replicas of these stages, when there are several
 
 
 def scaled_cross_entropy(scale: float):
@@ -603,8 +612,7 @@ def scaled_cross_entropy(scale: float):
 
 
 def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mesh, device: str) -> PipelineRank:
-    """This process's stages, with weights from a full GPT state dict, wrapped in DDP over the data-parallel
-    replicas when there are several, and the schedule that drives them."""
+    """This process's stages, with weights from a full GPT state dict, and the schedule that drives them."""
     # Imported here, like FSDP's modules below: at the top they would add ~1 s to every `import train`.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     pp_rank, dp_size = mesh.get_local_rank("pp"), mesh.size(1)
@@ -614,11 +622,8 @@ def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mes
         print("\n".join(describe_plan(model_cfg, plan, cfg.pp_balance)))
     stage_ids = [pp_rank + v * cfg.pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
     modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
-    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    runners = [DDP(m, process_group=mesh.get_group("dp"), device_ids=device_ids) if dp_size > 1 else m
-               for m in modules]
-    stages = [PipelineStage(r, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
-              for r, i in zip(runners, stage_ids)]
+    stages = [PipelineStage(m, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
+              for m, i in zip(modules, stage_ids)]
     n_microbatches = microbatches(cfg)
     loss_fn = scaled_cross_entropy(1 / (n_microbatches * cfg.gradient_accumulation_steps))
     # scale_grads=False: the loss is already scaled, and gradients accumulate over several step() calls.
@@ -635,7 +640,8 @@ def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mes
             if mesh.get_local_rank("dp") == d and pp_rank in (0, cfg.pp - 1):
                 tie_group = group
     return PipelineRank(torch.nn.ModuleList(modules), schedule, holds_first=pp_rank == 0,
-                        holds_last=pp_rank == cfg.pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group)
+                        holds_last=pp_rank == cfg.pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group,
+                        dp_group=mesh.get_group("dp") if dp_size > 1 else None)
 
 
 def tied_copy(pipe: PipelineRank) -> torch.nn.Parameter:
@@ -645,8 +651,16 @@ def tied_copy(pipe: PipelineRank) -> torch.nn.Parameter:
 
 def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, grad_clip: float,
                             is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
-    """Sum the tied copies' gradients, clip by the norm of the whole model's gradient (all stages, the tied
-    matrix counted once), step, clear. Returns the norm before clipping, the same on every process."""
+    """Average the gradients over the data-parallel replicas, sum the tied copies' gradients, clip by the norm
+    of the whole model's gradient (all stages, the tied matrix counted once), step, clear. Returns the norm
+    before clipping, the same on every process."""
+    if pipe.dp_group is not None:   # every replica's stages hold the same parameters, in the same order
+        grads = [p.grad for _, p in named_params if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])    # one all-reduce, not one per tensor
+        dist.all_reduce(flat, group=pipe.dp_group)        # a sum: gloo has no average
+        flat /= dist.get_world_size(pipe.dp_group)
+        for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(averaged.view_as(g))
     if pipe.tie_group is not None:
         dist.all_reduce(tied_copy(pipe).grad, group=pipe.tie_group)   # grad(embedding) + grad(head)
     counted = [p.grad for name, p in named_params if p.grad is not None

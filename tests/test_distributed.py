@@ -90,7 +90,8 @@ PIPELINE_LAYOUTS = {
     "pp2 gpipe": (2, ["--pp=2", "--pp_schedule=gpipe", "--gradient_accumulation_steps=2"]),
     "pp2 1f1b": (2, ["--pp=2", "--pp_schedule=1f1b", "--gradient_accumulation_steps=2"]),
     "pp2 interleaved 1f1b": (2, ["--pp=2", "--pp_schedule=interleaved_1f1b", "--gradient_accumulation_steps=2"]),
-    "pp2 x dp2": (4, ["--pp=2", "--gradient_accumulation_steps=1"]),
+    "pp2 x dp2": (4, ["--pp=2", "--gradient_accumulation_steps=1"]),     # 2 micro-batches, as many as stages
+    "pp2 x dp2 gpipe": (4, ["--pp=2", "--pp_schedule=gpipe", "--gradient_accumulation_steps=1"]),
     "pp2 untied head": (2, ["--pp=2", "--gradient_accumulation_steps=2", "--tie_embeddings=False"]),
     "fsdp2": (2, ["--fsdp", "--gradient_accumulation_steps=1"]),
     "fsdp2 with accumulation": (2, ["--fsdp", "--batch_size=2", "--gradient_accumulation_steps=2"]),
@@ -112,7 +113,9 @@ def one_process_runs(tiny_data_dir, tmp_path_factory) -> dict[bool, str]:
 @pytest.mark.parametrize("layout", PIPELINE_LAYOUTS)
 def test_pipeline_and_sharded_layouts_match_one_process(layout, one_process_runs, tiny_data_dir, tmp_path):
     """Chained stages under each schedule, pipelines replicated over data-parallel groups, and FSDP's shards
-    compute the same losses and weights as one process; the checkpoint is the ordinary full-model file."""
+    compute the same losses and weights as one process; the checkpoint is the ordinary full-model file.
+    Replicated pipelines stopped at their second step with an assert inside DDP under GPipe, interleaved 1F1B
+    and 1F1B with as many micro-batches as stages (which --n_microbatches's default now is)."""
     nproc, flags = PIPELINE_LAYOUTS[layout]
     run_train(str(tmp_path), tiny_data_dir, nproc, "--n_layer=4", "--max_iters=6", "--eval_interval=3", *flags)
     tied = "--tie_embeddings=False" not in flags
