@@ -915,6 +915,25 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def run_main(main: Callable[[], None], grace_s: float = 10.0) -> None:
+    """Run a script's main() so that, under torchrun, a one-line error prints once, not once per process.
+    Every process runs the same checks on the same flags and files, so all of them usually stop with the same
+    SystemExit message. Rank 0 prints it. Another rank does not exit at once: torchrun stops every process as
+    soon as one fails, which could kill rank 0 before its line is out. It waits up to grace_s seconds
+    instead, and torchrun ends it when rank 0 exits; if it is still running then, the error was its own
+    (rank 0 went on), and it prints it. A plain `python` run is rank 0 and exits at once."""
+    try:
+        main()
+    except SystemExit as stop:
+        if int(os.environ.get("RANK", "0")) == 0 or stop.code in (0, None):
+            raise
+        try:
+            time.sleep(grace_s)
+        except KeyboardInterrupt:   # a Ctrl-C while waiting: leave quietly, rank 0 speaks for the run
+            raise SystemExit(1) from None
+        raise
+
+
 def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over the processes of a tensor each one holds (itself with one process)."""
     if dist.is_initialized():

@@ -31,7 +31,7 @@ from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, 
                    all_ranks_mean, apply_preset, arg, autocast, build_stage, configure_optimizers, describe_plan, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
-                   plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
+                   plan_stages, print0, run_main, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
                    write_atomically, StopSignals, BadSteps, append_log)
 from prepare import sha256_file
 
@@ -556,9 +556,9 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
             f"--batch_size={-(-cfg.batch_size // cfg.pp) * cfg.pp} --n_microbatches={cfg.pp} works"
         n = cfg.n_microbatches
         if n is None and not choices:
-            sys.exit(f"error: --pp={cfg.pp} with {cfg.pp_schedule} needs a number of micro-batches that is at least "
-                     f"{cfg.pp}{' and a multiple of it' if cfg.pp_schedule == 'interleaved_1f1b' else ''} and divides "
-                     f"--batch_size={cfg.batch_size}; {works}")
+            multiple = " and a multiple of it" if cfg.pp_schedule == "interleaved_1f1b" else ""
+            sys.exit(f"error: --pp={cfg.pp} with {cfg.pp_schedule} needs a number of micro-batches that is at "
+                     f"least {cfg.pp}{multiple} and divides --batch_size={cfg.batch_size}; {works}")
         if n is not None and (n < 1 or cfg.batch_size % n):
             sys.exit(f"error: --n_microbatches={n} must divide --batch_size={cfg.batch_size}; {works}")
         if n is not None and cfg.pp_schedule != "gpipe" and n < cfg.pp:
@@ -1043,4 +1043,4 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

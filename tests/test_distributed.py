@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL_FLAGS
-from model import load_checkpoint
+from model import load_checkpoint, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -154,6 +154,9 @@ def test_checkpoint_moves_between_layouts(first, second, one_process_runs, tiny_
     (2, ["--fsdp", "--pp=2"], "--fsdp together with --pp is not supported"),
 ])
 def test_bad_pipeline_layouts_are_refused_with_one_line(nproc, flags, message, tiny_data_dir, tmp_path):
+    """Under torchrun every process refused the layout and printed the same line, once per process; now the
+    line appears exactly once in everything the run prints, whether the check runs before the process group
+    starts (check_config) or after (check_layout)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"] \
         if nproc > 1 else [sys.executable]
     result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--data_dir={tiny_data_dir}",
@@ -163,3 +166,23 @@ def test_bad_pipeline_layouts_are_refused_with_one_line(nproc, flags, message, t
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and message in errors[0], result.stderr[-2000:]
+    assert (result.stdout + result.stderr).count("error: ") == 1, result.stderr[-2000:]
+
+
+def test_a_fine_tuning_error_prints_once_under_torchrun(tmp_path):
+    """finetune_lora.py runs under torchrun too: its one-line errors print once, like train.py's."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                             os.path.join(ROOT, "finetune_lora.py"), f"--out_dir={tmp_path}"], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("error: ") == 1, result.stderr[-2000:]
+    assert "error: --data is required" in result.stderr
+
+
+def test_an_error_that_another_rank_alone_hits_still_prints(monkeypatch):
+    """Ranks other than 0 keep quiet only while rank 0 can speak for them: after the grace period (here 0 s)
+    a rank that is still running stops with its own message."""
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit, match="^error: only rank 1 sees this$"):
+        run_main(lambda: sys.exit("error: only rank 1 sees this"), grace_s=0)
+    run_main(lambda: None)                                 # a run that ends well is untouched
