@@ -90,8 +90,9 @@ class TrainConfig:
     pp_balance: str = arg("flops", "cost model the splitter balances the stages by",
                           choices=("flops", "params", "uniform"))
     n_microbatches: int | None = arg(None, "micro-batches each batch_size batch is cut into under --pp (default: "
-                                           "the fewest that keep every stage busy: >= --pp and dividing "
-                                           "--batch_size; more shrink the bubble and the activations in flight)")
+                                           "the fewest that give every stage work: >= --pp and dividing "
+                                           "--batch_size; more shrink the bubble and, under 1F1B, the activations "
+                                           "in flight)")
     pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
     # checkpoints kept, and where a resumed run starts
     keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
@@ -149,9 +150,9 @@ def read_batch(bin_path: str, offsets: torch.Tensor, block_size: int) -> tuple[t
 
 def microbatch_choices(batch_size: int, pp: int, schedule: str) -> list[int]:
     """Micro-batch counts, smallest first, that cut a batch of batch_size sequences evenly and give each of pp
-    pipeline stages work at the pipe's fullest: at least pp (1F1B needs one micro-batch per stage to start its
-    steady state; GPipe with fewer leaves stages idle throughout), and multiples of pp under interleaved 1F1B,
-    whose schedule runs the micro-batches in rounds of pp (Narayanan et al. 2021, section 2.2)."""
+    pipeline stages work when the pipe is full: at least pp (1F1B needs one micro-batch per stage to fill the
+    pipe; with fewer, GPipe keeps some stage idle at every moment), and multiples of pp under interleaved 1F1B,
+    whose schedule runs the micro-batches in groups of pp (Narayanan et al. 2021, section 2.2.2)."""
     return [n for n in range(pp, batch_size + 1)
             if batch_size % n == 0 and (schedule != "interleaved_1f1b" or n % pp == 0)]
 
