@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, apply_preset, arg, autocast, build_stage, flags_given, flops_per_token, generate,
                    parse_args, peak_flops, pick_device, pick_dtype, plan_stages, stage_costs)
-from train import TrainConfig, draw_windows, read_batch
+from train import TrainConfig, draw_windows, microbatches, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline")
@@ -247,7 +247,7 @@ def bench_stages(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
                  for s, r in enumerate(plan)]
     torch.manual_seed(train_cfg.seed)
     state = GPT(model_cfg).state_dict()
-    micro_batch, T = max(1, train_cfg.batch_size // train_cfg.n_microbatches), model_cfg.block_size
+    micro_batch, T = max(1, train_cfg.batch_size // microbatches(train_cfg)), model_cfg.block_size
     ids = torch.randint(model_cfg.vocab_size, (micro_batch, T + 1), device=device)
     measured = []
     for s in range(len(plan)):
@@ -281,7 +281,7 @@ def bench_pipeline(cfg: BenchConfig, train_cfg: TrainConfig, passthrough: list[s
     """Step time of --pp stages under torchrun (one thread per process) against the ideal: the
     single-process, single-thread step time split over pp processes, stretched by the pipeline bubble
     (p-1)/(m+p-1) of m micro-batches: ideal = T1 / p * (m + p - 1) / m."""
-    p, m = train_cfg.pp, train_cfg.n_microbatches
+    p, m = train_cfg.pp, microbatches(train_cfg)
     if p < 2:
         sys.exit("error: --parts=pipeline compares --pp stages with one process; give --pp=2 or more")
     max_iters, one_thread = cfg.warmup_steps + cfg.train_steps, {"OMP_NUM_THREADS": "1"}

@@ -126,9 +126,13 @@ PRESETS = {
     # 16 GB V100s. Its DeepSpeed log counts 1,099,214,888 parameters; exactly these choices reproduce it:
     # biases on, an untied LM head (no bias), a learned position embedding, ReZero removing both block
     # LayerNorms (one scalar per residual branch) and keeping the final one. tests/test_presets.py checks it.
+    # Its recipe: the learning rate of the seed's table, and the batch its pipeline ran, 4 micro-batches of 1
+    # sequence per optimizer step (with --pp the batch of batch_size is cut into n_microbatches). The table
+    # gives no final learning rate: the decay goes to 10% of the peak, as GPT-3's does.
     "gptx-1b": {"model": dict(n_layer=20, n_embd=2048, n_head=16, vocab_size=22000, block_size=1024, bias=True,
                               tie_embeddings=False, rezero=True, sparse_topk=8, position="learned"),
-                "train": {}},
+                "train": dict(batch_size=4, n_microbatches=4, gradient_accumulation_steps=1, learning_rate=2.0e-4,
+                              min_lr=2.0e-5)},
 }
 
 
@@ -922,6 +926,25 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only: with N processes, one copy of each line."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs)
+
+
+def run_main(main: Callable[[], None], grace_s: float = 10.0) -> None:
+    """Run a script's main() so that, under torchrun, a one-line error prints once, not once per process.
+    Every process runs the same checks on the same flags and files, so all of them usually stop with the same
+    SystemExit message. Rank 0 prints it. Another rank does not exit at once: torchrun stops every process as
+    soon as one fails, which could kill rank 0 before its line is out. It waits up to grace_s seconds
+    instead, and torchrun ends it when rank 0 exits; if it is still running then, the error was its own
+    (rank 0 went on), and it prints it. A plain `python` run is rank 0 and exits at once."""
+    try:
+        main()
+    except SystemExit as stop:
+        if int(os.environ.get("RANK", "0")) == 0 or stop.code in (0, None):
+            raise
+        try:
+            time.sleep(grace_s)
+        except KeyboardInterrupt:   # a Ctrl-C while waiting: leave quietly, rank 0 speaks for the run
+            raise SystemExit(1) from None
+        raise
 
 
 def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:

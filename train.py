@@ -31,7 +31,7 @@ from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, 
                    all_ranks_mean, apply_preset, arg, autocast, build_stage, configure_optimizers, describe_plan, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
-                   plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
+                   plan_stages, print0, run_main, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
                    write_atomically, StopSignals, BadSteps, append_log)
 from prepare import sha256_file
 
@@ -77,6 +77,9 @@ class TrainConfig:
     loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, which never holds "
                                        "the whole (B*T, V) logits; 0: the plain path (default: 64 on CPU/MPS, "
                                        "0 on CUDA, where torch.compile fuses the plain path)")
+    peak_flops: float | None = arg(None, "peak FLOP/s of one device, for the MFU in the log (default: the data "
+                                         "sheet's bf16 figure for the GPUs model.PEAK_BF16_FLOPS lists; on others "
+                                         "and on CPUs the log gives GFLOP/s instead)")
     seed: int = arg(1337, "seed for the weights, dropout and the order of the batches")
     fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state across the processes "
                             "(FSDP2) instead of giving each a full copy (DDP)")
@@ -86,7 +89,10 @@ class TrainConfig:
                            choices=("gpipe", "1f1b", "interleaved_1f1b"))
     pp_balance: str = arg("flops", "cost model the splitter balances the stages by",
                           choices=("flops", "params", "uniform"))
-    n_microbatches: int = arg(4, "micro-batches each batch_size batch is cut into under --pp")
+    n_microbatches: int | None = arg(None, "micro-batches each batch_size batch is cut into under --pp (default: "
+                                           "the fewest that give every stage work: >= --pp and dividing "
+                                           "--batch_size; more shrink the bubble and, under 1F1B, the activations "
+                                           "in flight)")
     pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
     # checkpoints kept, and where a resumed run starts
     keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
@@ -142,6 +148,25 @@ def read_batch(bin_path: str, offsets: torch.Tensor, block_size: int) -> tuple[t
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
+def microbatch_choices(batch_size: int, pp: int, schedule: str) -> list[int]:
+    """Micro-batch counts, smallest first, that cut a batch of batch_size sequences evenly and give each of pp
+    pipeline stages work when the pipe is full: at least pp (1F1B needs one micro-batch per stage to fill the
+    pipe; with fewer, GPipe keeps some stage idle at every moment), and multiples of pp under interleaved 1F1B,
+    whose schedule runs the micro-batches in groups of pp (Narayanan et al. 2021, section 2.2.2)."""
+    return [n for n in range(pp, batch_size + 1)
+            if batch_size % n == 0 and (schedule != "interleaved_1f1b" or n % pp == 0)]
+
+
+def microbatches(cfg: TrainConfig) -> int:
+    """Micro-batches per batch under --pp: --n_microbatches, or by default the fewest that work
+    (microbatch_choices), which follows --pp. No choice at all (batch_size < pp): pp, which check_config
+    refuses with a batch size that works."""
+    if cfg.n_microbatches is not None:
+        return cfg.n_microbatches
+    choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
+    return choices[0] if choices else cfg.pp
+
+
 # --- the dry run: plan a run before it starts ---
 #
 # Memory on a GPU while training = weights, gradients and AdamW's two moments (all fp32: 4 + 4 + 8 bytes per
@@ -190,7 +215,7 @@ def microbatches_in_flight(cfg: TrainConfig, pp_rank: int) -> int:
     """Micro-batches whose activations pipeline rank pp_rank holds at once (in virtual-stage chunks when
     interleaved): GPipe runs every forward first; 1F1B (Narayanan et al. 2019) starts backward after P - p
     forwards; interleaved 1F1B warms up with 2(P - p - 1) + (V - 1)P chunks (Narayanan et al. 2021)."""
-    P, n = cfg.pp, cfg.n_microbatches
+    P, n = cfg.pp, microbatches(cfg)
     if cfg.pp_schedule == "gpipe":
         return n
     if cfg.pp_schedule == "1f1b":
@@ -210,7 +235,8 @@ def memory_estimate(cfg: TrainConfig, config: GPTConfig, module: torch.nn.Module
                     data_parallel: bool) -> dict[str, float]:
     """Estimated peak bytes on one GPU, by kind, for a module (the GPT, or one rank's pipeline stages) built on
     the meta device. shards > 1: FSDP splits weights, gradients and AdamW states, and gathers two blocks at a
-    time (the current and the prefetched next). data_parallel: DDP keeps its gradient buckets beside .grad."""
+    time (the current and the prefetched next). data_parallel: DDP keeps its gradient buckets beside .grad
+    (under --pp, the flat copy the replicas average)."""
     T = config.block_size
     params, linear = count_params(module)
     blocks = [m for m in module.modules() if isinstance(m, Block)]
@@ -248,7 +274,7 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
     flops_token = flops_per_token(model_cfg, n_params, T)
     gpu = cfg.dry_run_gpu
     peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
-    layout = (f"pp={cfg.pp} ({cfg.pp_schedule}, {cfg.n_microbatches} micro-batches) x " if cfg.pp > 1 else "") + \
+    layout = (f"pp={cfg.pp} ({cfg.pp_schedule}, {microbatches(cfg)} micro-batches) x " if cfg.pp > 1 else "") + \
         f"{dp_size} {'FSDP shard' if cfg.fsdp else 'data-parallel replica'}{'s' if dp_size > 1 else ''}"
     lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
              f"TFLOP/s at 16 bits) | {layout} | {'fp32' if act_bytes == 4 else '16-bit autocast'}",
@@ -257,7 +283,7 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
              f"FLOPs per token: {flops_token / 1e9:.2f} GFLOP (forward + backward: 6N + 12LHDT)",
              f"tokens per optimizer step: {tokens_per_step:,} ({cfg.batch_size} sequences x "
              f"{cfg.gradient_accumulation_steps} micro-steps x {dp_size} data-parallel x {T} tokens)"]
-    rows, micro_batch = [], cfg.batch_size // cfg.n_microbatches if cfg.pp > 1 else cfg.batch_size
+    rows, micro_batch = [], cfg.batch_size // microbatches(cfg) if cfg.pp > 1 else cfg.batch_size
     if cfg.pp > 1:
         n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1
         plan = plan_stages(model_cfg, cfg.pp * n_virtual, cfg.pp_balance)
@@ -482,8 +508,13 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
-    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.learning_rate:
-        sys.exit("error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0")
+    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
+        sys.exit(f"error: --peak_flops={cfg.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12 for an H100)")
+    # min_lr is where the cosine decay ends: with --decay_lr=False it is never used (get_lr), so its default
+    # must not refuse a learning rate below it.
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or (cfg.decay_lr and cfg.min_lr > cfg.learning_rate):
+        sys.exit(f"error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0 (--min_lr={cfg.min_lr}, "
+                 f"--learning_rate={cfg.learning_rate})")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         if getattr(model_cfg, name) < 1:
             sys.exit(f"error: --{name}={getattr(model_cfg, name)} must be >= 1")
@@ -520,12 +551,21 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         if n_stages > model_cfg.n_layer:
             sys.exit(f"error: {n_stages} pipeline stages need at least as many blocks, but --n_layer="
                      f"{model_cfg.n_layer}; lower --pp (or --pp_virtual_stages)")
-        if cfg.n_microbatches < 1 or cfg.batch_size % cfg.n_microbatches:
-            sys.exit(f"error: --n_microbatches={cfg.n_microbatches} must divide --batch_size={cfg.batch_size}")
-        if cfg.pp_schedule != "gpipe" and cfg.n_microbatches < cfg.pp:
-            sys.exit(f"error: --pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}")
-        if cfg.pp_schedule == "interleaved_1f1b" and cfg.n_microbatches % cfg.pp:
-            sys.exit(f"error: interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}")
+        # Each refusal names a value that works: the default's choice, or the smallest batch that has one.
+        choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
+        works = f"--n_microbatches={choices[0]} works" if choices else \
+            f"--batch_size={-(-cfg.batch_size // cfg.pp) * cfg.pp} --n_microbatches={cfg.pp} works"
+        n = cfg.n_microbatches
+        if n is None and not choices:
+            multiple = " and a multiple of it" if cfg.pp_schedule == "interleaved_1f1b" else ""
+            sys.exit(f"error: --pp={cfg.pp} with {cfg.pp_schedule} needs a number of micro-batches that is at "
+                     f"least {cfg.pp}{multiple} and divides --batch_size={cfg.batch_size}; {works}")
+        if n is not None and (n < 1 or cfg.batch_size % n):
+            sys.exit(f"error: --n_microbatches={n} must divide --batch_size={cfg.batch_size}; {works}")
+        if n is not None and cfg.pp_schedule != "gpipe" and n < cfg.pp:
+            sys.exit(f"error: --pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}; {works}")
+        if n is not None and cfg.pp_schedule == "interleaved_1f1b" and n % cfg.pp:
+            sys.exit(f"error: interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}; {works}")
         if cfg.dtype == "float16":
             sys.exit("error: --dtype=float16 needs a gradient scaler, which --pp does not support; "
                      "use --dtype=bfloat16 or float32")
@@ -544,6 +584,13 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
 # With tied embeddings, the first and last stages each hold a copy of wte; their gradients are summed
 # over a two-process group every step, so the copies take identical steps and stay equal. (Colossal-AI
 # keeps one shared module; torchtitan refuses tied embeddings under pipelining.)
+# With P x D processes, the D replicas of a stage average their gradients once per optimizer step, in
+# pipeline_optimizer_step, as DDP would. Not through DDP itself: on the first step the schedule infers the
+# stages' shapes by running the module's forward outside no_sync, which leaves DDP expecting one more backward;
+# unless a forward falls between a stage's first and last backward (1F1B with more micro-batches than
+# stages), DDP records each parameter twice and stops at its next forward with an internal assert
+# ("rebuilt parameter indices size is not same as original model parameters size", torch 2.13): GPipe,
+# interleaved 1F1B, and 1F1B with as many micro-batches as stages.
 
 @dataclass
 class PipelineRank:
@@ -554,6 +601,7 @@ class PipelineRank:
     holds_last: bool                      # runs the last stage: computes the loss
     pp_group: object                      # the processes of this pipeline
     tie_group: object | None              # {first stage, last stage} of this pipeline, when wte is tied
+    dp_group: object | None = None        # the data-parallel replicas of these stages, when there are several
 
 
 def scaled_cross_entropy(scale: float):
@@ -584,8 +632,8 @@ class AutocastForward(torch.nn.Module):
 def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mesh, device: str,
                    dtype: torch.dtype) -> PipelineRank:
     """This process's stages, with weights from a full GPT state dict, each stage's forward under autocast to
-    dtype, wrapped in DDP over the data-parallel replicas when there are several, and the schedule that drives
-    them. Call its schedule outside autocast."""
+    dtype, and the schedule that drives them (data-parallel replicas average their gradients in
+    pipeline_optimizer_step). Call its schedule outside autocast."""
     # Imported here, like FSDP's modules below: at the top they would add ~1 s to every `import train`.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     pp_rank, dp_size = mesh.get_local_rank("pp"), mesh.size(1)
@@ -595,19 +643,16 @@ def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mes
         print("\n".join(describe_plan(model_cfg, plan, cfg.pp_balance)))
     stage_ids = [pp_rank + v * cfg.pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
     modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
-    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    autocast_modules = [AutocastForward(m, device, dtype) for m in modules]
-    runners = [DDP(m, process_group=mesh.get_group("dp"), device_ids=device_ids) if dp_size > 1 else m
-               for m in autocast_modules]
-    stages = [PipelineStage(r, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
-              for r, i in zip(runners, stage_ids)]
-    loss_fn = scaled_cross_entropy(1 / (cfg.n_microbatches * cfg.gradient_accumulation_steps))
+    stages = [PipelineStage(AutocastForward(m, device, dtype), i, len(plan), torch.device(device),
+                            group=mesh.get_group("pp")) for m, i in zip(modules, stage_ids)]
+    n_microbatches = microbatches(cfg)
+    loss_fn = scaled_cross_entropy(1 / (n_microbatches * cfg.gradient_accumulation_steps))
     # scale_grads=False: the loss is already scaled, and gradients accumulate over several step() calls.
     if cfg.pp_schedule == "interleaved_1f1b":
-        schedule = ScheduleInterleaved1F1B(stages, cfg.n_microbatches, loss_fn, scale_grads=False)
+        schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn, scale_grads=False)
     else:
         schedule_class = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
-        schedule = schedule_class(stages[0], cfg.n_microbatches, loss_fn, scale_grads=False)
+        schedule = schedule_class(stages[0], n_microbatches, loss_fn, scale_grads=False)
     # Every process creates every group, in the same order (a rule of torch.distributed.new_group).
     tie_group = None
     if model_cfg.tie_embeddings:
@@ -616,7 +661,8 @@ def build_pipeline(cfg: TrainConfig, model_cfg: GPTConfig, full_state: dict, mes
             if mesh.get_local_rank("dp") == d and pp_rank in (0, cfg.pp - 1):
                 tie_group = group
     return PipelineRank(torch.nn.ModuleList(modules), schedule, holds_first=pp_rank == 0,
-                        holds_last=pp_rank == cfg.pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group)
+                        holds_last=pp_rank == cfg.pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group,
+                        dp_group=mesh.get_group("dp") if dp_size > 1 else None)
 
 
 def tied_copy(pipe: PipelineRank) -> torch.nn.Parameter:
@@ -626,8 +672,16 @@ def tied_copy(pipe: PipelineRank) -> torch.nn.Parameter:
 
 def pipeline_optimizer_step(pipe: PipelineRank, named_params: list, optimizer, grad_clip: float,
                             is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
-    """Sum the tied copies' gradients, clip by the norm of the whole model's gradient (all stages, the tied
-    matrix counted once), step, clear. Returns the norm before clipping, the same on every process."""
+    """Average the gradients over the data-parallel replicas, sum the tied copies' gradients, clip by the norm
+    of the whole model's gradient (all stages, the tied matrix counted once), step, clear. Returns the norm
+    before clipping, the same on every process."""
+    if pipe.dp_group is not None:   # every replica's stages hold the same parameters, in the same order
+        grads = [p.grad for _, p in named_params if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])    # one all-reduce, not one per tensor
+        dist.all_reduce(flat, group=pipe.dp_group)        # a sum: gloo has no average
+        flat /= dist.get_world_size(pipe.dp_group)
+        for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(averaged.view_as(g))
     if pipe.tie_group is not None:
         dist.all_reduce(tied_copy(pipe).grad, group=pipe.tie_group)   # grad(embedding) + grad(head)
     counted = [p.grad for name, p in named_params if p.grad is not None
@@ -874,7 +928,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
 
     tokens_per_step = B * accum * dp_size * T
     flops_per_step = flops_per_token(model_cfg, n_params, T) * tokens_per_step
-    peak = peak_flops(device)
+    # MFU: the FLOPs of the global batch over the peak of every device that computed them, each of the
+    # world_size processes (DDP replicas, FSDP shards, pipeline stages) on its own device.
+    peak = cfg.peak_flops or peak_flops(device)
+    peak = world_size * peak if peak else None
     print0(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
            f"{model_cfg.n_embd} channels, context {T}")
     print0(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
@@ -1007,4 +1064,4 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

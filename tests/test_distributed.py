@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL_FLAGS
-from model import load_checkpoint
+from model import load_checkpoint, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -64,11 +64,34 @@ def test_checkpoint_saved_under_ddp_resumes_on_one_process(tiny_data_dir, tmp_pa
     assert_same_run(straight, moved)
 
 
+
+@pytest.mark.parametrize("nproc,flags", [(1, ["--gradient_accumulation_steps=2"]),
+                                         (2, ["--gradient_accumulation_steps=1"]),
+                                         (2, ["--fsdp", "--gradient_accumulation_steps=1"]),
+                                         (2, ["--pp=2", "--gradient_accumulation_steps=2"])])
+def test_logged_mfu_divides_by_the_peak_of_every_process(nproc, flags, tiny_data_dir, tmp_path):
+    """MFU was logged world-size times too high under DDP, FSDP and PP: the FLOPs of the global batch were divided
+    by one device's peak. Each logged MFU must be a step's FLOPs, counted by hand (6N + 12LCT per token, N
+    without the position embedding, a lookup), over the step's time and nproc devices' peak (--peak_flops)."""
+    L, C, V, T, peak = 2, 32, 64, 16, 1e9                              # TINY_MODEL_FLAGS
+    n_matmul = L * (12 * C * C + 13 * C) + V * C + 2 * C               # blocks, tied wte/head, ln_f
+    flops_per_step = (6 * n_matmul + 12 * L * C * T) * 8 * T          # 8 sequences of T tokens per step
+    run_train(str(tmp_path), tiny_data_dir, nproc, "--max_iters=3", "--eval_interval=3", f"--peak_flops={peak:g}",
+              *flags)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "mfu" in r]
+    assert len(steps) == 3
+    for r in steps:
+        assert r["tokens_per_s"] * r["ms_per_step"] / 1000 == pytest.approx(8 * T)
+        assert r["mfu"] == pytest.approx(flops_per_step / (r["ms_per_step"] / 1000) / (nproc * peak), rel=1e-9)
+
+
 PIPELINE_LAYOUTS = {
     "pp2 gpipe": (2, ["--pp=2", "--pp_schedule=gpipe", "--gradient_accumulation_steps=2"]),
     "pp2 1f1b": (2, ["--pp=2", "--pp_schedule=1f1b", "--gradient_accumulation_steps=2"]),
     "pp2 interleaved 1f1b": (2, ["--pp=2", "--pp_schedule=interleaved_1f1b", "--gradient_accumulation_steps=2"]),
-    "pp2 x dp2": (4, ["--pp=2", "--gradient_accumulation_steps=1"]),
+    "pp2 x dp2": (4, ["--pp=2", "--gradient_accumulation_steps=1"]),     # 2 micro-batches, as many as stages
+    "pp2 x dp2 gpipe": (4, ["--pp=2", "--pp_schedule=gpipe", "--gradient_accumulation_steps=1"]),
     "pp2 untied head": (2, ["--pp=2", "--gradient_accumulation_steps=2", "--tie_embeddings=False"]),
     "fsdp2": (2, ["--fsdp", "--gradient_accumulation_steps=1"]),
     "fsdp2 with accumulation": (2, ["--fsdp", "--batch_size=2", "--gradient_accumulation_steps=2"]),
@@ -90,7 +113,9 @@ def one_process_runs(tiny_data_dir, tmp_path_factory) -> dict[bool, str]:
 @pytest.mark.parametrize("layout", PIPELINE_LAYOUTS)
 def test_pipeline_and_sharded_layouts_match_one_process(layout, one_process_runs, tiny_data_dir, tmp_path):
     """Chained stages under each schedule, pipelines replicated over data-parallel groups, and FSDP's shards
-    compute the same losses and weights as one process; the checkpoint is the ordinary full-model file."""
+    compute the same losses and weights as one process; the checkpoint is the ordinary full-model file.
+    Replicated pipelines stopped at their second step with an assert inside DDP under GPipe, interleaved 1F1B
+    and 1F1B with as many micro-batches as stages (which --n_microbatches's default now is)."""
     nproc, flags = PIPELINE_LAYOUTS[layout]
     run_train(str(tmp_path), tiny_data_dir, nproc, "--n_layer=4", "--max_iters=6", "--eval_interval=3", *flags)
     tied = "--tie_embeddings=False" not in flags
@@ -176,6 +201,9 @@ def test_checkpoint_moves_between_layouts(first, second, one_process_runs, tiny_
     (2, ["--fsdp", "--pp=2"], "--fsdp together with --pp is not supported"),
 ])
 def test_bad_pipeline_layouts_are_refused_with_one_line(nproc, flags, message, tiny_data_dir, tmp_path):
+    """Under torchrun every process refused the layout and printed the same line, once per process; now the
+    line appears exactly once in everything the run prints, whether the check runs before the process group
+    starts (check_config) or after (check_layout)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"] \
         if nproc > 1 else [sys.executable]
     result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--data_dir={tiny_data_dir}",
@@ -185,3 +213,23 @@ def test_bad_pipeline_layouts_are_refused_with_one_line(nproc, flags, message, t
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and message in errors[0], result.stderr[-2000:]
+    assert (result.stdout + result.stderr).count("error: ") == 1, result.stderr[-2000:]
+
+
+def test_a_fine_tuning_error_prints_once_under_torchrun(tmp_path):
+    """finetune_lora.py runs under torchrun too: its one-line errors print once, like train.py's."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                             os.path.join(ROOT, "finetune_lora.py"), f"--out_dir={tmp_path}"], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count("error: ") == 1, result.stderr[-2000:]
+    assert "error: --data is required" in result.stderr
+
+
+def test_an_error_that_another_rank_alone_hits_still_prints(monkeypatch):
+    """Ranks other than 0 keep quiet only while rank 0 can speak for them: after the grace period (here 0 s)
+    a rank that is still running stops with its own message."""
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit, match="^error: only rank 1 sees this$"):
+        run_main(lambda: sys.exit("error: only rank 1 sees this"), grace_s=0)
+    run_main(lambda: None)                                 # a run that ends well is untouched

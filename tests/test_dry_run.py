@@ -69,6 +69,39 @@ def test_dry_run_with_fsdp_needs_a_world_size():
         report("--dry_run", "--fsdp")
 
 
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--preset=gpt3-175b", "--pp=8"], 8),                                   # batch 8: one micro-batch of 1 per stage
+    (["--pp=2", "--batch_size=6"], 2),
+    (["--pp=3", "--pp_schedule=gpipe", "--batch_size=8", "--n_layer=3"], 4),  # 3 does not divide 8
+    (["--pp=4", "--pp_schedule=interleaved_1f1b", "--batch_size=24", "--n_layer=8"], 4),
+    (["--pp=2", "--pp_schedule=interleaved_1f1b", "--batch_size=6", "--n_layer=4"], 2),
+])
+def test_n_microbatches_defaults_to_the_fewest_that_work(flags, expected):
+    """`--preset=gpt3-175b --pp=8 --dry_run` was refused: --n_microbatches defaulted to 4, fewer than 1F1B's one
+    per stage. The default now follows --pp: the fewest micro-batches, at least --pp, that divide the batch
+    (a multiple of --pp when interleaved); the expected counts are worked out by hand."""
+    text = report(*flags, "--dry_run")
+    assert re.search(rf"pp=\d+ \(\w+, {expected} micro-batches\)", text), text.splitlines()[0]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--preset=gpt3-175b", "--pp=8", "--n_microbatches=4"],
+    ["--pp=2", "--batch_size=4", "--n_microbatches=3"],
+    ["--pp=4", "--pp_schedule=interleaved_1f1b", "--batch_size=12", "--n_microbatches=6", "--n_layer=8"],
+    ["--pp=2", "--batch_size=1"],                                       # no count works: a batch size is named
+    ["--pp=2", "--pp_schedule=interleaved_1f1b", "--batch_size=3", "--n_layer=4"],
+])
+def test_a_refused_micro_batch_count_names_one_that_works(flags):
+    with pytest.raises(SystemExit) as stop:
+        report(*flags, "--dry_run")
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and message.endswith(" works"), message
+    suggestion = message.split("; ")[-1].removesuffix(" works").split()
+    assert suggestion and all(flag.startswith("--") for flag in suggestion), message
+    assert "micro-batches" in report(*flags, *suggestion, "--dry_run")   # the flags it names, given last, win
+
+
 MEASURE = """
 import os, resource, sys, torch
 sys.path.insert(0, {root!r})

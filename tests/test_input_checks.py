@@ -44,6 +44,8 @@ def assert_one_line_error(script: str, flags: list[str], *fragments: str) -> Non
     ("train.py", ["--resume_from=out/ckpt-000100.pt"], "--resume_from=out/ckpt-000100.pt needs --init_from=resume"),
     ("train.py", ["--pp=2", "--fsdp"], "--fsdp together with --pp is not supported"),
     ("train.py", ["--max_iters=ten"], "--max_iters: invalid int value: 'ten'"),
+    ("train.py", ["--peak_flops=0"], "--peak_flops=0.0 must be > 0"),
+    ("finetune_lora.py", ["--peak_flops=-1"], "--peak_flops=-1.0 must be > 0"),
     ("prepare.py", ["--num_proc=-1"], "--num_proc=-1 must be >= 0"),
     ("prepare.py", ["--val_fraction=x"], "--val_fraction: invalid float value: 'x'"),
     ("prepare.py", ["--datset=x"], "did you mean --dataset?"),
@@ -58,6 +60,25 @@ def assert_one_line_error(script: str, flags: list[str], *fragments: str) -> Non
 ])
 def test_bad_flags_stop_with_one_line(script, flags, fragment):
     assert_one_line_error(script, flags, fragment)
+
+
+
+def test_min_lr_does_not_matter_without_the_decay():
+    """README's "start from GPT-2" command (learning rate 3e-5, --decay_lr=False) was refused because the default
+    --min_lr=2e-4 is above its learning rate, though without the decay min_lr is never used. The same rule in
+    finetune_lora.py. With the decay on, a min_lr above the learning rate is still refused."""
+    readme_flags = ["--init_from=gpt2", "--block_size=256", "--batch_size=4", "--learning_rate=3e-5",
+                    "--warmup_iters=0", "--decay_lr=False", "--max_iters=200", "--out_dir=out-gpt2-shakespeare"]
+    cfg, model_cfg = train.parse_args(train.TrainConfig, train.GPTConfig, argv=readme_flags)
+    train.check_config(cfg, model_cfg)                                  # no SystemExit
+    assert train.get_lr(199, cfg) == 3e-5                               # and min_lr plays no part
+    (lora_cfg,) = finetune_lora.parse_args(finetune_lora.FinetuneConfig, argv=[
+        "--init_from=gpt2", "--data=shakespeare", "--learning_rate=3e-5", "--decay_lr=False"])
+    finetune_lora.check_config(lora_cfg)
+    decayed = {"train.py": readme_flags[:-3], "finetune_lora.py": ["--data=x", "--learning_rate=3e-5"]}
+    for script, flags in decayed.items():
+        assert_one_line_error(script, [*flags, "--decay_lr=True"], "need 0 <= --min_lr <= --learning_rate",
+                              "--min_lr=0.0002")
 
 
 def damage_dataset(folder: str, damage: str) -> None:

@@ -452,22 +452,29 @@ def test_shakespeare_records_ask_who_speaks_a_line():
     assert all(len(r["input"].split()) >= 4 for r in records)
 
 
-@pytest.mark.slow
-def test_ddp_on_two_processes_matches_one_process(bases, records_file, tmp_path):
-    """2 processes x 1 micro-batch and 1 process x 2 micro-batches train on the same records each step. The
-    step's response tokens are counted across the processes, so the averaged gradients, and thus the losses
-    and adapters, are the same although the micro-batches hold different numbers of response tokens."""
+@pytest.fixture(scope="module")
+def one_and_two_process_runs(bases, records_file, tmp_path_factory) -> dict[int, str]:
+    """out_dirs of 4 fine-tuning steps on 1 process x 2 micro-batches and on 2 processes x 1, by process count."""
     runs = {}
     for nproc, accum in ((1, 2), (2, 1)):
-        out_dir = str(tmp_path / f"nproc{nproc}")
+        out_dir = str(tmp_path_factory.mktemp(f"nproc{nproc}"))
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                     "--standalone"] if nproc > 1 else [sys.executable]
         flags = finetune_flags(bases[0], records_file, out_dir, "--max_iters=4", "--eval_interval=2",
-                               "--lora_dropout=0", f"--gradient_accumulation_steps={accum}")
+                               "--lora_dropout=0", f"--gradient_accumulation_steps={accum}", "--peak_flops=1e9")
         result = subprocess.run([*launcher, os.path.join(ROOT, "finetune_lora.py"), *flags], capture_output=True,
                                 text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
         runs[nproc] = out_dir
+    return runs
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process(one_and_two_process_runs):
+    """2 processes x 1 micro-batch and 1 process x 2 micro-batches train on the same records each step. The
+    step's response tokens are counted across the processes, so the averaged gradients, and thus the losses
+    and adapters, are the same although the micro-batches hold different numbers of response tokens."""
+    runs = one_and_two_process_runs
     logs = [read_log(runs[n]) for n in (1, 2)]
     assert [r.keys() for r in logs[0]] == [r.keys() for r in logs[1]] and len(logs[0]) == 4 + 3
     for one, two in zip(*logs):
@@ -477,3 +484,14 @@ def test_ddp_on_two_processes_matches_one_process(bases, records_file, tmp_path)
     adapters = [ft.load_adapter(os.path.join(runs[n], "adapter.pt"))["tensors"] for n in (1, 2)]
     for name in adapters[0]:
         torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_logged_mfu_divides_by_the_peak_of_every_process(one_and_two_process_runs):
+    """MFU was logged twice too high on 2 processes: the FLOPs of every process's records were divided by one
+    device's peak. Both runs do the same FLOPs per step (the same records), so MFU x step time x processes, a
+    step's FLOPs over one device's peak, must agree, step by step."""
+    flops_over_peak = {n: [r["mfu"] * r["ms_per_step"] / 1000 * n for r in read_log(run) if "mfu" in r]
+                       for n, run in one_and_two_process_runs.items()}
+    assert len(flops_over_peak[1]) == 4 and all(x > 0 for x in flops_over_peak[1])
+    assert flops_over_peak[2] == pytest.approx(flops_over_peak[1], rel=1e-9)

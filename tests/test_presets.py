@@ -81,6 +81,23 @@ def test_gptx_1b_matches_the_seed_deepspeed_log():
     assert (V * C + T * C + 10 * hand_block, 10 * hand_block + 2 * C + V * C) == (550_653_972, 548_560_916)
 
 
+
+def test_gptx_1b_carries_the_seed_recipe():
+    """The preset had no recipe: the seed's table gives learning rate 2.0e-4, and its pipeline ran 4 micro-batches
+    of 1 sequence per step. Planned on its two V100s, it is still the 1,099,214,888-parameter model."""
+    recipe = PRESETS["gptx-1b"]["train"]
+    assert recipe["learning_rate"] == 2.0e-4 and 0 <= recipe["min_lr"] <= recipe["learning_rate"]
+    argv = ["--preset=gptx-1b", "--pp=2", "--pp_balance=params", "--dry_run", "--dry_run_gpu=V100"]
+    cfg, model_cfg = parse_args(train.TrainConfig, GPTConfig, argv=argv)
+    model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, flags_given(argv))
+    train.check_config(cfg, model_cfg)
+    text = "\n".join(train.dry_run_report(cfg, model_cfg))
+    assert "pp=2 (1f1b, 4 micro-batches)" in text and "micro-batches of 1 x 1024 tokens" in text
+    assert "tokens per optimizer step: 4,096 (4 sequences x 1 micro-steps" in text
+    assert "parameters: 1,099,214,888" in text
+    assert train.get_lr(cfg.warmup_iters, cfg) == pytest.approx(2.0e-4)   # the peak, after warmup
+
+
 def test_flags_given_win_over_the_preset():
     argv = ["--preset=gpt3-xl", "--n_layer=2", "--learning_rate=1e-3"]
     cfg, model_cfg = parse_args(train.TrainConfig, GPTConfig, argv=argv)
