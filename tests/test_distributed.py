@@ -137,8 +137,8 @@ def test_bf16_pipeline_matches_bf16_one_process(tiny_data_dir, tmp_path):
     one_process = ["--batch_size=1", "--gradient_accumulation_steps=8", "--loss_chunk=0"]
     runs = {name: str(tmp_path / name) for name in ("one bf16", "pp2 bf16", "one fp32")}
     run_train(runs["one bf16"], tiny_data_dir, 1, *common, *one_process, "--dtype=bfloat16")
-    run_train(runs["pp2 bf16"], tiny_data_dir, 2, *common, "--pp=2", "--gradient_accumulation_steps=2",
-              "--dtype=bfloat16")
+    run_train(runs["pp2 bf16"], tiny_data_dir, 2, *common, "--pp=2", "--n_microbatches=4",
+              "--gradient_accumulation_steps=2", "--dtype=bfloat16")
     run_train(runs["one fp32"], tiny_data_dir, 1, *common, *one_process, "--dtype=float32")
     assert_same_run(runs["one bf16"], runs["pp2 bf16"], atol=1e-5)
     bf16, fp32 = (load_checkpoint(os.path.join(runs[name], "ckpt.pt"))["model"]
