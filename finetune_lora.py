@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, configure_optimizers, flags_given,
-                   flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
+from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, config_changes, configure_optimizers,
+                   flags_given, flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
                    model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, save_checkpoint,
                    save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps)
 from prepare import sha256_file, shakespeare_paths
@@ -512,16 +512,21 @@ def check_config(cfg: FinetuneConfig) -> None:
                  "id, or shakespeare")
 
 
-def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path: str) -> FinetuneConfig:
-    """The resumed run's config: the saved one, with the flags given now on top. Flags that would change what
-    the run learns are refused, all at once."""
+def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path: str
+                  ) -> tuple[FinetuneConfig, list[str]]:
+    """The resumed run's config: the saved one, with the flags given now on top, and one line for each value
+    that changes (as train.py prints them). Flags that would change what the run learns are refused, all at
+    once. A field newer than the saved state takes its default."""
+    fields = dataclasses.asdict(FinetuneConfig())
+    saved = {**fields, **{name: value for name, value in saved.items() if name in fields}}
     differ = [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
               if name in given and getattr(cfg, name) != saved[name]]
     if differ:
         sys.exit(f"error: cannot resume {state_path} with a different " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
     now = {name: getattr(cfg, name) for name in given if name not in ("init_from", "out_dir")}
-    return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir})
+    report = config_changes("resume", saved, now, {name: "command line" for name in now})
+    return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir}), report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -551,7 +556,9 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} "
                      f"to resume")
         state = load_checkpoint(state_path)
-        cfg = resume_config(cfg, state["finetune_config"], given, state_path)
+        cfg, report = resume_config(cfg, state["finetune_config"], given, state_path)
+        for line in report:
+            print0(line)
         base_path = state["base"]["path"]
     else:
         base_path = os.path.join(cfg.init_from, "ckpt.pt")

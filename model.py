@@ -821,6 +821,14 @@ def flags_given(argv: list[str] | None = None) -> set[str]:
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
+def config_changes(label: str, before: dict, after: dict, sources: dict[str, str]) -> list[str]:
+    """'label: name before -> after (source)' for each field whose value differs between two configs given as
+    dicts (a field missing from `before` is skipped); sources names where each new value came from (the command
+    line, a --preset). A resumed or imported run prints these, so that no flag is taken or dropped silently."""
+    return [f"{label}: {name} {before[name]} -> {value} ({sources.get(name, 'command line')})"
+            for name, value in after.items() if name in before and before[name] != value]
+
+
 EOT_TOKEN = 50256   # <|endoftext|> in r50k_base: separates documents, ends generated text
 
 

@@ -28,7 +28,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage,
-                   all_ranks_mean, apply_preset, arg, autocast, build_stage, configure_optimizers, describe_plan, flags_given,
+                   all_ranks_mean, apply_preset, arg, autocast, build_stage, config_changes, configure_optimizers,
+                   describe_plan, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
@@ -109,6 +110,14 @@ class TrainConfig:
     dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run's time per step assumes")
     dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp, one "
                                                "data-parallel replica)")
+
+
+# TrainConfig fields that --init_from=resume takes from the command that resumes, never from the checkpoint:
+# where to start from and write to, this start's checks and permissions (an --allow_data_change given once must
+# not carry over to later starts), and the dry run, which reads no checkpoint. Every other field continues the
+# run as saved unless its flag is given again.
+NOT_RESUMED = ("init_from", "resume_from", "out_dir", "eval_only", "allow_data_change", "verify_data", "dry_run",
+               "dry_run_gpu", "dry_run_mfu", "dry_run_world_size")
 
 
 # --- the math: learning rate and batches ---
@@ -349,6 +358,32 @@ def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
     data_generator.set_state(states["data"])
 
 
+def flag_sources(given: set[str], preset: str | None) -> dict[str, str]:
+    """Where each value set on this command line comes from: its own flag, or the --preset that names it (a
+    preset's values count as given: on resume they win over the checkpoint's, as its flags would)."""
+    from_preset = {name: f"--preset={preset}" for part in ("model", "train") for name in PRESETS[preset][part]} \
+        if preset is not None else {}
+    return {**from_preset, **{name: "command line" for name in given}}
+
+
+def resumed_configs(cfg: TrainConfig, model_cfg: GPTConfig, saved_run: dict, saved_model: dict,
+                    sources: dict[str, str]) -> tuple[TrainConfig, GPTConfig, list[str]]:
+    """(run config, model config, report) of a resumed run: the configs saved in the checkpoint, with the values
+    set on this command line on top (sources: field -> where it was set) and NOT_RESUMED fields from this
+    command; the report has one line per value that differs from the checkpoint's. A field newer than the
+    checkpoint takes its default (for the model, the behaviour of the code that trained it). Shape fields
+    must already agree (check_resume_shape): the non-shape ones (dropout, sdpa, sparse_topk, realformer, ...)
+    are honoured, and reported."""
+    run_now, model_now = dataclasses.asdict(cfg), dataclasses.asdict(model_cfg)
+    run_saved = {**dataclasses.asdict(TrainConfig()), **{k: v for k, v in saved_run.items() if k in run_now}}
+    model_saved = {**dataclasses.asdict(GPTConfig()), **{k: v for k, v in saved_model.items() if k in model_now}}
+    run = {**run_saved, **{k: v for k, v in run_now.items() if k in sources or k in NOT_RESUMED}}
+    model = {**model_saved, **{k: v for k, v in model_now.items() if k in sources}}
+    continued = {k: v for k, v in run_saved.items() if k not in NOT_RESUMED}
+    report = config_changes("resume", {**continued, **model_saved}, {**run, **model}, sources)
+    return TrainConfig(**run), GPTConfig(**model), report
+
+
 def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path: str) -> None:
     """Flags on the command line that change the shape of a checkpoint's weights are refused, all at once."""
     saved = {**dataclasses.asdict(GPTConfig()), **saved}   # a field newer than the checkpoint: its default
@@ -357,6 +392,22 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
     if differ:
         sys.exit(f"error: cannot resume {path}: the model shape differs in " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
+
+
+def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str]
+                     ) -> tuple[dict, TrainConfig, GPTConfig, list[str]]:
+    """The checkpoint --init_from=resume continues (--resume_from, or out_dir/ckpt.pt) and resumed_configs'
+    (run config, model config, report) for it. Shape flags that disagree with its weights are refused, and
+    so is a checkpoint holding non-finite weights."""
+    path = cfg.resume_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(path)
+    check_resume_shape(checkpoint["model_config"], model_cfg, set(sources), path)
+    non_finite = [name for name, t in checkpoint["model"].items() if not torch.isfinite(t).all()]
+    if non_finite:   # training never writes these (it skips non-finite steps): a run diverged elsewhere
+        sys.exit(f"error: {path} holds non-finite weights (in {', '.join(non_finite[:3])}); resume from "
+                 f"an older checkpoint with --resume_from=FILE")
+    return checkpoint, *resumed_configs(cfg, model_cfg, checkpoint.get("train_config", {}),
+                                        checkpoint["model_config"], sources)
 
 
 def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
@@ -725,6 +776,10 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
     model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, flags_given(argv))
+    sources = flag_sources(flags_given(argv), cfg.preset)
+    checkpoint, resume_report = None, []
+    if cfg.init_from == "resume" and not cfg.dry_run:   # the run's own configs, before they are checked
+        checkpoint, cfg, model_cfg, resume_report = load_resumed_run(cfg, model_cfg, sources)
     check_config(cfg, model_cfg)
     if cfg.dry_run:                        # before any process group, data file or out_dir
         print("\n".join(dry_run_report(cfg, model_cfg)))
@@ -732,15 +787,17 @@ def main(argv: list[str] | None = None) -> None:
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
     stop = StopSignals()
     try:
+        for line in resume_report:
+            print0(line)
         check_layout(cfg, world_size)
-        train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device, stop)
+        train(cfg, model_cfg, sources, rank, local_rank, world_size, device, stop, checkpoint)
     finally:
         stop.uninstall()
         teardown_distributed()
 
 
-def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, local_rank: int,
-          world_size: int, device: str, stop: StopSignals) -> None:
+def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank: int, local_rank: int,
+          world_size: int, device: str, stop: StopSignals, checkpoint: dict | None = None) -> None:
     is_master = rank == 0                  # the one process that prints and writes files
     dtype = pick_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
@@ -749,27 +806,23 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    # The model: random weights, or the weights, optimizer and position of the run being resumed.
-    checkpoint = None
+    # The model: random weights, or the weights, optimizer and position of the run being resumed (its
+    # checkpoint, read by load_resumed_run, and model_cfg, the one it holds).
     if cfg.init_from == "resume":
         resume_path = cfg.resume_from or ckpt_path
-        checkpoint = load_checkpoint(resume_path)
-        check_resume_shape(checkpoint["model_config"], model_cfg, given, resume_path)
-        non_finite = [name for name, t in checkpoint["model"].items() if not torch.isfinite(t).all()]
-        if non_finite:   # training never writes these (it skips non-finite steps): a run diverged elsewhere
-            sys.exit(f"error: {resume_path} holds non-finite weights (in {', '.join(non_finite[:3])}); resume from "
-                     f"an older checkpoint with --resume_from=FILE")
-        runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa", "activation_checkpointing")
-                   if name in given}
-        model_cfg = GPTConfig(**{**checkpoint["model_config"], **runtime})
     elif os.path.exists(ckpt_path) and not cfg.eval_only:
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
                  f"(nothing is overwritten)")
     initial_weights = None
     if cfg.init_from not in ("scratch", "resume"):   # GPT-2's weights, through hf_gpt2.py
-        from hf_gpt2 import init_from_hf
-        pretrained = init_from_hf(cfg.init_from, model_cfg, given)
+        from hf_gpt2 import RUNTIME_FIELDS, init_from_hf
+        pretrained = init_from_hf(cfg.init_from, model_cfg, set(sources))
         model_cfg, initial_weights = pretrained.config, pretrained.state_dict()
+        # Variants GPT-2 was not trained with (sparse_topk, realformer) are honoured, and said so.
+        plain = {name: value for name, value in dataclasses.asdict(GPTConfig()).items()
+                 if name not in SHAPE_FIELDS and name not in RUNTIME_FIELDS}
+        for line in config_changes(f"init_from {cfg.init_from}", plain, dataclasses.asdict(model_cfg), sources):
+            print0(line)
     meta, paths = load_data_meta(cfg, model_cfg.block_size)
     if checkpoint is not None:
         check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
