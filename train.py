@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage,
                    all_ranks_mean, apply_preset, arg, autocast, build_stage, config_changes, configure_optimizers,
-                   describe_plan, flags_given,
+                   describe_plan, fault_point, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
@@ -384,6 +384,24 @@ def resumed_configs(cfg: TrainConfig, model_cfg: GPTConfig, saved_run: dict, sav
     return TrainConfig(**run), GPTConfig(**model), report
 
 
+def restore_cpu_threads(saved: int | None) -> str | None:
+    """Compute with the number of CPU threads the checkpoint's run used: a CPU kernel that sums (a matmul,
+    the gradients of the biases and LayerNorm gains) splits the sum among its threads and adds up their
+    parts, so fp32 rounding depends on how many there are. PyTorch's default is the number of cores the
+    process may use, which changes with a requeued job, a resized container or taskset (issue 13: a run
+    resumed at step 25 with 1 thread instead of 2 ended 5e-6 away in the weights). OMP_NUM_THREADS or
+    MKL_NUM_THREADS, when set, win. Returns the line to print when the count differs, else None."""
+    now = torch.get_num_threads()
+    if not saved or saved == now:
+        return None
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return (f"resume: CPU threads {saved} -> {now} (OMP_NUM_THREADS): the run goes on within float "
+                f"rounding, not bit for bit")
+    torch.set_num_threads(saved)
+    return (f"resume: CPU threads {saved}, as the checkpoint's run (this machine's default: {now}), so that "
+            f"sums round as before; OMP_NUM_THREADS=N chooses")
+
+
 def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path: str) -> None:
     """Flags on the command line that change the shape of a checkpoint's weights are refused, all at once."""
     saved = {**dataclasses.asdict(GPTConfig()), **saved}   # a field newer than the checkpoint: its default
@@ -731,12 +749,16 @@ def full_training_state(trained: torch.nn.Module, named_params: list, optimizer,
 
 def link_atomically(source: str, path: str) -> None:
     """Make path another name of the complete file source (a hard link, renamed into place, so path is
-    never half there); a copy where the file system has no hard links."""
+    never half there); a copy where the file system has no hard links. Nothing to do if path already is
+    one (and rename() of one file's two names does nothing, which would leave the .tmp name behind)."""
+    if os.path.exists(path) and os.path.samefile(source, path):
+        return
     tmp = path + ".tmp"
     try:
         if os.path.lexists(tmp):
             os.remove(tmp)
         os.link(source, tmp)
+        fault_point(f"linking {os.path.basename(path)}")   # a test hook (GPT_TEST_KILL_AT); nothing otherwise
         os.replace(tmp, path)
     except OSError:
         if os.path.lexists(tmp):
@@ -866,7 +888,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
     torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
     data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
-    start_step, best_val_loss = 0, float("inf")
+    start_step, best_val_loss, resumed_is_best = 0, float("inf"), False
     if checkpoint is not None:
         if cfg.fsdp and checkpoint["optimizer"]["state"]:   # each process keeps its shards of the full state
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -878,6 +900,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         saved_rng = checkpoint["rng"]      # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        resumed_is_best = checkpoint.get("is_best", False)   # its evaluation's val loss was the lowest yet
+        threads_line = restore_cpu_threads(checkpoint.get("cpu_threads")) if device_type == "cpu" else None
+        if threads_line:
+            print0(threads_line)
         print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
@@ -920,6 +946,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         for name in os.listdir(cfg.out_dir):   # left by a process killed while writing (never complete files)
             if re.fullmatch(r"(ckpt.*\.pt|metrics\.jsonl)\.tmp", name):
                 os.remove(os.path.join(cfg.out_dir, name))
+        # A process killed after renaming ckpt.pt into place but before linking it as ckpt-STEP.pt and
+        # ckpt-best.pt left those undone, and this run skips that step's evaluation and save: link it now.
+        if start_step > 0 and os.path.exists(ckpt_path) and os.path.samefile(resume_path, ckpt_path):
+            keep_checkpoints(ckpt_path, start_step, resumed_is_best, cfg)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
         streams = open_metric_streams(cfg, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)})
 
@@ -933,8 +963,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
                 save_checkpoint({
                     "model": weights, "optimizer": optimizer_state,
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                    "rng": rngs, "data": meta,
+                    "is_best": is_best, "model_config": dataclasses.asdict(model_cfg),
+                    "train_config": dataclasses.asdict(cfg), "rng": rngs, "data": meta,
+                    "cpu_threads": torch.get_num_threads(),
                 }, ckpt_path)
                 keep_checkpoints(ckpt_path, step, is_best, cfg)
             except OSError as e:
