@@ -36,7 +36,7 @@ from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, config_changes
                    save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps)
 from prepare import sha256_file, shakespeare_paths
 from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
-                   open_metric_streams, optimizer_step, restore_rng_states, rng_states)
+                   open_metric_streams, optimizer_step, restore_cpu_threads, restore_rng_states, rng_states)
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names). The LM head is left
 # out: it shares its weight with the token embedding, and the chunked loss reads that weight directly.
@@ -627,6 +627,10 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         saved_rng = state["rng"]           # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = state["step"], state["best_val_loss"]
+        threads_line = restore_cpu_threads(state.get("cpu_threads")) \
+            if device_type == "cpu" and len(saved_rng) == world_size else None   # as train.py does
+        if threads_line:
+            print0(threads_line)
         print0(f"resuming {state_path} at step {start_step}")
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
     # DDP (Li et al. 2020) over the adapters: every process holds the whole model and trains on its share
@@ -651,17 +655,26 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the
         # process that logged them; they are about to be redone, and each step is logged once.
         trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
+        for name in os.listdir(cfg.out_dir):   # left by a process killed while writing (never complete files)
+            if re.fullmatch(r"(state|adapter|ckpt|metrics)\.(pt|jsonl)\.tmp", name):
+                os.remove(os.path.join(cfg.out_dir, name))
+        # A process killed between saving the state of an evaluation and writing its adapter.pt left the
+        # adapter one evaluation behind, and this run skips that evaluation: write it now.
+        if start_step > 0 and state.get("val_loss") is not None:
+            save_adapter(model, cfg, base, start_step, state["val_loss"], adapter_path)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
         streams = open_metric_streams(cfg, dataclasses.asdict(cfg))
 
-    def save_state(step: int) -> None:
-        """Save the resumable state before step `step` (every process takes part)."""
+    def save_state(step: int, val_loss: float | None = None) -> None:
+        """Save the resumable state before step `step` (every process takes part), with the val loss of the
+        evaluation just made at it, if any."""
         rngs = gather_to_rank0(rng_states(data_generator))
         if is_master:   # it alone is what a resumed run reads, adapter tensors included
             save_checkpoint({
                 "tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
+                "val_loss": val_loss, "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
+                "cpu_threads": torch.get_num_threads(),
             }, state_path)
 
     step_time, timer_start, steps_timed, tokens_timed, stop_signal = None, time.perf_counter(), 0, 0, None
@@ -680,7 +693,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_metrics(log_file, streams, {"step": step, "train_loss": losses["train"],
                                                 "val_loss": losses["val"]})
-            save_state(step)
+            save_state(step, losses["val"])
             if is_master:
                 save_adapter(model, cfg, base, step, losses["val"], adapter_path)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time

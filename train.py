@@ -901,7 +901,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
         resumed_is_best = checkpoint.get("is_best", False)   # its evaluation's val loss was the lowest yet
-        threads_line = restore_cpu_threads(checkpoint.get("cpu_threads")) if device_type == "cpu" else None
+        # With another number of processes the sums differ anyway: the threads stay at their default there.
+        threads_line = restore_cpu_threads(checkpoint.get("cpu_threads")) \
+            if device_type == "cpu" and len(saved_rng) == world_size else None
         if threads_line:
             print0(threads_line)
         print0(f"resuming {resume_path} at step {start_step}")
