@@ -114,10 +114,12 @@ class TrainConfig:
 
 # TrainConfig fields that --init_from=resume takes from the command that resumes, never from the checkpoint:
 # where to start from and write to, this start's checks and permissions (an --allow_data_change given once must
-# not carry over to later starts), and the dry run, which reads no checkpoint. Every other field continues the
-# run as saved unless its flag is given again.
-NOT_RESUMED = ("init_from", "resume_from", "out_dir", "eval_only", "allow_data_change", "verify_data", "dry_run",
-               "dry_run_gpu", "dry_run_mfu", "dry_run_world_size")
+# not carry over to later starts), the layout across processes (the checkpoint is the same full-model file
+# under any layout, and each launch picks its own: a run saved under --pp=2 resumes on one process), and the
+# dry run, which reads no checkpoint. Every other field continues the run as saved unless its flag is given.
+NOT_RESUMED = ("init_from", "resume_from", "out_dir", "eval_only", "allow_data_change", "verify_data", "fsdp", "pp",
+               "pp_schedule", "pp_balance", "n_microbatches", "pp_virtual_stages", "dry_run", "dry_run_gpu",
+               "dry_run_mfu", "dry_run_world_size")
 
 
 # --- the math: learning rate and batches ---
