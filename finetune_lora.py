@@ -30,13 +30,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, configure_optimizers, flags_given,
-                   flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
+from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, config_changes, configure_optimizers,
+                   flags_given, flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
                    model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, run_main, save_checkpoint,
                    save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps)
 from prepare import sha256_file, shakespeare_paths
 from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
-                   open_metric_streams, optimizer_step, restore_rng_states, rng_states)
+                   open_metric_streams, optimizer_step, restore_cpu_threads, restore_rng_states, rng_states)
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names; mlp_0 is the first
 # half-step feed-forward of a Macaron block, --macaron). The default names them all: a layer the model does
@@ -523,16 +523,21 @@ def check_config(cfg: FinetuneConfig) -> None:
                  "id, or shakespeare")
 
 
-def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path: str) -> FinetuneConfig:
-    """The resumed run's config: the saved one, with the flags given now on top. Flags that would change what
-    the run learns are refused, all at once."""
+def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path: str
+                  ) -> tuple[FinetuneConfig, list[str]]:
+    """The resumed run's config: the saved one, with the flags given now on top, and one line for each value
+    that changes (as train.py prints them). Flags that would change what the run learns are refused, all at
+    once. A field newer than the saved state takes its default."""
+    fields = dataclasses.asdict(FinetuneConfig())
+    saved = {**fields, **{name: value for name, value in saved.items() if name in fields}}
     differ = [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
               if name in given and getattr(cfg, name) != saved[name]]
     if differ:
         sys.exit(f"error: cannot resume {state_path} with a different " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
     now = {name: getattr(cfg, name) for name in given if name not in ("init_from", "out_dir")}
-    return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir})
+    report = config_changes("resume", saved, now, {name: "command line" for name in now})
+    return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir}), report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -562,7 +567,9 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} "
                      f"to resume")
         state = load_checkpoint(state_path)
-        cfg = resume_config(cfg, state["finetune_config"], given, state_path)
+        cfg, report = resume_config(cfg, state["finetune_config"], given, state_path)
+        for line in report:
+            print0(line)
         base_path = state["base"]["path"]
     else:
         base_path = os.path.join(cfg.init_from, "ckpt.pt")
@@ -637,6 +644,10 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         saved_rng = state["rng"]           # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = state["step"], state["best_val_loss"]
+        threads_line = restore_cpu_threads(state.get("cpu_threads")) \
+            if device_type == "cpu" and len(saved_rng) == world_size else None   # as train.py does
+        if threads_line:
+            print0(threads_line)
         print0(f"resuming {state_path} at step {start_step}")
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
     # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
@@ -672,17 +683,26 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the
         # process that logged them; they are about to be redone, and each step is logged once.
         trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
+        for name in os.listdir(cfg.out_dir):   # left by a process killed while writing (never complete files)
+            if re.fullmatch(r"(state|adapter|ckpt|metrics)\.(pt|jsonl)\.tmp", name):
+                os.remove(os.path.join(cfg.out_dir, name))
+        # A process killed between saving the state of an evaluation and writing its adapter.pt left the
+        # adapter one evaluation behind, and this run skips that evaluation: write it now.
+        if start_step > 0 and state.get("val_loss") is not None:
+            save_adapter(model, cfg, base, start_step, state["val_loss"], adapter_path)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
         streams = open_metric_streams(cfg, dataclasses.asdict(cfg))
 
-    def save_state(step: int) -> None:
-        """Save the resumable state before step `step` (every process takes part)."""
+    def save_state(step: int, val_loss: float | None = None) -> None:
+        """Save the resumable state before step `step` (every process takes part), with the val loss of the
+        evaluation just made at it, if any."""
         rngs = gather_to_rank0(rng_states(data_generator))
         if is_master:   # it alone is what a resumed run reads, adapter tensors included
             save_checkpoint({
                 "tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
+                "val_loss": val_loss, "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
+                "cpu_threads": torch.get_num_threads(),
             }, state_path)
 
     step_time, timer_start, steps_timed, tokens_timed, stop_signal = None, time.perf_counter(), 0, 0, None
@@ -701,7 +721,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                 print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_metrics(log_file, streams, {"step": step, "train_loss": losses["train"],
                                                 "val_loss": losses["val"]})
-            save_state(step)
+            save_state(step, losses["val"])
             if is_master:
                 save_adapter(model, cfg, base, step, losses["val"], adapter_path)
             timer_start = time.perf_counter()   # evaluation and saving are not part of the step time

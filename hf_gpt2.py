@@ -79,7 +79,7 @@ def check_hf_source(init_from: str, other_choices: tuple[str, ...] = ()) -> None
 
 def config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
     """Our GPTConfig for a transformers GPT-2 config.json, or a one-line exit naming the first entry our GPT
-    cannot compute. overrides set runtime fields (dropout, sdpa, activation_checkpointing)."""
+    cannot compute. overrides set fields that change no shape (dropout, sdpa, sparse_topk, ...)."""
     if hf_config.get("model_type") != "gpt2":
         sys.exit(f"error: {source} holds a {hf_config.get('model_type')!r} model; only GPT-2 (model_type "
                  f"'gpt2') loads into this GPT")
@@ -261,7 +261,7 @@ def resolve_hf_dir(source: str) -> str:
 def load_hf_gpt2(source: str, **overrides) -> GPT:
     """Our GPT (on the CPU) with the weights of a transformers GPT-2: a Hub name (gpt2, gpt2-medium,
     gpt2-large, gpt2-xl) or a local directory with config.json and model.safetensors (or pytorch_model.bin).
-    overrides set runtime fields (dropout, sdpa, activation_checkpointing)."""
+    overrides set fields that change no shape (dropout, sdpa, sparse_topk, ...)."""
     directory = resolve_hf_dir(source)
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         config = config_from_hf(json.load(f), source, **overrides)
@@ -287,10 +287,12 @@ def load_hf_gpt2(source: str, **overrides) -> GPT:
 
 
 def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
-    """load_hf_gpt2 for the training scripts' --init_from: the runtime fields come from the flags (dropout,
-    sdpa, activation_checkpointing); a smaller --block_size crops the position embedding (as nanoGPT's
+    """load_hf_gpt2 for the training scripts' --init_from: every field that changes no shape comes from the
+    flags (dropout, sdpa, activation_checkpointing, and the variants sparse_topk and realformer, which run
+    on GPT-2's weights unchanged); a smaller --block_size crops the position embedding (as nanoGPT's
     crop_block_size does); any other shape flag that disagrees with the weights is refused, all at once."""
-    model = load_hf_gpt2(source, **{name: getattr(flags, name) for name in RUNTIME_FIELDS})
+    model = load_hf_gpt2(source, **{f.name: getattr(flags, f.name) for f in dataclasses.fields(GPTConfig)
+                                    if f.name not in SHAPE_FIELDS})
     pretrained = model.config
     differ = [f"{name} (weights {getattr(pretrained, name)}, flag {getattr(flags, name)})" for name in SHAPE_FIELDS
               if name in given and getattr(flags, name) != getattr(pretrained, name)

@@ -9,6 +9,7 @@ Shapes use one alphabet throughout the project:
     R LoRA rank (finetune_lora.py).
 """
 import argparse
+import collections
 import dataclasses
 import difflib
 import functools
@@ -838,6 +839,14 @@ def flags_given(argv: list[str] | None = None) -> set[str]:
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
 
 
+def config_changes(label: str, before: dict, after: dict, sources: dict[str, str]) -> list[str]:
+    """'label: name before -> after (source)' for each field whose value differs between two configs given as
+    dicts (a field missing from `before` is skipped); sources names where each new value came from (the command
+    line, a --preset). A resumed or imported run prints these, so that no flag is taken or dropped silently."""
+    return [f"{label}: {name} {before[name]} -> {value} ({sources.get(name, 'command line')})"
+            for name, value in after.items() if name in before and before[name] != value]
+
+
 EOT_TOKEN = 50256   # <|endoftext|> in r50k_base: separates documents, ends generated text
 
 
@@ -1019,6 +1028,24 @@ class RecordedWrites:
         self.f.flush()
 
 
+_fault_points_reached: collections.Counter = collections.Counter()   # for fault_point, in tests only
+
+
+def fault_point(name: str) -> None:
+    """Test hook: with GPT_TEST_KILL_AT=NAME (or NAME#N), SIGKILL this process the first (N-th) time it
+    reaches the point NAME, as a node dying there would; without it, nothing. The points: 'written FILE' (its
+    .tmp file complete, not yet renamed) and 'replaced FILE' (renamed into place) in write_atomically, which
+    writes every checkpoint and the trimmed metrics.jsonl, and 'linking FILE' in train.py's link_atomically
+    (a keep_last or keep_best hard link made under its .tmp name). FILE is the base name, e.g. ckpt.pt."""
+    wanted = os.environ.get("GPT_TEST_KILL_AT")
+    if not wanted:
+        return
+    _fault_points_reached[name] += 1
+    target, _, count = wanted.partition("#")
+    if name == target and _fault_points_reached[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Create or replace the file at path with what write(f) puts into f, atomically: the bytes go to
     path + '.tmp', are fsynced, and the temporary file is renamed over path (then the directory is fsynced,
@@ -1026,7 +1053,7 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     never half of one. A full disk or an unwritable folder stops with one line, the old file untouched.
 
     GPT_TEST_WRITE_DELAY_S (tests only) sleeps between writing and renaming, so that a fault test can kill
-    the process while the temporary file exists."""
+    the process while the temporary file exists; GPT_TEST_KILL_AT kills it at a chosen point (fault_point)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -1040,7 +1067,9 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             time.sleep(float(os.environ.get("GPT_TEST_WRITE_DELAY_S", 0)))
             os.fsync(f.fileno())
+        fault_point(f"written {os.path.basename(path)}")
         os.replace(tmp, path)
+        fault_point(f"replaced {os.path.basename(path)}")
         directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(directory)

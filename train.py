@@ -28,7 +28,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage,
-                   all_ranks_mean, apply_preset, arg, autocast, build_stage, configure_optimizers, describe_plan, flags_given,
+                   all_ranks_mean, apply_preset, arg, autocast, build_stage, config_changes, configure_optimizers,
+                   describe_plan, fault_point, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, run_main, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
@@ -115,6 +116,16 @@ class TrainConfig:
     dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run's time per step assumes")
     dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp, one "
                                                "data-parallel replica)")
+
+
+# TrainConfig fields that --init_from=resume takes from the command that resumes, never from the checkpoint:
+# where to start from and write to, this start's checks and permissions (an --allow_data_change given once must
+# not carry over to later starts), the layout across processes (the checkpoint is the same full-model file
+# under any layout, and each launch picks its own: a run saved under --pp=2 resumes on one process), and the
+# dry run, which reads no checkpoint. Every other field continues the run as saved unless its flag is given.
+NOT_RESUMED = ("init_from", "resume_from", "out_dir", "eval_only", "allow_data_change", "verify_data", "fsdp", "pp",
+               "pp_schedule", "pp_balance", "n_microbatches", "pp_virtual_stages", "dry_run", "dry_run_gpu",
+               "dry_run_mfu", "dry_run_world_size")
 
 
 # --- the math: learning rate and batches ---
@@ -375,6 +386,50 @@ def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
     data_generator.set_state(states["data"])
 
 
+def flag_sources(given: set[str], preset: str | None) -> dict[str, str]:
+    """Where each value set on this command line comes from: its own flag, or the --preset that names it (a
+    preset's values count as given: on resume they win over the checkpoint's, as its flags would)."""
+    from_preset = {name: f"--preset={preset}" for part in ("model", "train") for name in PRESETS[preset][part]} \
+        if preset is not None else {}
+    return {**from_preset, **{name: "command line" for name in given}}
+
+
+def resumed_configs(cfg: TrainConfig, model_cfg: GPTConfig, saved_run: dict, saved_model: dict,
+                    sources: dict[str, str]) -> tuple[TrainConfig, GPTConfig, list[str]]:
+    """(run config, model config, report) of a resumed run: the configs saved in the checkpoint, with the values
+    set on this command line on top (sources: field -> where it was set) and NOT_RESUMED fields from this
+    command; the report has one line per value that differs from the checkpoint's. A field newer than the
+    checkpoint takes its default (for the model, the behaviour of the code that trained it). Shape fields
+    must already agree (check_resume_shape): the non-shape ones (dropout, sdpa, sparse_topk, realformer, ...)
+    are honoured, and reported."""
+    run_now, model_now = dataclasses.asdict(cfg), dataclasses.asdict(model_cfg)
+    run_saved = {**dataclasses.asdict(TrainConfig()), **{k: v for k, v in saved_run.items() if k in run_now}}
+    model_saved = {**dataclasses.asdict(GPTConfig()), **{k: v for k, v in saved_model.items() if k in model_now}}
+    run = {**run_saved, **{k: v for k, v in run_now.items() if k in sources or k in NOT_RESUMED}}
+    model = {**model_saved, **{k: v for k, v in model_now.items() if k in sources}}
+    continued = {k: v for k, v in run_saved.items() if k not in NOT_RESUMED}
+    report = config_changes("resume", {**continued, **model_saved}, {**run, **model}, sources)
+    return TrainConfig(**run), GPTConfig(**model), report
+
+
+def restore_cpu_threads(saved: int | None) -> str | None:
+    """Compute with the number of CPU threads the checkpoint's run used: a CPU kernel that sums (a matmul,
+    the gradients of the biases and LayerNorm gains) splits the sum among its threads and adds up their
+    parts, so fp32 rounding depends on how many there are. PyTorch's default is the number of cores the
+    process may use, which changes with a requeued job, a resized container or taskset (issue 13: a run
+    resumed at step 25 with 1 thread instead of 2 ended 5e-6 away in the weights). OMP_NUM_THREADS or
+    MKL_NUM_THREADS, when set, win. Returns the line to print when the count differs, else None."""
+    now = torch.get_num_threads()
+    if not saved or saved == now:
+        return None
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return (f"resume: CPU threads {saved} -> {now} (OMP_NUM_THREADS): the run goes on within float "
+                f"rounding, not bit for bit")
+    torch.set_num_threads(saved)
+    return (f"resume: CPU threads {saved}, as the checkpoint's run (this machine's default: {now}), so that "
+            f"sums round as before; OMP_NUM_THREADS=N chooses")
+
+
 def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path: str) -> None:
     """Flags on the command line that change the shape of a checkpoint's weights are refused, all at once."""
     saved = {**dataclasses.asdict(GPTConfig()), **saved}   # a field newer than the checkpoint: its default
@@ -383,6 +438,22 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
     if differ:
         sys.exit(f"error: cannot resume {path}: the model shape differs in " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
+
+
+def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str]
+                     ) -> tuple[dict, TrainConfig, GPTConfig, list[str]]:
+    """The checkpoint --init_from=resume continues (--resume_from, or out_dir/ckpt.pt) and resumed_configs'
+    (run config, model config, report) for it. Shape flags that disagree with its weights are refused, and
+    so is a checkpoint holding non-finite weights."""
+    path = cfg.resume_from or os.path.join(cfg.out_dir, "ckpt.pt")
+    checkpoint = load_checkpoint(path)
+    check_resume_shape(checkpoint["model_config"], model_cfg, set(sources), path)
+    non_finite = [name for name, t in checkpoint["model"].items() if not torch.isfinite(t).all()]
+    if non_finite:   # training never writes these (it skips non-finite steps): a run diverged elsewhere
+        sys.exit(f"error: {path} holds non-finite weights (in {', '.join(non_finite[:3])}); resume from "
+                 f"an older checkpoint with --resume_from=FILE")
+    return checkpoint, *resumed_configs(cfg, model_cfg, checkpoint.get("train_config", {}),
+                                        checkpoint["model_config"], sources)
 
 
 def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
@@ -755,12 +826,16 @@ def full_training_state(trained: torch.nn.Module, named_params: list, optimizer,
 
 def link_atomically(source: str, path: str) -> None:
     """Make path another name of the complete file source (a hard link, renamed into place, so path is
-    never half there); a copy where the file system has no hard links."""
+    never half there); a copy where the file system has no hard links. Nothing to do if path already is
+    one (and rename() of one file's two names does nothing, which would leave the .tmp name behind)."""
+    if os.path.exists(path) and os.path.samefile(source, path):
+        return
     tmp = path + ".tmp"
     try:
         if os.path.lexists(tmp):
             os.remove(tmp)
         os.link(source, tmp)
+        fault_point(f"linking {os.path.basename(path)}")   # a test hook (GPT_TEST_KILL_AT); nothing otherwise
         os.replace(tmp, path)
     except OSError:
         if os.path.lexists(tmp):
@@ -800,6 +875,10 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg, model_cfg = parse_args(TrainConfig, GPTConfig, argv=argv)
     model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, flags_given(argv))
+    sources = flag_sources(flags_given(argv), cfg.preset)
+    checkpoint, resume_report = None, []
+    if cfg.init_from == "resume" and not cfg.dry_run:   # the run's own configs, before they are checked
+        checkpoint, cfg, model_cfg, resume_report = load_resumed_run(cfg, model_cfg, sources)
     check_config(cfg, model_cfg)
     if cfg.dry_run:                        # before any process group, data file or out_dir
         print("\n".join(dry_run_report(cfg, model_cfg)))
@@ -807,15 +886,17 @@ def main(argv: list[str] | None = None) -> None:
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
     stop = StopSignals()
     try:
+        for line in resume_report:
+            print0(line)
         check_layout(cfg, world_size)
-        train(cfg, model_cfg, flags_given(argv), rank, local_rank, world_size, device, stop)
+        train(cfg, model_cfg, sources, rank, local_rank, world_size, device, stop, checkpoint)
     finally:
         stop.uninstall()
         teardown_distributed()
 
 
-def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, local_rank: int,
-          world_size: int, device: str, stop: StopSignals) -> None:
+def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank: int, local_rank: int,
+          world_size: int, device: str, stop: StopSignals, checkpoint: dict | None = None) -> None:
     is_master = rank == 0                  # the one process that prints and writes files
     dtype = pick_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
@@ -824,27 +905,23 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    # The model: random weights, or the weights, optimizer and position of the run being resumed.
-    checkpoint = None
+    # The model: random weights, or the weights, optimizer and position of the run being resumed (its
+    # checkpoint, read by load_resumed_run, and model_cfg, the one it holds).
     if cfg.init_from == "resume":
         resume_path = cfg.resume_from or ckpt_path
-        checkpoint = load_checkpoint(resume_path)
-        check_resume_shape(checkpoint["model_config"], model_cfg, given, resume_path)
-        non_finite = [name for name, t in checkpoint["model"].items() if not torch.isfinite(t).all()]
-        if non_finite:   # training never writes these (it skips non-finite steps): a run diverged elsewhere
-            sys.exit(f"error: {resume_path} holds non-finite weights (in {', '.join(non_finite[:3])}); resume from "
-                     f"an older checkpoint with --resume_from=FILE")
-        runtime = {name: getattr(model_cfg, name) for name in ("dropout", "sdpa", "activation_checkpointing")
-                   if name in given}
-        model_cfg = GPTConfig(**{**checkpoint["model_config"], **runtime})
     elif os.path.exists(ckpt_path) and not cfg.eval_only:
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
                  f"(nothing is overwritten)")
     initial_weights = None
     if cfg.init_from not in ("scratch", "resume"):   # GPT-2's weights, through hf_gpt2.py
-        from hf_gpt2 import init_from_hf
-        pretrained = init_from_hf(cfg.init_from, model_cfg, given)
+        from hf_gpt2 import RUNTIME_FIELDS, init_from_hf
+        pretrained = init_from_hf(cfg.init_from, model_cfg, set(sources))
         model_cfg, initial_weights = pretrained.config, pretrained.state_dict()
+        # Variants GPT-2 was not trained with (sparse_topk, realformer) are honoured, and said so.
+        plain = {name: value for name, value in dataclasses.asdict(GPTConfig()).items()
+                 if name not in SHAPE_FIELDS and name not in RUNTIME_FIELDS}
+        for line in config_changes(f"init_from {cfg.init_from}", plain, dataclasses.asdict(model_cfg), sources):
+            print0(line)
     meta, paths = load_data_meta(cfg, model_cfg.block_size)
     if checkpoint is not None:
         check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
@@ -888,7 +965,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
     torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
     data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
-    start_step, best_val_loss = 0, float("inf")
+    start_step, best_val_loss, resumed_is_best = 0, float("inf"), False
     if checkpoint is not None:
         if cfg.fsdp and checkpoint["optimizer"]["state"]:   # each process keeps its shards of the full state
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -900,6 +977,12 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         saved_rng = checkpoint["rng"]      # one entry per process of the run that saved it
         restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
         start_step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        resumed_is_best = checkpoint.get("is_best", False)   # its evaluation's val loss was the lowest yet
+        # With another number of processes the sums differ anyway: the threads stay at their default there.
+        threads_line = restore_cpu_threads(checkpoint.get("cpu_threads")) \
+            if device_type == "cpu" and len(saved_rng) == world_size else None
+        if threads_line:
+            print0(threads_line)
         print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
@@ -945,6 +1028,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
         for name in os.listdir(cfg.out_dir):   # left by a process killed while writing (never complete files)
             if re.fullmatch(r"(ckpt.*\.pt|metrics\.jsonl)\.tmp", name):
                 os.remove(os.path.join(cfg.out_dir, name))
+        # A process killed after renaming ckpt.pt into place but before linking it as ckpt-STEP.pt and
+        # ckpt-best.pt left those undone, and this run skips that step's evaluation and save: link it now.
+        if start_step > 0 and os.path.exists(ckpt_path) and os.path.samefile(resume_path, ckpt_path):
+            keep_checkpoints(ckpt_path, start_step, resumed_is_best, cfg)
         log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
         streams = open_metric_streams(cfg, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)})
 
@@ -958,8 +1045,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, given: set[str], rank: int, lo
                 save_checkpoint({
                     "model": weights, "optimizer": optimizer_state,
                     "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                    "rng": rngs, "data": meta,
+                    "is_best": is_best, "model_config": dataclasses.asdict(model_cfg),
+                    "train_config": dataclasses.asdict(cfg), "rng": rngs, "data": meta,
+                    "cpu_threads": torch.get_num_threads(),
                 }, ckpt_path)
                 keep_checkpoints(ckpt_path, step, is_best, cfg)
             except OSError as e:

@@ -209,6 +209,21 @@ def test_train_init_from_hf_directory_starts_from_its_weights(hf_dir, tiny_data_
                        reference["transformer.h.1.attn.c_proj.weight"])
 
 
+def test_train_init_from_hf_directory_honours_variants_that_change_no_shape(hf_dir, tiny_data_dir, tmp_path):
+    """Issue 13: --sparse_topk and --realformer change no weight shape, and under --init_from=<HF dir> they were
+    dropped without a word (the model stayed plain GPT-2). They are honoured, and said so once each."""
+    out = str(tmp_path / "out")
+    result = run_script("train.py", f"--init_from={hf_dir}", f"--data_dir={tiny_data_dir}", "--dataset=tiny",
+                        f"--out_dir={out}", "--max_iters=0", "--eval_iters=1", "--batch_size=2", "--block_size=16",
+                        "--sparse_topk=4", "--realformer")
+    assert result.returncode == 0, result.stderr
+    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))["model_config"]
+    assert saved["sparse_topk"] == 4 and saved["realformer"] is True
+    assert [line for line in result.stdout.splitlines() if line.startswith("init_from")] == [
+        f"init_from {hf_dir}: sparse_topk 0 -> 4 (command line)",
+        f"init_from {hf_dir}: realformer False -> True (command line)"]
+
+
 def test_train_refuses_shape_flags_that_disagree_with_the_weights(hf_dir, tiny_data_dir, tmp_path):
     result = run_script("train.py", f"--init_from={hf_dir}", f"--data_dir={tiny_data_dir}", "--dataset=tiny",
                         f"--out_dir={tmp_path}", "--n_layer=4")

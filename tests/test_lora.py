@@ -317,14 +317,18 @@ def test_adapter_file_is_small_and_names_its_base(short_run, bases):
     assert os.path.getsize(adapter_path) < os.path.getsize(base_path) / 20
 
 
-def test_resume_continues_exactly(bases, records_file, tmp_path):
+def test_resume_continues_exactly(bases, records_file, tmp_path, capsys):
     """8 steps straight and 4 + resume + 4 give identical losses and identical adapters (CPU, fp32), with
-    LoRA dropout on and two micro-batches per step: the state holds AdamW's moments, the step and the RNGs."""
+    LoRA dropout on and two micro-batches per step: the state holds AdamW's moments, the step and the RNGs.
+    The one value the resume changes is printed, once (issue 13: nothing said so)."""
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     flags = ["--lr_decay_iters=8", "--eval_interval=4", "--lora_dropout=0.1"]
     ft.main(finetune_flags(bases[0], records_file, straight, "--max_iters=8", *flags))
     ft.main(finetune_flags(bases[0], records_file, interrupted, "--max_iters=4", *flags))
+    capsys.readouterr()
     ft.main([f"--out_dir={interrupted}", "--init_from=resume", "--max_iters=8"])
+    reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    assert reported == ["resume: max_iters 4 -> 8 (command line)"]
     losses = [{r["step"]: r["loss"] for r in read_log(d) if "loss" in r} for d in (straight, interrupted)]
     assert losses[0] == losses[1] and len(losses[0]) == 8
     a, b = (ft.load_adapter(os.path.join(d, "adapter.pt")) for d in (straight, interrupted))

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -73,6 +74,66 @@ def test_resume_continues_exactly(tiny_data_dir, tmp_path):
     assert a["step"] == b["step"] == 12
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def logged_records(out_dir: str, after: int = 0) -> list[dict]:
+    """metrics.jsonl's lines after step `after`, without the timing fields (they differ between any two runs)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in r.items() if k not in ("ms_per_step", "tokens_per_s", "mfu")}
+                for r in map(json.loads, f) if r["step"] > after]
+
+
+@pytest.fixture
+def issue_run(tiny_data_dir, tmp_path, monkeypatch) -> str:
+    """The issue's run, in a fresh working directory whose data/shakespeare holds the tiny dataset (so the
+    default --data_dir and --dataset find it): 10 steps of lr 1e-3, warmup 2, decay over 10 steps, batch 4
+    (64 tokens per step), in out_dir 'straight', keeping its step-5 checkpoint as ckpt-000005.pt."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data")
+    os.symlink(os.path.join(tiny_data_dir, "tiny"), os.path.join("data", "shakespeare"))
+    train.main(["--out_dir=straight", *TINY_MODEL_FLAGS, "--batch_size=4", "--learning_rate=1e-3",
+                "--warmup_iters=2", "--lr_decay_iters=10", "--max_iters=10", "--eval_interval=5", "--eval_iters=2",
+                "--log_interval=1", "--keep_last=3", "--dropout=0.1"])
+    return "straight"
+
+
+def test_bare_resume_continues_the_run_with_its_own_flags(issue_run, capsys):
+    """Issue 13: --init_from=resume restored the model only; every run flag fell back to its default, so a run
+    of lr 1e-3, warmup 2, decay over 10 steps and batch 4, resumed bare at step 5, went back into warmup at
+    2e-3 with 256 tokens per step instead of 64. Its step-5 checkpoint, moved to ./out (the default out_dir)
+    and resumed with no other flag, logs the uninterrupted run's losses, learning rates and token counts."""
+    os.makedirs("out")
+    shutil.copy(os.path.join(issue_run, "ckpt-000005.pt"), os.path.join("out", "ckpt.pt"))
+    capsys.readouterr()
+    train.main(["--init_from=resume"])
+    assert "resume:" not in capsys.readouterr().out          # nothing given, so nothing changed
+    resumed = logged_records("out")
+    assert resumed == logged_records(issue_run, after=5)
+    assert [r["tokens"] for r in resumed if "loss" in r] == [64 * step for step in range(6, 11)]
+    assert load_checkpoint(os.path.join("out", "ckpt.pt"))["step"] == 10   # ./out, not the saved out_dir
+
+
+def test_resume_flags_given_win_and_are_reported_once(issue_run, capsys):
+    """A flag given with --init_from=resume wins over the checkpoint's value and is printed once, as
+    'resume: name old -> new (command line)' (a flag given with the saved value is not); the rest of the saved
+    run goes on: the learning rates after step 5 follow the saved warmup and decay with the new peak, at the
+    saved batch's 64 tokens per step. A model field that changes no shape (sparse_topk, realformer) is
+    honoured and reported the same way."""
+    capsys.readouterr()
+    train.main([f"--out_dir={issue_run}", "--init_from=resume", f"--resume_from={issue_run}/ckpt-000005.pt",
+                "--learning_rate=5e-4", "--sparse_topk=4", "--realformer", "--max_iters=8", "--dropout=0.1"])
+    reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    assert reported == ["resume: max_iters 10 -> 8 (command line)",
+                        "resume: learning_rate 0.001 -> 0.0005 (command line)",
+                        "resume: sparse_topk 0 -> 4 (command line)",
+                        "resume: realformer False -> True (command line)"]
+    schedule = train.TrainConfig(learning_rate=5e-4, min_lr=2e-4, warmup_iters=2, lr_decay_iters=10)
+    records = [r for r in logged_records(issue_run, after=5) if "loss" in r]
+    assert [r["lr"] for r in records] == [train.get_lr(r["step"] - 1, schedule) for r in records]
+    assert [r["tokens"] for r in records] == [64 * step for step in range(6, 9)]
+    checkpoint = load_checkpoint(os.path.join(issue_run, "ckpt.pt"))
+    assert checkpoint["step"] == 8 and checkpoint["train_config"]["eval_iters"] == 2
+    assert checkpoint["model_config"]["sparse_topk"] == 4 and checkpoint["model_config"]["realformer"]
 
 
 def test_training_lowers_the_loss_and_checkpoint_reloads(tiny_data_dir, tmp_path):
