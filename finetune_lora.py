@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, config_changes, configure_optimizers,
-                   flags_given, flops_per_token, gather_to_rank0, get_tokenizer, load_checkpoint, load_marked_file,
-                   model_from_checkpoint, parse_args, peak_flops, pick_dtype, print0, run_main, save_checkpoint,
-                   save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps)
+from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, check_rates, config_changes,
+                   configure_optimizers, flags_given, flops_per_token, gather_to_rank0, get_tokenizer,
+                   load_checkpoint, load_marked_file, model_from_checkpoint, parse_args, peak_flops, pick_dtype,
+                   print0, run_main, save_checkpoint, save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps)
 from prepare import sha256_file, shakespeare_paths
 from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
                    open_metric_streams, optimizer_step, restore_cpu_threads, restore_rng_states, rng_states)
@@ -500,13 +500,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
-    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
-        sys.exit(f"error: --peak_flops={cfg.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12 for an H100)")
-    # min_lr is where the cosine decay ends: with --decay_lr=False it is never used (get_lr), so its default
-    # must not refuse a learning rate below it.
-    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or (cfg.decay_lr and cfg.min_lr > cfg.learning_rate):
-        sys.exit(f"error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0 (--min_lr={cfg.min_lr}, "
-                 f"--learning_rate={cfg.learning_rate})")
+    check_rates(cfg)
     if cfg.lora_alpha <= 0:
         sys.exit(f"error: --lora_alpha={cfg.lora_alpha} must be > 0")
     if not 0 <= cfg.lora_dropout < 1:
@@ -676,8 +670,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     eval_splits = {split: examples[:n_eval] for split, examples in splits.items()}
     # Frozen weights need no weight gradient, so a step costs about 4N FLOPs per token instead of 6N.
     n_matmul = n_params - block_size * model.config.n_embd
-    peak = cfg.peak_flops or peak_flops(device)
-    peak = world_size * peak if peak else None   # the step's FLOPs are those of every process's records
+    peak = peak_flops(device, cfg.peak_flops, world_size)   # the step's FLOPs are every process's records
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the

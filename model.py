@@ -643,13 +643,16 @@ GPU_MEMORY_GIB = {"H100 PCIe": 80, "H100 NVL": 94, "H100": 80, "H200": 141, "A10
                   "L4": 24, "V100": 16}
 
 
-def peak_flops(device: str) -> float | None:
-    """Peak bf16 FLOP/s of the current GPU, or None where we do not know it (CPU, MPS, unlisted GPU):
-    then callers report achieved GFLOP/s rather than an invented MFU."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+def peak_flops(device: str, given: float | None = None, world_size: int = 1) -> float | None:
+    """Peak FLOP/s of world_size devices like this one, the denominator of MFU: a step's FLOPs are those of
+    every process's share of the batch (DDP replicas, FSDP shards, pipeline stages), each on its own device.
+    One device's peak is `given` (--peak_flops), else the data sheet's bf16 figure of the current GPU; None
+    where we do not know it (CPU, MPS, unlisted GPU): then callers report achieved GFLOP/s rather than an
+    invented MFU."""
+    if given is None and device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        given = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return world_size * given if given else None
 
 
 # --- pipeline stages: splitting the layers across devices ---
@@ -837,6 +840,18 @@ def flags_given(argv: list[str] | None = None) -> set[str]:
     """Names of the flags written on the command line (as opposed to defaults)."""
     argv = sys.argv[1:] if argv is None else argv
     return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def check_rates(cfg) -> None:
+    """Stop with one line on a learning rate or a --peak_flops that cannot be: the checks of the flags that
+    train.py's and finetune_lora.py's run configs share."""
+    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
+        sys.exit(f"error: --peak_flops={cfg.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12 for an H100)")
+    # min_lr is where the cosine decay ends: with --decay_lr=False it is never used (get_lr), so its default
+    # must not refuse a learning rate below it.
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or (cfg.decay_lr and cfg.min_lr > cfg.learning_rate):
+        sys.exit(f"error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0 (--min_lr={cfg.min_lr}, "
+                 f"--learning_rate={cfg.learning_rate})")
 
 
 def config_changes(label: str, before: dict, after: dict, sources: dict[str, str]) -> list[str]:

@@ -28,8 +28,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage,
-                   all_ranks_mean, apply_preset, arg, autocast, build_stage, config_changes, configure_optimizers,
-                   describe_plan, fault_point, flags_given,
+                   all_ranks_mean, apply_preset, arg, autocast, build_stage, check_rates, config_changes,
+                   configure_optimizers, describe_plan, fault_point, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, run_main, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
@@ -579,13 +579,7 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     for name, minimum in minimums.items():
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
-    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
-        sys.exit(f"error: --peak_flops={cfg.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12 for an H100)")
-    # min_lr is where the cosine decay ends: with --decay_lr=False it is never used (get_lr), so its default
-    # must not refuse a learning rate below it.
-    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or (cfg.decay_lr and cfg.min_lr > cfg.learning_rate):
-        sys.exit(f"error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0 (--min_lr={cfg.min_lr}, "
-                 f"--learning_rate={cfg.learning_rate})")
+    check_rates(cfg)
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         if getattr(model_cfg, name) < 1:
             sys.exit(f"error: --{name}={getattr(model_cfg, name)} must be >= 1")
@@ -1011,10 +1005,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
 
     tokens_per_step = B * accum * dp_size * T
     flops_per_step = flops_per_token(model_cfg, n_params, T) * tokens_per_step
-    # MFU: the FLOPs of the global batch over the peak of every device that computed them, each of the
-    # world_size processes (DDP replicas, FSDP shards, pipeline stages) on its own device.
-    peak = cfg.peak_flops or peak_flops(device)
-    peak = world_size * peak if peak else None
+    peak = peak_flops(device, cfg.peak_flops, world_size)   # MFU: the global batch over every device's peak
     print0(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
            f"{model_cfg.n_embd} channels, context {T}")
     print0(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
