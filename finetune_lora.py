@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, check_rates, config_changes,
                    configure_optimizers, flags_given, flops_per_token, gather_to_rank0, get_tokenizer,
                    load_checkpoint, load_marked_file, model_from_checkpoint, parse_args, peak_flops, pick_dtype,
-                   print0, run_main, save_checkpoint, save_marked_file, setup_distributed, teardown_distributed, trim_log, StopSignals, BadSteps)
+                   print0, run_main, save_checkpoint, save_marked_file, setup_distributed, teardown_distributed,
+                   trim_log, StopSignals, BadSteps)
 from prepare import sha256_file, shakespeare_paths
 from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
                    open_metric_streams, optimizer_step, restore_cpu_threads, restore_rng_states, rng_states)
