@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, apply_preset, arg, autocast, build_stage, flags_given, flops_per_token, generate,
-                   gpt2_bpe_dir, parse_args, peak_flops, pick_device, pick_dtype, plan_stages, stage_costs)
+                   dtype_name, gpt2_bpe_dir, parse_args, peak_flops, pick_device, pick_dtype, plan_stages,
+                   sampling_dtype, stage_costs)
 from train import TrainConfig, draw_windows, microbatches, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -204,7 +205,7 @@ def sampling_setup(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) ->
     torch.manual_seed(train_cfg.seed)
     model = GPT(dataclasses.replace(model_cfg, dropout=0.0)).to(device).eval()
     compile_steps = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
-    return model, pick_dtype(train_cfg.dtype, device), compile_steps
+    return model, sampling_dtype(train_cfg.dtype, device), compile_steps
 
 
 def bench_sample(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
@@ -400,7 +401,7 @@ def nanogpt_flags(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> 
     """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
     literal_evals each value and wants the type of its default, hence 0.0 for a float. On a CPU nanoGPT
     trains and samples in fp32 whatever --dtype says."""
-    dtype = str(pick_dtype(train_cfg.dtype, device)).removeprefix("torch.")
+    dtype = dtype_name(pick_dtype(train_cfg.dtype, device))
     compile_model = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
     return [f"--device={device}", f"--dtype={dtype}", f"--compile={compile_model}",
             f"--n_layer={model_cfg.n_layer}", f"--n_head={model_cfg.n_head}", f"--n_embd={model_cfg.n_embd}",
@@ -585,7 +586,7 @@ def bench_limits(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
     rows = train_cfg.batch_size * model_cfg.block_size
     figures, peaks = [], {}
     for dtype in dtypes:
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         by_shape = {}
         for shape, (M, K, N) in model_matmul_shapes(model_cfg, rows).items():
             by_shape[shape] = summarize(f"limits_gemm_{name}_{shape}", f"GFLOP/s, ({M}, {K}) x ({K}, {N})",
@@ -614,23 +615,24 @@ def bench_limits(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
 
 def shares_of_limits(figures: list[dict], limits: dict, cfg: BenchConfig, train_cfg: TrainConfig,
                      model_cfg: GPTConfig, device: str) -> list[dict]:
-    """Training GFLOP/s (flops_per_token x tokens/s) as a share of the GEMM peak of the run's dtype, and
-    sampling tokens/s at batch 1 as a share of the bandwidth bound, for each training and sampling figure
-    this run measured."""
+    """Training GFLOP/s (flops_per_token x tokens/s) as a share of the fp32 GEMM peak and of the peak of the
+    run's dtype, and sampling tokens/s at batch 1 as a share of the bandwidth bound, for each training and
+    sampling figure this run measured."""
     by_name = {f["figure"]: f for f in figures}
     with torch.device("meta"):
         n_params = GPT(model_cfg).num_params()
     per_token = flops_per_token(model_cfg, n_params, model_cfg.block_size)
-    dtype = str(pick_dtype(train_cfg.dtype, device)).removeprefix("torch.")     # bench_limits measured it
-    peak = limits["gemm_peak"][dtype]
+    run_dtype = dtype_name(pick_dtype(train_cfg.dtype, device))               # bench_limits measured it
     bound = limits["bandwidth"] / bytes_read_per_token(model_cfg, cfg.sample_tokens)
     shares = []
     for source, name in (("train_tokens_per_s", "train"),
                          ("vs_nanogpt_ours_train_tokens_per_s", "vs_nanogpt_ours_train")):
-        if source in by_name:
-            shares.append(summarize(f"{name}_share_of_gemm_peak", f"% of the {dtype} GEMM peak "
-                                                                  f"({peak / 1e9:,.0f} GFLOP/s)",
-                                    [100 * per_token * r / peak for r in by_name[source]["runs"]]))
+        for dtype in dict.fromkeys(("float32", run_dtype)):
+            peak = limits["gemm_peak"][dtype]
+            if source in by_name:
+                shares.append(summarize(f"{name}_share_of_{dtype}_gemm_peak",
+                                        f"% of the {dtype} GEMM peak ({peak / 1e9:,.0f} GFLOP/s)",
+                                        [100 * per_token * r / peak for r in by_name[source]["runs"]]))
     for source, name in (("sample_tokens_per_s_batch1", "sample_batch1"),
                          ("vs_nanogpt_ours_sample_tokens_per_s", "vs_nanogpt_ours_sample")):
         if source in by_name:

@@ -31,7 +31,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, check_rates, config_changes,
-                   configure_optimizers, flags_given, flops_per_token, gather_to_rank0, get_tokenizer,
+                   configure_optimizers, dtype_choice, dtype_name, flags_given, flops_per_token, gather_to_rank0,
+                   get_tokenizer,
                    load_checkpoint, load_marked_file, model_from_checkpoint, parse_args, peak_flops, pick_dtype,
                    print0, run_main, save_checkpoint, save_marked_file, setup_distributed, teardown_distributed,
                    trim_log, StopSignals, BadSteps)
@@ -92,12 +93,13 @@ class FinetuneConfig:
                                 "(each such step is skipped, and logged)")
     # system
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
+    dtype: str = arg("auto", "auto: as in train.py (on a CPU bfloat16 where a probe at start finds its matmuls "
+                             "at least 1.5x as fast as float32's)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = arg(None, "torch.compile the model for the training steps, as in train.py (default: on "
                                      "for CUDA, off elsewhere)")
     loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, as in train.py; 0: "
-                                       "the plain path (default: 64 on CPU/MPS, 0 on CUDA or with --compile)")
+                                       "the plain path (default: 1024 on CPU/MPS, 0 on CUDA or with --compile)")
     peak_flops: float | None = arg(None, "peak FLOP/s of one device, for the MFU in the log, as in train.py "
                                          "(default: known for the GPUs model.PEAK_BF16_FLOPS lists)")
     seed: int = arg(1337, "seed for the adapters' initial A, dropout, the validation split and the data order")
@@ -550,7 +552,6 @@ def main(argv: list[str] | None = None) -> None:
 def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
              device: str, stop: StopSignals) -> None:
     is_master = rank == 0                  # the one process that prints and writes files
-    dtype = pick_dtype(cfg.dtype, device)
     device_type = device.split(":")[0]
     adapter_path, state_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "state.pt")
     merged_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -574,6 +575,9 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         if existing:
             sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
                      f"--out_dir (nothing is overwritten)")
+    dtype = pick_dtype(cfg.dtype, device)
+    # The state records the dtype chosen, so a resumed run computes in it whatever a new probe would say.
+    precision, cfg = dtype_choice(cfg.dtype, dtype, device), dataclasses.replace(cfg, dtype=dtype_name(dtype))
     records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
     if cfg.init_from != "resume":
         from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
@@ -649,7 +653,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
     # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
-        (0 if device_type == "cuda" or compile_model else 64)
+        (0 if device_type == "cuda" or compile_model else 1024)
     # The training steps run through torch.compile; evaluation and saving use `model`, the plain module.
     # DDP (Li et al. 2020) over the adapters: every process holds the whole model and trains on its share
     # of each step's records; backward averages the adapters' gradients (the frozen weights have none).
@@ -662,7 +666,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base_path} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
-    print0(f"{world_size} x {device}, {str(dtype).removeprefix('torch.')}{', compiled' if compile_model else ''} | "
+    print0(f"{world_size} x {device}, {precision}{', compiled' if compile_model else ''} | "
            f"{examples_per_step} records per step | loss on "
            f"{'response tokens only' if cfg.mask_input else 'every token'}")
 

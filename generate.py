@@ -17,7 +17,7 @@ import torch
 
 from finetune_lora import format_prompt, load_base_with_adapter, merge_lora
 from model import (EOT_TOKEN, arg, autocast, flags_given, generate, get_tokenizer, load_checkpoint,
-                   model_from_checkpoint, parse_args, pick_device, pick_dtype)
+                   model_from_checkpoint, parse_args, pick_device, sampling_dtype)
 
 
 @dataclass
@@ -40,7 +40,8 @@ class GenerateConfig:
     stop_at_eot: bool = arg(True, "end a sample when the model writes <|endoftext|>")
     seed: int = arg(1337, "seed of the sampling generator: the same seed gives the same text")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
+    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU (one "
+                             "token at a time, bfloat16 is no faster there)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = arg(None, "torch.compile each sampling step (default: on for CUDA, where it fuses "
                                      "the step's many small kernels; off elsewhere, where it does not pay)")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(GenerateConfig, argv=argv)
     check_config(cfg)
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = sampling_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.lora:

@@ -561,9 +561,35 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return best_ids.gather(-1, sample_from(probs, generator)[:, None]).squeeze(1)
 
 
+def head_blocks(vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Equal blocks of the vocabulary for decode_logits: for fp32 on a CPU, a power of two >= 2 that divides
+    the vocabulary, up to the thread count; otherwise 1 (a plain F.linear)."""
+    if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return 1
+    blocks = 1
+    while vocab_size % (2 * blocks) == 0 and blocks < max(2, torch.get_num_threads()):
+        blocks *= 2
+    return blocks
+
+
+def decode_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The LM head for the few rows of a decoding step: x (B, C) -> logits (B, V). It reads the whole (V, C)
+    head for a handful of rows, so it runs at the memory's speed, if the kernel lets it. On a CPU, PyTorch
+    sends a 1-row fp32 F.linear to a matrix-vector routine that reads the head at a fraction of the
+    bandwidth, while one batched matmul over equal blocks of the vocabulary reads it twice as fast (README,
+    "Performance"); each logit is the same dot product either way."""
+    weight = model.lm_head.weight                                            # (V, C)
+    V, C = weight.shape
+    blocks = head_blocks(V, x.device, x.dtype)
+    if blocks == 1:
+        return model.lm_head(x)
+    per_block = torch.bmm(weight.view(blocks, V // blocks, C), x.t().expand(blocks, C, x.size(0)))
+    return per_block.permute(2, 0, 1).reshape(x.size(0), V)                  # (blocks, V/blocks, B) -> (B, V)
+
+
 def next_token_logits(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Logits (B, V) of the token after idx (B, T), which follow the positions already in cache."""
-    return model.lm_head(model.hidden_states(idx, cache)[:, -1])
+    return decode_logits(model, model.hidden_states(idx, cache)[:, -1])
 
 
 @functools.cache
@@ -917,13 +943,58 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster this CPU multiplies bf16 matrices than fp32 ones (best of 5, ~50 ms in all).
+    CPUs differ: with AMX or AVX512-BF16 bf16 is several times faster; without, PyTorch emulates it, and
+    even some CPUs that list avx512_bf16 run it slower than fp32 (README, "Performance")."""
+    a, b = torch.randn(256, 512), torch.randn(512, 2048)
+
+    def best_seconds(dtype: torch.dtype) -> float:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y                                           # the first call picks and builds the kernel
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
+
+
 def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """'auto': bf16 on GPUs that have it, fp16 (with a gradient scaler) on older GPUs, fp32 elsewhere."""
+    """'auto': bf16 on GPUs that have it, fp16 (with a gradient scaler) on older GPUs; on a CPU, bf16 where
+    its bf16 matmuls run at least 1.5x as fast as fp32 ones (cpu_bf16_speedup), fp32 elsewhere. Under
+    torchrun every process takes rank 0's answer, so all of them compute alike."""
     if requested == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        if device != "cpu":
+            return torch.float32
+        use_bf16 = torch.tensor([cpu_bf16_speedup() >= 1.5])
+        if dist.is_initialized():
+            dist.broadcast(use_bf16, src=0)
+        return torch.bfloat16 if use_bf16.item() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def sampling_dtype(requested: str, device: str) -> torch.dtype:
+    """pick_dtype for generation. 'auto' on a CPU is fp32 even where bf16 trains faster: a decoding step
+    multiplies one row by each weight, which bf16 autocast would first cast, every step (README,
+    "Performance")."""
+    return torch.float32 if requested == "auto" and device == "cpu" else pick_dtype(requested, device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the --dtype value that names it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_choice(requested: str, dtype: torch.dtype, device: str) -> str:
+    """The dtype for a header line, with the reason where --dtype=auto chose it on a CPU."""
+    if requested != "auto" or device != "cpu":
+        return dtype_name(dtype)
+    return f"{dtype_name(dtype)} (auto: bf16 matmuls run {cpu_bf16_speedup():.1f}x fp32's speed here)"
 
 
 def autocast(device: str, dtype: torch.dtype):

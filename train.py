@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import (GPT, GPU_MEMORY_GIB, PEAK_BF16_FLOPS, PRESETS, SHAPE_FIELDS, Block, GPTConfig, GPTStage,
                    all_ranks_mean, apply_preset, arg, autocast, build_stage, check_rates, config_changes,
-                   configure_optimizers, describe_plan, fault_point, flags_given,
+                   configure_optimizers, describe_plan, dtype_choice, dtype_name, fault_point, flags_given,
                    flops_per_token, gather_to_rank0, load_checkpoint,
                    load_optimizer_state_by_name, optimizer_state_by_name, parse_args, peak_flops, pick_dtype,
                    plan_stages, print0, run_main, save_checkpoint, setup_distributed, teardown_distributed, trim_log,
@@ -71,12 +71,13 @@ class TrainConfig:
     grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0 disables clipping)")
     # system
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU",
+    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs; on a CPU bfloat16 where "
+                             "a probe at start finds its matmuls at least 1.5x as fast as float32's, else float32",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = arg(None, "torch.compile the model (default: on for CUDA; off elsewhere: on a 2-core "
                                      "CPU it compiled for ~55 s, then ran no faster)")
     loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, which never holds "
-                                       "the whole (B*T, V) logits; 0: the plain path (default: 64 on CPU/MPS, "
+                                       "the whole (B*T, V) logits; 0: the plain path (default: 1024 on CPU/MPS, "
                                        "0 on CUDA, where torch.compile fuses the plain path)")
     peak_flops: float | None = arg(None, "peak FLOP/s of one device, for the MFU in the log (default: the data "
                                          "sheet's bf16 figure for the GPUs model.PEAK_BF16_FLOPS lists; on others "
@@ -893,6 +894,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
           world_size: int, device: str, stop: StopSignals, checkpoint: dict | None = None) -> None:
     is_master = rank == 0                  # the one process that prints and writes files
     dtype = pick_dtype(cfg.dtype, device)
+    # The checkpoint records the dtype chosen, so a resumed run computes in it whatever a new probe would say.
+    precision, cfg = dtype_choice(cfg.dtype, dtype, device), dataclasses.replace(cfg, dtype=dtype_name(dtype))
     device_type = device.split(":")[0]
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 tensor cores for the fp32 matmuls that remain
@@ -980,7 +983,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
     compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
-    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 64)
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device_type == "cuda" else 1024)
     if pipe is None:
         # DDP (Li et al. 2020): every process holds the whole model and trains on its share of each batch;
         # backward averages the gradients across processes, so every copy takes the same step.
@@ -1009,7 +1012,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     print0(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
            f"{model_cfg.n_embd} channels, context {T}")
     print0(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
-           f"{tokens_per_step:,} tokens per step | {world_size} x {device}, {str(dtype).removeprefix('torch.')}"
+           f"{tokens_per_step:,} tokens per step | {world_size} x {device}, {precision}"
            f"{', compiled' if compile_model else ''}")
     if is_master:
         os.makedirs(cfg.out_dir, exist_ok=True)

@@ -31,7 +31,7 @@ def test_bench_smoke_run_reports_every_figure(tmp_path):
     assert figures["sample_tokens_per_s_batch1"]["model"]["n_embd"] == 32   # the flags reached the model
     assert "train_tokens_per_s" in result.stdout                # and the table
     # the training GFLOP/s as a share of the fp32 GEMM peak measured in the same run
-    assert figures["train_share_of_gemm_peak"]["median"] == pytest.approx(
+    assert figures["train_share_of_float32_gemm_peak"]["median"] == pytest.approx(
         100 * figures["train_gflops"]["median"] / figures["limits_gemm_peak_float32"]["median"])
 
 

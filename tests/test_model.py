@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from model import (GPT, GPT2_SIZES, ChunkedCrossEntropy, GPTConfig, KVCache, causal_mask,
-                   configure_optimizers, explicit_attention, flops_per_token, generate, sample_next_token,
-                   sdpa_attention)
+                   configure_optimizers, decode_logits, explicit_attention, flops_per_token, generate,
+                   head_blocks, sample_next_token, sdpa_attention)
 
 TINY = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=97)
 
@@ -65,14 +65,31 @@ def test_kv_cache_matches_full_recompute():
     torch.testing.assert_close(torch.cat(cached, dim=1), model(idx), rtol=0, atol=1e-5)
 
 
-def test_greedy_generation_matches_full_recompute():
-    model = tiny_model()
-    prompt = torch.randint(0, TINY.vocab_size, (2, 4))
+@pytest.mark.parametrize("vocab_size", [97, 96])   # 96: decode_logits multiplies blocks of the vocabulary
+def test_greedy_generation_matches_full_recompute(vocab_size):
+    model = tiny_model(vocab_size=vocab_size)
+    prompt = torch.randint(0, vocab_size, (2, 4))
     tokens = torch.stack(list(generate(model, prompt, max_new_tokens=15, temperature=0)), dim=1)
     sequence = prompt
     for _ in range(15):   # the reference: no cache, the argmax of the last position of the whole sequence
         sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(tokens, sequence[:, 4:])
+
+
+@pytest.mark.parametrize("vocab_size,rows", [(50304, 1), (50304, 3), (96, 2), (97, 1)])
+def test_decode_logits_equal_the_lm_head_in_float64(vocab_size, rows):
+    """The decoding head (blocks of the vocabulary through one batched matmul, where the vocabulary splits)
+    gives each row's logits as a float64 product of the same weights does, to fp32 rounding."""
+    model = tiny_model(vocab_size=vocab_size)
+    x = torch.randn(rows, TINY.n_embd)
+    reference = x.double() @ model.lm_head.weight.double().t()                   # (rows, V)
+    with torch.inference_mode():
+        logits = decode_logits(model, x)
+    assert logits.shape == (rows, vocab_size) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), reference, rtol=0, atol=1e-5)
+    if vocab_size % 2 == 0:
+        assert head_blocks(vocab_size, x.device, x.dtype) >= 2        # the blocked path is the one tested
+    assert head_blocks(vocab_size, x.device, torch.bfloat16) == 1     # bf16 keeps F.linear
 
 
 def test_generation_slides_window_past_block_size():
