@@ -399,9 +399,9 @@ def seed_tiktoken_cache(cache_dir: str) -> dict:
 
 def nanogpt_flags(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[str]:
     """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
-    literal_evals each value and wants the type of its default, hence 0.0 for a float. On a CPU nanoGPT
-    trains and samples in fp32 whatever --dtype says."""
-    dtype = dtype_name(pick_dtype(train_cfg.dtype, device))
+    literal_evals each value and wants the type of its default, hence 0.0 for a float. Off CUDA nanoGPT
+    trains and samples in fp32 whatever --dtype says, so its flag says float32 there."""
+    dtype = dtype_name(pick_dtype(train_cfg.dtype, device)) if device.startswith("cuda") else "float32"
     compile_model = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
     return [f"--device={device}", f"--dtype={dtype}", f"--compile={compile_model}",
             f"--n_layer={model_cfg.n_layer}", f"--n_head={model_cfg.n_head}", f"--n_embd={model_cfg.n_embd}",

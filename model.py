@@ -561,15 +561,12 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return best_ids.gather(-1, sample_from(probs, generator)[:, None]).squeeze(1)
 
 
-def head_blocks(vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
-    """Equal blocks of the vocabulary for decode_logits: for fp32 on a CPU, a power of two >= 2 that divides
-    the vocabulary, up to the thread count; otherwise 1 (a plain F.linear)."""
+def head_blocks(device: torch.device, dtype: torch.dtype) -> int:
+    """Blocks of the vocabulary for decode_logits: for fp32 on a CPU, one per thread (at least 2); otherwise 1
+    (a plain F.linear)."""
     if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return 1
-    blocks = 1
-    while vocab_size % (2 * blocks) == 0 and blocks < max(2, torch.get_num_threads()):
-        blocks *= 2
-    return blocks
+    return max(2, torch.get_num_threads())
 
 
 def decode_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
@@ -579,12 +576,14 @@ def decode_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
     bandwidth, while one batched matmul over equal blocks of the vocabulary reads it twice as fast (README,
     "Performance"); each logit is the same dot product either way."""
     weight = model.lm_head.weight                                            # (V, C)
-    V, C = weight.shape
-    blocks = head_blocks(V, x.device, x.dtype)
+    blocks = head_blocks(x.device, x.dtype)
     if blocks == 1:
         return model.lm_head(x)
-    per_block = torch.bmm(weight.view(blocks, V // blocks, C), x.t().expand(blocks, C, x.size(0)))
-    return per_block.permute(2, 0, 1).reshape(x.size(0), V)                  # (blocks, V/blocks, B) -> (B, V)
+    (V, C), B = weight.shape, x.size(0)
+    rows = V // blocks * blocks                                # the rest (fewer than `blocks` rows) below
+    per_block = torch.bmm(weight[:rows].view(blocks, rows // blocks, C), x.t().expand(blocks, C, B))
+    logits = per_block.permute(2, 0, 1).reshape(B, rows)                    # (blocks, rows/blocks, B) -> (B, rows)
+    return logits if rows == V else torch.cat([logits, F.linear(x, weight[rows:])], dim=1)
 
 
 def next_token_logits(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
