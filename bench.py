@@ -34,10 +34,10 @@ import torch
 
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, apply_preset, arg, autocast, build_stage, flags_given, flops_per_token, generate,
-                   dtype_name, gpt2_bpe_dir, parse_args, peak_flops, pick_device, pick_dtype, plan_stages,
-                   sampling_dtype, stage_costs)
-from train import TrainConfig, draw_windows, microbatches, read_batch
+from common import (autocast, dtype_name, flags_given, gpt2_bpe_dir, parse_args, peak_flops, pick_device,
+                    pick_dtype, sampling_dtype)
+from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
+from train import TrainConfig, apply_preset, draw_windows, microbatches, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")

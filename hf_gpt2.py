@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import (EOT_TOKEN, GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig, arg, get_tokenizer, load_checkpoint,
-                   parse_args, save_checkpoint)
+from common import EOT_TOKEN, get_tokenizer, load_checkpoint, parse_args, save_checkpoint
+from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig, arg
 
 
 @dataclass

