@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, arg
+from model import GPT, GPTConfig, arg, get_lr
 
 
 # --- flags ---
@@ -298,7 +298,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def dtype_choice(requested: str, dtype: torch.dtype, device: str) -> str:
+def describe_dtype(requested: str, dtype: torch.dtype, device: str) -> str:
     """The dtype for a header line, with the reason where --dtype=auto chose it on a CPU."""
     if requested != "auto" or device != "cpu":
         return dtype_name(dtype)
@@ -976,7 +976,22 @@ class StepTimer:
 
 # --- the steps of a training loop ---
 
-def compile_default(cfg: RunConfig, device: str) -> bool:
+def is_evaluation_step(step: int, start_step: int, cfg: RunConfig) -> bool:
+    """Whether the loop evaluates and saves before step `step`: every eval_interval steps and at the end,
+    except where a resumed run starts (that evaluation was made just before its checkpoint was written)."""
+    is_resumed_start = step == start_step and start_step > 0
+    return (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: RunConfig) -> float:
+    """Give every parameter group the learning rate of `step` on cfg's schedule (model.get_lr); return it."""
+    lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def should_compile(cfg: RunConfig, device: str) -> bool:
     """--compile, or by default on CUDA only."""
     return cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
@@ -985,7 +1000,7 @@ def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunCon
     """(dtype, the header's words for it, cfg with --dtype set to it). The checkpoint records the dtype chosen,
     so a resumed run computes in it whatever a new probe of --dtype=auto would say."""
     dtype = pick_dtype(cfg.dtype, device)
-    return dtype, dtype_choice(cfg.dtype, dtype, device), dataclasses.replace(cfg, dtype=dtype_name(dtype))
+    return dtype, describe_dtype(cfg.dtype, dtype, device), dataclasses.replace(cfg, dtype=dtype_name(dtype))
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -31,13 +31,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (EOT_TOKEN, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals, all_ranks_mean,
-                    autocast, check_run_config, compile_default, config_changes, evaluate, flags_given,
-                    get_tokenizer, load_checkpoint, loop_state, model_from_checkpoint, optimizer_step, parse_args,
-                    peak_flops, prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main,
-                    save_checkpoint, save_on_rank0, setup_distributed, sha256_file, shakespeare_paths,
-                    teardown_distributed)
+                    autocast, check_run_config, should_compile, config_changes, evaluate, flags_given,
+                    get_tokenizer, is_evaluation_step, load_checkpoint, loop_state, model_from_checkpoint,
+                    optimizer_step, parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype,
+                    restore_loop_state, run_main, save_checkpoint, save_on_rank0, set_lr, setup_distributed,
+                    sha256_file, shakespeare_paths, teardown_distributed)
 from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
-from model import GPT, arg, configure_optimizers, flops_per_token, get_lr
+from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 
 
 @dataclass
@@ -183,7 +183,7 @@ def eval_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_in
         yield x.to(device), y.to(device), int((y != -1).sum()), 1
 
 
-# --- the loss over response tokens ---
+# --- the loss over response tokens, and its cost ---
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                          scaler: torch.amp.GradScaler, device: str, dtype: torch.dtype, loss_chunk: int,
@@ -213,6 +213,15 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tenso
             scaler.scale(loss * world_size).backward()
         step_loss += loss.detach()
     return step_loss
+
+
+def finetune_flops(config: GPTConfig, n_params: int, tokens_per_step: float, examples_per_step: int) -> float:
+    """FLOPs of a fine-tuning step on tokens_per_step tokens in examples_per_step records. Frozen weights need
+    no weight gradient, so a step costs about 4N FLOPs per token instead of 6N (model.flops_per_token, with
+    its sequence length the records' mean length)."""
+    n_matmul = n_params - config.block_size * config.n_embd
+    mean_T = max(1, round(tokens_per_step / examples_per_step))
+    return (flops_per_token(config, n_params, mean_T) - 2 * n_matmul) * tokens_per_step
 
 
 # --- side effects: reading records ---
@@ -452,6 +461,26 @@ def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict |
     return present
 
 
+def wrap_for_training(model: GPT, cfg: FinetuneConfig, device: str, local_rank: int, world_size: int
+                      ) -> tuple[nn.Module, bool, int]:
+    """(the module the training steps run through, whether it is compiled, the loss chunk). Evaluation and
+    saving use `model`, the plain module. DDP (Li et al. 2020) over the adapters: every process holds the
+    whole model and trains on its share of each step's records; backward averages the adapters' gradients
+    (the frozen weights have none)."""
+    compile_model = should_compile(cfg, device)
+    # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
+    # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
+    # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
+        (0 if device.startswith("cuda") or compile_model else 1024)
+    # DDP wraps the compiled module (as nanoGPT does), so accumulate_gradients still finds DDP's no_sync; the
+    # all-reduce then waits for the whole compiled backward, which costs nothing for the adapters' few MB.
+    train_model = torch.compile(model) if compile_model else model
+    train_model = DDP(train_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
+        if world_size > 1 else train_model
+    return train_model, compile_model, loss_chunk
+
+
 def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
              device: str, stop: StopSignals) -> None:
     """Build the run (the base with adapters, AdamW, the examples, the log), then train the adapters
@@ -482,20 +511,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         optimizer.load_state_dict(state["optimizer"])
         start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, world_size, device)
         print0(f"resuming {state_path} at step {start_step}")
-    compile_model = compile_default(cfg, device)
-    # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
-    # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
-    # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
-    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
-        (0 if device.startswith("cuda") or compile_model else 1024)
-    # The training steps run through torch.compile; evaluation and saving use `model`, the plain module.
-    # DDP (Li et al. 2020) over the adapters: every process holds the whole model and trains on its share
-    # of each step's records; backward averages the adapters' gradients (the frozen weights have none).
-    # DDP wraps the compiled module (as nanoGPT does), so accumulate_gradients still finds DDP's no_sync; the
-    # all-reduce then waits for the whole compiled backward, which costs nothing for the adapters' few MB.
-    train_model = torch.compile(model) if compile_model else model
-    train_model = DDP(train_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
-        if world_size > 1 else train_model
+    train_model, compile_model, loss_chunk = wrap_for_training(model, cfg, device, local_rank, world_size)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base['path']} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
@@ -529,12 +545,8 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                 save_adapter(model, lora_settings(cfg), base, step, val_loss, adapter_path)
         save_on_rank0(write, stop)
 
-    # Frozen weights need no weight gradient, so a step costs about 4N FLOPs per token instead of 6N.
-    n_matmul = n_params - model.config.block_size * model.config.n_embd
-
     def step_flops(tokens_per_step: float) -> float:
-        mean_T = max(1, round(tokens_per_step / examples_per_step))
-        return (flops_per_token(model.config, n_params, mean_T) - 2 * n_matmul) * tokens_per_step
+        return finetune_flops(model.config, n_params, tokens_per_step, examples_per_step)
 
     def accumulate(micro_batches: list, step_tokens: int) -> torch.Tensor:
         return accumulate_gradients(train_model, micro_batches, scaler, device, dtype, loss_chunk, step_tokens,
@@ -549,7 +561,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                f"`python finetune_lora.py --init_from=resume --out_dir={cfg.out_dir}`", flush=True)
         sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
     if is_master:
-        finish(cfg, model, base, best_val_loss, timer)
+        report_and_merge(cfg, model, base, best_val_loss, timer)
 
 
 def finetune_loop(cfg: FinetuneConfig, model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -567,22 +579,19 @@ def finetune_loop(cfg: FinetuneConfig, model: GPT, optimizer: torch.optim.Optimi
     for step in range(start_step, cfg.max_iters + 1):
         # Evaluate and save before taking the step, so the state at step s resumes with step s.
         # A SIGTERM or Ctrl-C on any process since the last step: all save the state here and stop.
-        is_resumed_start = step == start_step and start_step > 0
         stop_signal = stop.agreed()
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
+        if is_evaluation_step(step, start_step, cfg):
             losses = evaluate_now()
             best_val_loss = min(best_val_loss, losses["val"])
             log.evaluation(step, losses)
             save(step, best_val_loss, losses["val"])
             timer.restart()   # evaluation and saving are not part of the step time
-        elif stop_signal and not is_resumed_start:
+        elif stop_signal and not (step == start_step and start_step > 0):   # the state holds this step
             save(step, best_val_loss)
         if step == cfg.max_iters or stop_signal:
             break
 
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, step, cfg)
         micro_batches, step_tokens, tokens = batches_of(step)
         loss = accumulate(micro_batches, step_tokens)
         # A non-finite loss or gradient norm on any process: every process skips this update (the adapters and
@@ -599,7 +608,7 @@ def finetune_loop(cfg: FinetuneConfig, model: GPT, optimizer: torch.optim.Optimi
     return step, stop_signal, best_val_loss, timer
 
 
-def finish(cfg: FinetuneConfig, model: GPT, base: dict, best_val_loss: float, timer: StepTimer) -> None:
+def report_and_merge(cfg: FinetuneConfig, model: GPT, base: dict, best_val_loss: float, timer: StepTimer) -> None:
     """The closing line (the adapter's size against its base's), and with --merge the merged checkpoint."""
     adapter_path, merged_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
     base_size, adapter_size = os.path.getsize(base["path"]), os.path.getsize(adapter_path)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,14 +19,14 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from common import (PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals,
-                    all_ranks_mean, check_run_config, compile_default, config_changes, evaluate, flags_given,
-                    keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops, prepare_out_dir,
-                    print0, resolve_dtype, restore_loop_state, run_main, save_checkpoint, save_on_rank0,
-                    setup_distributed, sha256_file, teardown_distributed)
+                    all_ranks_mean, check_run_config, should_compile, config_changes, evaluate, flags_given,
+                    is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops,
+                    prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main, save_checkpoint,
+                    save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
 from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Pipeline, build_pipeline, count_params,
                          memory_estimate, microbatches_in_flight)
-from model import (GPT, SHAPE_FIELDS, GPT2_SIZES, GPTConfig, GPTStage, arg, configure_optimizers, flops_per_token,
-                   get_lr, plan_stages)
+from model import (GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, GPTStage, arg, configure_optimizers,
+                   flops_per_token, plan_stages)
 
 
 # --- presets: published models and their training recipes ---
@@ -520,8 +520,33 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
         pipe = build_pipeline(model_cfg, model.state_dict(), mesh, device, dtype, cfg.pp_schedule, cfg.pp_balance,
                               microbatches(cfg), cfg.pp_virtual_stages, cfg.gradient_accumulation_steps)
         return pipe, pipe.dp_rank, mesh.get_group("dp"), n_params
-    return DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp, compile_default(cfg, device),
+    return DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp, should_compile(cfg, device),
                         cfg.gradient_accumulation_steps, loss_chunk), rank, None, n_params
+
+
+def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, resume_path: str
+              ) -> tuple[dict, dict[str, str]]:
+    """load_data_meta, and the checks that the data fits the model: a resumed run's data is its own
+    (check_resume_data) and the vocabulary fits the model's."""
+    meta, paths = load_data_meta(cfg, model_cfg.block_size)
+    if checkpoint is not None:
+        check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
+                          os.path.join(cfg.data_dir, cfg.dataset))
+    if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
+        sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
+                 f"{model_cfg.vocab_size}")
+    return meta, paths
+
+
+def evaluator(cfg: TrainConfig, meta: dict, paths: dict[str, str], parallel: DataParallel | Pipeline, T: int,
+              device: str, dtype: torch.dtype, dp_rank: int, dp_size: int, dp_group) -> Callable[[], dict]:
+    """A function that returns the train and val loss (common.evaluate) over fixed evaluation windows, drawn
+    once from their own generator, so every evaluation of the run sees the same ones."""
+    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    eval_offsets = {split: draw_windows(meta[f"{split}_tokens"], T, cfg.eval_iters * cfg.batch_size,
+                                        eval_generator) for split in ("train", "val")}
+    return lambda: evaluate(parallel.module, parallel.eval_loss, lambda split: eval_batches(
+        paths[split], eval_offsets[split], cfg.batch_size, T, device, dp_rank, dp_size), device, dtype, dp_group)
 
 
 def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank: int, local_rank: int,
@@ -536,16 +561,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resume_path = cfg.resume_from or ckpt_path
     model_cfg, weights = initial_weights(cfg, model_cfg, sources)
-    meta, paths = load_data_meta(cfg, model_cfg.block_size)
-    if checkpoint is not None:
-        check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
-                          os.path.join(cfg.data_dir, cfg.dataset))
-    if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
-        sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
-                 f"{model_cfg.vocab_size}")
-
-    parallel, dp_rank, dp_group, n_params = build_model(cfg, model_cfg, weights if checkpoint is None else checkpoint["model"],
-                                                        rank, local_rank, world_size, device, dtype)
+    meta, paths = load_data(cfg, model_cfg, checkpoint, resume_path)
+    parallel, dp_rank, dp_group, n_params = build_model(
+        cfg, model_cfg, weights if checkpoint is None else checkpoint["model"], rank, local_rank, world_size, device,
+        dtype)
     optimizer = configure_optimizers(parallel.module, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)   # fp16: loss scaling
@@ -559,15 +578,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
 
-    # Fixed evaluation windows, drawn once from their own generator so they never change during the run.
-    eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
     T, B, accum, dp_size = model_cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps, world_size // cfg.pp
-    eval_offsets = {split: draw_windows(meta[f"{split}_tokens"], T, cfg.eval_iters * B, eval_generator)
-                    for split in ("train", "val")}
-
-    def evaluate_now() -> dict[str, float]:
-        return evaluate(parallel.module, parallel.eval_loss, lambda split: eval_batches(
-            paths[split], eval_offsets[split], B, T, device, dp_rank, dp_size), device, dtype, dp_group)
+    evaluate_now = evaluator(cfg, meta, paths, parallel, T, device, dtype, dp_rank, dp_size, dp_group)
     if cfg.eval_only:
         losses = evaluate_now()
         print0(f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f}")
@@ -580,7 +592,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
            f"{model_cfg.n_embd} channels, context {T}")
     print0(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
            f"{tokens_per_step:,} tokens per step | {world_size} x {device}, {precision}"
-           f"{', compiled' if compile_default(cfg, device) else ''}")
+           f"{', compiled' if should_compile(cfg, device) else ''}")
     if is_master:
         prepare_out_dir(cfg.out_dir, start_step)
         # A process killed after renaming ckpt.pt into place but before linking it as ckpt-STEP.pt and
@@ -633,23 +645,20 @@ def train_loop(cfg: TrainConfig, parallel: DataParallel | Pipeline, optimizer: t
         # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
         # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
         # A SIGTERM or Ctrl-C on any process since the last step: all save here and stop, without evaluating.
-        is_resumed_start = step == start_step and start_step > 0
         stop_signal = stop.agreed()
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
+        if is_evaluation_step(step, start_step, cfg):
             losses = evaluate_now()
             is_best = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             log.evaluation(step, losses, tokens=step * tokens_per_step)
             save(step, best_val_loss, is_best)
             timer.restart()   # evaluation and saving are not part of the step time
-        elif stop_signal and not (is_resumed_start and not cfg.resume_from):   # else ckpt.pt holds this step
-            save(step, best_val_loss, is_best=False)
+        elif stop_signal and not (step == start_step and start_step > 0 and not cfg.resume_from):
+            save(step, best_val_loss, is_best=False)   # (resumed from ckpt.pt and stopped at once: it holds this step)
         if step == cfg.max_iters or stop_signal:
             break
 
-        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, step, cfg)
         loss = torch.zeros((), device=parallel.device)
         for micro_step, (x, y) in enumerate(batches()):
             loss += parallel.forward_backward(x, y, micro_step, scaler)
