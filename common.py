@@ -700,44 +700,6 @@ def restore_cpu_threads(saved: int | None) -> str | None:
             f"sums round as before; OMP_NUM_THREADS=N chooses")
 
 
-def loop_state(step: int, best_val_loss: float, scaler: torch.amp.GradScaler,
-               data_generator: torch.Generator) -> dict:
-    """The checkpoint entries that let a training loop go on exactly where it stopped: the step, the best val
-    loss, the gradient scaler, every process's random number generators (gathered on rank 0: every process
-    must call this) and the CPU thread count."""
-    return {"scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-            "rng": gather_to_rank0(rng_states(data_generator)), "cpu_threads": torch.get_num_threads()}
-
-
-def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator: torch.Generator, rank: int,
-                       world_size: int, device: str) -> tuple[int, float]:
-    """Put back what loop_state saved, and return (step, best val loss) to go on from. A run resumed with the
-    number of processes that saved it takes its own generators back; with another number, each process
-    takes rank 0's, and the CPU threads stay at their default (the sums differ anyway)."""
-    scaler.load_state_dict(state["scaler"])
-    saved_rng = state["rng"]           # one entry per process of the run that saved it
-    restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
-    threads_line = restore_cpu_threads(state.get("cpu_threads")) \
-        if device.startswith("cpu") and len(saved_rng) == world_size else None
-    if threads_line:
-        print0(threads_line)
-    return state["step"], state["best_val_loss"]
-
-
-def save_on_rank0(write: Callable[[], None], stop: "StopSignals") -> None:
-    """Run write() on rank 0, the one process that writes files, and stop every process if it fails: a full
-    disk or an unwritable out_dir stops rank 0 with one line (write_atomically), and the other processes must
-    not wait for it at the next step. Every process calls this."""
-    failure = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            write()
-        except SystemExit as e:
-            failure = e
-    if stop.all_ranks_any(failure is not None):
-        raise failure or SystemExit(1)
-
-
 # --- stopping cleanly ---
 
 class StopSignals:
@@ -976,26 +938,6 @@ class StepTimer:
 
 # --- the steps of a training loop ---
 
-def is_evaluation_step(step: int, start_step: int, cfg: RunConfig) -> bool:
-    """Whether the loop evaluates and saves before step `step`: every eval_interval steps and at the end,
-    except where a resumed run starts (that evaluation was made just before its checkpoint was written)."""
-    is_resumed_start = step == start_step and start_step > 0
-    return (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start
-
-
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: RunConfig) -> float:
-    """Give every parameter group the learning rate of `step` on cfg's schedule (model.get_lr); return it."""
-    lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def should_compile(cfg: RunConfig, device: str) -> bool:
-    """--compile, or by default on CUDA only."""
-    return cfg.compile if cfg.compile is not None else device.startswith("cuda")
-
-
 def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunConfig]:
     """(dtype, the header's words for it, cfg with --dtype set to it). The checkpoint records the dtype chosen,
     so a resumed run computes in it whatever a new probe of --dtype=auto would say."""
@@ -1003,17 +945,31 @@ def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunCon
     return dtype, describe_dtype(cfg.dtype, dtype, device), dataclasses.replace(cfg, dtype=dtype_name(dtype))
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   grad_clip: float, is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
-    """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
-    before clipping (worth logging: spikes announce instabilities). is_good(norm) False skips the update."""
-    scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    if is_good is None or is_good(grad_norm):
-        scaler.step(optimizer)              # skips the update if fp16 gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+def should_compile(cfg: RunConfig, device: str) -> bool:
+    """--compile, or by default on CUDA only."""
+    return cfg.compile if cfg.compile is not None else device.startswith("cuda")
+
+
+def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator: torch.Generator, rank: int,
+                       world_size: int, device: str) -> tuple[int, float]:
+    """Put back what loop_state saved, and return (step, best val loss) to go on from. A run resumed with the
+    number of processes that saved it takes its own generators back; with another number, each process
+    takes rank 0's, and the CPU threads stay at their default (the sums differ anyway)."""
+    scaler.load_state_dict(state["scaler"])
+    saved_rng = state["rng"]           # one entry per process of the run that saved it
+    restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
+    threads_line = restore_cpu_threads(state.get("cpu_threads")) \
+        if device.startswith("cpu") and len(saved_rng) == world_size else None
+    if threads_line:
+        print0(threads_line)
+    return state["step"], state["best_val_loss"]
+
+
+def is_evaluation_step(step: int, start_step: int, cfg: RunConfig) -> bool:
+    """Whether the loop evaluates and saves before step `step`: every eval_interval steps and at the end,
+    except where a resumed run starts (that evaluation was made just before its checkpoint was written)."""
+    is_resumed_start = step == start_step and start_step > 0
+    return (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start
 
 
 @torch.no_grad()
@@ -1037,3 +993,47 @@ def evaluate(model: torch.nn.Module, loss_of: Callable, batches_of: Callable[[st
         losses[split] = (total[0] / total[1]).item()
     model.train()
     return losses
+
+
+def loop_state(step: int, best_val_loss: float, scaler: torch.amp.GradScaler,
+               data_generator: torch.Generator) -> dict:
+    """The checkpoint entries that let a training loop go on exactly where it stopped: the step, the best val
+    loss, the gradient scaler, every process's random number generators (gathered on rank 0: every process
+    must call this) and the CPU thread count."""
+    return {"scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
+            "rng": gather_to_rank0(rng_states(data_generator)), "cpu_threads": torch.get_num_threads()}
+
+
+def save_on_rank0(write: Callable[[], None], stop: StopSignals) -> None:
+    """Run write() on rank 0, the one process that writes files, and stop every process if it fails: a full
+    disk or an unwritable out_dir stops rank 0 with one line (write_atomically), and the other processes must
+    not wait for it at the next step. Every process calls this."""
+    failure = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            write()
+        except SystemExit as e:
+            failure = e
+    if stop.all_ranks_any(failure is not None):
+        raise failure or SystemExit(1)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: RunConfig) -> float:
+    """Give every parameter group the learning rate of `step` on cfg's schedule (model.get_lr); return it."""
+    lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   grad_clip: float, is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+    """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
+    before clipping (worth logging: spikes announce instabilities). is_good(norm) False skips the update."""
+    scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if is_good is None or is_good(grad_norm):
+        scaler.step(optimizer)              # skips the update if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
