@@ -522,8 +522,9 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
 
     # Fixed evaluation examples: the first eval_iters batches of each split (the whole split if smaller).
     eval_splits = {split: examples[:cfg.eval_iters * cfg.batch_size] for split, examples in splits.items()}
-    evaluate_now = lambda: evaluate(model, lambda x, y: model(x, y, loss_chunk), lambda split: eval_batches(  # noqa: E731
-        eval_splits[split], cfg.batch_size, cfg.mask_input, device, rank, world_size), device, dtype)
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(model, lambda x, y: model(x, y, loss_chunk), lambda split: eval_batches(
+            eval_splits[split], cfg.batch_size, cfg.mask_input, device, rank, world_size), device, dtype)
     if is_master:
         prepare_out_dir(cfg.out_dir, start_step)
         # A process killed between saving the state of an evaluation and writing its adapter.pt left the
@@ -596,7 +597,8 @@ def finetune_loop(cfg: FinetuneConfig, model: GPT, optimizer: torch.optim.Optimi
         loss = accumulate(micro_batches, step_tokens)
         # A non-finite loss or gradient norm on any process: every process skips this update (the adapters and
         # AdamW's moments stay as they were).
-        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, lambda norm: bad_steps.check(loss, norm))
+        is_good = lambda norm: bad_steps.check(loss, norm)   # noqa: E731
+        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, is_good)
         bad_steps.record(step + 1, log, state_path)
 
         timer.tick(tokens)

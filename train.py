@@ -505,7 +505,8 @@ def initial_weights(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, s
 
 
 def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, rank: int, local_rank: int,
-                world_size: int, device: str, dtype: torch.dtype) -> tuple[DataParallel | Pipeline, int, object, int]:
+                world_size: int, device: str, dtype: torch.dtype
+                ) -> tuple[DataParallel | Pipeline, int, object, int]:
     """The GPT with its starting weights (random, GPT-2's or the checkpoint's), laid out across the processes
     (distributed.py), with this process's data-parallel rank, the group of data-parallel replicas (None:
     all processes) and the GPT's parameter count. With --pp each process keeps only its own stages."""
@@ -562,9 +563,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     resume_path = cfg.resume_from or ckpt_path
     model_cfg, weights = initial_weights(cfg, model_cfg, sources)
     meta, paths = load_data(cfg, model_cfg, checkpoint, resume_path)
-    parallel, dp_rank, dp_group, n_params = build_model(
-        cfg, model_cfg, weights if checkpoint is None else checkpoint["model"], rank, local_rank, world_size, device,
-        dtype)
+    weights = weights if checkpoint is None else checkpoint["model"]
+    parallel, dp_rank, dp_group, n_params = build_model(cfg, model_cfg, weights, rank, local_rank, world_size,
+                                                        device, dtype)
     optimizer = configure_optimizers(parallel.module, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)   # fp16: loss scaling
@@ -578,7 +579,8 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
 
-    T, B, accum, dp_size = model_cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps, world_size // cfg.pp
+    T, B, accum = model_cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps
+    dp_size = world_size // cfg.pp         # data-parallel replicas of the (possibly pipelined) model
     evaluate_now = evaluator(cfg, meta, paths, parallel, T, device, dtype, dp_rank, dp_size, dp_group)
     if cfg.eval_only:
         losses = evaluate_now()
@@ -631,9 +633,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
 
 
 def train_loop(cfg: TrainConfig, parallel: DataParallel | Pipeline, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, batches, evaluate_now, save, log: RunLog, stop: StopSignals,
-               start_step: int, best_val_loss: float, throughput: tuple[int, float, float | None],
-               ckpt_path: str) -> tuple:
+               scaler: torch.amp.GradScaler, batches: Callable[[], Iterator], evaluate_now: Callable[[], dict],
+               save: Callable[[int, float, bool], None], log: RunLog, stop: StopSignals, start_step: int,
+               best_val_loss: float, throughput: tuple[int, float, float | None], ckpt_path: str) -> tuple:
     """The training loop, from start_step to cfg.max_iters: batches() yields one step's micro-batches,
     evaluate_now() the train and val loss, save(step, best_val_loss, is_best) writes the checkpoint;
     throughput is (tokens per step, FLOPs per step, peak FLOP/s) for the progress line. Returns the step it
@@ -654,7 +656,7 @@ def train_loop(cfg: TrainConfig, parallel: DataParallel | Pipeline, optimizer: t
             save(step, best_val_loss, is_best)
             timer.restart()   # evaluation and saving are not part of the step time
         elif stop_signal and not (step == start_step and start_step > 0 and not cfg.resume_from):
-            save(step, best_val_loss, is_best=False)   # (resumed from ckpt.pt and stopped at once: it holds this step)
+            save(step, best_val_loss, is_best=False)   # (stopped as it resumed from ckpt.pt: that holds this step)
         if step == cfg.max_iters or stop_signal:
             break
 
@@ -664,7 +666,8 @@ def train_loop(cfg: TrainConfig, parallel: DataParallel | Pipeline, optimizer: t
             loss += parallel.forward_backward(x, y, micro_step, scaler)
         # A non-finite loss or gradient norm on any process: every process skips this update (the weights and
         # AdamW's moments stay as they were).
-        grad_norm = parallel.optimizer_step(optimizer, scaler, cfg.grad_clip, lambda norm: bad_steps.check(loss, norm))
+        is_good = lambda norm: bad_steps.check(loss, norm)   # noqa: E731
+        grad_norm = parallel.optimizer_step(optimizer, scaler, cfg.grad_clip, is_good)
         bad_steps.record(step + 1, log, ckpt_path)
 
         timer.tick()
