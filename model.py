@@ -453,9 +453,9 @@ def configure_optimizers(model: nn.Module, weight_decay: float, learning_rate: f
 def get_lr(step: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int,
            decay_lr: bool = True) -> float:
     """Learning rate at `step`: linear warmup to learning_rate over warmup_iters steps, then cosine decay to
-    min_lr at lr_decay_iters, constant after (GPT-3, Brown et al. 2020, appendix B; the decay reaches min_lr
-    where GPT-3 reaches 10% of its peak). Warmup starts at lr/(warmup+1), not 0, so no step is wasted.
-    decay_lr False keeps learning_rate throughout."""
+    min_lr at lr_decay_iters, constant after (GPT-3's schedule, Brown et al. 2020, appendix B, which decays to
+    10% of the peak). Warmup starts at lr/(warmup+1), not 0, so no step is wasted. decay_lr False keeps
+    learning_rate throughout."""
     if not decay_lr:
         return learning_rate
     if step < warmup_iters:
@@ -579,7 +579,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
             return
 
 
-# --- cost accounting: FLOPs ---
+# --- FLOPs ---
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6N + 12*L*H*D*T (PaLM, Chowdhery et al. 2022,
