@@ -335,7 +335,8 @@ def head_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, los
     return 4 * btc + a * btc + 12 * btv
 
 
-def microbatches_in_flight(schedule: str, pp: int, n_microbatches: int, virtual_stages: int, pp_rank: int) -> int:
+def microbatches_in_flight(schedule: str, pp: int, n_microbatches: int, virtual_stages: int,
+                           pp_rank: int) -> int:
     """Micro-batches whose activations pipeline rank pp_rank of pp holds at once (in virtual-stage chunks when
     interleaved): GPipe runs every forward first; 1F1B (Narayanan et al. 2019) starts backward after P - p
     forwards; interleaved 1F1B warms up with 2(P - p - 1) + (V - 1)P chunks (Narayanan et al. 2021)."""

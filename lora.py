@@ -120,12 +120,11 @@ ADAPTER_FORMAT = "gpt-lora-adapter"   # marks adapter files written by finetune_
 ADAPTER_VERSION = 2                    # 2: the contents carry their sha256
 
 
-def save_adapter(model: GPT, lora: dict, base: dict, step: int, val_loss: float, path: str) -> None:
+def save_adapter(model: GPT, settings: dict, base: dict, step: int, val_loss: float, path: str) -> None:
     """Write the adapter-only file atomically: the A and B tensors, the LoRA settings that rebuild the layers
-    (lora: rank, alpha, dropout, targets), and the base checkpoint it belongs to (path and sha256 of its
-    bytes)."""
+    (rank, alpha, dropout, targets), and the base checkpoint it belongs to (path and sha256 of its bytes)."""
     adapter = {
-        "lora": lora, "base": base, "model_config": dataclasses.asdict(model.config), "step": step,
+        "lora": settings, "base": base, "model_config": dataclasses.asdict(model.config), "step": step,
         "val_loss": val_loss, "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
         "tensors": adapter_tensors(model),
     }
