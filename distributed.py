@@ -1,6 +1,6 @@
 """The parallel runtime: how the processes of a torchrun launch share one training run. Every layout offers
-the training loop the same four calls (forward_backward, optimizer_step, eval_loss, full_state), so the loop
-reads the same under each:
+the training loop the same calls (forward_backward, optimizer_step, eval_loss, and load_optimizer_state and
+full_state for checkpoints), so the loop reads the same under each:
 
     DataParallel   one process, or every process running the whole model on its share of each batch:
                    DDP (a full copy on each) or FSDP (each holding 1/N of every tensor);
@@ -40,7 +40,7 @@ class DataParallel:
         self.module, self.device, self.dtype, self.fsdp = model.to(device), device, dtype, fsdp
         self.accum, self.loss_chunk = accum, loss_chunk
         if fsdp:
-            # Imported here: at the top they would slow every `import distributed` down (docs/performance.md).
+            # Imported here, when asked for: importing FSDP takes time that the other layouts need not spend.
             from torch.distributed.fsdp import fully_shard
             for block in model.transformer.h:
                 fully_shard(block)
@@ -253,7 +253,7 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
     step with n_microbatches micro-batches each (virtual_stages: stages per process, interleaved only).
     Data-parallel replicas average their gradients in Pipeline.optimizer_step. Call its schedule outside
     autocast."""
-    # Imported here, like FSDP's modules: at the top they would slow every import down (docs/performance.md).
+    # Imported here, like FSDP: importing the pipelining package takes time that other layouts need not spend.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
     pp, dp_size = mesh.size(0), mesh.size(1)
     pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
