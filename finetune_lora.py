@@ -332,7 +332,7 @@ def read_records(source: str) -> list[dict]:
     return records
 
 
-# --- checking the flags, and what a run starts from ---
+# --- checking the flags, and resuming ---
 
 def check_config(cfg: FinetuneConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
@@ -368,6 +368,8 @@ def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path:
     report = config_changes("resume", saved, now, {name: "command line" for name in now})
     return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir}), report
 
+
+# --- the run ---
 
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(FinetuneConfig, argv=argv)
