@@ -40,6 +40,8 @@ from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge
 from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 
 
+# --- the run's flags ---
+
 @dataclass
 class FinetuneConfig(RunConfig):
     """finetune_lora.py's flags: common.RunConfig's (the schedule, the batch, AdamW and the learning rate, the
