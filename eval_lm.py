@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_gpt2 import check_hf_source, go_offline_if_hub_unreachable, load_hf_gpt2
-from model import (EOT_TOKEN, GPT, GPT2_SIZES, arg, autocast, generate, get_tokenizer, load_checkpoint,
-                   model_from_checkpoint, parse_args, pick_device, pick_dtype, write_atomically)
+from common import (EOT_TOKEN, autocast, get_tokenizer, load_checkpoint, model_from_checkpoint, parse_args,
+                    pick_device, pick_dtype, write_atomically)
+from model import GPT, GPT2_SIZES, arg, generate
 
 
 @dataclass

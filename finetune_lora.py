@@ -10,17 +10,17 @@
 LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes every weight W of the
 base model and learns, for chosen linear layers, a low-rank update: W x + (alpha / R) * B A x, with A (R, C_in)
 and B (C_out, R). Only A and B train, so the result is a small adapter file that belongs to one base
-checkpoint; `--merge` folds B A into W and writes an ordinary full checkpoint.
+checkpoint; `--merge` folds B A into W and writes an ordinary full checkpoint. The adapter layer and its file
+are lora.py; this script is the training run around them.
 
 Every field of FinetuneConfig is a flag (`--help` lists them with their defaults).
 """
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
-import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -30,25 +30,22 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (EOT_TOKEN, GPT, all_ranks_mean, arg, autocast, check_rates, config_changes,
-                   configure_optimizers, dtype_choice, dtype_name, flags_given, flops_per_token, gather_to_rank0,
-                   get_tokenizer,
-                   load_checkpoint, load_marked_file, model_from_checkpoint, parse_args, peak_flops, pick_dtype,
-                   print0, run_main, save_checkpoint, save_marked_file, setup_distributed, teardown_distributed,
-                   trim_log, StopSignals, BadSteps)
-from prepare import sha256_file, shakespeare_paths
-from train import (check_metric_streams, close_metric_streams, format_step_line, get_lr, log_metrics,
-                   open_metric_streams, optimizer_step, restore_cpu_threads, restore_rng_states, rng_states)
+from common import (EOT_TOKEN, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals, all_ranks_mean,
+                    autocast, check_run_config, should_compile, config_changes, evaluate, flags_given,
+                    get_tokenizer, is_evaluation_step, load_checkpoint, loop_state, model_from_checkpoint,
+                    optimizer_step, parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype,
+                    restore_loop_state, run_main, save_checkpoint, save_on_rank0, set_lr, setup_distributed,
+                    sha256_file, shakespeare_paths, teardown_distributed)
+from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
+from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 
-# The linear layers of a transformer block that may carry an adapter (GPT-2's names; mlp_0 is the first
-# half-step feed-forward of a Macaron block, --macaron). The default names them all: a layer the model does
-# not have is skipped. The LM head is left out: it shares its weight with the token embedding, and the
-# chunked loss reads that weight directly.
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp_0.c_fc", "mlp_0.c_proj", "mlp.c_fc", "mlp.c_proj")
 
+# --- the run's flags ---
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
+    """finetune_lora.py's flags: common.RunConfig's (the schedule, the batch, AdamW and the learning rate, the
+    system) with the defaults of fine-tuning, and those of LoRA and its data."""
     # data and files
     init_from: str = arg("out", "directory holding the base checkpoint (ckpt.pt), GPT-2's weights (gpt2, "
                                 "gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory), or resume to "
@@ -68,137 +65,29 @@ class FinetuneConfig:
     lora_targets: str = arg(",".join(LORA_TARGETS), "comma-separated linear layers of each block that get an "
                                                     "adapter: " + ", ".join(LORA_TARGETS))
     merge: bool = arg(False, "at the end, also write out_dir/ckpt.pt: the base with the adapter merged in")
-    # schedule of the run
+    # RunConfig's flags whose defaults (or meaning) differ in fine-tuning
     max_iters: int = arg(300, "optimizer steps in the whole run")
     eval_interval: int = arg(50, "evaluate train/val loss and save the adapter every this many steps")
     eval_iters: int = arg(20, "batches per split in each evaluation (at most the whole split)")
-    log_interval: int = arg(10, "print a progress line every this many steps")
-    wandb_project: str = arg("", "also stream the metrics to this Weights & Biases project (needs wandb)")
-    wandb_run_name: str = arg("", "name of the Weights & Biases run (default: wandb picks one)")
-    tensorboard: bool = arg(False, "also stream the metrics to TensorBoard event files in out_dir/tensorboard")
-    # batch
     batch_size: int = arg(16, "records per micro-batch, padded to the longest")
-    gradient_accumulation_steps: int = arg(1, "micro-batches whose gradients are summed per optimizer step")
-    # AdamW and the learning-rate schedule
-    learning_rate: float = arg(2e-3, "peak learning rate, reached after warmup")
-    min_lr: float = arg(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = arg(20, "steps of linear warmup")
-    lr_decay_iters: int | None = arg(None, "step where the cosine decay reaches min_lr (default: max_iters)")
-    decay_lr: bool = arg(True, "warmup + cosine decay; False keeps learning_rate constant")
     weight_decay: float = arg(0.0, "AdamW weight decay on the adapter matrices (it pulls them towards the base)")
-    beta1: float = arg(0.9, "AdamW beta1")
-    beta2: float = arg(0.95, "AdamW beta2")
-    grad_clip: float = arg(1.0, "clip the gradient's global norm to this (0 disables clipping)")
-    max_bad_steps: int = arg(5, "stop after this many steps in a row with a non-finite loss or gradient norm "
-                                "(each such step is skipped, and logged)")
-    # system
-    device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = arg("auto", "auto: as in train.py (on a CPU bfloat16 where a probe at start finds its matmuls "
-                             "at least 1.5x as fast as float32's)",
-                     choices=("auto", "float32", "bfloat16", "float16"))
-    compile: bool | None = arg(None, "torch.compile the model for the training steps, as in train.py (default: on "
-                                     "for CUDA, off elsewhere)")
     loss_chunk: int | None = arg(None, "rows per chunk of the fused LM head + cross-entropy, as in train.py; 0: "
                                        "the plain path (default: 1024 on CPU/MPS, 0 on CUDA or with --compile)")
-    peak_flops: float | None = arg(None, "peak FLOP/s of one device, for the MFU in the log, as in train.py "
-                                         "(default: known for the GPUs model.PEAK_BF16_FLOPS lists)")
     seed: int = arg(1337, "seed for the adapters' initial A, dropout, the validation split and the data order")
 
 
-# Flags that define what a run learns: a resumed run must keep them (the schedule and the system may change).
 FIXED_ON_RESUME = ("data", "val_fraction", "overlong", "mask_input", "lora_rank", "lora_alpha", "lora_dropout",
                    "lora_targets", "batch_size", "gradient_accumulation_steps", "seed")
 
 
-# --- LoRA: low-rank adapters on linear layers ---
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (Hu et al. 2021, eq. 3):
-
-        y = W x + b + (alpha / R) * B A dropout(x),    W: (C_out, C_in), A: (R, C_in), B: (C_out, R)
-
-    B starts at zero, so the layer starts out computing exactly what the base layer does and training moves
-    away from the base model smoothly. A starts random: with A = 0 too, neither would ever get a gradient.
-    The paper says "random Gaussian" for A; its code (microsoft/LoRA, loralib) uses nn.Linear's Kaiming-uniform
-    init, which we follow. Scaling by alpha / R means a change of R needs no new learning rate (section 4.1)."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base = base
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=weight.dtype, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.dropout(x) @ self.lora_A.t()                 # (B, T, C_in) -> (B, T, R): R numbers per token
-        return self.base(x) + self.scaling * (down @ self.lora_B.t())    # (B, T, C_out)
-
-    def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / R) B A, (C_out, C_in): one matrix that computes what this layer computes without dropout."""
-        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
+def lora_settings(cfg: FinetuneConfig) -> dict:
+    """The LoRA settings an adapter file records, to rebuild its layers (lora.attach_adapter)."""
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+            "targets": parse_targets(cfg.lora_targets)}
 
 
-def parse_targets(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def apply_lora(model: GPT, targets: list[str], rank: int, alpha: float, dropout: float) -> GPT:
-    """Freeze every weight of model and wrap each block's linear layer named in targets (e.g. 'attn.c_attn')
-    in a LoRALinear, in place. Returns the model, whose only trainable parameters are now the adapters'.
-
-    c_attn computes the query, key and value in one matmul, so its adapter is one rank-R update of the stacked
-    (3C, C) matrix: q, k and v read the input through the same A and write through their own rows of B.
-    (loralib's MergedLinear gives each its own A, three times the parameters of A.)"""
-    assert all(t in LORA_TARGETS for t in targets), f"LoRA targets must be among {LORA_TARGETS}"
-    model.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in targets):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, LoRALinear(module, rank, alpha, dropout))
-    return model
-
-
-@torch.no_grad()
-def merge_lora(model: GPT) -> GPT:
-    """Fold every adapter into its base weight, W <- W + (alpha / R) B A, and put the plain nn.Linear back,
-    in place: the result is an ordinary GPT whose state_dict has the base checkpoint's keys, and which
-    computes what the adapted model computes without dropout (up to float rounding)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            module.base.weight.copy_(module.merged_weight())
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, module.base)
-    return model
-
-
-def adapter_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The adapters' A and B matrices by parameter name (e.g. 'transformer.h.0.attn.c_attn.lora_A'): all that
-    an adapter file has to store, since everything else is the base checkpoint."""
-    return {name: p.detach().cpu() for name, p in model.named_parameters()
-            if name.endswith((".lora_A", ".lora_B"))}
-
-
-# --- instruction data: the prompt template, examples and batches ---
-
-# The Alpaca prompt template (Taori et al. 2023, github.com/tatsu-lab/stanford_alpaca), with and without an input.
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The text the model sees before its response: the same in fine-tuning and in generate.py."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
-
+# --- instruction data: examples and batches ---
 
 def encode_record(tokenizer, record: dict) -> tuple[list[int], int]:
     """Token ids of prompt + response + <|endoftext|>, and how many of them are the prompt.
@@ -269,7 +158,34 @@ def collate(examples: list[tuple[list[int], int]], mask_input: bool) -> tuple[to
     return x, y
 
 
-# --- the loss over response tokens ---
+def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: FinetuneConfig, rank: int,
+                       world_size: int, device: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
+    """This process's micro-batches (x, y) for optimizer step `step`, the number of target tokens the step
+    counts on all processes (accumulate_gradients weighs each micro-batch by its share of them), and the
+    step's real tokens, padding left out (for the tokens/s). Every process computes the step's records
+    (step_examples); process `rank` takes its contiguous share."""
+    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    indices = step_examples(step, examples_per_step, len(examples), cfg.seed)
+    share = len(indices) // world_size
+    my_indices = indices[rank * share:(rank + 1) * share]
+    micro_batches = [collate([examples[i] for i in my_indices[start:start + cfg.batch_size]], cfg.mask_input)
+                     for start in range(0, share, cfg.batch_size)]
+    step_tokens = torch.tensor([sum(int((y != -1).sum()) for _, y in micro_batches)], device=device)
+    if world_size > 1:
+        dist.all_reduce(step_tokens)
+    return micro_batches, int(step_tokens.item()), sum(len(examples[i][0]) - 1 for i in indices)
+
+
+def eval_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_input: bool, device: str,
+                 rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
+    """(x, y, counted tokens, weight 1) for common.evaluate: process rank's share of the batches of examples,
+    so the mean is per token that training counts (with mask_input, the responses only)."""
+    for start in range(rank * batch_size, len(examples), world_size * batch_size):
+        x, y = collate(examples[start:start + batch_size], mask_input)
+        yield x.to(device), y.to(device), int((y != -1).sum()), 1
+
+
+# --- the loss over response tokens, and its cost ---
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                          scaler: torch.amp.GradScaler, device: str, dtype: torch.dtype, loss_chunk: int,
@@ -301,27 +217,13 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tenso
     return step_loss
 
 
-@torch.no_grad()
-def estimate_loss(model: nn.Module, splits: dict[str, list], batch_size: int, mask_input: bool, device: str,
-                  dtype: torch.dtype, loss_chunk: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Mean loss per token over each split's examples (the same ones at every evaluation), counting the tokens
-    training counts: with mask_input, the responses only. Each process evaluates its share of the batches and
-    the sums are added up across processes."""
-    model.eval()
-    losses = {}
-    for split, examples in splits.items():
-        total = torch.zeros(2, dtype=torch.float64, device=device)       # (sum of token losses, tokens)
-        for start in range(rank * batch_size, len(examples), world_size * batch_size):
-            x, y = collate(examples[start:start + batch_size], mask_input)
-            count = int((y != -1).sum())
-            with autocast(device, dtype):
-                loss = model(x.to(device), y.to(device), loss_chunk)
-            total += torch.stack([loss.double() * count, torch.tensor(float(count), device=device)])
-        if world_size > 1:
-            dist.all_reduce(total)
-        losses[split] = (total[0] / total[1]).item()
-    model.train()
-    return losses
+def finetune_flops(config: GPTConfig, n_params: int, tokens_per_step: float, examples_per_step: int) -> float:
+    """FLOPs of a fine-tuning step on tokens_per_step tokens in examples_per_step records. Frozen weights need
+    no weight gradient, so a step costs about 4N FLOPs per token instead of 6N (model.flops_per_token, with
+    its sequence length the records' mean length)."""
+    n_matmul = n_params - config.block_size * config.n_embd
+    mean_T = max(1, round(tokens_per_step / examples_per_step))
+    return (flops_per_token(config, n_params, mean_T) - 2 * n_matmul) * tokens_per_step
 
 
 # --- side effects: reading records ---
@@ -432,78 +334,11 @@ def read_records(source: str) -> list[dict]:
     return records
 
 
-# --- side effects: adapter files, the resumable state, the base checkpoint ---
-
-ADAPTER_FORMAT = "gpt-lora-adapter"   # marks adapter files written by this script
-ADAPTER_VERSION = 2                    # 2: the contents carry their sha256
-
-
-def save_adapter(model: GPT, cfg: FinetuneConfig, base: dict, step: int, val_loss: float, path: str) -> None:
-    """Write the adapter-only file atomically: the A and B tensors, the LoRA settings that rebuild the layers,
-    and the base checkpoint it belongs to (path and sha256 of its bytes)."""
-    adapter = {
-        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                 "targets": parse_targets(cfg.lora_targets)},
-        "base": base, "model_config": dataclasses.asdict(model.config), "step": step, "val_loss": val_loss,
-        "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
-        "tensors": adapter_tensors(model),
-    }
-    save_marked_file(adapter, path, ADAPTER_FORMAT, ADAPTER_VERSION)
-
-
-def load_adapter(path: str) -> dict:
-    """Read an adapter file written by save_adapter (weights_only: the file cannot run code)."""
-    return load_marked_file(path, "adapter file", ADAPTER_FORMAT, ADAPTER_VERSION, "finetune_lora.py",
-                            "write one with `python finetune_lora.py --out_dir=...`")
-
-
-def check_base(adapter: dict, adapter_path: str, base_path: str, base_sha256: str) -> None:
-    """Refuse to apply an adapter to any base but the exact checkpoint it was trained on."""
-    expected = adapter["base"]
-    if base_sha256 != expected["sha256"]:
-        sys.exit(f"error: adapter {adapter_path} belongs to the base checkpoint {expected['path']} (sha256 "
-                 f"{expected['sha256'][:12]}...), but {base_path} has sha256 {base_sha256[:12]}...; "
-                 f"apply it to the checkpoint it was trained on")
-
-
-def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
-    """Wrap the model's layers as the adapter says and load its A and B tensors. Returns the model."""
-    lora = adapter["lora"]
-    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
-    expected = {name: p.shape for name, p in adapter_tensors(model).items()}
-    found = {name: t.shape for name, t in adapter["tensors"].items()}
-    if expected != found:
-        sys.exit(f"error: the tensors in {adapter_path} do not fit the model ({len(found)} tensors, expected "
-                 f"{len(expected)}); the file is damaged or was written by other code")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in found:
-                p.copy_(adapter["tensors"][name])
-    return model
-
-
-def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> GPT:
-    """The base model (on the CPU, dropout off) with the adapter at adapter_path applied, not merged. The base
-    is base_path, or the checkpoint the adapter records; either way its sha256 must match the adapter's."""
-    adapter = load_adapter(adapter_path)
-    base_path = base_path or adapter["base"]["path"]
-    if not os.path.isfile(base_path):
-        sys.exit(f"error: base checkpoint {base_path} of adapter {adapter_path} not found; name the base's "
-                 f"directory with --out_dir")
-    check_base(adapter, adapter_path, base_path, sha256_file(base_path))
-    model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
-    return attach_adapter(model, adapter, adapter_path)
-
+# --- checking the flags, and resuming ---
 
 def check_config(cfg: FinetuneConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
-    minimums = {"max_iters": 0, "warmup_iters": 0, "eval_interval": 1, "eval_iters": 1, "log_interval": 1,
-                "batch_size": 1, "gradient_accumulation_steps": 1, "lora_rank": 1, "loss_chunk": 0,
-                "max_bad_steps": 1}
-    for name, minimum in minimums.items():
-        if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
-            sys.exit(f"error: --{name}={getattr(cfg, name)} must be >= {minimum}")
-    check_rates(cfg)
+    check_run_config(cfg, {**RUN_MINIMUMS, "lora_rank": 1})
     if cfg.lora_alpha <= 0:
         sys.exit(f"error: --lora_alpha={cfg.lora_alpha} must be > 0")
     if not 0 <= cfg.lora_dropout < 1:
@@ -514,7 +349,6 @@ def check_config(cfg: FinetuneConfig) -> None:
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
-    check_metric_streams(cfg)
     if cfg.init_from != "resume" and not cfg.data:
         sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
                  "id, or shakespeare")
@@ -537,6 +371,8 @@ def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path:
     return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir}), report
 
 
+# --- the run ---
+
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(FinetuneConfig, argv=argv)
     check_config(cfg)
@@ -549,15 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         teardown_distributed()
 
 
-def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
-             device: str, stop: StopSignals) -> None:
-    is_master = rank == 0                  # the one process that prints and writes files
-    device_type = device.split(":")[0]
+def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfig, dict | None, str]:
+    """(config, saved state, base checkpoint path) of the run: a new one on a base checkpoint (no state), or
+    the one in out_dir, resumed with its base. A new run never overwrites another's files."""
     adapter_path, state_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "state.pt")
-    merged_path = os.path.join(cfg.out_dir, "ckpt.pt")
-
-    # The run: a new one on a base checkpoint, or the one in out_dir, resumed with its base.
-    state = None
     if cfg.init_from == "resume":
         if not os.path.isfile(state_path):
             sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} "
@@ -566,19 +397,20 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         cfg, report = resume_config(cfg, state["finetune_config"], given, state_path)
         for line in report:
             print0(line)
-        base_path = state["base"]["path"]
-    else:
-        base_path = os.path.join(cfg.init_from, "ckpt.pt")
-        if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
-            sys.exit(f"error: --out_dir={cfg.out_dir} is the base's directory; pick another --out_dir")
-        existing = [p for p in (adapter_path, state_path, merged_path) if os.path.exists(p)]
-        if existing:
-            sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
-                     f"--out_dir (nothing is overwritten)")
-    dtype = pick_dtype(cfg.dtype, device)
-    # The state records the dtype chosen, so a resumed run computes in it whatever a new probe would say.
-    precision, cfg = dtype_choice(cfg.dtype, dtype, device), dataclasses.replace(cfg, dtype=dtype_name(dtype))
-    records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
+        return cfg, state, state["base"]["path"]
+    if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
+        sys.exit(f"error: --out_dir={cfg.out_dir} is the base's directory; pick another --out_dir")
+    existing = [p for p in (adapter_path, state_path, os.path.join(cfg.out_dir, "ckpt.pt")) if os.path.exists(p)]
+    if existing:
+        sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
+                 f"--out_dir (nothing is overwritten)")
+    return cfg, None, os.path.join(cfg.init_from, "ckpt.pt")
+
+
+def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool) -> tuple[GPT, dict]:
+    """The base model (dropout off: only the adapters' dropout regularizes fine-tuning) and its record for the
+    adapter (path and sha256). GPT-2's weights first become a checkpoint of ours in out_dir/base.pt. A
+    resumed run refuses a base that changed since it started."""
     if cfg.init_from != "resume":
         from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
         if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
@@ -587,18 +419,16 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                 save_hf_as_checkpoint(cfg.init_from, base_path)
             if dist.is_initialized():
                 dist.barrier()
-    # The base's own dropout is off: only the adapters' dropout regularizes fine-tuning.
     model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
     base = {"path": base_path, "sha256": sha256_file(base_path)}
     if state is not None and base["sha256"] != state["base"]["sha256"]:
         sys.exit(f"error: the base checkpoint {base_path} changed since this run started (sha256 differs); "
                  f"the adapter only fits the base it was trained on")
+    return model, base
 
-    # The data: records -> held-out split -> token ids that fit the context.
-    block_size = model.config.block_size
-    if model.config.vocab_size < EOT_TOKEN + 1:
-        sys.exit(f"error: the base's vocabulary ({model.config.vocab_size}) is not r50k_base's (50257); "
-                 f"instruction text needs a model trained on GPT-2 tokens")
+
+def encode_splits(cfg: FinetuneConfig, records: list[dict], block_size: int) -> dict[str, list]:
+    """The training and validation examples: records split (split_records), encoded, and fit to the context."""
     train_ids, val_ids = split_records(len(records), cfg.val_fraction, cfg.seed)
     if not train_ids:
         sys.exit(f"error: --val_fraction={cfg.val_fraction} leaves no training record of {len(records)}")
@@ -613,8 +443,12 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                      f"or shorter records")
     print0(f"data: {cfg.data}: {len(records):,} records, {len(splits['train']):,} train / {len(splits['val']):,} "
            f"val examples | over {block_size + 1} tokens: {n_truncated:,} truncated, {n_skipped:,} skipped")
+    return splits
 
-    # The model: the frozen base with adapters; only the adapters reach the optimizer.
+
+def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict | None) -> list[str]:
+    """Freeze the base and give it adapters on the --lora_targets it has (with a resumed run's tensors);
+    returns those targets. Targets named on the command line that the model lacks are refused."""
     targets = parse_targets(cfg.lora_targets)
     present = [t for t in targets if any(name.endswith("." + t) for name, _ in model.named_modules())]
     if "lora_targets" in given and present != targets:
@@ -628,10 +462,50 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             for name, p in model.named_parameters():
                 if name in state["tensors"]:
                     p.copy_(state["tensors"][name])
+    return present
+
+
+def wrap_for_training(model: GPT, cfg: FinetuneConfig, device: str, local_rank: int, world_size: int
+                      ) -> tuple[nn.Module, bool, int]:
+    """(the module the training steps run through, whether it is compiled, the loss chunk). Evaluation and
+    saving use `model`, the plain module. DDP (Li et al. 2020) over the adapters: every process holds the
+    whole model and trains on its share of each step's records; backward averages the adapters' gradients
+    (the frozen weights have none)."""
+    compile_model = should_compile(cfg, device)
+    # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
+    # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
+    # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
+        (0 if device.startswith("cuda") or compile_model else 1024)
+    # DDP wraps the compiled module (as nanoGPT does), so accumulate_gradients still finds DDP's no_sync; the
+    # all-reduce then waits for the whole compiled backward, which costs nothing for the adapters' few MB.
+    train_model = torch.compile(model) if compile_model else model
+    train_model = DDP(train_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
+        if world_size > 1 else train_model
+    return train_model, compile_model, loss_chunk
+
+
+def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
+             device: str, stop: StopSignals) -> None:
+    """Build the run (the base with adapters, AdamW, the examples, the log), then train the adapters
+    (finetune_loop), and write the merged checkpoint when asked."""
+    is_master = rank == 0                  # the one process that prints and writes files
+    adapter_path, state_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "state.pt")
+    cfg, state, base_path = start_or_resume(cfg, given)
+    dtype, precision, cfg = resolve_dtype(cfg, device)
+    records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
+    model, base = load_base(cfg, base_path, state, is_master)
+    if model.config.vocab_size < EOT_TOKEN + 1:
+        sys.exit(f"error: the base's vocabulary ({model.config.vocab_size}) is not r50k_base's (50257); "
+                 f"instruction text needs a model trained on GPT-2 tokens")
+    splits = encode_splits(cfg, records, model.config.block_size)
+
+    # The model: the frozen base with adapters; only the adapters reach the optimizer.
+    present = add_adapters(model, cfg, given, state)
     model.to(device)
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                     device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)   # fp16 needs loss scaling
+                                     device.split(":")[0])
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)   # fp16: loss scaling
     torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
     # The batches come from step_examples(), a pure function of the step: this generator only fills the
     # data slot of the shared RNG record.
@@ -639,157 +513,119 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     start_step, best_val_loss = 0, float("inf")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        saved_rng = state["rng"]           # one entry per process of the run that saved it
-        restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
-        start_step, best_val_loss = state["step"], state["best_val_loss"]
-        threads_line = restore_cpu_threads(state.get("cpu_threads")) \
-            if device_type == "cpu" and len(saved_rng) == world_size else None   # as train.py does
-        if threads_line:
-            print0(threads_line)
+        start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, world_size, device)
         print0(f"resuming {state_path} at step {start_step}")
-    compile_model = cfg.compile if cfg.compile is not None else device_type == "cuda"
-    # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
-    # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
-    # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
-    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
-        (0 if device_type == "cuda" or compile_model else 1024)
-    # The training steps run through torch.compile; evaluation and saving use `model`, the plain module.
-    # DDP (Li et al. 2020) over the adapters: every process holds the whole model and trains on its share
-    # of each step's records; backward averages the adapters' gradients (the frozen weights have none).
-    # DDP wraps the compiled module (as nanoGPT does), so accumulate_gradients still finds DDP's no_sync; the
-    # all-reduce then waits for the whole compiled backward, which costs nothing for the adapters' few MB.
-    train_model = torch.compile(model) if compile_model else model
-    train_model = DDP(train_model, device_ids=[local_rank] if device_type == "cuda" else None) \
-        if world_size > 1 else train_model
+    train_model, compile_model, loss_chunk = wrap_for_training(model, cfg, device, local_rank, world_size)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    print0(f"model: {base_path} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
+    print0(f"model: {base['path']} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
     print0(f"{world_size} x {device}, {precision}{', compiled' if compile_model else ''} | "
            f"{examples_per_step} records per step | loss on "
            f"{'response tokens only' if cfg.mask_input else 'every token'}")
 
     # Fixed evaluation examples: the first eval_iters batches of each split (the whole split if smaller).
-    n_eval = cfg.eval_iters * cfg.batch_size
-    eval_splits = {split: examples[:n_eval] for split, examples in splits.items()}
-    # Frozen weights need no weight gradient, so a step costs about 4N FLOPs per token instead of 6N.
-    n_matmul = n_params - block_size * model.config.n_embd
-    peak = peak_flops(device, cfg.peak_flops, world_size)   # the step's FLOPs are every process's records
+    eval_splits = {split: examples[:cfg.eval_iters * cfg.batch_size] for split, examples in splits.items()}
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(model, lambda x, y: model(x, y, loss_chunk), lambda split: eval_batches(
+            eval_splits[split], cfg.batch_size, cfg.mask_input, device, rank, world_size), device, dtype)
     if is_master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        # Lines logged after the checkpoint (all of them, starting from scratch) are from steps lost with the
-        # process that logged them; they are about to be redone, and each step is logged once.
-        trim_log(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if start_step > 0 else -1)
-        for name in os.listdir(cfg.out_dir):   # left by a process killed while writing (never complete files)
-            if re.fullmatch(r"(state|adapter|ckpt|metrics)\.(pt|jsonl)\.tmp", name):
-                os.remove(os.path.join(cfg.out_dir, name))
+        prepare_out_dir(cfg.out_dir, start_step)
         # A process killed between saving the state of an evaluation and writing its adapter.pt left the
         # adapter one evaluation behind, and this run skips that evaluation: write it now.
         if start_step > 0 and state.get("val_loss") is not None:
-            save_adapter(model, cfg, base, start_step, state["val_loss"], adapter_path)
-        log_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
-        streams = open_metric_streams(cfg, dataclasses.asdict(cfg))
+            save_adapter(model, lora_settings(cfg), base, start_step, state["val_loss"], adapter_path)
+    log = RunLog(cfg, cfg.out_dir, dataclasses.asdict(cfg), is_master)
 
-    def save_state(step: int, val_loss: float | None = None) -> None:
+    def save(step: int, best_val_loss: float, val_loss: float | None = None) -> None:
         """Save the resumable state before step `step` (every process takes part), with the val loss of the
-        evaluation just made at it, if any."""
-        rngs = gather_to_rank0(rng_states(data_generator))
-        if is_master:   # it alone is what a resumed run reads, adapter tensors included
-            save_checkpoint({
-                "tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-                "val_loss": val_loss, "finetune_config": dataclasses.asdict(cfg), "base": base, "rng": rngs,
-                "cpu_threads": torch.get_num_threads(),
-            }, state_path)
+        evaluation just made at it, if any; then, after an evaluation, the adapter file."""
+        state = loop_state(step, best_val_loss, scaler, data_generator)
 
-    step_time, timer_start, steps_timed, tokens_timed, stop_signal = None, time.perf_counter(), 0, 0, None
-    bad_steps = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled())
-    nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_STEPS", "").split(",") if s}   # tests only
-    for step in range(start_step, cfg.max_iters + 1):
-        # Evaluate and save before taking the step, so the state at step s resumes with step s.
-        # A SIGTERM or Ctrl-C on any process since the last step: all save the state here and stop.
-        is_resumed_start = step == start_step and start_step > 0
-        stop_signal = stop.agreed()
-        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
-            losses = estimate_loss(model, eval_splits, cfg.batch_size, cfg.mask_input, device, dtype,
-                                   loss_chunk, rank, world_size)
-            best_val_loss = min(best_val_loss, losses["val"])
-            if is_master:
-                print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_metrics(log_file, streams, {"step": step, "train_loss": losses["train"],
-                                                "val_loss": losses["val"]})
-            save_state(step, losses["val"])
-            if is_master:
-                save_adapter(model, cfg, base, step, losses["val"], adapter_path)
-            timer_start = time.perf_counter()   # evaluation and saving are not part of the step time
-        elif stop_signal and not is_resumed_start:
-            save_state(step)
-        if step == cfg.max_iters or stop_signal:
-            break
+        def write() -> None:   # state.pt alone is what a resumed run reads, adapter tensors included
+            save_checkpoint({"tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(), **state,
+                             "val_loss": val_loss, "finetune_config": dataclasses.asdict(cfg), "base": base},
+                            state_path)
+            if val_loss is not None:
+                save_adapter(model, lora_settings(cfg), base, step, val_loss, adapter_path)
+        save_on_rank0(write, stop)
 
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Every process computes the step's records; process `rank` takes its contiguous share.
-        indices = step_examples(step, examples_per_step, len(splits["train"]), cfg.seed)
-        share = len(indices) // world_size
-        my_indices = indices[rank * share:(rank + 1) * share]
-        micro_batches = [collate([splits["train"][i] for i in my_indices[start:start + cfg.batch_size]],
-                                 cfg.mask_input) for start in range(0, share, cfg.batch_size)]
-        # The step's counted tokens on all processes: every micro-batch's weight is its share of them.
-        step_tokens = torch.tensor([sum(int((y != -1).sum()) for _, y in micro_batches)], device=device)
-        if world_size > 1:
-            dist.all_reduce(step_tokens)
-        loss = accumulate_gradients(train_model, micro_batches, scaler, device, dtype, loss_chunk,
-                                    int(step_tokens.item()), world_size)
-        if step in nan_steps:   # test hook: a loss gone non-finite, its gradients with it (see train.py)
-            loss = loss * float("nan")
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(float("nan"))
-        # A non-finite loss or gradient norm on any process: every process skips this update (the adapters and
-        # AdamW's moments stay as they were).
-        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, lambda norm: bad_steps.check(loss, norm))
-        bad_steps.count(step + 1, log_file if is_master else None, state_path)
-        tokens_timed += sum(len(splits["train"][i][0]) - 1 for i in indices)   # real tokens, padding left out
+    def step_flops(tokens_per_step: float) -> float:
+        return finetune_flops(model.config, n_params, tokens_per_step, examples_per_step)
 
-        steps_timed += 1
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-            loss_value = (all_ranks_mean(loss) * world_size).item()      # the shares add up to the mean
-            now = time.perf_counter()
-            step_time = (now - timer_start) / steps_timed
-            tokens_per_step = tokens_timed / steps_timed
-            mean_T = max(1, round(tokens_per_step / examples_per_step))
-            flops_per_step = (flops_per_token(model.config, n_params, mean_T) - 2 * n_matmul) * tokens_per_step
-            timer_start, steps_timed, tokens_timed = now, 0, 0
-            if is_master:
-                print(format_step_line(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
-                                       round(tokens_per_step), flops_per_step, peak), flush=True)
-                log_metrics(log_file, streams, {"step": step + 1, "loss": loss_value, "lr": lr,
-                                                "grad_norm": grad_norm.item(), "ms_per_step": 1000 * step_time,
-                                                "tokens_per_s": tokens_per_step / step_time,
-                                                "mfu": flops_per_step / step_time / peak if peak else None})
+    def accumulate(micro_batches: list, step_tokens: int) -> torch.Tensor:
+        return accumulate_gradients(train_model, micro_batches, scaler, device, dtype, loss_chunk, step_tokens,
+                                    world_size)
+    batches_of = lambda step: step_micro_batches(splits["train"], step, cfg, rank, world_size, device)  # noqa: E731
+    step, stop_signal, best_val_loss, timer = finetune_loop(
+        cfg, model, optimizer, scaler, batches_of, accumulate, evaluate_now, save, log, stop, start_step,
+        best_val_loss, (step_flops, peak_flops(device, cfg.peak_flops, world_size)), state_path, world_size)
+    log.close()
     if stop_signal and step < cfg.max_iters:
-        if is_master:
-            log_file.close()
-            close_metric_streams(streams)
         print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with "
                f"`python finetune_lora.py --init_from=resume --out_dir={cfg.out_dir}`", flush=True)
         sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
-    if not is_master:
-        return
-    log_file.close()
-    close_metric_streams(streams)
-    base_size, adapter_size = os.path.getsize(base_path), os.path.getsize(adapter_path)
+    if is_master:
+        report_and_merge(cfg, model, base, best_val_loss, timer)
+
+
+def finetune_loop(cfg: FinetuneConfig, model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  batches_of: Callable, accumulate: Callable, evaluate_now: Callable, save: Callable, log: RunLog,
+                  stop: StopSignals, start_step: int, best_val_loss: float, throughput: tuple, state_path: str,
+                  world_size: int) -> tuple:
+    """The fine-tuning loop, from start_step to cfg.max_iters: batches_of(step) gives the step's micro-batches
+    (with the tokens they count and hold), accumulate(micro_batches, counted) runs their forward and backward
+    passes (accumulate_gradients), evaluate_now() the train and val loss, save(step, best_val_loss, val_loss)
+    the state and the adapter; throughput is (FLOPs of a step of n tokens, peak FLOP/s). Returns the step it
+    stopped at, the signal that stopped it (None at the end), the best val loss and the step timer."""
+    step_flops, peak = throughput
+    bad_steps, timer = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled()), StepTimer()
+    step, stop_signal = start_step, None
+    for step in range(start_step, cfg.max_iters + 1):
+        # Evaluate and save before taking the step, so the state at step s resumes with step s.
+        # A SIGTERM or Ctrl-C on any process since the last step: all save the state here and stop.
+        stop_signal = stop.agreed()
+        if is_evaluation_step(step, start_step, cfg):
+            losses = evaluate_now()
+            best_val_loss = min(best_val_loss, losses["val"])
+            log.evaluation(step, losses)
+            save(step, best_val_loss, losses["val"])
+            timer.restart()   # evaluation and saving are not part of the step time
+        elif stop_signal and not (step == start_step and start_step > 0):   # the state holds this step
+            save(step, best_val_loss)
+        if step == cfg.max_iters or stop_signal:
+            break
+
+        lr = set_lr(optimizer, step, cfg)
+        micro_batches, step_tokens, tokens = batches_of(step)
+        loss = accumulate(micro_batches, step_tokens)
+        # A non-finite loss or gradient norm on any process: every process skips this update (the adapters and
+        # AdamW's moments stay as they were).
+        is_good = lambda norm: bad_steps.check(loss, norm)   # noqa: E731
+        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, is_good)
+        bad_steps.record(step + 1, log, state_path)
+
+        timer.tick(tokens)
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
+            loss_value = (all_ranks_mean(loss) * world_size).item()      # the shares add up to the mean
+            step_time = timer.lap()
+            log.progress(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
+                         timer.tokens_per_step, step_flops(timer.tokens_per_step), peak)
+    return step, stop_signal, best_val_loss, timer
+
+
+def report_and_merge(cfg: FinetuneConfig, model: GPT, base: dict, best_val_loss: float, timer: StepTimer) -> None:
+    """The closing line (the adapter's size against its base's), and with --merge the merged checkpoint."""
+    adapter_path, merged_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "ckpt.pt")
+    base_size, adapter_size = os.path.getsize(base["path"]), os.path.getsize(adapter_path)
     print(f"done: best val loss {best_val_loss:.4f}; adapter {adapter_path}: {adapter_size / 2**20:.2f} MiB, "
           f"{100 * adapter_size / base_size:.2f}% of the base checkpoint's {base_size / 2**20:.1f} MiB"
-          + (f"; {tokens_per_step / step_time:,.0f} tokens/s" if step_time else ""))
+          + (f"; {timer.tokens_per_step / timer.step_time:,.0f} tokens/s" if timer.step_time else ""))
     if cfg.merge:
         # The base checkpoint with the merged weights in place of its own (its other entries kept), so every
         # reader of a ckpt.pt reads it.
         merge_lora(model)
-        merged = {**load_checkpoint(base_path), "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        merged = {**load_checkpoint(base["path"]), "model": {k: v.cpu() for k, v in model.state_dict().items()},
                   "lora_merged": {"adapter": adapter_path, "base": base}}
         save_checkpoint({k: v for k, v in merged.items() if k not in ("format", "version")}, merged_path)
         print(f"merged: {merged_path} (the base with the adapter folded in; sample it with "

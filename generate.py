@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune_lora import format_prompt, load_base_with_adapter, merge_lora
-from model import (EOT_TOKEN, arg, autocast, flags_given, generate, get_tokenizer, load_checkpoint,
-                   model_from_checkpoint, parse_args, pick_device, sampling_dtype)
+from common import (EOT_TOKEN, autocast, flags_given, get_tokenizer, load_checkpoint, model_from_checkpoint,
+                    parse_args, pick_device, sampling_dtype)
+from lora import format_prompt, load_base_with_adapter, merge_lora
+from model import arg, generate
 
 
 @dataclass

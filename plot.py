@@ -12,7 +12,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from model import arg, parse_args, write_atomically
+from common import parse_args, write_atomically
+from model import arg
 
 
 @dataclass

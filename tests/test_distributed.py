@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL_FLAGS
-from model import load_checkpoint, run_main
+from common import load_checkpoint, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -153,20 +153,20 @@ def test_pipeline_runs_forward_under_autocast_and_backward_outside_it(tmp_path):
     process: a block's forward sees autocast on, its backward sees it off."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    import train
+    from distributed import build_pipeline
     from model import GPT, GPTConfig
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=False)
-        cfg = train.TrainConfig(pp=1, pp_schedule="gpipe", n_microbatches=2)
         mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("pp", "dp"))
-        pipe = train.build_pipeline(cfg, config, GPT(config).state_dict(), mesh, "cpu", torch.bfloat16)
-        autocast_on, block = {}, pipe.modules[0].transformer.h["0"]
+        pipe = build_pipeline(config, GPT(config).state_dict(), mesh, "cpu", torch.bfloat16, schedule="gpipe",
+                              balance="flops", n_microbatches=2, virtual_stages=2, accum=1)
+        autocast_on, block = {}, pipe.module[0].transformer.h["0"]
         is_on = lambda: torch.is_autocast_enabled("cpu")                            # noqa: E731
         block.register_forward_hook(lambda *_: autocast_on.update(forward=is_on()))
         block.register_full_backward_hook(lambda *_: autocast_on.update(backward=is_on()))
         x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
-        train.pipeline_loss(pipe, x, y, train=True)              # as train.py's loop calls it
+        pipe.forward_backward(x, y, micro_step=0, scaler=None)   # as train.py's loop calls it
         assert autocast_on == {"forward": True, "backward": False}
     finally:
         dist.destroy_process_group()

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT, run_script
-from model import PRESETS, GPTConfig, apply_preset
+from model import GPTConfig
 import train
+from train import PRESETS, apply_preset
 
 GIB = 2 ** 30
 

@@ -1,5 +1,6 @@
 """Runs that never lose work: SIGTERM/Ctrl-C stop cleanly, SIGKILL at random moments loses nothing, the last
 N checkpoints and the best one are kept, damaged checkpoints are named with the older ones beside them."""
+import itertools
 import json
 import math
 import os
@@ -12,9 +13,11 @@ import time
 import pytest
 import torch
 
+import lora
 import train
 from conftest import ROOT, TINY_MODEL_FLAGS
-from model import load_checkpoint, save_checkpoint
+from common import load_checkpoint, save_checkpoint
+from model import GPT
 from test_errors import assert_one_line_error
 
 # Every run of this file uses one thread, so that processes started at different times compute bit for bit
@@ -264,7 +267,7 @@ ISSUE_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--v
              "--max_iters=60", "--eval_interval=5", "--eval_iters=2", "--log_interval=1", "--learning_rate=1e-3",
              "--warmup_iters=2", "--lr_decay_iters=60", "--dtype=float32", "--device=cpu", "--keep_last=100"]
 
-# Where each start of the killed run dies (model.fault_point, GPT_TEST_KILL_AT), and whether it may use one
+# Where each start of the killed run dies (common.fault_point, GPT_TEST_KILL_AT), and whether it may use one
 # CPU core only (PyTorch then defaults to one thread instead of two).
 KILL_POINTS = [
     ("replaced ckpt.pt#6", False),       # right after step 25's checkpoint is renamed into place, before its links
@@ -340,7 +343,7 @@ def test_sigkill_between_a_finetuning_state_and_its_adapter_resumes_bitwise(tmp_
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resume: CPU threads 2, as the checkpoint's run (this machine's default: 1)" in final.stdout
     assert logged_steps(killed) == logged_steps(straight)
-    for load, name in ((finetune_lora.load_adapter, "adapter.pt"), (load_checkpoint, "state.pt")):
+    for load, name in ((lora.load_adapter, "adapter.pt"), (load_checkpoint, "state.pt")):
         a, b = (load(os.path.join(d, name)) for d in (straight, killed))
         assert a["step"] == b["step"] == 8, name
         assert all(torch.equal(a["tensors"][key], b["tensors"][key]) for key in a["tensors"]), name
@@ -446,11 +449,25 @@ def test_full_disk_while_logging_stops_with_one_line_and_keeps_the_checkpoint(sc
 
 # --- non-finite losses ---
 
+def poison_losses(monkeypatch, steps: set[int], micro_steps: int = 2) -> None:
+    """Make the training loss NaN, and with it every gradient, on the given optimizer steps (counted from 0, as
+    the loop counts them), from outside the loop: GPT.forward, when it runs with gradients on (training, not
+    evaluation), multiplies its loss by NaN on its calls of those steps, micro_steps calls to a step (the
+    runs here accumulate 2 micro-batches). The count starts at the run's first training step."""
+    forward, calls = GPT.forward, itertools.count()
+
+    def poisoned_forward(self, idx, targets=None, loss_chunk=0):
+        out = forward(self, idx, targets, loss_chunk)
+        if targets is not None and torch.is_grad_enabled() and next(calls) // micro_steps in steps:
+            out = out * float("nan")
+        return out
+    monkeypatch.setattr(GPT, "forward", poisoned_forward)
+
 def test_a_non_finite_step_is_skipped_and_logged(tiny_data_dir, tmp_path, monkeypatch, capsys):
-    """The test hook makes step 3's loss NaN (so its gradients are NaN too): the step is skipped and logged,
+    """Step 3's loss goes NaN (so its gradients are NaN too, poison_losses): the step is skipped and logged,
     the weights and AdamW's state after it equal those before it, and training goes on."""
     out_dir = str(tmp_path)
-    monkeypatch.setenv("GPT_TEST_NAN_STEPS", "3")
+    poison_losses(monkeypatch, {3})
     train.main(flags(tiny_data_dir, out_dir, "--max_iters=6", "--eval_interval=1", "--keep_last=10"))
     assert "step 4: skipped: non-finite loss or gradient norm (1 in a row)" in capsys.readouterr().out
     assert [r["step"] for r in logged_steps(out_dir) if "skipped" in r] == [4]
@@ -465,10 +482,10 @@ def test_a_non_finite_step_is_skipped_and_logged(tiny_data_dir, tmp_path, monkey
 
 
 def test_non_finite_steps_in_a_row_stop_with_one_line(tiny_data_dir, tmp_path, monkeypatch):
-    """Steps 2 to 9 go non-finite (the test hook): each is skipped and logged, and after --max_bad_steps=3 the
+    """Steps 2 to 9 go non-finite (poison_losses): each is skipped and logged, and after --max_bad_steps=3 the
     run stops with one line; the checkpoint written during them (step 4) holds step 2's weights."""
     out_dir = str(tmp_path)
-    monkeypatch.setenv("GPT_TEST_NAN_STEPS", "2,3,4,5,6,7,8,9")
+    poison_losses(monkeypatch, {2, 3, 4, 5, 6, 7, 8, 9})
     stops_with(flags(tiny_data_dir, out_dir, "--max_iters=20", "--eval_interval=2", "--max_bad_steps=3",
                      "--keep_last=5"), "3 steps in a row had a non-finite loss", "(the last: step 5)",
                os.path.join(out_dir, "ckpt.pt"))
@@ -488,13 +505,13 @@ def finetune_nan_args(tmp_path, out_dir: str, *extra: str) -> list[str]:
 
 
 def test_a_non_finite_finetuning_step_is_skipped_and_logged(tmp_path, monkeypatch, capsys):
-    """finetune_lora.py, with the test hook making step 3's loss and gradients NaN: the step is skipped and
+    """finetune_lora.py, with step 3's loss and gradients made NaN (poison_losses): the step is skipped and
     logged, the adapter and AdamW's state after it equal those of a run stopped before it (an independent
     run of 3 steps), and training goes on from there."""
     import finetune_lora
     before, after = str(tmp_path / "before"), str(tmp_path / "after")
     finetune_lora.main(finetune_nan_args(tmp_path, before, "--max_iters=3", "--eval_interval=3"))
-    monkeypatch.setenv("GPT_TEST_NAN_STEPS", "3")
+    poison_losses(monkeypatch, {3})
     finetune_lora.main(finetune_nan_args(tmp_path, after, "--max_iters=4", "--eval_interval=4"))
     assert "step 4: skipped: non-finite loss or gradient norm (1 in a row)" in capsys.readouterr().out
     assert [r["step"] for r in logged_steps(after) if "skipped" in r] == [4]
@@ -505,11 +522,12 @@ def test_a_non_finite_finetuning_step_is_skipped_and_logged(tmp_path, monkeypatc
     for key, state in a["optimizer"]["state"].items():
         for field, value in state.items():
             assert torch.equal(b["optimizer"]["state"][key][field], value), (key, field)
-    adapter_before, adapter_after = (finetune_lora.load_adapter(os.path.join(d, "adapter.pt"))["tensors"]
+    adapter_before, adapter_after = (lora.load_adapter(os.path.join(d, "adapter.pt"))["tensors"]
                                      for d in (before, after))
     assert all(torch.equal(adapter_after[name], t) for name, t in adapter_before.items())
+    monkeypatch.undo()                                     # the resumed steps 4 and 5 are good ones
     finetune_lora.main([f"--out_dir={after}", "--init_from=resume", "--max_iters=6"])
-    later = finetune_lora.load_adapter(os.path.join(after, "adapter.pt"))["tensors"]
+    later = lora.load_adapter(os.path.join(after, "adapter.pt"))["tensors"]
     assert not all(torch.equal(later[name], t) for name, t in adapter_before.items())
     assert all(math.isfinite(t.abs().sum()) for t in later.values())
 
@@ -519,7 +537,7 @@ def test_non_finite_finetuning_steps_in_a_row_stop_with_one_line(tmp_path, monke
     line naming the state it can resume from, which holds the (finite) adapter of the one good step."""
     import finetune_lora
     out_dir = str(tmp_path / "run")
-    monkeypatch.setenv("GPT_TEST_NAN_STEPS", ",".join(str(s) for s in range(1, 10)))
+    poison_losses(monkeypatch, set(range(1, 10)))
     with pytest.raises(SystemExit) as stop:
         finetune_lora.main(finetune_nan_args(tmp_path, out_dir, "--max_iters=20", "--eval_interval=2",
                                              "--max_bad_steps=2"))

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import finetune_lora as ft
+import lora
 import train
 from conftest import TINY_MODEL_FLAGS, write_dataset
-from model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, GPT, GPTConfig, load_checkpoint
+from common import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+from model import GPT, GPTConfig
 
 N_CASES = 80   # per file type: half truncations, half flips of 1 to 4 random bits, at random offsets
 
@@ -112,16 +114,16 @@ def test_fuzzed_checkpoints_error_or_load_exactly(run_dir, tmp_path):
 def test_fuzzed_adapters_error_or_load_exactly(run_dir, tmp_path):
     checkpoint = load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     model = GPT(GPTConfig(**checkpoint["model_config"]))
-    ft.apply_lora(model, list(ft.LORA_TARGETS), rank=2, alpha=4.0, dropout=0.0)
+    lora.apply_lora(model, list(lora.LORA_TARGETS), rank=2, alpha=4.0, dropout=0.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora" in name:
                 p.normal_()
     path = str(tmp_path / "adapter.pt")
-    ft.save_adapter(model, ft.FinetuneConfig(lora_rank=2, lora_alpha=4.0), {"path": "base", "sha256": "0" * 64},
-                    step=3, val_loss=1.5, path=path)
-    reference = ft.load_adapter(path)
-    counts = fuzz_file(path, lambda: ft.load_adapter(path),
+    lora.save_adapter(model, ft.lora_settings(ft.FinetuneConfig(lora_rank=2, lora_alpha=4.0)),
+                      {"path": "base", "sha256": "0" * 64}, step=3, val_loss=1.5, path=path)
+    reference = lora.load_adapter(path)
+    counts = fuzz_file(path, lambda: lora.load_adapter(path),
                        lambda loaded, where: assert_equal_contents(loaded, reference, where), seed=2)
     assert counts["error"] > N_CASES // 2
 
@@ -175,7 +177,7 @@ def test_checkpoint_with_a_pickled_payload_is_refused_without_running_it(tmp_pat
     assert str(refused.value.code).startswith(f"error: {path} holds Python objects other than tensors")
     assert not marker.exists()
     with pytest.raises(SystemExit, match="holds Python objects"):
-        ft.load_adapter(path)
+        lora.load_adapter(path)
     assert not marker.exists()
 
 

@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from conftest import ROOT, run_script  # noqa: E402
-from hf_gpt2 import config_from_hf, export_hf, hf_config_from, load_hf_gpt2  # noqa: E402
-from model import GPT, GPTConfig, get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
+from hf_gpt2 import export_hf, gpt_config_from_hf, hf_config_from_gpt, load_hf_gpt2  # noqa: E402
+from common import get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50257)
 
@@ -176,7 +177,7 @@ def test_round_trip_keeps_every_tensor_bitwise(exported):
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, field, value):
     config = GPTConfig(**{**SMALL, field: value})
     with pytest.raises(SystemExit, match=f"cannot export {field}={value}"):
-        hf_config_from(config)
+        hf_config_from_gpt(config)
     with pytest.raises(SystemExit, match=field):
         export_hf(GPT(config).state_dict(), config, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
@@ -185,7 +186,7 @@ def test_export_refuses_what_gpt2_cannot_express(tmp_path, field, value):
 def test_import_refuses_an_unsupported_hf_config():
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, activation_function="relu").to_dict()
     with pytest.raises(SystemExit, match="activation_function='relu'"):
-        config_from_hf(config, "dir")
+        gpt_config_from_hf(config, "dir")
 
 
 def test_export_never_overwrites(exported):

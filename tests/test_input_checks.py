@@ -14,7 +14,7 @@ import finetune_lora
 import generate
 import prepare
 import train
-from conftest import TINY_MODEL_FLAGS, write_dataset
+from conftest import TINY_MODEL_FLAGS, lr_at, write_dataset
 from test_errors import trained_run  # noqa: F401 (a fixture)
 
 SCRIPTS = {"train.py": train.main, "prepare.py": prepare.main, "generate.py": generate.main,
@@ -71,7 +71,7 @@ def test_min_lr_does_not_matter_without_the_decay():
                     "--warmup_iters=0", "--decay_lr=False", "--max_iters=200", "--out_dir=out-gpt2-shakespeare"]
     cfg, model_cfg = train.parse_args(train.TrainConfig, train.GPTConfig, argv=readme_flags)
     train.check_config(cfg, model_cfg)                                  # no SystemExit
-    assert train.get_lr(199, cfg) == 3e-5                               # and min_lr plays no part
+    assert lr_at(199, cfg) == 3e-5                                      # and min_lr plays no part
     (lora_cfg,) = finetune_lora.parse_args(finetune_lora.FinetuneConfig, argv=[
         "--init_from=gpt2", "--data=shakespeare", "--learning_rate=3e-5", "--decay_lr=False"])
     finetune_lora.check_config(lora_cfg)

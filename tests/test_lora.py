@@ -14,9 +14,10 @@ import torch.nn.functional as F
 import finetune_lora as ft
 import generate
 from conftest import ROOT, run_script
-from model import GPT, GPTConfig, configure_optimizers, get_tokenizer, load_checkpoint, save_checkpoint
+import lora
+from common import get_tokenizer, load_checkpoint, optimizer_step, save_checkpoint
+from model import GPT, GPTConfig, configure_optimizers
 from test_errors import assert_one_line_error
-from train import optimizer_step
 
 # Instruction text needs the real tokenizer, so the tiny models have GPT-2's vocabulary.
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257)
@@ -109,10 +110,10 @@ def response_loss(model: GPT, record: dict) -> float:
 
 def test_lora_with_zero_B_matches_the_base_exactly():
     base = tiny_model(0).eval()
-    adapted = ft.apply_lora(copy.deepcopy(base), list(ft.LORA_TARGETS), rank=4, alpha=8, dropout=0.0).eval()
-    n_adapted = sum(isinstance(m, ft.LoRALinear) for m in adapted.modules())
+    adapted = lora.apply_lora(copy.deepcopy(base), list(lora.LORA_TARGETS), rank=4, alpha=8, dropout=0.0).eval()
+    n_adapted = sum(isinstance(m, lora.LoRALinear) for m in adapted.modules())
     assert n_adapted == 4 * TINY.n_layer                                  # c_attn, c_proj, c_fc, c_proj per block
-    assert all(m.lora_A.abs().sum() > 0 for m in adapted.modules() if isinstance(m, ft.LoRALinear))
+    assert all(m.lora_A.abs().sum() > 0 for m in adapted.modules() if isinstance(m, lora.LoRALinear))
     idx = torch.randint(0, TINY.vocab_size, (2, 20))
     assert torch.equal(adapted(idx), base(idx))
 
@@ -131,8 +132,8 @@ def test_default_targets_adapt_every_linear_layer_of_every_variant(variant):
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(TINY, **VARIANTS[variant]))
     linears = {name for name, m in model.transformer.h.named_modules() if isinstance(m, torch.nn.Linear)}
-    ft.apply_lora(model, ft.parse_targets(ft.FinetuneConfig().lora_targets), rank=2, alpha=4.0, dropout=0.0)
-    adapted = {name for name, m in model.transformer.h.named_modules() if isinstance(m, ft.LoRALinear)}
+    lora.apply_lora(model, lora.parse_targets(ft.FinetuneConfig().lora_targets), rank=2, alpha=4.0, dropout=0.0)
+    adapted = {name for name, m in model.transformer.h.named_modules() if isinstance(m, lora.LoRALinear)}
     assert adapted == linears
 
 
@@ -140,7 +141,7 @@ def test_lora_layer_computes_the_low_rank_update():
     """y = W x + b + (alpha / R) B A x, checked against the formula with random A and B."""
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5)
-    layer = ft.LoRALinear(base, rank=3, alpha=6.0, dropout=0.0)
+    layer = lora.LoRALinear(base, rank=3, alpha=6.0, dropout=0.0)
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(2, 4, 6)
@@ -150,12 +151,12 @@ def test_lora_layer_computes_the_low_rank_update():
 
 def test_merged_model_matches_unmerged_after_training(finetuned, bases):
     adapter_path = os.path.join(finetuned, "adapter.pt")
-    unmerged = ft.load_base_with_adapter(adapter_path).eval()
-    assert any(m.lora_B.abs().sum() > 0 for m in unmerged.modules() if isinstance(m, ft.LoRALinear))
+    unmerged = lora.load_base_with_adapter(adapter_path).eval()
+    assert any(m.lora_B.abs().sum() > 0 for m in unmerged.modules() if isinstance(m, lora.LoRALinear))
     idx = torch.randint(0, TINY.vocab_size, (2, 30))
     reference = unmerged(idx)
-    merged = ft.merge_lora(copy.deepcopy(unmerged))
-    assert not any(isinstance(m, ft.LoRALinear) for m in merged.modules())
+    merged = lora.merge_lora(copy.deepcopy(unmerged))
+    assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
     torch.testing.assert_close(merged(idx), reference, rtol=0, atol=1e-5)
     # --merge wrote the same model as an ordinary checkpoint, with the base's keys.
     checkpoint = load_checkpoint(os.path.join(finetuned, "ckpt.pt"))
@@ -169,7 +170,7 @@ def test_merged_model_matches_unmerged_after_training(finetuned, bases):
 def test_base_weights_unchanged_and_only_adapters_in_the_optimizer(records_file):
     model = tiny_model(0)
     before = {name: p.clone() for name, p in model.named_parameters()}
-    ft.apply_lora(model, ["attn.c_attn", "mlp.c_fc"], rank=4, alpha=8, dropout=0.1)
+    lora.apply_lora(model, ["attn.c_attn", "mlp.c_fc"], rank=4, alpha=8, dropout=0.1)
     optimizer = configure_optimizers(model, weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95),
                                      device_type="cpu")
     lora_params = {id(p) for name, p in model.named_parameters() if "lora_" in name}
@@ -210,7 +211,7 @@ def test_encode_record_is_template_then_response_then_endoftext():
     assert tokenizer.decode(ids[:n_prompt]) == prompt
     assert tokenizer.decode(ids[n_prompt:-1]) == "5 <|endoftext|> ok" and ids.count(50256) == 1
     assert ids[-1] == 50256
-    assert "### Input" not in ft.format_prompt("Say hi.")
+    assert "### Input" not in lora.format_prompt("Say hi.")
 
 
 @pytest.mark.parametrize("loss_chunk", [0, 7])
@@ -243,7 +244,7 @@ def test_accumulated_micro_batches_of_unequal_lengths_match_one_batch():
     """Three micro-batches with different numbers of response tokens: each mean weighted by its share of the
     tokens gives the big batch's gradient; dividing each by the number of micro-batches (as pre-training
     does) would not."""
-    model = ft.apply_lora(tiny_model(0), list(ft.LORA_TARGETS), rank=4, alpha=8, dropout=0.0)
+    model = lora.apply_lora(tiny_model(0), list(lora.LORA_TARGETS), rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -252,12 +253,12 @@ def test_accumulated_micro_batches_of_unequal_lengths_match_one_batch():
                dict(RECORDS[2], output="Madrid, Spain")]
     examples = encoded(records)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    lora = [p for p in model.parameters() if p.requires_grad]
+    adapters = [p for p in model.parameters() if p.requires_grad]
 
     def gradients(micro_batches):
         model.zero_grad()
         loss = ft.accumulate_gradients(model, micro_batches, scaler, "cpu", torch.float32, 0)
-        return loss, [p.grad.clone() for p in lora]
+        return loss, [p.grad.clone() for p in adapters]
 
     one_loss, one_batch = gradients([ft.collate(examples, True)])
     micro = [ft.collate([e], True) for e in examples]
@@ -269,7 +270,7 @@ def test_accumulated_micro_batches_of_unequal_lengths_match_one_batch():
     model.zero_grad()
     for x, y in micro:
         (model(x, y) / len(micro)).backward()
-    assert max((p.grad - g).abs().max().item() for p, g in zip(lora, one_batch)) > 1e-4
+    assert max((p.grad - g).abs().max().item() for p, g in zip(adapters, one_batch)) > 1e-4
 
 
 def test_fit_to_context_truncates_or_skips():
@@ -298,7 +299,7 @@ def test_finetuning_lowers_the_loss_and_beats_the_base(finetuned, bases):
     assert [r["step"] for r in evals] == [0, 20, 40]
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 1.5
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    adapted = ft.load_base_with_adapter(os.path.join(finetuned, "adapter.pt")).eval()
+    adapted = lora.load_base_with_adapter(os.path.join(finetuned, "adapter.pt")).eval()
     base = tiny_model(0).eval()
     train_ids, _ = ft.split_records(len(RECORDS), 0.2, seed=1337)      # the run's split (default --seed)
     for record in (RECORDS[train_ids[0]], RECORDS[train_ids[-1]]):
@@ -307,10 +308,10 @@ def test_finetuning_lowers_the_loss_and_beats_the_base(finetuned, bases):
 
 def test_adapter_file_is_small_and_names_its_base(short_run, bases):
     adapter_path, base_path = os.path.join(short_run, "adapter.pt"), os.path.join(bases[0], "ckpt.pt")
-    adapter = ft.load_adapter(adapter_path)
+    adapter = lora.load_adapter(adapter_path)
     assert adapter["base"]["sha256"] == hashlib.sha256(open(base_path, "rb").read()).hexdigest()
     assert adapter["base"]["path"] == base_path
-    assert adapter["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(ft.LORA_TARGETS)}
+    assert adapter["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(lora.LORA_TARGETS)}
     # Per block: c_attn R*(C + 3C), c_proj R*(C + C), c_fc R*(C + 4C), mlp.c_proj R*(4C + C).
     R, C, L = 8, TINY.n_embd, TINY.n_layer
     assert sum(t.numel() for t in adapter["tensors"].values()) == L * R * (4 * C + 2 * C + 5 * C + 5 * C)
@@ -331,7 +332,7 @@ def test_resume_continues_exactly(bases, records_file, tmp_path, capsys):
     assert reported == ["resume: max_iters 4 -> 8 (command line)"]
     losses = [{r["step"]: r["loss"] for r in read_log(d) if "loss" in r} for d in (straight, interrupted)]
     assert losses[0] == losses[1] and len(losses[0]) == 8
-    a, b = (ft.load_adapter(os.path.join(d, "adapter.pt")) for d in (straight, interrupted))
+    a, b = (lora.load_adapter(os.path.join(d, "adapter.pt")) for d in (straight, interrupted))
     assert a["step"] == b["step"] == 8
     for name, tensor in a["tensors"].items():
         assert torch.equal(tensor, b["tensors"][name]), name
@@ -361,7 +362,7 @@ def test_compiled_finetuning_matches_eager(bases, tmp_path, capsys):
         for key in ("loss", "train_loss", "val_loss"):
             if key in eager:
                 assert compiled[key] == pytest.approx(eager[key], abs=1e-5), (eager, compiled)
-    adapters = [ft.load_adapter(os.path.join(runs[c], "adapter.pt"))["tensors"] for c in (False, True)]
+    adapters = [lora.load_adapter(os.path.join(runs[c], "adapter.pt"))["tensors"] for c in (False, True)]
     for name in adapters[0]:
         torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=0, atol=1e-5, msg=name)
 
@@ -376,7 +377,7 @@ def test_generate_with_the_adapter_matches_the_merged_checkpoint(finetuned, caps
     generate.main([f"--out_dir={finetuned}", *flags])
     merged = capsys.readouterr().out
     assert with_adapter == merged
-    assert with_adapter.startswith(ft.format_prompt("What is the capital of Peru?"))
+    assert with_adapter.startswith(lora.format_prompt("What is the capital of Peru?"))
 
 
 # --- errors: bad data, the wrong base, bad flags ---
@@ -418,7 +419,7 @@ def test_bad_data_file_from_the_command_line(bases, tmp_path):
 def test_adapter_on_the_wrong_base_is_refused(short_run, bases):
     adapter_path = os.path.join(short_run, "adapter.pt")
     with pytest.raises(SystemExit) as stop:
-        ft.load_base_with_adapter(adapter_path, os.path.join(bases[1], "ckpt.pt"))
+        lora.load_base_with_adapter(adapter_path, os.path.join(bases[1], "ckpt.pt"))
     assert str(stop.value).startswith("error: adapter") and "belongs to the base checkpoint" in str(stop.value)
     result = run_script("generate.py", f"--lora={adapter_path}", f"--out_dir={bases[1]}", "--prompt=Hi")
     assert_one_line_error(result, "belongs to the base checkpoint", os.path.join(bases[0], "ckpt.pt"))
@@ -486,7 +487,7 @@ def test_ddp_on_two_processes_matches_one_process(one_and_two_process_runs):
         for key in ("loss", "train_loss", "val_loss"):
             if key in one:
                 assert one[key] == pytest.approx(two[key], abs=1e-5), (one, two)
-    adapters = [ft.load_adapter(os.path.join(runs[n], "adapter.pt"))["tensors"] for n in (1, 2)]
+    adapters = [lora.load_adapter(os.path.join(runs[n], "adapter.pt"))["tensors"] for n in (1, 2)]
     for name in adapters[0]:
         torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=0, atol=1e-5, msg=name)
 

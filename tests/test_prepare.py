@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import model      # noqa: E402
+import common     # noqa: E402
 import prepare    # noqa: E402
 
 EOT_TEXT = "<|endoftext|>"
@@ -29,7 +29,7 @@ def cached_tokenizer(monkeypatch):
 
 @functools.cache
 def _tokenizer():
-    return model.get_tokenizer()
+    return common.get_tokenizer()
 
 
 def write(path, content) -> str:
@@ -76,7 +76,7 @@ def test_tokenizer_known_ids():
     enc = _tokenizer()
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary(" the") == [262]
-    assert enc.encode(EOT_TEXT, allowed_special="all") == [model.EOT_TOKEN] == [50256]
+    assert enc.encode(EOT_TEXT, allowed_special="all") == [common.EOT_TOKEN] == [50256]
     assert enc.n_vocab == 50257
 
 

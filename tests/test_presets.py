@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT
-from model import PRESETS, GPT, GPTConfig, apply_preset, flags_given, parse_args, plan_stages, stage_costs
+from common import flags_given, parse_args
+from conftest import ROOT, lr_at
+from model import GPT, GPTConfig, plan_stages, stage_costs
 import train
+from train import PRESETS, apply_preset
 
 
 def preset_config(name: str) -> GPTConfig:
@@ -95,7 +97,7 @@ def test_gptx_1b_carries_the_seed_recipe():
     assert "pp=2 (1f1b, 4 micro-batches)" in text and "micro-batches of 1 x 1024 tokens" in text
     assert "tokens per optimizer step: 4,096 (4 sequences x 1 micro-steps" in text
     assert "parameters: 1,099,214,888" in text
-    assert train.get_lr(cfg.warmup_iters, cfg) == pytest.approx(2.0e-4)   # the peak, after warmup
+    assert lr_at(cfg.warmup_iters, cfg) == pytest.approx(2.0e-4)   # the peak, after warmup
 
 
 def test_flags_given_win_over_the_preset():

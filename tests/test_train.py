@@ -9,21 +9,22 @@ import torch
 
 import model as model_module
 import train
-from conftest import TINY_MODEL_FLAGS
-from model import GPT, GPTConfig, load_checkpoint
+from conftest import TINY_MODEL_FLAGS, lr_at
+from common import load_checkpoint
+from model import GPT, GPTConfig
 
 
 def test_lr_schedule_warmup_peak_and_end():
     cfg = train.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    assert train.get_lr(0, cfg) == pytest.approx(1e-3 / 11)          # warmup starts above zero
-    assert train.get_lr(10, cfg) == pytest.approx(1e-3)              # end of warmup: the peak
-    assert train.get_lr(60, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the cosine
-    assert train.get_lr(110, cfg) == pytest.approx(1e-4)             # end: min_lr
-    assert train.get_lr(500, cfg) == pytest.approx(1e-4)
-    lrs = [train.get_lr(s, cfg) for s in range(10, 111)]
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)          # warmup starts above zero
+    assert lr_at(10, cfg) == pytest.approx(1e-3)              # end of warmup: the peak
+    assert lr_at(60, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the cosine
+    assert lr_at(110, cfg) == pytest.approx(1e-4)             # end: min_lr
+    assert lr_at(500, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))                  # decays monotonically
     constant = train.TrainConfig(learning_rate=1e-3, decay_lr=False)
-    assert train.get_lr(0, constant) == train.get_lr(999, constant) == 1e-3
+    assert lr_at(0, constant) == lr_at(999, constant) == 1e-3
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -130,7 +131,7 @@ def test_resume_flags_given_win_and_are_reported_once(issue_run, capsys):
                         "resume: realformer False -> True (command line)"]
     schedule = train.TrainConfig(learning_rate=5e-4, min_lr=2e-4, warmup_iters=2, lr_decay_iters=10)
     records = [r for r in logged_records(issue_run, after=5) if "loss" in r]
-    assert [r["lr"] for r in records] == [train.get_lr(r["step"] - 1, schedule) for r in records]
+    assert [r["lr"] for r in records] == [lr_at(r["step"] - 1, schedule) for r in records]
     assert [r["tokens"] for r in records] == [64 * step for step in range(6, 9)]
     checkpoint = load_checkpoint(os.path.join(issue_run, "ckpt.pt"))
     assert checkpoint["step"] == 8 and checkpoint["train_config"]["eval_iters"] == 2
