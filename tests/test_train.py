@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-import model as model_module
+import common
 import train
 from conftest import TINY_MODEL_FLAGS, lr_at
 from common import load_checkpoint
@@ -168,14 +168,14 @@ def test_auto_dtype_on_cpu_follows_the_probe_and_the_resume_keeps_it(tiny_data_d
                                                                      speedup):
     """--dtype=auto on a CPU trains in bf16 where bf16 matmuls run >= 1.5x fp32's speed, says why in the header,
     and records the choice: a resume computes in it even where the probe would now answer otherwise."""
-    monkeypatch.setattr(model_module, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: speedup)
     expected = "bfloat16" if speedup >= 1.5 else "float32"
     out_dir = str(tmp_path / "run")
     train.main(train_flags(tiny_data_dir, out_dir, "--max_iters=2", "--eval_interval=2", "--device=cpu"))
     header = capsys.readouterr().out
     assert f"1 x cpu, {expected} (auto: bf16 matmuls run {speedup:.1f}x fp32's speed here)" in header
     assert load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["train_config"]["dtype"] == expected
-    monkeypatch.setattr(model_module, "cpu_bf16_speedup", lambda: 5.5 - speedup)   # the other answer now
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: 5.5 - speedup)   # the other answer now
     train.main(train_flags(tiny_data_dir, out_dir, "--init_from=resume", "--max_iters=4", "--eval_interval=2",
                            "--device=cpu"))
     assert f"1 x cpu, {expected}\n" in capsys.readouterr().out                 # the recorded dtype, no probe
