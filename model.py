@@ -303,7 +303,7 @@ def run_block(block: nn.Module, x: torch.Tensor, recompute: bool, *args) -> torc
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits = x @ weight^T against targets, `chunk` rows at a time, so the full
     (N, V) logits never exist: 412 MB in fp32 for a batch of 2,048 tokens of GPT-2's vocabulary, while a
-    chunk of 1,024 rows holds 206 MB (the CPU default: as fast as the plain path, README "Performance").
+    chunk of 1,024 rows holds 206 MB (the CPU default: as fast as the plain path, docs/performance.md).
 
     The gradient is computed in the same pass (d loss / d logits = softmax - one_hot, per valid row) and
     handed back by backward(). Reference: F.cross_entropy(x @ weight^T, targets, ignore_index=-1).

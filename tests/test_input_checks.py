@@ -1,7 +1,7 @@
-"""The input checks of README's table that no other test file covers: each stops with one line that says
-what is wrong (or, for an over-long prompt, prints a note), and nothing runs on bad input. The scripts run
-in-process (their main() stops with SystemExit(message), which Python prints as one line on stderr);
-test_errors.py shows the same from the command line."""
+"""The input checks of docs/troubleshooting.md's table that no other test file covers: each stops with one
+line that says what is wrong (or, for an over-long prompt, prints a note), and nothing runs on bad input. The
+scripts run in-process (their main() stops with SystemExit(message), which Python prints as one line on
+stderr); test_errors.py shows the same from the command line."""
 import json
 import os
 import re
@@ -170,11 +170,12 @@ def test_an_unreadable_prompt_file_stops_with_one_line(trained_run, tmp_path):  
                               f"cannot read --prompt_file={path}")
 
 
-def test_every_test_named_in_the_readme_table_exists():
-    """The README's table of input checks names a test for each row; a renamed or deleted test fails here."""
+def test_every_test_named_in_the_docs_table_exists():
+    """docs/troubleshooting.md's table of input checks names a test for each row; a renamed or deleted test
+    fails here."""
     from conftest import ROOT
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", readme))
+    docs = open(os.path.join(ROOT, "docs", "troubleshooting.md"), encoding="utf-8").read()
+    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", docs))
     assert len(named) > 30
     for file_name, test_name in named:
         source = open(os.path.join(ROOT, "tests", file_name), encoding="utf-8").read()

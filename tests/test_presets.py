@@ -1,5 +1,6 @@
 """Presets: published shapes and parameter counts, the GPT-X 1B pipeline split, flags winning over presets,
-and the README's preset table. `python tests/test_presets.py` prints that table from the code."""
+and the preset table of docs/presets-and-variants.md. `python tests/test_presets.py` prints that table from the
+code."""
 import dataclasses
 import os
 
@@ -23,7 +24,7 @@ def count_on_meta(config: GPTConfig) -> int:
 
 
 def preset_row(name: str) -> str:
-    """The README table's row for a preset, every number computed here."""
+    """The docs table's row for a preset, every number computed here."""
     c, recipe = preset_config(name), PRESETS[name]["train"]
     sequences = recipe.get("batch_size", 0) * recipe.get("gradient_accumulation_steps", 0)
     batch = f"{sequences * c.block_size:,}" if sequences else "-"
@@ -108,10 +109,10 @@ def test_flags_given_win_over_the_preset():
     assert cfg.learning_rate == 1e-3 and cfg.gradient_accumulation_steps == 64
 
 
-def test_every_preset_is_in_the_readme_table_with_its_computed_count():
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def test_every_preset_is_in_the_docs_table_with_its_computed_count():
+    docs = open(os.path.join(ROOT, "docs", "presets-and-variants.md"), encoding="utf-8").read()
     for name in PRESETS:
-        assert preset_row(name) in readme, f"README preset row for {name} is out of date:\n{preset_row(name)}"
+        assert preset_row(name) in docs, f"docs preset row for {name} is out of date:\n{preset_row(name)}"
 
 
 def test_preset_fields_are_real_fields():

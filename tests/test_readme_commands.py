@@ -1,5 +1,7 @@
-"""Every command the README (and docs/) shows is run here, in the order a reader meets them, in one scratch folder,
-as a user would type it (issue 13: several README commands failed as written).
+"""Every command the README (and docs/) shows is run here, in the order a reader meets them (README.md, then
+docs/*.md by file name), in one scratch folder, as a user would type it (issue 13: several README commands failed
+as written). So a command that reads what another one writes comes after it in that order, and each run has a
+folder of its own (tests/test_docs.py checks the folders by reading).
 
 Commands are shortened by flags appended at the end (the last value of a flag wins): a few steps of a tiny model
 instead of hours of a big one. Commands that need the network (a Hugging Face dataset or model, an lm-eval
