@@ -1,5 +1,5 @@
 """bench.py as a smoke run on a tiny config: it must run every part and report consistent figures (the
-figures themselves are machine-dependent and belong in the README, never in a test's assertions)."""
+figures themselves are machine-dependent and belong in docs/performance.md, never in a test's assertions)."""
 import json
 import re
 

@@ -85,12 +85,12 @@ def test_exported_checkpoint_reloads_in_transformers_with_equal_logits(exported)
 
 
 def test_text_generation_pipeline_on_the_export_stays_within_the_context(exported):
-    """The README's `pipeline('text-generation', 'hf-out')('ROMEO:')` crashed with IndexError: transformers 5's
+    """The docs' `pipeline('text-generation', 'hf-out')('ROMEO:')` crashed with IndexError: transformers 5's
     pipeline asks for 256 new tokens by default, past the model's positions (128 in the quick start, 24
     here). The export's generation_config.json stops generation at block_size tokens, prompt included."""
     model, out = exported
     generator = transformers.pipeline("text-generation", out)
-    assert generator("ROMEO:")[0]["generated_text"].startswith("ROMEO:")      # the README's call, as it is
+    assert generator("ROMEO:")[0]["generated_text"].startswith("ROMEO:")      # the docs' call, as it is
     ids = generator("ROMEO:", return_tensors=True)[0]["generated_token_ids"]
     prompt = get_tokenizer().encode("ROMEO:")
     assert list(ids[:len(prompt)]) == prompt and len(prompt) < len(ids) <= model.config.block_size
@@ -117,7 +117,7 @@ def test_export_gets_the_modes_of_the_umask(tmp_path):
 
 
 def test_lm_eval_hf_backend_loads_the_export_and_scores_as_our_model(exported):
-    """The README's `lm_eval --model hf --model_args pretrained=hf-out` failed at once: the harness's hf
+    """The docs' `lm_eval --model hf --model_args pretrained=hf-out` failed at once: the harness's hf
     backend imports accelerate, which requirements-extra.txt did not install (it named lm-eval without its
     [hf] extra). Installed from it, HFLM loads the export, and its log-likelihoods of continuations equal
     those of our model's full forward passes."""
