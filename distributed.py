@@ -148,17 +148,50 @@ class AutocastForward(torch.nn.Module):
             return self.module(x)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's piece of a tensor: the local shard of a DTensor (FSDP's and TP's parameters, gradients
+    and AdamW moments; a view, so writing to it writes the DTensor), a plain tensor itself."""
+    from torch.distributed.tensor import DTensor   # here, like FSDP: imported by the layouts that use it
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (all-gathered: every process of its mesh must call this, in the same
+    order), a plain tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def copies_per_piece(t: torch.Tensor, stage_processes: int) -> int:
+    """How many of the stage_processes processes running a stage (its dp x tp processes) hold the same piece
+    of t: all of them for a plain tensor, fewer for a DTensor sharded along some mesh dims. Dividing each
+    piece's squared norm by this counts every element of the stage once when the processes' sums are added."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(t, DTensor):
+        return stage_processes
+    assert not any(p.is_partial() for p in t.placements), "gradients are reduced before the norm is taken"
+    pieces = 1
+    for size, placement in zip(t.device_mesh.shape, t.placements):
+        pieces *= size if placement.is_shard() else 1
+    return stage_processes // pieces
+
+
 @dataclass
 class Pipeline:
-    """What one process holds of the pipeline, and the steps of training through it."""
+    """What one process holds of the pipeline, and the steps of training through it. The processes form one
+    (pp, dp, tp) device mesh: a pipeline runs along pp (one per (dp, tp) index), each stage is replicated
+    (DDP-like) or sharded (FSDP) over dp, and each block's matmuls are split over tp."""
     module: torch.nn.ModuleList           # its GPTStage modules (one, or several when interleaved)
+    stages: list                          # their torch.distributed.pipelining stages
     schedule: object                      # the torch.distributed.pipelining schedule
     holds_first: bool                     # runs stage 0: feeds the token ids
     holds_last: bool                      # runs the last stage: computes the loss
     pp_group: object                      # the processes of this pipeline
     tie_group: object | None              # {first stage, last stage} of this pipeline, when wte is tied
-    dp_rank: int                          # which data-parallel replica of the stages this process belongs to
-    dp_group: object | None               # the data-parallel replicas of these stages, when there are several
+    dp_rank: int                          # which data-parallel replica (or FSDP shard) this process belongs to
+    dp_group: object | None               # the data-parallel replicas of these stages, when averaged here
+    tp_rank: int                          # which tensor-parallel slice of the stages this process runs
+    stage_processes: int                  # processes running each stage: dp x tp
     accum: int                            # schedule steps (each of n_microbatches micro-batches) per update
     device: str                           # where this process's stages run
 
@@ -181,31 +214,41 @@ class Pipeline:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int,
                          scaler: torch.amp.GradScaler) -> torch.Tensor:
         """Forward and backward of every micro-batch of the batch (x, y), the losses scaled by the schedule's
-        loss function (scaled_cross_entropy). micro_step and scaler play no part: --pp refuses float16."""
+        loss function (scaled_cross_entropy). FSDP reduces the gradients on the last batch of the optimizer
+        step only (AccumulatingStage). scaler plays no part: --pp refuses float16."""
+        for stage in self.stages:
+            stage.reduce_grads = micro_step == self.accum - 1
         return self.run(x, y, train=True)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-        """Average the gradients over the data-parallel replicas, sum the tied copies' gradients, clip by the
-        norm of the whole model's gradient (all stages, the tied matrix counted once), step unless
-        is_good(norm) says no, clear. Returns the norm before clipping, the same on every process."""
+        """Average the gradients over the data-parallel replicas (FSDP has reduce-scattered them already), sum
+        the tied copies' gradients, clip by the norm of the whole model's gradient (all stages, shards and
+        tensor-parallel slices, the tied matrix counted once), step unless is_good(norm) says no, clear.
+        Returns the norm before clipping, the same on every process."""
         named_params = self.named_parameters()
         if self.dp_group is not None:   # every replica's stages hold the same parameters, in the same order
-            grads = [p.grad for _, p in named_params if p.grad is not None]
+            grads = [local(p.grad) for _, p in named_params if p.grad is not None]
             flat = torch.cat([g.flatten() for g in grads])    # one all-reduce, not one per tensor
             dist.all_reduce(flat, group=self.dp_group)        # a sum: gloo has no average
             flat /= dist.get_world_size(self.dp_group)
             for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(averaged.view_as(g))
-        if self.tie_group is not None:
-            dist.all_reduce(self.tied_copy().grad, group=self.tie_group)   # grad(embedding) + grad(head)
+        if self.tie_group is not None:  # both copies are laid out alike: matching processes hold matching pieces
+            dist.all_reduce(local(self.tied_copy().grad), group=self.tie_group)   # grad(embedding) + grad(head)
         counted = [p.grad for name, p in named_params if p.grad is not None
                    and not (self.tie_group is not None and name == "lm_head.weight")]
-        norm_squared = torch.nn.utils.get_total_norm(counted) ** 2 if counted else torch.zeros(())
-        dist.all_reduce(norm_squared, group=self.pp_group)
+        # Each process adds the squares of its pieces, each piece divided by the processes holding it, and
+        # the sum over every process is the squared norm of the whole gradient.
+        norm_squared = sum((local(g).float().square().sum() / copies_per_piece(g, self.stage_processes)
+                            for g in counted), torch.zeros((), device=self.device))
+        dist.all_reduce(norm_squared)
         grad_norm = norm_squared.sqrt()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_([p for _, p in named_params], grad_clip, grad_norm)
+        if grad_clip > 0:               # torch.nn.utils.clip_grads_with_norm_'s scaling, on each local piece
+            scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            for _, p in named_params:
+                if p.grad is not None:
+                    local(p.grad).mul_(scale)
         if is_good(grad_norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -218,26 +261,39 @@ class Pipeline:
         return loss
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-        """Load this process's part of a by-name optimizer state (the last stage's copy of a tied wte takes
-        wte's state)."""
+        """Load this process's part of a by-name optimizer state of the whole model (the last stage's copy of a
+        tied wte takes wte's state): each sharded parameter takes its own piece of the saved full tensors."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
         aliases = {"lm_head.weight": "transformer.wte.weight"} if self.tie_group is not None else {}
-        load_optimizer_state_by_name(self.named_parameters(), optimizer, saved, aliases)
+        pieces = {}
+        for name, p in self.named_parameters():
+            state = saved["state"].get(aliases.get(name, name))
+            if state is not None and isinstance(p, DTensor):   # every process holds the full tensor: no sends
+                state = {key: distribute_tensor(v.to(self.device), p.device_mesh, p.placements, src_data_rank=None)
+                         if key != "step" else v for key, v in state.items()}
+            if state is not None:
+                pieces[name] = state
+        load_optimizer_state_by_name(self.named_parameters(), optimizer,
+                                     {"state": pieces, "param_groups": saved["param_groups"]})
 
     def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
-        """The whole model's state dict and by-name optimizer state on rank 0 (None elsewhere): the stages of
-        the first data-parallel replica, gathered and merged, so the checkpoint is the same file as one
-        process writes."""
-        weights = {name: t for stage in self.module for name, t in stage.state_dict().items()}
+        """The whole model's state dict and by-name optimizer state on rank 0 (None elsewhere): each stage's
+        sharded tensors gathered whole, then the stages of the first (dp, tp) index sent to rank 0 and merged,
+        so the checkpoint is the same file as one process writes."""
+        weights = {name: full(t).cpu() for stage in self.module for name, t in stage.state_dict().items()}
         optimizer_state = optimizer_state_by_name(self.named_parameters(), optimizer)
+        optimizer_state["state"] = {name: {key: full(v).cpu() for key, v in state.items()}
+                                    for name, state in optimizer_state["state"].items()}
         if self.tie_group is not None and self.holds_last:   # the copy's state equals wte's on the first stage
             optimizer_state["state"].pop("lm_head.weight", None)
             for group in optimizer_state["param_groups"]:
                 group["params"] = [name for name in group["params"] if name != "lm_head.weight"]
-        shards = gather_to_rank0((weights, optimizer_state) if self.dp_rank == 0 else None)
+        sends = self.dp_rank == 0 and self.tp_rank == 0
+        shards = gather_to_rank0((weights, optimizer_state) if sends else None)
         if dist.get_rank() != 0:
             return None, None
         shards = [shard for shard in shards if shard is not None]
-        weights = {name: t.cpu() for shard_weights, _ in shards for name, t in shard_weights.items()}
+        weights = {name: t for shard_weights, _ in shards for name, t in shard_weights.items()}
         merged = {"state": {}, "param_groups": [dict(g, params=[]) for g in shards[0][1]["param_groups"]]}
         for _, shard_state in shards:
             merged["state"].update(shard_state["state"])
@@ -246,25 +302,55 @@ class Pipeline:
         return weights, merged
 
 
+def shard_stage(stage: AutocastForward, dp_mesh) -> None:
+    """FSDP2 on one pipeline stage over its dp group: each block a unit of its own, the rest (embeddings, ln_f,
+    the head) the root's. Weights stay gathered from a micro-batch's forward to the step's end
+    (reshard_after_forward=False, torchtitan's choice under pipelining): the pipelining stage keeps them
+    gathered through backward anyway (PipelineStage.backward_maybe_with_nosync turns resharding after backward
+    off until its last backward), so resharding after each forward would only gather them again for the next
+    micro-batch. FSDP then saves the memory of the gradients and AdamW's moments between steps."""
+    from torch.distributed.fsdp import fully_shard
+    for block in stage.module.transformer.h.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=False)
+    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=False)
+
+
 def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dtype: torch.dtype, schedule: str,
-                   balance: str, n_microbatches: int, virtual_stages: int, accum: int) -> Pipeline:
-    """This process's stages of a (pp, dp) device mesh, with weights from a full GPT state dict, each stage's
-    forward under autocast to dtype, and the schedule that drives them, run `accum` times per optimizer
-    step with n_microbatches micro-batches each (virtual_stages: stages per process, interleaved only).
-    Data-parallel replicas average their gradients in Pipeline.optimizer_step. Call its schedule outside
-    autocast."""
+                   balance: str, n_microbatches: int, virtual_stages: int, accum: int, fsdp: bool = False
+                   ) -> Pipeline:
+    """This process's stages of a (pp, dp, tp) device mesh, with weights from a full GPT state dict, each
+    stage's forward under autocast to dtype, sharded over dp when fsdp (else replicas average their gradients
+    in Pipeline.optimizer_step), and the schedule that drives them, run `accum` times per optimizer step with
+    n_microbatches micro-batches each (virtual_stages: stages per process, interleaved only). Call its
+    schedule outside autocast."""
     # Imported here, like FSDP: importing the pipelining package takes time that other layouts need not spend.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-    pp, dp_size = mesh.size(0), mesh.size(1)
-    pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
+
+    class AccumulatingStage(PipelineStage):
+        """A PipelineStage whose FSDP gradients are reduced once per optimizer step. The schedule calls
+        perform_reduce_grad at the end of every step() (it reduce-scatters and reshards); with accum step()
+        calls per update, the gradients of the first accum - 1 stay gathered and add up, and the last call
+        reduces their sum (Pipeline.forward_backward sets reduce_grads)."""
+        reduce_grads = True
+
+        def perform_reduce_grad(self, grad_scale_factor: int) -> None:
+            if self.reduce_grads:
+                super().perform_reduce_grad(grad_scale_factor)
+
+    pp, dp_size, tp_size = mesh.size(0), mesh.size(1), mesh.size(2)
+    pp_rank, dp_rank, tp_rank = (mesh.get_local_rank(dim) for dim in ("pp", "dp", "tp"))
     n_virtual = virtual_stages if schedule == "interleaved_1f1b" else 1
     plan = plan_stages(model_cfg, pp * n_virtual, balance)
     if dist.get_rank() == 0:
         print("\n".join(describe_plan(model_cfg, plan, balance)))
     stage_ids = [pp_rank + v * pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
     modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
-    stages = [PipelineStage(AutocastForward(m, device, dtype), i, len(plan), torch.device(device),
-                            group=mesh.get_group("pp")) for m, i in zip(modules, stage_ids)]
+    wrapped = [AutocastForward(m, device, dtype) for m in modules]
+    if fsdp:
+        for stage in wrapped:
+            shard_stage(stage, mesh["dp"])
+    stages = [AccumulatingStage(m, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
+              for m, i in zip(wrapped, stage_ids)]
     loss_fn = scaled_cross_entropy(1 / (n_microbatches * accum))
     # scale_grads=False: the loss is already scaled, and gradients accumulate over several step() calls.
     if schedule == "interleaved_1f1b":
@@ -276,13 +362,14 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
     tie_group = None
     if model_cfg.tie_embeddings:
         for d in range(dp_size):
-            group = dist.new_group([d, (pp - 1) * dp_size + d])   # global rank = pp_rank * dp + dp_rank
-            if dp_rank == d and pp_rank in (0, pp - 1):
-                tie_group = group
-    return Pipeline(torch.nn.ModuleList(modules), pipeline_schedule, holds_first=pp_rank == 0,
+            for t in range(tp_size):   # global rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+                group = dist.new_group([d * tp_size + t, ((pp - 1) * dp_size + d) * tp_size + t])
+                if (dp_rank, tp_rank) == (d, t) and pp_rank in (0, pp - 1):
+                    tie_group = group
+    return Pipeline(torch.nn.ModuleList(modules), stages, pipeline_schedule, holds_first=pp_rank == 0,
                     holds_last=pp_rank == pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group,
-                    dp_rank=dp_rank, dp_group=mesh.get_group("dp") if dp_size > 1 else None, accum=accum,
-                    device=device)
+                    dp_rank=dp_rank, dp_group=mesh.get_group("dp") if dp_size > 1 and not fsdp else None,
+                    tp_rank=tp_rank, stage_processes=dp_size * tp_size, accum=accum, device=device)
 
 
 # --- the dry run's memory model: what one GPU holds ---

@@ -308,8 +308,6 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     if cfg.init_from not in ("scratch", "resume"):
         from hf_gpt2 import check_hf_source
         check_hf_source(cfg.init_from, ("scratch", "resume"))
-    if cfg.fsdp and cfg.pp > 1:
-        sys.exit("error: --fsdp together with --pp is not supported; use one of them")
     if cfg.dry_run:
         world_size = cfg.dry_run_world_size or cfg.pp
         if not 0 < cfg.dry_run_mfu <= 1:
@@ -357,6 +355,9 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
         sys.exit(f"error: --pp={cfg.pp} must divide the number of processes ({world_size})")
     if cfg.fsdp and world_size == 1:
         sys.exit("error: --fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp")
+    if cfg.fsdp and world_size == cfg.pp:
+        sys.exit(f"error: --fsdp shards each pipeline stage across its data-parallel processes, but {world_size} "
+                 f"processes for --pp={cfg.pp} leave one per stage; launch a multiple of {2 * cfg.pp} processes")
 
 
 def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, str]]:
@@ -517,9 +518,10 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
     n_params = model.num_params()
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device.startswith("cuda") else 1024)
     if cfg.pp > 1:
-        mesh = init_device_mesh(device.split(":")[0], (cfg.pp, world_size // cfg.pp), mesh_dim_names=("pp", "dp"))
+        mesh = init_device_mesh(device.split(":")[0], (cfg.pp, world_size // cfg.pp, 1),
+                                mesh_dim_names=("pp", "dp", "tp"))
         pipe = build_pipeline(model_cfg, model.state_dict(), mesh, device, dtype, cfg.pp_schedule, cfg.pp_balance,
-                              microbatches(cfg), cfg.pp_virtual_stages, cfg.gradient_accumulation_steps)
+                              microbatches(cfg), cfg.pp_virtual_stages, cfg.gradient_accumulation_steps, cfg.fsdp)
         return pipe, pipe.dp_rank, mesh.get_group("dp"), n_params
     return DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp, should_compile(cfg, device),
                         cfg.gradient_accumulation_steps, loss_chunk), rank, None, n_params

@@ -198,7 +198,7 @@ def test_checkpoint_moves_between_layouts(first, second, one_process_runs, tiny_
     (2, ["--pp=2", "--n_microbatches=3"], "--n_microbatches=3 must divide --batch_size=4"),
     (2, ["--pp=2", "--n_microbatches=1"], "needs --n_microbatches >= --pp=2"),
     (1, ["--fsdp"], "--fsdp shards across processes"),
-    (2, ["--fsdp", "--pp=2"], "--fsdp together with --pp is not supported"),
+    (2, ["--fsdp", "--pp=2"], "processes for --pp=2 leave one per stage"),
 ])
 def test_bad_pipeline_layouts_are_refused_with_one_line(nproc, flags, message, tiny_data_dir, tmp_path):
     """Under torchrun every process refused the layout and printed the same line, once per process; now the

@@ -42,7 +42,7 @@ def assert_one_line_error(script: str, flags: list[str], *fragments: str) -> Non
     ("train.py", ["--dropout=1"], "--dropout=1.0 must be in [0, 1)"),
     ("train.py", ["--learning_rate=1e-3", "--min_lr=1e-2"], "need 0 <= --min_lr <= --learning_rate"),
     ("train.py", ["--resume_from=out/ckpt-000100.pt"], "--resume_from=out/ckpt-000100.pt needs --init_from=resume"),
-    ("train.py", ["--pp=2", "--fsdp"], "--fsdp together with --pp is not supported"),
+    ("train.py", ["--pp=2", "--fsdp"], "--pp=2 needs one process per stage"),
     ("train.py", ["--max_iters=ten"], "--max_iters: invalid int value: 'ten'"),
     ("train.py", ["--peak_flops=0"], "--peak_flops=0.0 must be > 0"),
     ("finetune_lora.py", ["--peak_flops=-1"], "--peak_flops=-1.0 must be > 0"),
