@@ -33,24 +33,46 @@ class DataParallel:
     DDP (Li et al. 2020): each process holds a full copy; backward averages the gradients across processes,
     so every copy takes the same step. FSDP (Zhao et al. 2023), in its second PyTorch version: each process
     stores 1/N of every tensor; a block's full weights are all-gathered just before it runs and freed after,
-    and gradients are reduce-scattered, so each process updates only its shard."""
+    and gradients are reduce-scattered, so each process updates only its shard.
+
+    With a (pp = 1, dp, tp) device mesh and tp > 1, the model is first split across each group of tp processes
+    (tensor_parallel below); these groups are the data-parallel replicas: sharded over dp by FSDP, or each a
+    full copy whose gradients are averaged over dp once per optimizer step (as Pipeline does)."""
 
     def __init__(self, model: GPT, device: str, dtype: torch.dtype, local_rank: int, world_size: int,
-                 fsdp: bool, compile: bool, accum: int, loss_chunk: int):
+                 fsdp: bool, compile: bool, accum: int, loss_chunk: int, mesh=None,
+                 sequence_parallel: bool = False):
         self.module, self.device, self.dtype, self.fsdp = model.to(device), device, dtype, fsdp
         self.accum, self.loss_chunk = accum, loss_chunk
+        self.tp = mesh["tp"].size() if mesh is not None else 1
+        self.dp_group = None               # tp > 1 without FSDP: the replicas whose gradients we average
+        if self.tp > 1:
+            assert loss_chunk == 0, "tensor parallelism computes the loss with loss_parallel, not in chunks"
+            tensor_parallel(model, mesh["tp"], sequence_parallel)
+            if mesh["dp"].size() > 1 and not fsdp:
+                self.dp_group = mesh.get_group("dp")
         if fsdp:
             # Imported here, when asked for: importing FSDP takes time that the other layouts need not spend.
             from torch.distributed.fsdp import fully_shard
+            shard_over = {"mesh": mesh["dp"]} if self.tp > 1 else {}   # default: all processes
             for block in model.transformer.h:
-                fully_shard(block)
-            fully_shard(model)             # the rest: embeddings, ln_f and the (tied) head
+                fully_shard(block, **shard_over)
+            fully_shard(model, **shard_over)   # the rest: embeddings, ln_f and the (tied) head
         wrapped = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None) \
-            if world_size > 1 and not fsdp else model
+            if world_size > 1 and not fsdp and self.tp == 1 else model
         self.wrapped = torch.compile(wrapped) if compile else wrapped
 
     def named_parameters(self) -> list:
         return list(self.module.named_parameters())
+
+    def loss_context(self):
+        """Where the loss is computed, forward and backward: under tensor parallelism, loss_parallel, whose
+        cross-entropy takes the logits split by vocabulary (each process's log-sum-exp over its V / tp
+        logits, one all-reduce to combine them); else nothing."""
+        if self.tp == 1:
+            return nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+        return loss_parallel()
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int,
                          scaler: torch.amp.GradScaler) -> torch.Tensor:
@@ -63,33 +85,57 @@ class DataParallel:
         if self.fsdp:                      # FSDP's counterpart of no_sync: reduce only on the last micro-step
             self.module.set_requires_gradient_sync(is_last_micro_step)
         with self.wrapped.no_sync() if isinstance(self.wrapped, DDP) and not is_last_micro_step \
-                else nullcontext():
+                else nullcontext(), self.loss_context():
             with autocast(self.device, self.dtype):
                 loss = self.wrapped(x, y, self.loss_chunk) / self.accum
             scaler.scale(loss).backward()
-        return loss.detach()
+        return local_value(loss.detach()) if self.tp > 1 else loss.detach()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-        """common.optimizer_step on the model: clip, step unless is_good(norm) says no, clear; the norm."""
-        return optimizer_step(self.module, optimizer, scaler, grad_clip, is_good)
+        """common.optimizer_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
+        Under tensor parallelism (which refuses float16, so no scaler): average the replicas' gradients, clip
+        by the norm of the whole model's gradient, every shard of every tensor counted once."""
+        if self.tp == 1:
+            return optimizer_step(self.module, optimizer, scaler, grad_clip, is_good)
+        params = [p for p in self.module.parameters() if p.grad is not None]   # the tied matrix once
+        if self.dp_group is not None:
+            average_gradients([local_value(p.grad) for p in params], self.dp_group)
+        grad_norm = global_norm([p.grad for p in params])
+        if grad_clip > 0:   # torch.nn.utils.clip_grads_with_norm_'s formula, on each (local) gradient
+            scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            for p in params:
+                p.grad.mul_(scale)
+        if is_good(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch's mean loss, through the plain model (evaluation runs under no_grad: no DDP needed)."""
-        return self.module(x, y, self.loss_chunk)
+        if self.tp == 1:
+            return self.module(x, y, self.loss_chunk)
+        with self.loss_context():
+            return local_value(self.module(x, y, self.loss_chunk))
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-        """Load a by-name optimizer state from a checkpoint (FSDP: each process keeps its shards of it)."""
-        if not self.fsdp:
+        """Load a by-name optimizer state from a checkpoint (FSDP, TP: each process keeps its shards of it)."""
+        if not self.fsdp and self.tp == 1:
             load_optimizer_state_by_name(self.named_parameters(), optimizer, saved)
         elif saved["state"]:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            if self.tp > 1:   # the file holds c_attn's rows as one process orders them
+                saved = {**saved, "state": {name: {key: permute_qkv(t, self.tp) if is_qkv(name) and t.dim() else t
+                                                   for key, t in state.items()}
+                                            for name, state in saved["state"].items()}}
             set_optimizer_state_dict(self.module, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        if self.tp > 1 and not self.fsdp:
+            use_single_tensor_adamw(optimizer)
 
     def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
-        """The whole model's state dict and by-name optimizer state, on rank 0 (None elsewhere under FSDP, whose
-        shards are gathered), so the checkpoint is the same file whatever the layout that wrote it."""
-        if not self.fsdp:
+        """The whole model's state dict and by-name optimizer state, on rank 0 (None elsewhere under FSDP or
+        TP, whose shards are gathered), so the checkpoint is the same file whatever the layout that wrote it."""
+        if not self.fsdp and self.tp == 1:
             return self.module.state_dict(), optimizer_state_by_name(self.named_parameters(), optimizer)
         # FSDP's full state dicts name the optimizer state by parameter, as ours does.
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -100,7 +146,151 @@ class DataParallel:
         # a step with lr=0, which advances AdamW's step count and so changes every later update.
         optimizer_state = get_optimizer_state_dict(self.module, optimizer, options=options) if optimizer.state \
             else optimizer_state_by_name(self.named_parameters(), optimizer)
-        return (weights, optimizer_state) if dist.get_rank() == 0 else (None, None)
+        if dist.get_rank() != 0:
+            return None, None
+        if self.tp > 1:   # c_attn's rows back in one process's order (tensor_parallel reordered them)
+            def unpermute(name: str, t):
+                return permute_qkv(t, self.tp, inverse=True) if is_qkv(name) and t.dim() else t
+            weights = {name: unpermute(name, t) for name, t in weights.items()}
+            optimizer_state = {**optimizer_state, "state": {
+                name: {key: unpermute(name, t) for key, t in state.items()}
+                for name, state in optimizer_state["state"].items()}}
+        return weights, optimizer_state
+
+
+# DTensor is imported where used, under tensor parallelism only: the import takes ~2 s that others need not spend.
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """t, or this process's part of it when t is a DTensor (a replicated one, like loss_parallel's loss, is
+    the whole value on every process)."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def average_gradients(grads: list[torch.Tensor], group) -> None:
+    """Average the tensors grads in place over the processes of group, in one all-reduce of a flat copy."""
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)   # a sum: gloo has no average
+    flat /= dist.get_world_size(group)
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of the whole gradient: sqrt of the sum of every entry's square, over plain tensors (counted
+    once: the same on every process) and DTensors (their shards on the processes that hold them, each entry
+    once, whatever the mesh). torch.nn.utils.get_total_norm takes all-plain or all-DTensor lists only."""
+    from torch.distributed.tensor import DTensor
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    for g in grads:
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        total += (norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    return total.sqrt()
+
+
+def use_single_tensor_adamw(optimizer: torch.optim.Optimizer) -> None:
+    """Let AdamW update one tensor at a time: its multi-tensor (foreach) kernels refuse a list that mixes
+    DTensors and plain tensors, as tensor parallelism without FSDP leaves them (replicated LayerNorms,
+    biases and the position embedding stay plain)."""
+    for group in optimizer.param_groups:
+        group["foreach"] = False
+
+
+# --- one device mesh for every layout ---
+
+def device_mesh(device_type: str, world_size: int, pp: int, tp: int):
+    """The processes as a 3-D grid (pp, dp, tp) with dims named "pp", "dp", "tp", dp = world_size / (pp tp):
+    global rank = (pp_rank * dp + dp_rank) * tp + tp_rank. The tensor-parallel ranks are adjacent, so with
+    tp <= GPUs per node they share a node and its fast links: TP talks in every block, forward and backward;
+    data parallelism once per step; the pipeline sends one activation per micro-batch (Narayanan et al. 2021,
+    section 3, who lay Megatron-LM out the same way)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (pp, world_size // (pp * tp), tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+# --- tensor parallelism ---
+#
+# With --tp=N, every matrix of a block is split across N processes (Megatron-LM, Shoeybi et al. 2019, section 3):
+# the MLP's c_fc by columns (each process computes N-th of the 4C hidden units) and its c_proj by rows (each
+# process multiplies its hidden units by its rows; one all-reduce sums the N partial outputs); attention the
+# same way by heads: q, k and v by columns, so each process holds H / N whole heads and attends with them
+# alone, and c_proj by rows. Two all-reduces per block forward, two backward; no other communication.
+# Everything between the blocks' matmuls (LayerNorms, residual adds, dropout) runs replicated on the N
+# processes. Sequence parallelism (Korthikanti et al. 2022, section 4.2.2) instead splits those along the
+# sequence: each all-reduce becomes a reduce-scatter to the process's T / N positions and an all-gather back
+# before the next matmul (the same bytes on the wire), and the LayerNorms' and dropouts' activations take 1/N
+# of the memory.
+# The LM head is split by vocabulary (each process computes V / N of the logits) and the loss is computed from
+# the split logits (torch.distributed.tensor.parallel.loss_parallel), so the (B, T, V) logits never exist
+# whole on one process. The tied token embedding is the same (V, C) matrix split the same way by rows.
+# torch.distributed.tensor.parallel does the splitting: each split weight becomes a DTensor, a tensor that
+# knows its shards and which collectives its operations need.
+
+def permute_qkv(weight: torch.Tensor, tp: int, inverse: bool = False) -> torch.Tensor:
+    """c_attn's rows (weight (3C, C) or bias (3C,)) reordered from [q; k; v] to [q_0; k_0; v_0; q_1; ...;
+    v_{tp-1}], where q_r holds rows r C/tp .. (r+1) C/tp - 1 of q: the heads of tensor-parallel rank r. Then a
+    plain split of the rows into tp equal blocks gives each rank its own heads' q, k and v, which it splits
+    by thirds (model.CausalSelfAttention). inverse: the other way back. The identity when tp = 1."""
+    rest = weight.shape[1:]
+    if inverse:                                                   # (tp, 3, C/tp, ...) -> (3, tp, C/tp, ...)
+        return weight.reshape(tp, 3, -1, *rest).transpose(0, 1).reshape(weight.shape)
+    return weight.reshape(3, tp, -1, *rest).transpose(0, 1).reshape(weight.shape)
+
+
+def is_qkv(name: str) -> bool:
+    """Whether a state-dict entry is c_attn's weight or bias, whose rows permute_qkv reorders."""
+    return name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias")
+
+
+def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """Split `model` (a GPT or a GPTStage: blocks in .transformer.h, with wte, wpe, ln_f and lm_head where it
+    holds them) in place across the processes of the 1-D mesh tp_mesh, Megatron-style (see above). Its
+    weights must be the full model's, the same on every process; c_attn's rows are reordered first
+    (permute_qkv), so checkpoints must undo that (full_state). With sequence_parallel, the LayerNorms and
+    the residual stream between the blocks are split along T."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+    tp, tp_rank = tp_mesh.size(), tp_mesh.get_local_rank()
+    # Between the blocks, the residual stream is replicated (B, T, C), or (B, T / tp, C) on each process
+    # under sequence parallelism; the row-parallel projections that write into it sum their partial
+    # outputs onto that layout (all-reduce, or reduce-scatter).
+    stream = Shard(1) if sequence_parallel else Replicate()
+    blocks = model.transformer.h.values() if isinstance(model.transformer.h, torch.nn.ModuleDict) \
+        else model.transformer.h
+    for block in blocks:
+        attn = block.attn
+        with torch.no_grad():
+            attn.c_attn.weight.copy_(permute_qkv(attn.c_attn.weight, tp))
+            if attn.c_attn.bias is not None:
+                attn.c_attn.bias.copy_(permute_qkv(attn.c_attn.bias, tp))
+        attn.first_head = tp_rank * attn.n_head // tp
+        plan = {"attn.c_attn": ColwiseParallel(input_layouts=stream),
+                "attn.c_proj": RowwiseParallel(output_layouts=stream)}
+        for mlp in ("mlp", "mlp_0") if block.macaron else ("mlp",):
+            plan |= {f"{mlp}.c_fc": ColwiseParallel(input_layouts=stream),
+                     f"{mlp}.c_proj": RowwiseParallel(output_layouts=stream)}
+        if sequence_parallel and not block.rezero:   # ReZero's blocks have no LayerNorm (nn.Identity)
+            plan |= {name: SequenceParallel() for name in ("ln_0", "ln_1", "ln_2") if hasattr(block, name)}
+        parallelize_module(block, tp_mesh, plan)
+    transformer, plan = model.transformer, {}
+    tied = "wte" in transformer and hasattr(model, "lm_head") and transformer.wte.weight is model.lm_head.weight
+    if "wte" in transformer:
+        # Each process looks up the tokens of its part of the vocabulary (zeros for the others); the sum over
+        # the processes is every token's embedding. Replicated, so the position embedding (replicated, small)
+        # and dropout apply as on one process; then each process keeps its slice of the sequence.
+        plan["transformer.wte"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if sequence_parallel:
+            plan["transformer.drop"] = PrepareModuleOutput(output_layouts=Replicate(),
+                                                           desired_output_layouts=Shard(1))
+    if hasattr(model, "lm_head"):
+        if sequence_parallel:
+            plan["transformer.ln_f"] = SequenceParallel()
+        # The logits stay split by vocabulary (a DTensor, Shard(-1)) for loss_parallel's cross-entropy.
+        plan["lm_head"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, plan)
+    if tied:   # each style made its own parameter of the one (V, C) matrix: make them one again
+        transformer.wte.weight = model.lm_head.weight
 
 
 # --- pipeline parallelism ---
@@ -148,18 +338,22 @@ class AutocastForward(torch.nn.Module):
             return self.module(x)
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's piece of a tensor: the local shard of a DTensor (FSDP's and TP's parameters, gradients
-    and AdamW moments; a view, so writing to it writes the DTensor), a plain tensor itself."""
-    from torch.distributed.tensor import DTensor   # here, like FSDP: imported by the layouts that use it
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (all-gathered: every process of its mesh must call this, in the same
     order), a plain tensor itself."""
     from torch.distributed.tensor import DTensor
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def lay_out_like_parameters(params: list[torch.nn.Parameter]) -> None:
+    """Give each DTensor gradient its parameter's placements. A tensor-parallel embedding's gradient comes back
+    whole on every process (Replicate), while the head's is split by vocabulary like its weight: the tied
+    copies' gradients must be split alike before their pieces are summed. (From whole to split is a slice,
+    no communication; AdamW would redistribute the gradient the same way.)"""
+    from torch.distributed.tensor import DTensor
+    for p in params:
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
 
 def copies_per_piece(t: torch.Tensor, stage_processes: int) -> int:
@@ -191,6 +385,8 @@ class Pipeline:
     dp_rank: int                          # which data-parallel replica (or FSDP shard) this process belongs to
     dp_group: object | None               # the data-parallel replicas of these stages, when averaged here
     tp_rank: int                          # which tensor-parallel slice of the stages this process runs
+    tp_size: int                          # processes each stage's matrices are split across
+    fsdp: bool                            # the stages are sharded over dp
     stage_processes: int                  # processes running each stage: dp x tp
     accum: int                            # schedule steps (each of n_microbatches micro-batches) per update
     device: str                           # where this process's stages run
@@ -208,8 +404,18 @@ class Pipeline:
         the stages apply it to their forward passes (AutocastForward)."""
         losses = []
         run = self.schedule.step if train else self.schedule.eval
-        run(*([x] if self.holds_first else []), target=y if self.holds_last else None, losses=losses)
-        return torch.stack(losses).sum().detach() if self.holds_last else torch.zeros((), device=x.device)
+        with self.loss_context():
+            run(*([x] if self.holds_first else []), target=y if self.holds_last else None, losses=losses)
+        return local_value(torch.stack(losses).sum().detach()) if self.holds_last else torch.zeros((), device=x.device)
+
+    def loss_context(self):
+        """Where the schedule runs, forward and backward: under tensor parallelism, loss_parallel, whose
+        cross-entropy takes the last stage's logits split by vocabulary (DataParallel.loss_context); else
+        nothing."""
+        if self.tp_size == 1:
+            return nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+        return loss_parallel()
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int,
                          scaler: torch.amp.GradScaler) -> torch.Tensor:
@@ -227,20 +433,16 @@ class Pipeline:
         tensor-parallel slices, the tied matrix counted once), step unless is_good(norm) says no, clear.
         Returns the norm before clipping, the same on every process."""
         named_params = self.named_parameters()
+        lay_out_like_parameters([p for _, p in named_params])
         if self.dp_group is not None:   # every replica's stages hold the same parameters, in the same order
-            grads = [local(p.grad) for _, p in named_params if p.grad is not None]
-            flat = torch.cat([g.flatten() for g in grads])    # one all-reduce, not one per tensor
-            dist.all_reduce(flat, group=self.dp_group)        # a sum: gloo has no average
-            flat /= dist.get_world_size(self.dp_group)
-            for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(averaged.view_as(g))
+            average_gradients([local_value(p.grad) for _, p in named_params if p.grad is not None], self.dp_group)
         if self.tie_group is not None:  # both copies are laid out alike: matching processes hold matching pieces
-            dist.all_reduce(local(self.tied_copy().grad), group=self.tie_group)   # grad(embedding) + grad(head)
+            dist.all_reduce(local_value(self.tied_copy().grad), group=self.tie_group)   # grad(embedding) + grad(head)
         counted = [p.grad for name, p in named_params if p.grad is not None
                    and not (self.tie_group is not None and name == "lm_head.weight")]
         # Each process adds the squares of its pieces, each piece divided by the processes holding it, and
         # the sum over every process is the squared norm of the whole gradient.
-        norm_squared = sum((local(g).float().square().sum() / copies_per_piece(g, self.stage_processes)
+        norm_squared = sum((local_value(g).float().square().sum() / copies_per_piece(g, self.stage_processes)
                             for g in counted), torch.zeros((), device=self.device))
         dist.all_reduce(norm_squared)
         grad_norm = norm_squared.sqrt()
@@ -248,7 +450,7 @@ class Pipeline:
             scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
             for _, p in named_params:
                 if p.grad is not None:
-                    local(p.grad).mul_(scale)
+                    local_value(p.grad).mul_(scale)
         if is_good(grad_norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -269,20 +471,28 @@ class Pipeline:
         for name, p in self.named_parameters():
             state = saved["state"].get(aliases.get(name, name))
             if state is not None and isinstance(p, DTensor):   # every process holds the full tensor: no sends
+                # c_attn's rows in tensor_parallel's order (the file holds them in one process's)
+                state = {key: permute_qkv(v, self.tp_size) if is_qkv(name) and key != "step" else v
+                         for key, v in state.items()}
                 state = {key: distribute_tensor(v.to(self.device), p.device_mesh, p.placements, src_data_rank=None)
                          if key != "step" else v for key, v in state.items()}
             if state is not None:
                 pieces[name] = state
         load_optimizer_state_by_name(self.named_parameters(), optimizer,
                                      {"state": pieces, "param_groups": saved["param_groups"]})
+        if self.tp_size > 1 and not self.fsdp:   # as train.py set it: the saved groups say foreach
+            use_single_tensor_adamw(optimizer)
 
     def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
         """The whole model's state dict and by-name optimizer state on rank 0 (None elsewhere): each stage's
         sharded tensors gathered whole, then the stages of the first (dp, tp) index sent to rank 0 and merged,
         so the checkpoint is the same file as one process writes."""
-        weights = {name: full(t).cpu() for stage in self.module for name, t in stage.state_dict().items()}
+        def whole(name: str, t: torch.Tensor) -> torch.Tensor:   # c_attn's rows back in one process's order
+            t = full(t).cpu()
+            return permute_qkv(t, self.tp_size, inverse=True) if is_qkv(name) and t.dim() else t
+        weights = {name: whole(name, t) for stage in self.module for name, t in stage.state_dict().items()}
         optimizer_state = optimizer_state_by_name(self.named_parameters(), optimizer)
-        optimizer_state["state"] = {name: {key: full(v).cpu() for key, v in state.items()}
+        optimizer_state["state"] = {name: {key: whole(name, v) for key, v in state.items()}
                                     for name, state in optimizer_state["state"].items()}
         if self.tie_group is not None and self.holds_last:   # the copy's state equals wte's on the first stage
             optimizer_state["state"].pop("lm_head.weight", None)
@@ -316,13 +526,20 @@ def shard_stage(stage: AutocastForward, dp_mesh) -> None:
 
 
 def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dtype: torch.dtype, schedule: str,
-                   balance: str, n_microbatches: int, virtual_stages: int, accum: int, fsdp: bool = False
-                   ) -> Pipeline:
+                   balance: str, n_microbatches: int, virtual_stages: int, accum: int, fsdp: bool = False,
+                   sequence_parallel: bool = False) -> Pipeline:
     """This process's stages of a (pp, dp, tp) device mesh, with weights from a full GPT state dict, each
-    stage's forward under autocast to dtype, sharded over dp when fsdp (else replicas average their gradients
-    in Pipeline.optimizer_step), and the schedule that drives them, run `accum` times per optimizer step with
+    split across the tp processes when tp > 1 (tensor_parallel, with sequence_parallel), its forward under
+    autocast to dtype, sharded over dp when fsdp (else replicas average their gradients in
+    Pipeline.optimizer_step), and the schedule that drives them, run `accum` times per optimizer step with
     n_microbatches micro-batches each (virtual_stages: stages per process, interleaved only). Call its
-    schedule outside autocast."""
+    schedule outside autocast.
+
+    Under tensor parallelism every tp process of a stage runs the schedule, in its own pipeline (the pp dim of
+    the mesh at its (dp, tp) index), and sends the next stage's matching process what its blocks output: the
+    residual stream (B, T, C), whole on each, or its (B, T / tp, C) slice of it under sequence parallelism.
+    The last stage's logits stay split by vocabulary, and the loss is computed from them under loss_parallel
+    (Pipeline.loss_context), as without the pipeline: the (B, T, V) logits are never gathered."""
     # Imported here, like FSDP: importing the pipelining package takes time that other layouts need not spend.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -345,6 +562,9 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
         print("\n".join(describe_plan(model_cfg, plan, balance)))
     stage_ids = [pp_rank + v * pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
     modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
+    if tp_size > 1:   # before FSDP, which then shards each process's tensor-parallel slices over dp
+        for module in modules:
+            tensor_parallel(module, mesh["tp"], sequence_parallel)
     wrapped = [AutocastForward(m, device, dtype) for m in modules]
     if fsdp:
         for stage in wrapped:
@@ -369,7 +589,8 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
     return Pipeline(torch.nn.ModuleList(modules), stages, pipeline_schedule, holds_first=pp_rank == 0,
                     holds_last=pp_rank == pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group,
                     dp_rank=dp_rank, dp_group=mesh.get_group("dp") if dp_size > 1 and not fsdp else None,
-                    tp_rank=tp_rank, stage_processes=dp_size * tp_size, accum=accum, device=device)
+                    tp_rank=tp_rank, tp_size=tp_size, fsdp=fsdp, stage_processes=dp_size * tp_size, accum=accum,
+                    device=device)
 
 
 # --- the dry run's memory model: what one GPU holds ---

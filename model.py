@@ -201,6 +201,10 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
         self.position, self.sparse_topk, self.realformer = config.position, config.sparse_topk, config.realformer
+        self.head_size = config.n_embd // config.n_head                               # D
+        # Tensor parallelism (distributed.tensor_parallel) gives each process a slice of the heads: this module
+        # then computes heads first_head .. first_head + H' - 1 of n_head (ALiBi's slopes depend on the index).
+        self.first_head = 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -208,9 +212,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
                 prev_scores: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, T, C) -> (B, T, C); with RealFormer, also this block's scores (B, H, T, T_cached + T)."""
-        B, T, C = x.shape
-        H, D = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)                # 3 x (B, T, C)
+        B, T, _ = x.shape
+        # c_attn's output holds q, k and v of the heads this module computes: all H of them (C' = C), or under
+        # tensor parallelism H' = H / tp heads, C' = C / tp channels each (distributed.tensor_parallel).
+        qkv = self.c_attn(x)                                    # (B, T, 3C'), C' = H' D
+        C, D = qkv.size(-1) // 3, self.head_size
+        H = C // D
+        q, k, v = qkv.split(C, dim=2)                           # 3 x (B, T, C')
         q = q.view(B, T, H, D).transpose(1, 2)                  # (B, H, T, D): heads act as a batch dimension
         k = k.view(B, T, H, D).transpose(1, 2)
         v = v.view(B, T, H, D).transpose(1, 2)
@@ -221,7 +229,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                 # (B, H, T_cached + T, D)
         dropout_p = self.dropout if self.training else 0.0
-        bias = alibi_bias(H, T, k.size(2), x.device) if self.position == "alibi" else None
+        bias = alibi_bias(self.n_head, T, k.size(2), x.device)[self.first_head:self.first_head + H] \
+            if self.position == "alibi" else None                # (H', T, T_k): these heads' slopes
         scores = None
         if self.sparse_topk or self.realformer:                 # these need the (T, T_k) scores themselves
             y, scores = scored_attention(q, k, v, dropout_p, bias, self.sparse_topk, prev_scores)
@@ -231,7 +240,7 @@ class CausalSelfAttention(nn.Module):
         else:
             attend = sdpa_attention if self.sdpa else explicit_attention
             y = attend(q, k, v, dropout_p)                      # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)        # heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)        # heads side by side again: (B, T, C')
         y = self.resid_dropout(self.c_proj(y))
         return (y, scores) if self.realformer else y
 

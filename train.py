@@ -16,15 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from common import (PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals,
                     all_ranks_mean, check_run_config, should_compile, config_changes, evaluate, flags_given,
                     is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops,
                     prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main, save_checkpoint,
                     save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
-from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Pipeline, build_pipeline, count_params,
-                         memory_estimate, microbatches_in_flight)
+from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Pipeline, build_pipeline, count_params, device_mesh,
+                         memory_estimate, microbatches_in_flight, use_single_tensor_adamw)
 from model import (GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, GPTStage, arg, configure_optimizers,
                    flops_per_token, plan_stages)
 
@@ -123,6 +122,12 @@ class TrainConfig(RunConfig):
                                            "--batch_size; more shrink the bubble and, under 1F1B, the activations "
                                            "in flight)")
     pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
+    # tensor parallelism (under torchrun; world size = pp x data-parallel replicas x tp)
+    tp: int = arg(1, "tensor-parallel processes: each block's matrices, the embedding and the LM head split "
+                     "across them, attention by heads (Megatron-LM); keep them within a node. The loss is "
+                     "computed from the vocabulary-split logits (--loss_chunk does not apply)")
+    sequence_parallel: bool = arg(False, "with --tp, also split the LayerNorms, dropout and residual stream along "
+                                         "the sequence (Korthikanti et al. 2022): less activation memory")
     # checkpoints kept, and where a resumed run starts
     keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
                             "the newest shares ckpt.pt's disk space); 0 keeps ckpt.pt only")
@@ -150,8 +155,8 @@ class TrainConfig(RunConfig):
 # under any layout, and each launch picks its own: a run saved under --pp=2 resumes on one process), and the
 # dry run, which reads no checkpoint. Every other field continues the run as saved unless its flag is given.
 NOT_RESUMED = ("init_from", "resume_from", "out_dir", "eval_only", "allow_data_change", "verify_data", "fsdp", "pp",
-               "pp_schedule", "pp_balance", "n_microbatches", "pp_virtual_stages", "dry_run", "dry_run_gpu",
-               "dry_run_mfu", "dry_run_world_size")
+               "pp_schedule", "pp_balance", "n_microbatches", "pp_virtual_stages", "tp", "sequence_parallel",
+               "dry_run", "dry_run_gpu", "dry_run_mfu", "dry_run_world_size")
 
 
 # --- batches ---
@@ -316,6 +321,7 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
             sys.exit(f"error: --dry_run_world_size={world_size} must be a positive multiple of --pp={cfg.pp}")
         if cfg.fsdp and world_size == 1:
             sys.exit("error: --dry_run with --fsdp needs --dry_run_world_size=N, the GPUs to shard across")
+    check_tensor_parallel(cfg, model_cfg)
     if cfg.fsdp and cfg.dtype == "float16":
         sys.exit("error: --dtype=float16 needs a gradient scaler, which --fsdp does not support here; "
                  "use --dtype=bfloat16 or float32")
@@ -346,8 +352,42 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
             sys.exit("error: --compile is not supported with --pp yet; drop one of them")
 
 
+def check_tensor_parallel(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
+    """Refuse --tp and --sequence_parallel values that cannot split this model."""
+    tp = cfg.tp
+    if tp < 1:
+        sys.exit(f"error: --tp={tp} must be >= 1")
+    if cfg.sequence_parallel and tp == 1:
+        sys.exit("error: --sequence_parallel splits the sequence across tensor-parallel processes: add --tp=N")
+    if tp == 1:
+        return
+    # Attention splits by whole heads, the MLP by hidden units (4C of them); C itself follows from the heads.
+    for name, value in (("--n_head", model_cfg.n_head), ("--n_embd", model_cfg.n_embd),
+                        ("the MLP width 4 x --n_embd", 4 * model_cfg.n_embd)):
+        if value % tp:
+            sys.exit(f"error: --tp={tp} must divide {name} ({value}); pick a --tp that does")
+    if cfg.loss_chunk:
+        sys.exit(f"error: --loss_chunk={cfg.loss_chunk} does not apply under --tp, which computes the loss from "
+                 f"the vocabulary-split logits; drop --loss_chunk")
+    if cfg.dtype == "float16":
+        sys.exit("error: --dtype=float16 needs a gradient scaler, which --tp does not support here; "
+                 "use --dtype=bfloat16 or float32")
+    if cfg.compile:
+        sys.exit("error: --compile is not supported with --tp yet; drop one of them")
+    if cfg.sequence_parallel and model_cfg.rezero:
+        sys.exit("error: --sequence_parallel with --rezero is not supported (each process would see its slice of "
+                 "the sequence in ReZero's scalars' gradients); drop one of them")
+    if cfg.sequence_parallel and model_cfg.block_size % tp:
+        sys.exit(f"error: --sequence_parallel needs --tp={tp} to divide --block_size={model_cfg.block_size}")
+
+
 def check_layout(cfg: TrainConfig, world_size: int) -> None:
     """Refuse process layouts that cannot work, before any work starts."""
+    if cfg.tp > 1 and world_size % (cfg.pp * cfg.tp):
+        size = cfg.pp * cfg.tp
+        layout = f"--pp={cfg.pp} x --tp={cfg.tp}" if cfg.pp > 1 else f"--tp={cfg.tp}"
+        sys.exit(f"error: {layout} needs a multiple of {size} processes, not {world_size}: "
+                 f"torchrun --nproc-per-node={size} train.py ... works")
     if cfg.pp > 1 and world_size == 1:
         sys.exit(f"error: --pp={cfg.pp} needs one process per stage: "
                  f"torchrun --nproc-per-node={cfg.pp} train.py ...")
@@ -355,9 +395,10 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
         sys.exit(f"error: --pp={cfg.pp} must divide the number of processes ({world_size})")
     if cfg.fsdp and world_size == 1:
         sys.exit("error: --fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp")
-    if cfg.fsdp and world_size == cfg.pp:
+    if cfg.fsdp and cfg.pp > 1 and world_size == cfg.pp * cfg.tp:
         sys.exit(f"error: --fsdp shards each pipeline stage across its data-parallel processes, but {world_size} "
-                 f"processes for --pp={cfg.pp} leave one per stage; launch a multiple of {2 * cfg.pp} processes")
+                 f"processes for --pp={cfg.pp} leave one per stage; launch a multiple of {2 * cfg.pp * cfg.tp} "
+                 f"processes")
 
 
 def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, str]]:
@@ -510,21 +551,28 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
                 ) -> tuple[DataParallel | Pipeline, int, object, int]:
     """The GPT with its starting weights (random, GPT-2's or the checkpoint's), laid out across the processes
     (distributed.py), with this process's data-parallel rank, the group of data-parallel replicas (None:
-    all processes) and the GPT's parameter count. With --pp each process keeps only its own stages."""
+    all processes) and the GPT's parameter count. With --pp each process keeps only its own stages; with --tp
+    its slice of every block, the embedding and the head."""
     torch.manual_seed(cfg.seed)            # the same initial weights on every process
     model = GPT(model_cfg)
     if weights is not None:
         model.load_state_dict(weights)
     n_params = model.num_params()
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device.startswith("cuda") else 1024)
+    if cfg.tp > 1:                         # the loss comes from the vocabulary-split logits (loss_parallel)
+        loss_chunk = 0
+    mesh = device_mesh(device.split(":")[0], world_size, cfg.pp, cfg.tp) if cfg.pp > 1 or cfg.tp > 1 else None
     if cfg.pp > 1:
-        mesh = init_device_mesh(device.split(":")[0], (cfg.pp, world_size // cfg.pp, 1),
-                                mesh_dim_names=("pp", "dp", "tp"))
         pipe = build_pipeline(model_cfg, model.state_dict(), mesh, device, dtype, cfg.pp_schedule, cfg.pp_balance,
-                              microbatches(cfg), cfg.pp_virtual_stages, cfg.gradient_accumulation_steps, cfg.fsdp)
+                              microbatches(cfg), cfg.pp_virtual_stages, cfg.gradient_accumulation_steps, cfg.fsdp,
+                              cfg.sequence_parallel)
         return pipe, pipe.dp_rank, mesh.get_group("dp"), n_params
-    return DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp, should_compile(cfg, device),
-                        cfg.gradient_accumulation_steps, loss_chunk), rank, None, n_params
+    parallel = DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp,
+                            should_compile(cfg, device) and cfg.tp == 1, cfg.gradient_accumulation_steps, loss_chunk,
+                            mesh, cfg.sequence_parallel)
+    if mesh is None:
+        return parallel, rank, None, n_params
+    return parallel, mesh.get_local_rank("dp"), mesh.get_group("dp"), n_params
 
 
 def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, resume_path: str
@@ -570,8 +618,12 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
                                                         device, dtype)
     optimizer = configure_optimizers(parallel.module, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device.split(":")[0])
+    if cfg.tp > 1 and not cfg.fsdp:
+        use_single_tensor_adamw(optimizer)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)   # fp16: loss scaling
-    torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
+    # A different dropout stream on each data-parallel replica (global rank = replica * tp + tp_rank); the
+    # tensor-parallel processes of a replica draw the same masks, so the activations they replicate stay equal.
+    torch.manual_seed(cfg.seed + rank // cfg.tp)
     data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
     start_step, best_val_loss, resumed_is_best = 0, float("inf"), False
     if checkpoint is not None:
@@ -582,7 +634,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         del checkpoint   # free the CPU copy of the weights and optimizer state
 
     T, B, accum = model_cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps
-    dp_size = world_size // cfg.pp         # data-parallel replicas of the (possibly pipelined) model
+    dp_size = world_size // (cfg.pp * cfg.tp)   # data-parallel replicas of the (pipelined, split) model
     evaluate_now = evaluator(cfg, meta, paths, parallel, T, device, dtype, dp_rank, dp_size, dp_group)
     if cfg.eval_only:
         losses = evaluate_now()

@@ -47,3 +47,18 @@ def test_pipeline_of_fsdp_stages_matches_one_process_and_resumes_on_one(one_proc
     assert torch.equal(weights["transformer.wte.weight"], weights["lm_head.weight"])   # the tied copies agree
     resume_at_step_3(run, moved, tiny_data_dir, 1, *ONE_PROCESS)
     assert_same_run(one_process_run, moved)
+
+
+def test_pipeline_of_tensor_parallel_stages_matches_one_process_and_resumes_from_one(one_process_run,
+                                                                                      tiny_data_dir, tmp_path):
+    """PP(2) x TP(2) on 4 processes: each stage's blocks split by heads and hidden units, the tied embedding and
+    head by vocabulary, the loss from the split logits, gradients summed between the tied copies' matching
+    pieces. The same losses and weights as one process; and the one-process run's step-3 checkpoint resumes
+    under PP(2) x TP(2) like the straight run (each process takes its slice of the saved weights and AdamW
+    moments, c_attn's rows reordered per rank)."""
+    run, moved = str(tmp_path / "pp2 x tp2"), str(tmp_path / "moved")
+    layout = ["--pp=2", "--tp=2", "--gradient_accumulation_steps=2"]
+    run_train(run, tiny_data_dir, 4, *RUN, *layout)
+    assert_same_run(one_process_run, run)
+    resume_at_step_3(one_process_run, moved, tiny_data_dir, 4, *layout)
+    assert_same_run(one_process_run, moved)
