@@ -358,16 +358,18 @@ def lay_out_like_parameters(params: list[torch.nn.Parameter]) -> None:
 
 def copies_per_piece(t: torch.Tensor, stage_processes: int) -> int:
     """How many of the stage_processes processes running a stage (its dp x tp processes) hold the same piece
-    of t: all of them for a plain tensor, fewer for a DTensor sharded along some mesh dims. Dividing each
-    piece's squared norm by this counts every element of the stage once when the processes' sums are added."""
+    of t: all of them for a plain tensor; for a DTensor, those outside its mesh (a tensor FSDP shards over dp
+    alone is whole across tp) times its mesh dims that replicate it (a placement that shards, FSDP's strided
+    shard included, splits the copies). Dividing each piece's squared norm by this counts every element of
+    the stage once when the processes' sums are added."""
     from torch.distributed.tensor import DTensor
     if not isinstance(t, DTensor):
         return stage_processes
     assert not any(p.is_partial() for p in t.placements), "gradients are reduced before the norm is taken"
-    pieces = 1
+    copies = stage_processes // t.device_mesh.size()
     for size, placement in zip(t.device_mesh.shape, t.placements):
-        pieces *= size if placement.is_shard() else 1
-    return stage_processes // pieces
+        copies *= size if placement.is_replicate() else 1
+    return copies
 
 
 @dataclass
