@@ -5,7 +5,7 @@ full_state for checkpoints), so the loop reads the same under each:
     DataParallel   one process, or every process running the whole model on its share of each batch:
                    DDP (a full copy on each) or FSDP (each holding 1/N of every tensor);
     Pipeline       each process running a contiguous slice of the blocks (--pp), micro-batches streaming
-                   through the slices.
+                   through the slices; each slice replicated or sharded (FSDP) over dp, split over tp.
 
 The last section is the dry run's memory model: what one GPU holds under each layout.
 """
@@ -312,6 +312,10 @@ def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) ->
 # stages), DDP records each parameter twice and stops at its next forward with an internal assert
 # ("rebuilt parameter indices size is not same as original model parameters size", torch 2.13): GPipe,
 # interleaved 1F1B, and 1F1B with as many micro-batches as stages.
+# With --fsdp, the D processes of a stage shard it instead (FSDP2 over the dp dim of the mesh, shard_stage), and
+# the pipelining stage drives FSDP itself: gathered weights through the step, one reduce-scatter at its end.
+# With --tp=N, each stage is first split across N processes (tensor_parallel); each runs the schedule in its
+# own pipeline, so the pipelines are the pp dim of the (pp, dp, tp) mesh, one per (dp, tp) index.
 
 def scaled_cross_entropy(scale: float):
     """The pipeline's loss function: each micro-batch's mean loss times scale = 1 / (micro-batches per
@@ -408,7 +412,9 @@ class Pipeline:
         run = self.schedule.step if train else self.schedule.eval
         with self.loss_context():
             run(*([x] if self.holds_first else []), target=y if self.holds_last else None, losses=losses)
-        return local_value(torch.stack(losses).sum().detach()) if self.holds_last else torch.zeros((), device=x.device)
+        if not self.holds_last:
+            return torch.zeros((), device=x.device)
+        return local_value(torch.stack(losses).sum().detach())   # under loss_parallel, a replicated DTensor
 
     def loss_context(self):
         """Where the schedule runs, forward and backward: under tensor parallelism, loss_parallel, whose
@@ -438,8 +444,8 @@ class Pipeline:
         lay_out_like_parameters([p for _, p in named_params])
         if self.dp_group is not None:   # every replica's stages hold the same parameters, in the same order
             average_gradients([local_value(p.grad) for _, p in named_params if p.grad is not None], self.dp_group)
-        if self.tie_group is not None:  # both copies are laid out alike: matching processes hold matching pieces
-            dist.all_reduce(local_value(self.tied_copy().grad), group=self.tie_group)   # grad(embedding) + grad(head)
+        if self.tie_group is not None:  # grad(embedding) + grad(head): the copies are laid out alike, so
+            dist.all_reduce(local_value(self.tied_copy().grad), group=self.tie_group)   # the pieces match
         counted = [p.grad for name, p in named_params if p.grad is not None
                    and not (self.tie_group is not None and name == "lm_head.weight")]
         # Each process adds the squares of its pieces, each piece divided by the processes holding it, and

@@ -152,13 +152,12 @@ def test_pipeline_runs_forward_under_autocast_and_backward_outside_it(tmp_path):
     (AutocastForward), and the schedule is called outside it. Checked here on a one-stage pipeline in this
     process: a block's forward sees autocast on, its backward sees it off."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from distributed import build_pipeline
+    from distributed import build_pipeline, device_mesh
     from model import GPT, GPTConfig
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=False)
-        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("pp", "dp"))
+        mesh = device_mesh("cpu", world_size=1, pp=1, tp=1)
         pipe = build_pipeline(config, GPT(config).state_dict(), mesh, "cpu", torch.bfloat16, schedule="gpipe",
                               balance="flops", n_microbatches=2, virtual_stages=2, accum=1)
         autocast_on, block = {}, pipe.module[0].transformer.h["0"]
