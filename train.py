@@ -363,11 +363,9 @@ def check_tensor_parallel(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit("error: --sequence_parallel splits the sequence across tensor-parallel processes: add --tp=N")
     if tp == 1:
         return
-    # Attention splits by whole heads, the MLP by hidden units (4C of them); C itself follows from the heads.
-    for name, value in (("--n_head", model_cfg.n_head), ("--n_embd", model_cfg.n_embd),
-                        ("the MLP width 4 x --n_embd", 4 * model_cfg.n_embd)):
-        if value % tp:
-            sys.exit(f"error: --tp={tp} must divide {name} ({value}); pick a --tp that does")
+    # Attention splits by whole heads; then tp also divides C = H D and the MLP's 4C hidden units.
+    if model_cfg.n_head % tp:
+        sys.exit(f"error: --tp={tp} must divide --n_head ({model_cfg.n_head}): attention splits by whole heads")
     if cfg.pp > 1:
         sys.exit("error: --tp together with --pp is not supported yet; use one of them")
     if cfg.loss_chunk:
