@@ -361,11 +361,9 @@ def check_tensor_parallel(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         sys.exit("error: --sequence_parallel splits the sequence across tensor-parallel processes: add --tp=N")
     if tp == 1:
         return
-    # Attention splits by whole heads, the MLP by hidden units (4C of them); C itself follows from the heads.
-    for name, value in (("--n_head", model_cfg.n_head), ("--n_embd", model_cfg.n_embd),
-                        ("the MLP width 4 x --n_embd", 4 * model_cfg.n_embd)):
-        if value % tp:
-            sys.exit(f"error: --tp={tp} must divide {name} ({value}); pick a --tp that does")
+    # Attention splits by whole heads; then tp also divides C = H D and the MLP's 4C hidden units.
+    if model_cfg.n_head % tp:
+        sys.exit(f"error: --tp={tp} must divide --n_head ({model_cfg.n_head}): attention splits by whole heads")
     if cfg.loss_chunk:
         sys.exit(f"error: --loss_chunk={cfg.loss_chunk} does not apply under --tp, which computes the loss from "
                  f"the vocabulary-split logits; drop --loss_chunk")
