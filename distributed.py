@@ -381,8 +381,9 @@ def block_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, tp
     rezero = a * btc // outside if config.rezero else 0  # alpha * branch saves the branch (after c_proj)
     total = 2 * norms + 2 * rezero + gathered + a * btc // t + 3 * a * btc // t + mlp   # c_proj input; q, k, v
     if config.sparse_topk or config.realformer or not config.sdpa:   # the explicit path keeps the T x T weights
-        total += b * H * T * T * (4 + (a if a < 4 else 0) + (1 if config.sparse_topk else 0)) // t   # fp32 softmax,
-    else:                                                            # its 16-bit copy, the top-k mask
+        # the fp32 softmax, its 16-bit copy, the top-k mask: H/t heads each
+        total += b * H * T * T * (4 + (a if a < 4 else 0) + (1 if config.sparse_topk else 0)) // t
+    else:
         total += (a * btc + (a * H * T * T if config.position == "alibi" else 0)) // t   # SDPA's output; ALiBi's
     if config.position == "rope":                                                        # mask
         total += 2 * a * btc // t                       # the rotated q and k

@@ -236,7 +236,8 @@ def dry_run_layout(cfg: TrainConfig, world_size: int) -> Layout:
     return Layout(pp=pp, dp=world_size // (pp * cfg.tp), tp=cfg.tp, fsdp=cfg.fsdp,
                   sequence_parallel=cfg.sequence_parallel and cfg.tp > 1, schedule=cfg.pp_schedule,
                   n_microbatches=microbatches(cfg) if pp > 1 else 1, virtual_stages=cfg.pp_virtual_stages,
-                  balance=cfg.pp_balance, micro_batch=cfg.batch_size // microbatches(cfg) if pp > 1 else cfg.batch_size,
+                  balance=cfg.pp_balance,
+                  micro_batch=cfg.batch_size // microbatches(cfg) if pp > 1 else cfg.batch_size,
                   act_bytes=4 if cfg.dtype == "float32" else 2,       # 'auto' on a GPU is bf16 (fp16 on a V100)
                   loss_chunk=cfg.loss_chunk if cfg.loss_chunk is not None else 0)   # the CUDA default
 
@@ -289,10 +290,11 @@ def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_
             dp = world_size // (tp * pp)
             if (world_size // tp) % pp or pp * n_virtual > model_cfg.n_layer or sequences % dp:
                 continue
-            for fsdp, checkpointing, micro in itertools.product((False, True), (False, True), sorted(set(micro_sizes))):
+            for fsdp, checkpointing, micro in itertools.product((False, True), (False, True), set(micro_sizes)):
                 if fsdp and dp == 1 or (sequences // dp) % micro:
                     continue
-                candidates.append(((checkpointing, fsdp, tp * pp, -tp, -micro), tp, pp, dp, fsdp, checkpointing, micro))
+                cost = (checkpointing, fsdp, tp * pp, -tp, -micro)    # the order of preference
+                candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro))
     plans, memo = {}, {}
     for _, tp, pp, dp, fsdp, checkpointing, micro in sorted(candidates):
         per_replica = sequences // dp
@@ -361,9 +363,10 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
         v = layout.virtual_stages if layout.schedule == "interleaved_1f1b" else 1
         parts += (f" + pipeline bubble {seconds['bubble']:.2f} s ((p-1)/{'vm' if v > 1 else 'm'} = "
                   f"{layout.pp - 1}/{v * layout.n_microbatches})")
+    overall = cfg.dry_run_mfu * seconds["compute"] / total
     lines.append(f"time per step: {total:.2f} s at {cfg.dry_run_mfu:.0%} MFU on {world_size} x {gpu} while "
-                 f"computing ({tokens_per_step / total:,.0f} tokens/s, {cfg.dry_run_mfu * seconds['compute'] / total:.0%}"
-                 f" MFU overall) = {parts}; tp/dp communication not modeled")
+                 f"computing ({tokens_per_step / total:,.0f} tokens/s, {overall:.0%} MFU overall) = {parts}; "
+                 f"tp/dp communication not modeled")
     if too_big:
         found = find_layout(cfg, model_cfg, world_size, memory)
         advice = (f"{' '.join(found[0])} fits ({describe_layout(found[1])}, {found[2]:.1f} GiB on the fullest GPU)"
@@ -414,9 +417,9 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         if not 0 < cfg.dry_run_mfu <= 1:
             sys.exit(f"error: --dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]")
         if world_size < 1 or world_size % model_parallel:
+            works = max(1, -(-world_size // model_parallel)) * model_parallel
             sys.exit(f"error: --dry_run_world_size={world_size} must be a positive multiple of --pp x --tp = "
-                     f"{model_parallel}; --dry_run_world_size={max(1, -(-world_size // model_parallel)) * model_parallel} "
-                     f"works")
+                     f"{model_parallel}; --dry_run_world_size={works} works")
         if cfg.fsdp and world_size == model_parallel:
             sys.exit(f"error: --dry_run with --fsdp shards over data-parallel ranks, so it needs more GPUs than "
                      f"--pp x --tp = {model_parallel}; --dry_run_world_size={2 * model_parallel} works")

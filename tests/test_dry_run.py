@@ -241,7 +241,8 @@ def test_step_time_adds_the_pipeline_bubble():
         assert parts["bubble"] == pytest.approx(parts["compute"] * expected)
     assert step_seconds(config, 1e15, Layout(dp=4), 1e12, 0.5)["bubble"] == 0
     text = report("--preset=gpt2-xl", "--pp=4", "--batch_size=8", "--dry_run")
-    compute, bubble = (float(x) for x in re.search(r"compute ([\d.]+) s \+ pipeline bubble ([\d.]+) s", text).groups())
+    parts = re.search(r"compute ([\d.]+) s \+ pipeline bubble ([\d.]+) s", text)
+    compute, bubble = float(parts.group(1)), float(parts.group(2))
     assert bubble == pytest.approx(compute * 3 / 4, abs=0.01)        # 4 stages, 4 micro-batches per flush
 
 
@@ -296,8 +297,9 @@ def test_gpt3_layouts_fit_80_gib_h100s_and_the_default_layouts_do_not(name):
 
 @pytest.mark.parametrize("world_size", [64, 128])
 def test_megatron_published_175b_layouts_fit_in_the_plan(world_size):
-    """Megatron's own 175B layouts, micro-batches of 1 sequence: t = 8, p = 8 (Korthikanti et al. 2022,
-    Table 3) on 64 GPUs, t = 8, p = 16 (Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh) on 128."""
+    """Megatron-LM's 175B layout, examples/gpt3/train_gpt3_175b_distributed.sh: tensor-parallel size 8,
+    pipeline-parallel size 16 (128 GPUs), micro-batches of 1 sequence, 1536 per step; and on 64 GPUs the same
+    t = 8 with 8 stages. Our plan must fit both on 80 GiB."""
     pp = world_size // 8
     text = report("--preset=gpt3-175b", f"--dry_run_world_size={world_size}", f"--pp={pp}", "--tp=8",
                   "--sequence_parallel", "--vocab_size=50304", "--batch_size=1536", f"--n_microbatches=1536",
