@@ -372,7 +372,7 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
         advice = (f"{' '.join(found[0])} fits ({describe_layout(found[1])}, {found[2]:.1f} GiB on the fullest GPU)"
                   if found else f"no layout of {world_size} GPUs fits (tp <= 8): plan more GPUs")
         fullest, name = max(too_big)
-        more = f" and {len(too_big) - 1} more stages" if len(too_big) > 1 else ""
+        more = f" and {len(too_big) - 1} more stage{'s' if len(too_big) > 2 else ''}" if len(too_big) > 1 else ""
         lines.append(f"warning: does not fit a {memory} GiB {gpu}: {name} needs {fullest:.1f} GiB{more}; {advice}")
     return lines
 
