@@ -295,7 +295,7 @@ def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_
                     continue
                 cost = (checkpointing, fsdp, tp * pp, -tp, -micro)    # the order of preference
                 candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro))
-    plans, memo = {}, {}
+    cuts = {}                              # plan_stages' cuts, kept across the layouts of this model
     for _, tp, pp, dp, fsdp, checkpointing, micro in sorted(candidates):
         per_replica = sequences // dp
         m = per_replica // micro if pp > 1 else 1           # one pipeline flush per step: the smallest bubble
@@ -305,9 +305,8 @@ def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_
         config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing, vocab_size=vocab)
         layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=tp > 1,
                                      n_microbatches=m, micro_batch=micro)
-        key = (pp, tp, vocab, checkpointing, micro, fsdp, dp)
-        plans[key] = plans.get(key) or max(sum(e.values()) for _, _, e in plan_memory(config, layout, memo)) / GIB
-        if plans[key] > FIT_FRACTION * memory_gib:
+        fullest = max(sum(estimate.values()) for _, _, estimate in plan_memory(config, layout, cuts)) / GIB
+        if fullest > FIT_FRACTION * memory_gib:
             continue
         values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": tp > 1,
                   "activation_checkpointing": checkpointing, "vocab_size": vocab,
@@ -317,7 +316,7 @@ def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_
         now = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
         flags = [f"--{name}" if value is True else f"--{name}={value}" for name, value in values.items()
                  if value != now[name]]
-        return flags, layout, plans[key]
+        return flags, layout, fullest
     return None
 
 
