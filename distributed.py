@@ -383,9 +383,9 @@ def block_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, tp
     if config.sparse_topk or config.realformer or not config.sdpa:   # the explicit path keeps the T x T weights
         # the fp32 softmax, its 16-bit copy, the top-k mask: H/t heads each
         total += b * H * T * T * (4 + (a if a < 4 else 0) + (1 if config.sparse_topk else 0)) // t
-    else:
-        total += (a * btc + (a * H * T * T if config.position == "alibi" else 0)) // t   # SDPA's output; ALiBi's
-    if config.position == "rope":                                                        # mask
+    else:                                              # SDPA's output; ALiBi's float mask, H/t heads
+        total += (a * btc + (a * H * T * T if config.position == "alibi" else 0)) // t
+    if config.position == "rope":
         total += 2 * a * btc // t                       # the rotated q and k
     if config.macaron:
         total += norms + rezero + mlp                   # the second feed-forward
