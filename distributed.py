@@ -316,8 +316,9 @@ TENSOR_PARALLEL_SPLIT = ("c_attn.weight", "c_attn.bias", "c_fc.weight", "c_fc.bi
 
 
 def tensor_parallel_numel(name: str, numel: int, tp: int) -> int:
-    """Elements of parameter `name` (numel in the whole model) on one of tp tensor-parallel ranks: numel / tp,
-    rounded up (a vocabulary that tp does not divide is padded), for the split ones; numel for the rest."""
+    """Elements of parameter `name` (numel in the whole model) on the fullest of tp tensor-parallel ranks:
+    numel / tp, rounded up (a vocabulary that tp does not divide splits unevenly, as torch.chunk does), for
+    the split ones; numel for the rest."""
     return -(-numel // tp) if name.endswith(TENSOR_PARALLEL_SPLIT) else numel
 
 

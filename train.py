@@ -9,7 +9,6 @@ Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them
 import dataclasses
 import itertools
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -251,13 +250,6 @@ def describe_layout(layout: Layout) -> str:
             + (" (sequence parallel)" if layout.sequence_parallel else ""))
 
 
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    """The smallest vocabulary >= vocab_size that tp ranks split evenly, in multiples of 64 as nanoGPT pads
-    GPT-2's 50,257 to 50,304 (Megatron-LM pads to a multiple of 128 x tp; the extra rows are never a target)."""
-    multiple = math.lcm(64, tp)
-    return -(-vocab_size // multiple) * multiple
-
-
 # The search leaves this share of each GPU to what the memory model does not count: the CUDA context,
 # kernels' workspaces, the allocator's fragmentation.
 FIT_FRACTION = 0.9
@@ -301,15 +293,14 @@ def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_
         m = per_replica // micro if pp > 1 else 1           # one pipeline flush per step: the smallest bubble
         if pp > 1 and (m < pp or cfg.pp_schedule == "interleaved_1f1b" and m % pp):
             continue
-        vocab = model_cfg.vocab_size if model_cfg.vocab_size % tp == 0 else padded_vocab(model_cfg.vocab_size, tp)
-        config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing, vocab_size=vocab)
+        config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
         layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=tp > 1,
                                      n_microbatches=m, micro_batch=micro)
         fullest = max(sum(estimate.values()) for _, _, estimate in plan_memory(config, layout, cuts)) / GIB
         if fullest > FIT_FRACTION * memory_gib:
             continue
         values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": tp > 1,
-                  "activation_checkpointing": checkpointing, "vocab_size": vocab,
+                  "activation_checkpointing": checkpointing,
                   "batch_size": per_replica if pp > 1 else micro,
                   "gradient_accumulation_steps": 1 if pp > 1 else per_replica // micro,
                   "n_microbatches": m if pp > 1 else cfg.n_microbatches}
@@ -406,9 +397,6 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         if size % cfg.tp:   # each rank computes whole heads; 4 x n_embd (the MLP) then divides too
             sys.exit(f"error: --{name}={size} must be divisible by --tp={cfg.tp} (each rank holds 1/{cfg.tp} of "
                      f"the heads and channels)")
-    if model_cfg.vocab_size % cfg.tp:
-        sys.exit(f"error: --vocab_size={model_cfg.vocab_size} must be divisible by --tp={cfg.tp} (the LM head is "
-                 f"split by vocabulary); --vocab_size={padded_vocab(model_cfg.vocab_size, cfg.tp)} works")
     if cfg.tp > 1 and not cfg.dry_run:   # the tensor-parallel runtime is not in this build: never ignore --tp
         sys.exit("error: --tp runs only with --dry_run in this build")
     if cfg.dry_run:

@@ -198,7 +198,7 @@ def test_tensor_parallel_activations_follow_korthikanti_table_2():
 
 
 def test_sequence_parallel_lowers_activations_and_nothing_else():
-    flags = ["--preset=gpt2-medium", "--vocab_size=50304", "--tp=4", "--dry_run"]
+    flags = ["--preset=gpt2-medium", "--tp=4", "--dry_run"]
     plain, sequence = report(*flags), report(*flags, "--sequence_parallel")
     assert "(sequence parallel)" in sequence.splitlines()[0]
     assert gib(sequence, "activations") < gib(plain, "activations")
@@ -272,14 +272,14 @@ def test_layout_search_names_a_layout_whose_own_plan_fits():
 # 13B: 1024 sequences per step; 175B: 1536.
 GPT3_LAYOUTS = {
     "13b on 16": (["--preset=gpt3-13b", "--dry_run_world_size=16", "--gradient_accumulation_steps=8"],
-                  ["--tp=4", "--sequence_parallel", "--vocab_size=50304", "--batch_size=1",
+                  ["--tp=4", "--sequence_parallel", "--batch_size=1",
                    "--gradient_accumulation_steps=256"]),
     "175b on 64": (["--preset=gpt3-175b", "--dry_run_world_size=64", "--gradient_accumulation_steps=3"],
-                   ["--pp=8", "--tp=8", "--sequence_parallel", "--vocab_size=50304", "--batch_size=1536",
+                   ["--pp=8", "--tp=8", "--sequence_parallel", "--batch_size=1536",
                     "--gradient_accumulation_steps=1", "--n_microbatches=1536"]),
     "175b on 128": (["--preset=gpt3-175b", "--dry_run_world_size=128", "--batch_size=4",
                      "--gradient_accumulation_steps=3"],
-                    ["--pp=16", "--tp=8", "--sequence_parallel", "--vocab_size=50304", "--batch_size=1536",
+                    ["--pp=16", "--tp=8", "--sequence_parallel", "--batch_size=1536",
                      "--gradient_accumulation_steps=1", "--n_microbatches=768"]),
 }
 
@@ -302,16 +302,15 @@ def test_megatron_published_175b_layouts_fit_in_the_plan(world_size):
     t = 8 with 8 stages. Our plan must fit both on 80 GiB."""
     pp = world_size // 8
     text = report("--preset=gpt3-175b", f"--dry_run_world_size={world_size}", f"--pp={pp}", "--tp=8",
-                  "--sequence_parallel", "--vocab_size=50304", "--batch_size=1536", f"--n_microbatches=1536",
+                  "--sequence_parallel", "--batch_size=1536", f"--n_microbatches=1536",
                   "--gradient_accumulation_steps=1", "--dry_run")
     assert fits(text, 80), text
 
 
 @pytest.mark.parametrize("flags, works", [
-    (["--pp=2", "--tp=2", "--vocab_size=64", "--dry_run_world_size=6"], "--dry_run_world_size=8"),
-    (["--tp=2", "--vocab_size=64", "--dry_run_world_size=3"], "--dry_run_world_size=4"),
+    (["--pp=2", "--tp=2", "--dry_run_world_size=6"], "--dry_run_world_size=8"),
+    (["--tp=2", "--dry_run_world_size=3"], "--dry_run_world_size=4"),
     (["--tp=8", "--n_head=4", "--n_embd=64"], None),
-    (["--tp=2"], "--vocab_size=50304"),                      # GPT-2's 50,257 is odd
     (["--pp=2", "--fsdp"], "--dry_run_world_size=4"),        # nothing to shard over
 ])
 def test_bad_layouts_are_refused_in_one_line(flags, works):
