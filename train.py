@@ -7,6 +7,7 @@
 Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them with their defaults).
 """
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -22,10 +23,9 @@ from common import (PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, 
                     is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops,
                     prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main, save_checkpoint,
                     save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
-from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Pipeline, build_pipeline, count_params, device_mesh,
-                         memory_estimate, microbatches_in_flight, use_single_tensor_adamw)
-from model import (GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, GPTStage, arg, configure_optimizers,
-                   flops_per_token, plan_stages)
+from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Layout, Pipeline, build_pipeline, device_mesh,
+                         param_counts, plan_memory, rank_params, step_seconds, use_single_tensor_adamw)
+from model import GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
 
 
 # --- presets: published models and their training recipes ---
@@ -144,9 +144,10 @@ class TrainConfig(RunConfig):
                                "torchrun)")
     dry_run_gpu: str = arg("H100", "GPU the dry run plans for (peak FLOP/s and memory from common.py and "
                                    "distributed.py)", choices=tuple(PEAK_BF16_FLOPS))
-    dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run's time per step assumes")
-    dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp, one "
-                                               "data-parallel replica)")
+    dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run assumes while the GPUs compute (the "
+                                  "pipeline bubble and recomputation come on top)")
+    dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp x --tp, "
+                                               "one data-parallel replica)")
 
 
 # TrainConfig fields that --init_from=resume takes from the command that resumes, never from the checkpoint:
@@ -228,66 +229,141 @@ def microbatches(cfg: TrainConfig) -> int:
 
 # --- the dry run: plan a run before it starts ---
 
+def dry_run_layout(cfg: TrainConfig, world_size: int) -> Layout:
+    """The Layout a run with these flags takes on world_size GPUs."""
+    pp = cfg.pp
+    return Layout(pp=pp, dp=world_size // (pp * cfg.tp), tp=cfg.tp, fsdp=cfg.fsdp,
+                  sequence_parallel=cfg.sequence_parallel and cfg.tp > 1, schedule=cfg.pp_schedule,
+                  n_microbatches=microbatches(cfg) if pp > 1 else 1, virtual_stages=cfg.pp_virtual_stages,
+                  balance=cfg.pp_balance,
+                  micro_batch=cfg.batch_size // microbatches(cfg) if pp > 1 else cfg.batch_size,
+                  act_bytes=4 if cfg.dtype == "float32" else 2,       # 'auto' on a GPU is bf16 (fp16 on a V100)
+                  loss_chunk=cfg.loss_chunk if cfg.loss_chunk is not None else 0)   # the CUDA default
+
+
+def describe_layout(layout: Layout) -> str:
+    """'pp=P (schedule, m micro-batches) x dp=D x tp=T': the three dims of the device mesh; fsdp=D when the
+    data-parallel ranks shard the weights."""
+    return (f"pp={layout.pp}" + (f" ({layout.schedule}, {layout.n_microbatches} micro-batches)" if layout.pp > 1
+                                 else "")
+            + f" x {'fsdp' if layout.fsdp else 'dp'}={layout.dp} x tp={layout.tp}"
+            + (" (sequence parallel)" if layout.sequence_parallel else ""))
+
+
+# The search leaves this share of each GPU to what the memory model does not count: the CUDA context,
+# kernels' workspaces, the allocator's fragmentation.
+FIT_FRACTION = 0.9
+TP_SIZES = (1, 2, 4, 8)                    # tensor parallelism stays within a node of 8 GPUs (NVLink)
+
+
+def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_gib: float
+                ) -> tuple[list[str], Layout, float] | None:
+    """A layout of world_size GPUs whose plan fits FIT_FRACTION of memory_gib on every GPU, as the flags that
+    give it (to add to the command), the Layout and its largest GPU's GiB; None if none of the grid fits.
+    The global batch (batch_size x gradient_accumulation_steps x data-parallel replicas) stays as it is.
+
+    The grid: tp in 1, 2, 4, 8 (with sequence parallelism), pp dividing world_size / tp, FSDP or not,
+    activation checkpointing or not, micro-batches of the run's size or smaller. The first that fits, in the
+    order of what it costs (Narayanan et al. 2021, section 3): no recomputation (a third more compute), then
+    no FSDP (1.5x DDP's communication, and again for every accumulated micro-batch), then the smallest
+    model-parallel size tp x pp (their takeaway 2: model parallelism just large enough to fit, the rest data
+    parallel), tensor parallelism before pipeline stages at equal size (takeaway 1: tp up to the GPUs of a
+    node, then pp), then the largest micro-batch."""
+    current = dry_run_layout(cfg, world_size)
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps * current.dp   # the global batch
+    micro_sizes = [current.micro_batch // 2 ** i for i in range(current.micro_batch.bit_length())
+                   if current.micro_batch % 2 ** i == 0] + [1]
+    candidates = []
+    for tp in TP_SIZES:
+        if world_size % tp or model_cfg.n_head % tp:
+            continue
+        for pp in range(1, world_size // tp + 1):
+            n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" and pp > 1 else 1
+            dp = world_size // (tp * pp)
+            if (world_size // tp) % pp or pp * n_virtual > model_cfg.n_layer or sequences % dp:
+                continue
+            for fsdp, checkpointing, micro in itertools.product((False, True), (False, True), set(micro_sizes)):
+                if fsdp and dp == 1 or (sequences // dp) % micro:
+                    continue
+                cost = (checkpointing, fsdp, tp * pp, -tp, -micro)    # the order of preference
+                candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro))
+    cuts = {}                              # plan_stages' cuts, kept across the layouts of this model
+    for _, tp, pp, dp, fsdp, checkpointing, micro in sorted(candidates):
+        per_replica = sequences // dp
+        m = per_replica // micro if pp > 1 else 1           # one pipeline flush per step: the smallest bubble
+        if pp > 1 and (m < pp or cfg.pp_schedule == "interleaved_1f1b" and m % pp):
+            continue
+        config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
+        layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=tp > 1,
+                                     n_microbatches=m, micro_batch=micro)
+        fullest = max(sum(estimate.values()) for _, _, estimate in plan_memory(config, layout, cuts)) / GIB
+        if fullest > FIT_FRACTION * memory_gib:
+            continue
+        values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": tp > 1,
+                  "activation_checkpointing": checkpointing,
+                  "batch_size": per_replica if pp > 1 else micro,
+                  "gradient_accumulation_steps": 1 if pp > 1 else per_replica // micro,
+                  "n_microbatches": m if pp > 1 else cfg.n_microbatches}
+        now = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
+        flags = [f"--{name}" if value is True else f"--{name}={value}" for name, value in values.items()
+                 if value != now[name]]
+        return flags, layout, fullest
+    return None
+
+
 def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
-    """The plan of a run, as lines to print: parameters (total and per pipeline stage), FLOPs per token, tokens
-    per optimizer step, estimated memory per GPU and time per step on cfg.dry_run_gpu at cfg.dry_run_mfu.
-    Everything is built on the meta device: shapes without memory, seconds even for 175B parameters."""
-    world_size = cfg.dry_run_world_size or cfg.pp
-    dp_size, T = world_size // cfg.pp, model_cfg.block_size
-    act_bytes = 4 if cfg.dtype == "float32" else 2      # 'auto' on a GPU is bf16 (fp16 on a V100)
-    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else 0   # the CUDA default
-    with torch.device("meta"):
-        model = GPT(model_cfg)
-    n_params = model.num_params()
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dp_size * T
+    """The plan of a run, as lines to print: the layout (pp x dp or fsdp x tp), parameters (total and per
+    pipeline stage), FLOPs per token, tokens per optimizer step, estimated memory per GPU (distributed.
+    plan_memory) and time per step (distributed.step_seconds) on cfg.dry_run_gpu at cfg.dry_run_mfu, and when
+    the plan does not fit, a layout that does (find_layout). The parameters are counted on a block, the
+    embedding and the head built on the meta device: shapes without memory, seconds even for 175B parameters."""
+    world_size = cfg.dry_run_world_size or cfg.pp * cfg.tp
+    layout = dry_run_layout(cfg, world_size)
+    T = model_cfg.block_size
+    n_params = rank_params(model_cfg, param_counts(model_cfg, 1), model_cfg.n_layer, True, True)[0]
+    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * layout.dp * T
     flops_token = flops_per_token(model_cfg, n_params, T)
     gpu = cfg.dry_run_gpu
     peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
-    layout = (f"pp={cfg.pp} ({cfg.pp_schedule}, {microbatches(cfg)} micro-batches) x " if cfg.pp > 1 else "") + \
-        f"{dp_size} {'FSDP shard' if cfg.fsdp else 'data-parallel replica'}{'s' if dp_size > 1 else ''}"
     lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
-             f"TFLOP/s at 16 bits) | {layout} | {'fp32' if act_bytes == 4 else '16-bit autocast'}",
+             f"TFLOP/s at 16 bits) | {describe_layout(layout)} | "
+             f"{'fp32' if layout.act_bytes == 4 else '16-bit autocast'}",
              f"parameters: {n_params:,} ({n_params / 1e9:.3f}B) | {model_cfg.n_layer} layers, {model_cfg.n_head} "
              f"heads, {model_cfg.n_embd} channels, context {T}, vocabulary {model_cfg.vocab_size:,}",
              f"FLOPs per token: {flops_token / 1e9:.2f} GFLOP (forward + backward: 6N + 12LHDT)",
              f"tokens per optimizer step: {tokens_per_step:,} ({cfg.batch_size} sequences x "
-             f"{cfg.gradient_accumulation_steps} micro-steps x {dp_size} data-parallel x {T} tokens)"]
-    rows, micro_batch = [], cfg.batch_size // microbatches(cfg) if cfg.pp > 1 else cfg.batch_size
-    if cfg.pp > 1:
-        n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1
-        plan = plan_stages(model_cfg, cfg.pp * n_virtual, cfg.pp_balance)
-        for rank in range(cfg.pp):
-            ids = [rank + v * cfg.pp for v in range(n_virtual)]
-            with torch.device("meta"):
-                stages = torch.nn.ModuleList(GPTStage(model_cfg, plan[i], i == 0, i == len(plan) - 1)
-                                             for i in ids)
-            n_blocks = sum(len(plan[i]) for i in ids)
-            in_flight = microbatches_in_flight(cfg.pp_schedule, cfg.pp, microbatches(cfg), cfg.pp_virtual_stages,
-                                               rank)
-            estimate = memory_estimate(model_cfg, stages, n_blocks // n_virtual, len(plan) - 1 in ids, micro_batch,
-                                       in_flight, in_flight if cfg.pp_schedule == "gpipe" else 1, act_bytes,
-                                       loss_chunk, 1, dp_size > 1)
-            blocks = ", ".join(f"{plan[i].start}-{plan[i].stop - 1}" if plan[i] else "none" for i in ids)
-            rows.append((f"stage {rank} (blocks {blocks})", count_params(stages)[0], estimate))
-    else:
-        shards = dp_size if cfg.fsdp else 1
-        estimate = memory_estimate(model_cfg, model, model_cfg.n_layer, True, cfg.batch_size, 1, 1, act_bytes,
-                                   loss_chunk, shards, dp_size > 1 and not cfg.fsdp)
-        rows.append(("each GPU" + (f" (1/{shards} of the weights)" if shards > 1 else ""), n_params, estimate))
-    lines.append(f"memory per GPU in GiB (micro-batches of {micro_batch} x {T} tokens):")
+             f"{cfg.gradient_accumulation_steps} micro-steps x {layout.dp} data-parallel x {T} tokens)"]
+    split = [f"1/{layout.tp} of the matmuls and embeddings by tp"] if layout.tp > 1 else []
+    split += [f"1/{layout.dp} of the weights by FSDP"] if layout.fsdp else []
+    lines.append(f"memory per GPU in GiB (micro-batches of {layout.micro_batch} x {T} tokens"
+                 + "".join(f"; {s}" for s in split) + "):")
     too_big = []
-    for name, params, estimate in rows:
+    for name, params, estimate in plan_memory(model_cfg, layout):
         total = sum(estimate.values()) / GIB
         parts = " + ".join(f"{kind} {value / GIB:.2f}" for kind, value in estimate.items() if value)
         lines.append(f"  {name}: {params:,} params | {parts} = {total:.2f} GiB")
         if total > memory:
-            too_big.append(f"{name} ({total:.1f} GiB)")
-    seconds = flops_token * tokens_per_step / (world_size * peak * cfg.dry_run_mfu)
-    lines.append(f"time per step: {seconds:.2f} s at {cfg.dry_run_mfu:.0%} MFU on {world_size} x {gpu} "
-                 f"({tokens_per_step / seconds:,.0f} tokens/s)")
+            too_big.append((total, name))
+    seconds = step_seconds(model_cfg, flops_token * tokens_per_step, layout, peak, cfg.dry_run_mfu)
+    total = sum(seconds.values())
+    parts = f"compute {seconds['compute']:.2f} s"
+    if seconds["recompute"]:
+        parts += f" + recompute {seconds['recompute']:.2f} s (activation checkpointing)"
+    if seconds["bubble"]:
+        v = layout.virtual_stages if layout.schedule == "interleaved_1f1b" else 1
+        parts += (f" + pipeline bubble {seconds['bubble']:.2f} s ((p-1)/{'vm' if v > 1 else 'm'} = "
+                  f"{layout.pp - 1}/{v * layout.n_microbatches})")
+    overall = cfg.dry_run_mfu * seconds["compute"] / total
+    lines.append(f"time per step: {total:.2f} s at {cfg.dry_run_mfu:.0%} MFU on {world_size} x {gpu} while "
+                 f"computing ({tokens_per_step / total:,.0f} tokens/s, {overall:.0%} MFU overall) = {parts}; "
+                 f"tp/dp communication not modeled")
     if too_big:
-        lines.append(f"warning: does not fit a {memory} GiB {gpu}: {', '.join(too_big)}; try a smaller "
-                     f"--batch_size, --activation_checkpointing, more --pp stages or --fsdp")
+        found = find_layout(cfg, model_cfg, world_size, memory)
+        advice = (f"{' '.join(found[0])} fits ({describe_layout(found[1])}, {found[2]:.1f} GiB on the fullest GPU)"
+                  if found else f"no layout of {world_size} GPUs fits (tp <= 8): plan more GPUs")
+        fullest, name = max(too_big)
+        more = f" and {len(too_big) - 1} more stage{'s' if len(too_big) > 2 else ''}" if len(too_big) > 1 else ""
+        lines.append(f"warning: does not fit a {memory} GiB {gpu}: {name} needs {fullest:.1f} GiB{more}; {advice}")
     return lines
 
 
@@ -314,13 +390,16 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         from hf_gpt2 import check_hf_source
         check_hf_source(cfg.init_from, ("scratch", "resume"))
     if cfg.dry_run:
-        world_size = cfg.dry_run_world_size or cfg.pp
+        world_size, model_parallel = cfg.dry_run_world_size or cfg.pp * cfg.tp, cfg.pp * cfg.tp
         if not 0 < cfg.dry_run_mfu <= 1:
             sys.exit(f"error: --dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]")
-        if world_size < 1 or world_size % cfg.pp:
-            sys.exit(f"error: --dry_run_world_size={world_size} must be a positive multiple of --pp={cfg.pp}")
-        if cfg.fsdp and world_size == 1:
-            sys.exit("error: --dry_run with --fsdp needs --dry_run_world_size=N, the GPUs to shard across")
+        if world_size < 1 or world_size % model_parallel:
+            works = max(1, -(-world_size // model_parallel)) * model_parallel
+            sys.exit(f"error: --dry_run_world_size={world_size} must be a positive multiple of --pp x --tp = "
+                     f"{model_parallel}; --dry_run_world_size={works} works")
+        if cfg.fsdp and world_size == model_parallel:
+            sys.exit(f"error: --dry_run with --fsdp shards over data-parallel ranks, so it needs more GPUs than "
+                     f"--pp x --tp = {model_parallel}; --dry_run_world_size={2 * model_parallel} works")
     check_tensor_parallel(cfg, model_cfg)
     if cfg.fsdp and cfg.dtype == "float16":
         sys.exit("error: --dtype=float16 needs a gradient scaler, which --fsdp does not support here; "

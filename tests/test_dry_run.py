@@ -142,3 +142,191 @@ def test_memory_estimate_is_within_15_percent_of_the_measured_cpu_peak(loss_chun
 def test_presets_all_plan_in_a_dry_run():
     for name in PRESETS:
         assert "parameters:" in report(f"--preset={name}", "--dry_run")
+
+
+# --- layouts of (pp, dp or fsdp, tp): issue 16 ---
+
+def test_tensor_parallel_counts_match_a_model_split_by_hand():
+    """The parameters one tensor-parallel rank holds, counted on a real model whose tensors are split by hand
+    as Megatron splits them (Shoeybi et al. 2019, section 3): q, k and v by heads and c_fc by rows
+    (column-parallel), both c_proj by columns (row-parallel, bias whole), wte (the tied head) by vocabulary;
+    LayerNorms and wpe whole. The dry run's count, and its weights and AdamW, must agree."""
+    import torch
+    from distributed import count_params, param_counts, rank_params
+    from model import GPT
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
+    model = GPT(config)
+    for tp in (1, 2, 4):
+        shard = {}
+        for name, p in model.named_parameters():
+            if name.endswith("c_attn.weight") or name.endswith("c_attn.bias"):
+                shard[name] = torch.cat([part.chunk(tp, dim=0)[0] for part in p.split(config.n_embd, dim=0)])
+            elif name.endswith(("c_fc.weight", "c_fc.bias", "wte.weight")):
+                shard[name] = p.chunk(tp, dim=0)[0]
+            elif name.endswith("c_proj.weight"):
+                shard[name] = p.chunk(tp, dim=1)[0]
+            else:
+                shard[name] = p
+        by_hand = sum(t.numel() for t in shard.values())
+        assert count_params(model, tp)[0] == by_hand
+        assert rank_params(config, param_counts(config, tp), 2, True, True)[0] == by_hand
+        flags = ["--n_layer=2", "--n_head=4", "--n_embd=32", "--block_size=16", "--vocab_size=64", "--dry_run"]
+        text = report(*flags, f"--tp={tp}", f"--dry_run_world_size={tp}")
+        assert f"each GPU: {by_hand:,} params" in text
+        assert f"x tp={tp}" in text.splitlines()[0]
+    assert count_params(model, 2)[0] < count_params(model, 1)[0]
+
+
+def test_tensor_parallel_activations_follow_korthikanti_table_2():
+    """Korthikanti et al. 2022, Table 2: per block, tensor parallelism keeps sbh(10 + 24/t) (flash attention:
+    no s x s term) and adds sequence parallelism for sbh(34/t). Our block in 16-bit, with no dropout masks:
+    outside the split, two fp32 LayerNorm inputs (8 bytes per element, their 4 in 16-bit) and the two
+    LayerNorm outputs feeding c_attn and c_fc (4); inside, q, k, v, SDPA's output, c_proj's input, GELU's
+    and the MLP c_proj's inputs (2 x (3 + 1 + 1 + 4 + 4) = 26, their 24 without the separate SDPA output).
+    Under sequence parallelism the LayerNorm inputs divide by t, the gathered matmul inputs (4) do not."""
+    from distributed import block_activation_bytes, head_activation_bytes
+    config = GPTConfig(n_layer=2, n_head=8, n_embd=64, block_size=32)
+    b, T = 2, 32
+    btc = b * T * config.n_embd
+    for t in (1, 2, 4, 8):
+        assert block_activation_bytes(config, b, T, 2, t) == (8 + 4 + 26 / t) * btc
+        assert block_activation_bytes(config, b, T, 2, t, sequence_parallel=True) == (8 / t + 4 + 26 / t) * btc
+        # the head is vocabulary-parallel: the logits' 12 bytes each divide by t
+        V = -(-config.vocab_size // t)
+        assert head_activation_bytes(config, b, T, 2, 0, t) == 4 * btc + 2 * btc + 12 * b * T * V
+    assert block_activation_bytes(config, b, T, 2, 4, True) < block_activation_bytes(config, b, T, 2, 4)
+    # Full recomputation keeps each block's fp32 input (Korthikanti et al.'s 2sbh per layer in 16 bits), split
+    # by sequence under sequence parallelism, and rebuilds one block at a time.
+    from distributed import memory_estimate, param_counts
+    checkpointed = GPTConfig(n_layer=6, n_head=8, n_embd=64, block_size=32, activation_checkpointing=True)
+    for t, sequence in ((1, False), (4, False), (4, True)):
+        estimate = memory_estimate(checkpointed, param_counts(checkpointed, t), 6, 1, False, False, b, 1, 1, 2, 0,
+                                   1, False, t, sequence)
+        kept = 6 * 4 * btc // (t if sequence else 1)
+        assert estimate["activations"] == kept + block_activation_bytes(checkpointed, b, T, 2, t, sequence)
+
+
+def test_sequence_parallel_lowers_activations_and_nothing_else():
+    flags = ["--preset=gpt2-medium", "--tp=4", "--dry_run"]
+    plain, sequence = report(*flags), report(*flags, "--sequence_parallel")
+    assert "(sequence parallel)" in sequence.splitlines()[0]
+    assert gib(sequence, "activations") < gib(plain, "activations")
+    for kind in ("weights", "gradients", "AdamW", "16-bit weight copies"):
+        assert gib(sequence, kind) == gib(plain, kind)
+    # tp divides the weights by 4 but the replicated ones: per block two LayerNorms (4C) and the row-parallel
+    # c_proj biases (2C); wpe (T x C) and ln_f (2C)
+    n = int(re.search(r"parameters: ([\d,]+)", plain).group(1).replace(",", ""))
+    replicated = 24 * 6 * 1024 + 1024 * 1024 + 2 * 1024
+    assert gib(plain, "AdamW") == pytest.approx(8 * ((n - replicated) / 4 + replicated) / GIB, abs=0.006)
+
+
+def stage_rows(text: str) -> list[tuple[int, str]]:
+    return re.findall(r"stage \d+ \(blocks [\d-]+\): ([\d,]+) params \| (.*)", text)
+
+
+def test_fsdp_with_pipeline_shards_each_stage_over_its_data_parallel_ranks():
+    """--fsdp --pp=2 on 8 GPUs: 4 data-parallel ranks per stage, so each stage's AdamW state (8 bytes per
+    parameter) divides by 4, and its weights by 4 plus two gathered blocks (4 bytes per parameter each)."""
+    text = report("--preset=gpt2", "--pp=2", "--fsdp", "--dry_run_world_size=8", "--dry_run")
+    assert "pp=2 (1f1b, 2 micro-batches) x fsdp=4 x tp=1" in text
+    block = 12 * 768 * 768 + 13 * 768   # c_attn, c_proj, c_fc, c_proj weights + biases, two LayerNorms
+    rows = stage_rows(text)
+    assert len(rows) == 2
+    for params, parts in rows:
+        params = int(params.replace(",", ""))
+        assert gib(parts, "AdamW") == pytest.approx(8 * params / 4 / GIB, abs=0.006)
+        assert gib(parts, "weights") == pytest.approx((4 * params / 4 + 2 * 4 * block) / GIB, abs=0.006)
+
+
+def test_step_time_adds_the_pipeline_bubble():
+    """Narayanan et al. 2021, section 2.2: the bubble is (p - 1)/m of the ideal time for GPipe and 1F1B, and
+    (p - 1)/(v m) with v interleaved stages per rank."""
+    from distributed import Layout, step_seconds
+    config = GPTConfig(n_layer=8)
+    for schedule, v, expected in (("1f1b", 1, 3 / 8), ("gpipe", 1, 3 / 8), ("interleaved_1f1b", 2, 3 / 16)):
+        parts = step_seconds(config, 1e15, Layout(pp=4, schedule=schedule, n_microbatches=8, virtual_stages=v),
+                             1e12, 0.5)
+        assert parts["compute"] == pytest.approx(1e15 / (4 * 1e12 * 0.5))
+        assert parts["bubble"] == pytest.approx(parts["compute"] * expected)
+    assert step_seconds(config, 1e15, Layout(dp=4), 1e12, 0.5)["bubble"] == 0
+    text = report("--preset=gpt2-xl", "--pp=4", "--batch_size=8", "--dry_run")
+    parts = re.search(r"compute ([\d.]+) s \+ pipeline bubble ([\d.]+) s", text)
+    compute, bubble = float(parts.group(1)), float(parts.group(2))
+    assert bubble == pytest.approx(compute * 3 / 4, abs=0.01)        # 4 stages, 4 micro-batches per flush
+
+
+def fits(text: str, memory: float) -> bool:
+    totals = [float(x) for x in re.findall(r"= ([\d.]+) GiB", text)]
+    return bool(totals) and max(totals) <= memory and "warning" not in text
+
+
+def suggestion(text: str) -> list[str]:
+    return re.search(r"GiB[^;]*; (--\S+(?: --\S+)*) fits", text).group(1).split()
+
+
+def test_layout_search_names_a_layout_whose_own_plan_fits():
+    flags = ["--preset=gpt2-xl", "--dry_run_gpu=L4", "--dry_run_world_size=8", "--batch_size=8",
+             "--gradient_accumulation_steps=2", "--dry_run"]
+    text = report(*flags)
+    assert "warning: does not fit a 24 GiB L4" in text
+    tokens = re.search(r"tokens per optimizer step: ([\d,]+)", text).group(1)
+    planned = report(*flags, *suggestion(text))   # the flags it names, given last, win
+    assert fits(planned, 0.9 * 24), planned
+    assert f"tokens per optimizer step: {tokens} " in planned      # the same global batch
+    # a grid with nothing that fits says so
+    assert "no layout of 1 GPUs fits" in report("--preset=gpt3-175b", "--dry_run")
+
+
+# The layouts docs/multi-gpu.md shows, and the batches of GPT-3's recipe (Brown et al. 2020, Table 2.1):
+# 13B: 1024 sequences per step; 175B: 1536.
+GPT3_LAYOUTS = {
+    "13b on 16": (["--preset=gpt3-13b", "--dry_run_world_size=16", "--gradient_accumulation_steps=8"],
+                  ["--tp=4", "--sequence_parallel", "--batch_size=1",
+                   "--gradient_accumulation_steps=256"]),
+    "175b on 64": (["--preset=gpt3-175b", "--dry_run_world_size=64", "--gradient_accumulation_steps=3"],
+                   ["--pp=8", "--tp=8", "--sequence_parallel", "--batch_size=1536",
+                    "--gradient_accumulation_steps=1", "--n_microbatches=1536"]),
+    "175b on 128": (["--preset=gpt3-175b", "--dry_run_world_size=128", "--batch_size=4",
+                     "--gradient_accumulation_steps=3"],
+                    ["--pp=16", "--tp=8", "--sequence_parallel", "--batch_size=1536",
+                     "--gradient_accumulation_steps=1", "--n_microbatches=768"]),
+}
+
+
+@pytest.mark.parametrize("name", GPT3_LAYOUTS)
+def test_gpt3_layouts_fit_80_gib_h100s_and_the_default_layouts_do_not(name):
+    default, layout = GPT3_LAYOUTS[name]
+    text = report(*default, "--dry_run")
+    assert "warning: does not fit a 80 GiB H100" in text
+    assert fits(report(*default, *suggestion(text), "--dry_run"), 0.9 * 80)
+    planned = report(*default, *layout, "--dry_run")
+    assert fits(planned, 80), planned
+    assert re.search(r"tokens per optimizer step: 2,097,152 |tokens per optimizer step: 3,145,728 ", planned)
+
+
+@pytest.mark.parametrize("world_size", [64, 128])
+def test_megatron_published_175b_layouts_fit_in_the_plan(world_size):
+    """Megatron-LM's 175B layout, examples/gpt3/train_gpt3_175b_distributed.sh: tensor-parallel size 8,
+    pipeline-parallel size 16 (128 GPUs), micro-batches of 1 sequence, 1536 per step; and on 64 GPUs the same
+    t = 8 with 8 stages. Our plan must fit both on 80 GiB."""
+    pp = world_size // 8
+    text = report("--preset=gpt3-175b", f"--dry_run_world_size={world_size}", f"--pp={pp}", "--tp=8",
+                  "--sequence_parallel", "--batch_size=1536", f"--n_microbatches=1536",
+                  "--gradient_accumulation_steps=1", "--dry_run")
+    assert fits(text, 80), text
+
+
+@pytest.mark.parametrize("flags, works", [
+    (["--pp=2", "--tp=2", "--dry_run_world_size=6"], "--dry_run_world_size=8"),
+    (["--tp=2", "--dry_run_world_size=3"], "--dry_run_world_size=4"),
+    (["--tp=8", "--n_head=4", "--n_embd=64"], None),
+    (["--pp=2", "--fsdp"], "--dry_run_world_size=4"),        # nothing to shard over
+])
+def test_bad_layouts_are_refused_in_one_line(flags, works):
+    with pytest.raises(SystemExit) as stop:
+        report(*flags, "--dry_run")
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    if works:
+        assert message.endswith(f"; {works} works"), message
+        assert "parameters:" in report(*flags, works, "--dry_run")

@@ -6,10 +6,11 @@ folder of its own (tests/test_docs.py checks the folders by reading).
 Commands are shortened by flags appended at the end (the last value of a flag wins): a few steps of a tiny model
 instead of hours of a big one. Commands that need the network (a Hugging Face dataset or model, an lm-eval
 benchmark) must stop with one `error:` line here, where there is none. A few cannot run on one CPU machine as
-written and are rewritten the least that makes them run: 8 GPUs become 2 (or 4) CPU processes, two nodes one,
-slurm's `srun` and `scontrol` are stand-ins, TensorBoard's server becomes its `--inspect` summary, and the lm-eval
-command runs the README's own local task instead of a download. The files a reader is asked to bring (prompt.txt,
-alpaca.json, notes, a task of their own) are made from what the README shows of them."""
+written and are rewritten the least that makes them run: 8 GPUs become 2 (or 4) CPU processes (and --tp=4 or 8
+becomes --tp=2), two nodes one, slurm's `srun` and `scontrol` are stand-ins, TensorBoard's server becomes its
+`--inspect` summary, and the lm-eval command runs the README's own local task instead of a download. The files a
+reader is asked to bring (prompt.txt, alpaca.json, notes, a task of their own) are made from what the README shows
+of them."""
 import json
 import os
 import re
@@ -134,7 +135,13 @@ def runnable(command: str) -> tuple[str, str]:
         short = short.replace("--max_iters=2", "--max_iters=3")
     if command.startswith(("torchrun", "srun torchrun")):
         pp = int(re.search(r"--pp=(\d+)", command).group(1)) if "--pp=" in command else 1
-        nproc = {1: 2, 2: 4}.get(pp, pp) if "--nproc-per-node=8" in command else None
+        # --tp=4 or 8 becomes 2 (the tiny model's 2 heads), on pp x 2 processes: one replica
+        tp = 2 if "--tp=" in command else 1
+        command = re.sub(r"--tp=\d+", f"--tp={tp}", command)
+        if "--nproc-per-node=8" in command:
+            nproc = {1: 2, 2: 4}.get(pp, pp) if tp == 1 else pp * tp
+        else:
+            nproc = None
         if nproc:
             command = command.replace("--nproc-per-node=8", f"--nproc-per-node={nproc}")
         command = command.replace("--nnodes=2", "--nnodes=1").replace(":29500", f":{free_port()}")
