@@ -742,19 +742,23 @@ def microbatches_in_flight(schedule: str, pp: int, n_microbatches: int, virtual_
 def memory_estimate(config: GPTConfig, counts: ParamCounts, n_blocks: int, n_chunks: int, holds_first: bool,
                     holds_last: bool, micro_batch: int, in_flight: int, head_in_flight: int, act_bytes: int,
                     loss_chunk: int, shards: int, data_parallel: bool, tp: int = 1,
-                    sequence_parallel: bool = False) -> dict[str, float]:
+                    sequence_parallel: bool = False, pipelined: bool = False) -> dict[str, float]:
     """Estimated peak bytes on one GPU, by kind, for what one rank holds: n_blocks blocks in n_chunks
     virtual-stage chunks (1 unless interleaved), each chunk keeping the activations of in_flight
     micro-batches of micro_batch sequences (the head's: head_in_flight), the embedding and/or the head, all
     on one of tp tensor-parallel ranks (counts: ParamCounts under tp). shards > 1: FSDP splits weights,
     gradients and AdamW states over the dp ranks, and gathers two blocks at a time (the current and the
-    prefetched next; under TP each gathers its 1/t slice). data_parallel: DDP keeps its gradient buckets
-    beside .grad (under --pp, the flat copy the replicas average)."""
+    prefetched next; under TP each gathers its 1/t slice), except in a pipeline (pipelined), where the
+    stage's weights stay gathered through the step and its gradients whole until the step's one
+    reduce-scatter (shard_stage). data_parallel: DDP keeps its gradient buckets beside .grad (under --pp,
+    the flat copy the replicas average)."""
     T = config.block_size
     params, linear = rank_params(config, counts, n_blocks, holds_first, holds_last)
     block_params, block_linear = counts.block
-    estimate = {"weights": 4 * params / shards + (2 * 4 * block_params if shards > 1 else 0),
-                "gradients": 4 * params / shards * (2 if data_parallel and shards == 1 else 1),
+    gathered = 0 if shards == 1 else 4 * params if pipelined else 2 * 4 * block_params
+    estimate = {"weights": 4 * params / shards + gathered,
+                "gradients": 4 * params / shards * (2 if data_parallel and shards == 1 else 1)
+                + (4 * params if shards > 1 and pipelined else 0),
                 "AdamW": 8 * params / shards}
     per_block = block_activation_bytes(config, micro_batch, T, act_bytes, tp, sequence_parallel)
     if config.activation_checkpointing:
@@ -820,7 +824,7 @@ def plan_memory(config: GPTConfig, layout: Layout, plans: dict | None = None
         in_flight = microbatches_in_flight(L.schedule, L.pp, L.n_microbatches, L.virtual_stages, rank)
         estimate = memory_estimate(config, counts, n_blocks, n_virtual, holds_first, holds_last, L.micro_batch,
                                    in_flight, in_flight if L.schedule == "gpipe" else 1, L.act_bytes, L.loss_chunk,
-                                   shards, replicated, L.tp, L.sequence_parallel)
+                                   shards, replicated, L.tp, L.sequence_parallel, pipelined=True)
         blocks = ", ".join(f"{plan[i].start}-{plan[i].stop - 1}" if plan[i] else "none" for i in ids)
         rows.append((f"stage {rank} (blocks {blocks})",
                      rank_params(config, counts, n_blocks, holds_first, holds_last)[0], estimate))
