@@ -240,7 +240,7 @@ def permute_qkv(weight: torch.Tensor, tp: int, inverse: bool = False) -> torch.T
     rest = weight.shape[1:]
     if inverse:                                                   # (tp, 3, C/tp, ...) -> (3, tp, C/tp, ...)
         return weight.reshape(tp, 3, -1, *rest).transpose(0, 1).reshape(weight.shape)
-    return weight.reshape(3, tp, -1, *rest).transpose(0, 1).reshape(weight.shape)
+    return weight.reshape(3, tp, -1, *rest).transpose(0, 1).reshape(weight.shape)   # (3, tp, ...) -> (tp, 3, ...)
 
 
 def is_qkv(name: str) -> bool:
