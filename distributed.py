@@ -37,7 +37,8 @@ class DataParallel:
 
     With a (pp = 1, dp, tp) device mesh and tp > 1, the model is first split across each group of tp processes
     (tensor_parallel below); these groups are the data-parallel replicas: sharded over dp by FSDP, or each a
-    full copy whose gradients are averaged over dp once per optimizer step (as Pipeline does)."""
+    full copy whose gradients (plain and DTensor alike, by their local parts) are averaged over dp in one
+    all-reduce per optimizer step, as Pipeline does, instead of by DDP."""
 
     def __init__(self, model: GPT, device: str, dtype: torch.dtype, local_rank: int, world_size: int,
                  fsdp: bool, compile: bool, accum: int, loss_chunk: int, mesh=None,
@@ -225,6 +226,11 @@ def device_mesh(device_type: str, world_size: int, pp: int, tp: int):
 # whole on one process. The tied token embedding is the same (V, C) matrix split the same way by rows.
 # torch.distributed.tensor.parallel does the splitting: each split weight becomes a DTensor, a tensor that
 # knows its shards and which collectives its operations need.
+# Dropout: the processes of a tensor-parallel group seed their generators alike (train.py), so they draw the
+# same masks on the activations they replicate, which must stay equal. They draw them on their own heads'
+# attention weights (and under sequence parallelism, their own slice of the sequence) too, so head h and head
+# h + H / tp share a mask; Megatron-LM gives each rank its own generator for those (Shoeybi et al. 2019,
+# section 3). Results still match one process only without dropout (as for DDP, whose ranks draw their own).
 
 def permute_qkv(weight: torch.Tensor, tp: int, inverse: bool = False) -> torch.Tensor:
     """c_attn's rows (weight (3C, C) or bias (3C,)) reordered from [q; k; v] to [q_0; k_0; v_0; q_1; ...;
@@ -234,7 +240,7 @@ def permute_qkv(weight: torch.Tensor, tp: int, inverse: bool = False) -> torch.T
     rest = weight.shape[1:]
     if inverse:                                                   # (tp, 3, C/tp, ...) -> (3, tp, C/tp, ...)
         return weight.reshape(tp, 3, -1, *rest).transpose(0, 1).reshape(weight.shape)
-    return weight.reshape(3, tp, -1, *rest).transpose(0, 1).reshape(weight.shape)
+    return weight.reshape(3, tp, -1, *rest).transpose(0, 1).reshape(weight.shape)   # (3, tp, ...) -> (tp, 3, ...)
 
 
 def is_qkv(name: str) -> bool:

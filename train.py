@@ -623,6 +623,12 @@ def initial_weights(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, s
     return pretrained.config, pretrained.state_dict()
 
 
+def is_compiled(cfg: TrainConfig, device: str) -> bool:
+    """Whether the training steps run through torch.compile: --compile (by default on CUDA), except under --tp,
+    where it is refused when asked for and off by default (not yet tested with DTensor here)."""
+    return should_compile(cfg, device) and cfg.tp == 1
+
+
 def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, rank: int, local_rank: int,
                 world_size: int, device: str, dtype: torch.dtype
                 ) -> tuple[DataParallel | Pipeline, int, object, int]:
@@ -644,9 +650,8 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
                               microbatches(cfg), cfg.pp_virtual_stages, cfg.gradient_accumulation_steps, cfg.fsdp,
                               cfg.sequence_parallel)
         return pipe, pipe.dp_rank, mesh.get_group("dp"), n_params
-    parallel = DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp,
-                            should_compile(cfg, device) and cfg.tp == 1, cfg.gradient_accumulation_steps, loss_chunk,
-                            mesh, cfg.sequence_parallel)
+    parallel = DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp, is_compiled(cfg, device),
+                            cfg.gradient_accumulation_steps, loss_chunk, mesh, cfg.sequence_parallel)
     if mesh is None:
         return parallel, rank, None, n_params
     return parallel, mesh.get_local_rank("dp"), mesh.get_group("dp"), n_params
@@ -725,7 +730,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
            f"{model_cfg.n_embd} channels, context {T}")
     print0(f"data: {cfg.dataset} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens) | "
            f"{tokens_per_step:,} tokens per step | {world_size} x {device}, {precision}"
-           f"{', compiled' if should_compile(cfg, device) else ''}")
+           f"{', compiled' if is_compiled(cfg, device) else ''}")
     if is_master:
         prepare_out_dir(cfg.out_dir, start_step)
         # A process killed after renaming ckpt.pt into place but before linking it as ckpt-STEP.pt and
