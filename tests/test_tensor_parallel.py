@@ -56,13 +56,15 @@ def test_tp2_with_sequence_parallelism_matches_one_process_and_resumes_there(one
 
 
 @pytest.mark.slow
-def test_one_process_checkpoint_resumes_under_fsdp2_x_tp2(one_process_run, tiny_data_dir, tmp_path):
-    """One process's step-3 checkpoint, resumed on 4 processes: FSDP over 2 data-parallel replicas, each split
-    over 2 tensor-parallel processes (2 micro-batches each): the same 3 last steps as one process."""
+@pytest.mark.parametrize("data_parallel", ["--fsdp", "--fsdp=False"])
+def test_one_process_checkpoint_resumes_under_dp2_x_tp2(data_parallel, one_process_run, tiny_data_dir, tmp_path):
+    """One process's step-3 checkpoint, resumed on 4 processes: 2 data-parallel replicas (FSDP-sharded, or full
+    copies averaging their gradients), each split over 2 tensor-parallel processes, 2 micro-batches each: the
+    same 3 last steps as one process."""
     resumed = str(tmp_path / "resumed")
     shutil.copytree(one_process_run, resumed)   # its ckpt-000003.pt (kept by --keep_last), the log up to there
     run_train(resumed, tiny_data_dir, 4, *MODEL, "--max_iters=6", "--gradient_accumulation_steps=2", "--tp=2",
-              "--fsdp", "--init_from=resume", f"--resume_from={os.path.join(resumed, 'ckpt-000003.pt')}")
+              data_parallel, "--init_from=resume", f"--resume_from={os.path.join(resumed, 'ckpt-000003.pt')}")
     assert_same_run(one_process_run, resumed)
 
 
