@@ -228,12 +228,22 @@ class R50kTokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+def import_tokenizers():
+    """Hugging Face's `tokenizers`, imported only where a BPE is trained or loaded (or one line on getting it)."""
+    try:
+        import tokenizers
+    except ModuleNotFoundError:
+        sys.exit("error: a BPE tokenizer needs Hugging Face's tokenizers: `pip install tokenizers` (or "
+                 "`pip install -r requirements.txt`)")
+    return tokenizers
+
+
 class BPETokenizer:
     """A byte-level BPE in Hugging Face's tokenizer.json format (prepare.py --tokenizer=bpe:VOCAB trains one),
     run by the `tokenizers` library, imported only here. Same members as R50kTokenizer; file is the JSON."""
 
     def __init__(self, name: str, file: str):
-        from tokenizers import Tokenizer
+        Tokenizer = import_tokenizers().Tokenizer
         self.name, self.file = name, file
         self.tokenizer = Tokenizer.from_str(file)        # <|endoftext|> in the text is the special token
         self.ordinary = Tokenizer.from_str(file)         # ... and here plain text

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import (EOT_TEXT, MAX_VOCAB, BPETokenizer, check_bpe_file, get_tokenizer, parse_args, sha256_file,
-                    shakespeare_paths, write_atomically)
+from common import (EOT_TEXT, MAX_VOCAB, BPETokenizer, check_bpe_file, get_tokenizer, import_tokenizers,
+                    parse_args, sha256_file, shakespeare_paths, write_atomically)
 from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
@@ -258,8 +258,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
     the merges follow in the order they were learnt. The trainer only keeps counts of distinct words, so texts
     may stream a corpus of any size. Word counts do not depend on the order of the texts or the threads, and
     ties between equally frequent pairs go to the lower pair of ids: the same texts give the same file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
+    hf = import_tokenizers()
+    decoders, models, pre_tokenizers, trainers = hf.decoders, hf.models, hf.pre_tokenizers, hf.trainers
+    tokenizer = hf.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)   # as GPT-2: no space added
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
