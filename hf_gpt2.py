@@ -357,7 +357,7 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, token
                 "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT},
                 indent=2) + "\n")
         elif config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
-            vocab, merges = gpt2_tokenizer_files(get_tokenizer())
+            vocab, merges = gpt2_tokenizer_files(get_tokenizer().encoding)
             write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
             write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
             write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
