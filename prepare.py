@@ -391,13 +391,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Open the documents: a lazy stream, read as the tokenizer consumes it (twice for a BPE: once to
     # train it, once to encode).
-    if source["kind"] == "hf":
-        dataset = load_hf_dataset(cfg)
-        total = None if cfg.streaming else len(dataset)
-        documents = lambda: hf_documents(dataset, cfg.text_column)   # noqa: E731
-    else:
-        documents = lambda: (text for path in paths for text in read_documents(path, cfg.text_column))  # noqa
-        total = count_documents(paths)
+    dataset = load_hf_dataset(cfg) if source["kind"] == "hf" else None
+    total = count_documents(paths) if dataset is None else None if cfg.streaming else len(dataset)
+
+    def documents() -> Iterator[str]:
+        if dataset is not None:
+            return hf_documents(dataset, cfg.text_column)
+        return (text for path in paths for text in read_documents(path, cfg.text_column))
     if kind == "bpe":
         start, progress = time.time(), Progress(total)
         try:
