@@ -240,12 +240,14 @@ class Progress:
 
 
 def training_texts(documents: Iterable[str], progress: Progress) -> Iterator[str]:
-    """The non-empty documents in pieces (split_text), the stream a BPE is trained on, with progress."""
+    """The non-empty documents in pieces of about 64K characters (split_text), the stream a BPE is trained on,
+    with progress. Small pieces, because the trainer pulls texts from Python a few hundred at a time."""
     n_seen = n_bytes = 0
     for text in documents:
-        n_seen, n_bytes = n_seen + 1, n_bytes + len(text.encode("utf-8"))
-        if text and not text.isspace():
-            yield from split_text(text)
+        for piece in split_text(text, size=1 << 16) if text and not text.isspace() else []:
+            n_bytes += len(piece.encode("utf-8"))
+            yield piece
+        n_seen += 1
         progress.update(n_seen, None, n_bytes)
     progress.update(n_seen, None, n_bytes, final=True)
 
