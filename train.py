@@ -20,10 +20,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from common import (PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals,
                     all_ranks_mean, check_run_config, should_compile, config_changes, dataset_tokenizer_record,
-                    evaluate, flags_given,
-                    is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops,
-                    prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main, save_checkpoint,
-                    save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
+                    evaluate, flags_given, is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state,
+                    parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main,
+                    save_checkpoint, save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
 from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Pipeline, build_pipeline, count_params,
                          memory_estimate, microbatches_in_flight)
 from model import (GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, GPTStage, arg, configure_optimizers,
