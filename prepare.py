@@ -154,15 +154,15 @@ def hf_documents(dataset, text_column: str) -> Iterator[str]:
         yield from (text or "" for text in batch[text_column])
 
 
-def batched(documents: Iterable[str], max_docs: int = 1024, max_chars: int = 4_000_000
-            ) -> Iterator[list[str]]:
-    """Consecutive lists of documents, small enough to hold in memory and large enough to keep every
-    tokenizer thread busy."""
+def batched(pieces: Iterable[tuple[bool, str]], max_pieces: int = 1024, max_chars: int = 4_000_000
+            ) -> Iterator[list[tuple[bool, str]]]:
+    """Consecutive lists of (starts a document, text) pieces, small enough to hold in memory and large enough
+    to keep every tokenizer thread busy."""
     batch, chars = [], 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
-        if len(batch) >= max_docs or chars >= max_chars:
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[1])
+        if len(batch) >= max_pieces or chars >= max_chars:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -274,23 +274,31 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
 def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int,
                      progress: Progress) -> tuple[int, int, int]:
     """Encode documents in batches and append their ids to f as uint16, <|endoftext|> between documents.
-    Only one batch is in memory at a time (a long document is encoded in pieces, split_text), so a corpus
-    of billions of tokens streams through. Returns (tokens written, documents written, empty documents
-    skipped)."""
+    Only one document and one batch of ids are in memory at a time (a long document is encoded in pieces,
+    split_text), so a corpus of billions of tokens streams through. Returns (tokens written, documents
+    written, empty documents skipped)."""
     n_tokens = n_docs = n_empty = n_seen = n_bytes = 0
-    for batch in batched(documents):
-        n_seen += len(batch)
-        n_bytes += sum(len(text.encode("utf-8")) for text in batch)
-        texts = [split_text(text) for text in batch if text and not text.isspace()]
-        n_empty += len(batch) - len(texts)
-        encoded = iter(enc.encode_ordinary_batch([piece for pieces in texts for piece in pieces], num_proc))
-        ids = []
-        for pieces in texts:
-            if n_docs > 0:
-                ids.append(enc.eot_token)   # a separator, not a terminator: none after the last document
-            for _ in pieces:
-                ids.extend(next(encoded))
-            n_docs += 1
+
+    def pieces() -> Iterator[tuple[bool, str]]:
+        """(starts a document, text) for the pieces of every non-empty document, counting what was read."""
+        nonlocal n_seen, n_bytes, n_empty
+        for text in documents:
+            n_seen += 1
+            if not text or text.isspace():
+                n_empty, n_bytes = n_empty + 1, n_bytes + len(text.encode("utf-8"))
+                continue
+            for i, piece in enumerate(split_text(text)):
+                n_bytes += len(piece.encode("utf-8"))
+                yield i == 0, piece
+
+    for batch in batched(pieces()):
+        ids, texts = [], [piece for _, piece in batch]
+        for (starts_document, _), tokens in zip(batch, enc.encode_ordinary_batch(texts, num_proc)):
+            if starts_document:
+                if n_docs > 0:
+                    ids.append(enc.eot_token)   # a separator, not a terminator: none after the last document
+                n_docs += 1
+            ids.extend(tokens)
         array = np.array(ids, dtype=np.int64)
         assert array.size == 0 or (array.min() >= 0 and array.max() < 2**16), "token id does not fit uint16"
         array.astype(np.uint16).tofile(f)
