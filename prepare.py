@@ -96,18 +96,17 @@ def parse_tokenizer(spec: str) -> tuple[str, int | None]:
 CUT = re.compile(r"(?<=\S)\n(?=\S)")
 
 
-def split_text(text: str, size: int = 1 << 20) -> list[str]:
+def split_text(text: str, size: int = 1 << 20) -> Iterator[str]:
     """text in consecutive pieces of about size characters (longer where no CUT is near), cut only after a
     CUT newline: encoding them one by one gives the ids of the whole, with bounded memory per piece."""
-    pieces, start = [], 0
+    start = 0
     while len(text) - start > size:
         match = CUT.search(text, start + size)
         if match is None:
             break
-        pieces.append(text[start:match.end()])
+        yield text[start:match.end()]
         start = match.end()
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
 
 
 def decode_utf8(data: bytes, where: str) -> str:

@@ -67,7 +67,7 @@ def test_long_text_encoded_in_pieces_gives_the_ids_of_the_whole(kind, bpe_data):
     characters, the pieces' ids are the whole text's, including around runs of spaces and blank lines."""
     tokenizer = get_tokenizer() if kind == "r50k_base" else bpe_of(bpe_data)
     text = ("Line one.\nLine two  \n  three\n\n\nfour\tfive\n" + TEXT) * 20
-    pieces = prepare.split_text(text, size=50)
+    pieces = list(prepare.split_text(text, size=50))
     assert "".join(pieces) == text and len(pieces) >= 20
     assert [i for piece in pieces for i in tokenizer.encode_ordinary(piece)] == tokenizer.encode_ordinary(text)
 
