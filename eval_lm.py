@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_gpt2 import check_hf_source, go_offline_if_hub_unreachable, load_hf_gpt2
-from common import (EOT_TOKEN, autocast, get_tokenizer, load_checkpoint, model_from_checkpoint, parse_args,
+from hf_gpt2 import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
+from common import (autocast, checkpoint_tokenizer, load_checkpoint, model_from_checkpoint, parse_args,
                     pick_device, pick_dtype, write_atomically)
 from model import GPT, GPT2_SIZES, arg, generate
 
@@ -59,12 +59,12 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     continuation's first token is the one the model would write (' Paris', not ' ' then 'Paris'). An empty
     context becomes <|endoftext|>, the token every document starts after."""
     if not context:
-        return [EOT_TOKEN], tokenizer.encode(continuation, allowed_special="all")
+        return [tokenizer.eot_token], tokenizer.encode(continuation)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation, allowed_special="all")
-    n_context = len(tokenizer.encode(context, allowed_special="all"))
+    whole = tokenizer.encode(context + continuation)
+    n_context = len(tokenizer.encode(context))
     return whole[:n_context], whole[n_context:]
 
 
@@ -177,7 +177,7 @@ def make_adapter_class():
             results = []
             with autocast(self.device_name, self.dtype):
                 for (text,) in (request.args for request in requests):
-                    tokens = np.array([EOT_TOKEN] + self.tokenizer.encode(text, allowed_special="all"))
+                    tokens = np.array([self.tokenizer.eot_token] + self.tokenizer.encode(text))
                     results.append(stream_log_likelihood(self.model, tokens, self.batch_size))
             return results
 
@@ -189,15 +189,16 @@ def make_adapter_class():
                 stops = gen_kwargs.get("until", [])
                 stops = [stops] if isinstance(stops, str) else list(stops)
                 temperature = gen_kwargs.get("temperature", 0.0) if gen_kwargs.get("do_sample") else 0.0
-                prompt_ids = self.tokenizer.encode(context, allowed_special="all") or [EOT_TOKEN]
+                eot = self.tokenizer.eot_token
+                prompt_ids = self.tokenizer.encode(context) or [eot]
                 prompt = torch.tensor([prompt_ids], device=self.model.transformer.wte.weight.device)
                 utf8, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
                 with autocast(self.device_name, self.dtype):
                     for token in generate(self.model, prompt, gen_kwargs.get("max_gen_toks", 256), temperature,
-                                          stop_token=EOT_TOKEN):
-                        if token.item() == EOT_TOKEN:
+                                          stop_token=eot):
+                        if token.item() == eot:
                             break
-                        text += utf8.decode(self.tokenizer.decode_single_token_bytes(token.item()))
+                        text += utf8.decode(self.tokenizer.decode_bytes([token.item()]))
                         text, stopped = truncate_at_stop(text, stops)
                         if stopped:
                             break
@@ -209,11 +210,13 @@ def make_adapter_class():
 
 # --- side effects: the model, the files, the harness ---
 
-def load_model(cfg: EvalConfig) -> GPT:
+def load_model(cfg: EvalConfig) -> tuple[GPT, object]:
+    """The model and the tokenizer it reads: its checkpoint's (r50k_base for GPT-2's weights and older ones)."""
     if cfg.init_from:
         check_hf_source(cfg.init_from)
-        return load_hf_gpt2(cfg.init_from)
-    return model_from_checkpoint(load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt")), dropout=0.0)
+        return load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)
+    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    return model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
 
 
 def read_tokens(path: str, tokenizer) -> np.ndarray:
@@ -226,16 +229,17 @@ def read_tokens(path: str, tokenizer) -> np.ndarray:
     else:
         try:
             with open(path, encoding="utf-8") as f:
-                tokens = np.array(tokenizer.encode(f.read(), allowed_special="all"), dtype=np.int64)
+                tokens = np.array(tokenizer.encode(f.read()), dtype=np.int64)
         except UnicodeDecodeError:
             sys.exit(f"error: {path} is not UTF-8 text (a token file must end in .bin)")
-    return np.concatenate([[EOT_TOKEN], tokens])
+    return np.concatenate([[tokenizer.eot_token], tokens])
 
 
-def run_tasks(cfg: EvalConfig, model: GPT, device: str, dtype: torch.dtype, hub_unreachable: str | None) -> dict:
+def run_tasks(cfg: EvalConfig, model: GPT, tokenizer, device: str, dtype: torch.dtype, hub_unreachable: str | None
+              ) -> dict:
     """The harness's results dict for cfg.tasks, evaluated through GPTAdapter. A task whose data cannot be
     fetched stops with one line; hub_unreachable is the Hub's address when a probe found it unreachable."""
-    adapter = make_adapter_class()(model, get_tokenizer(), cfg.batch_size, device, dtype)
+    adapter = make_adapter_class()(model, tokenizer, cfg.batch_size, device, dtype)
     import lm_eval
     from lm_eval.tasks import TaskManager
     if cfg.include_path and not os.path.isdir(cfg.include_path):
@@ -271,12 +275,13 @@ def main(argv: list[str] | None = None) -> None:
     hub_unreachable = go_offline_if_hub_unreachable() if needs_hub else None
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    model = load_model(cfg).to(device).eval()
+    model, tokenizer = load_model(cfg)
+    model.to(device).eval()
     output = cfg.output or default_output(cfg)
     source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
 
     if cfg.perplexity:
-        tokens = read_tokens(cfg.perplexity, get_tokenizer())
+        tokens = read_tokens(cfg.perplexity, tokenizer)
         if tokens.max() >= model.config.vocab_size:
             sys.exit(f"error: {cfg.perplexity} holds token ids up to {tokens.max()}, beyond the model's "
                      f"vocabulary of {model.config.vocab_size}")
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
               f"perplexity {math.exp(nll):.2f}")
     else:
-        evaluated = run_tasks(cfg, model, device, dtype, hub_unreachable)   # one line if lm_eval is missing
+        # one line if lm_eval is missing
+        evaluated = run_tasks(cfg, model, tokenizer, device, dtype, hub_unreachable)
         from lm_eval.utils import handle_non_serializable, make_table
         results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
         results = json.loads(json.dumps(results, default=handle_non_serializable))

@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (EOT_TOKEN, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals, all_ranks_mean,
+from common import (RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals, all_ranks_mean,
                     autocast, check_run_config, should_compile, config_changes, evaluate, flags_given,
-                    get_tokenizer, is_evaluation_step, load_checkpoint, loop_state, model_from_checkpoint,
+                    checkpoint_tokenizer, is_evaluation_step, load_checkpoint, loop_state, model_from_checkpoint,
                     optimizer_step, parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype,
                     restore_loop_state, run_main, save_checkpoint, save_on_rank0, set_lr, setup_distributed,
                     sha256_file, shakespeare_paths, teardown_distributed)
@@ -96,7 +96,7 @@ def encode_record(tokenizer, record: dict) -> tuple[list[int], int]:
     and the model continues from there. encode_ordinary treats a literal '<|endoftext|>' in a record as text;
     the only end-of-text token is the one that closes the response, which teaches the model to stop."""
     prompt = tokenizer.encode_ordinary(format_prompt(record["instruction"], record.get("input") or ""))
-    response = tokenizer.encode_ordinary(record["output"]) + [EOT_TOKEN]
+    response = tokenizer.encode_ordinary(record["output"]) + [tokenizer.eot_token]
     return prompt + response, len(prompt)
 
 
@@ -145,13 +145,14 @@ def collate(examples: list[tuple[list[int], int]], mask_input: bool) -> tuple[to
     y is x shifted by one token. Positions that must not count get the target -1, the ignore index of the
     model's loss: the padding after a shorter example, and with mask_input the positions whose next token is
     still part of the prompt (the first n_prompt - 1), so only the response and its <|endoftext|> are learned.
-    Padded inputs may hold any token: causal attention never lets an earlier position see them."""
+    Padded inputs may hold any token (causal attention never lets an earlier position see them): each row is
+    padded with its last token, the <|endoftext|> that closes the response."""
     T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), T), EOT_TOKEN, dtype=torch.long)
+    x = torch.empty((len(examples), T), dtype=torch.long)
     y = torch.full((len(examples), T), -1, dtype=torch.long)
     for row, (ids, n_prompt) in enumerate(examples):
         n = len(ids) - 1
-        x[row, :n] = torch.tensor(ids[:-1])
+        x[row, :n], x[row, n:] = torch.tensor(ids[:-1]), ids[-1]
         y[row, :n] = torch.tensor(ids[1:])
         if mask_input:
             y[row, :n_prompt - 1] = -1
@@ -407,10 +408,11 @@ def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfi
     return cfg, None, os.path.join(cfg.init_from, "ckpt.pt")
 
 
-def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool) -> tuple[GPT, dict]:
-    """The base model (dropout off: only the adapters' dropout regularizes fine-tuning) and its record for the
-    adapter (path and sha256). GPT-2's weights first become a checkpoint of ours in out_dir/base.pt. A
-    resumed run refuses a base that changed since it started."""
+def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool
+              ) -> tuple[GPT, dict, object]:
+    """The base model (dropout off: only the adapters' dropout regularizes fine-tuning), its record for the
+    adapter (path and sha256) and the tokenizer its checkpoint carries. GPT-2's weights first become a
+    checkpoint of ours in out_dir/base.pt. A resumed run refuses a base that changed since it started."""
     if cfg.init_from != "resume":
         from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
         if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
@@ -419,20 +421,20 @@ def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master
                 save_hf_as_checkpoint(cfg.init_from, base_path)
             if dist.is_initialized():
                 dist.barrier()
-    model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
+    checkpoint = load_checkpoint(base_path)
+    model, tokenizer = model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
     base = {"path": base_path, "sha256": sha256_file(base_path)}
     if state is not None and base["sha256"] != state["base"]["sha256"]:
         sys.exit(f"error: the base checkpoint {base_path} changed since this run started (sha256 differs); "
                  f"the adapter only fits the base it was trained on")
-    return model, base
+    return model, base, tokenizer
 
 
-def encode_splits(cfg: FinetuneConfig, records: list[dict], block_size: int) -> dict[str, list]:
+def encode_splits(cfg: FinetuneConfig, records: list[dict], tokenizer, block_size: int) -> dict[str, list]:
     """The training and validation examples: records split (split_records), encoded, and fit to the context."""
     train_ids, val_ids = split_records(len(records), cfg.val_fraction, cfg.seed)
     if not train_ids:
         sys.exit(f"error: --val_fraction={cfg.val_fraction} leaves no training record of {len(records)}")
-    tokenizer = get_tokenizer()
     splits, n_truncated, n_skipped = {}, 0, 0
     for split, ids in (("train", train_ids), ("val", val_ids)):
         examples = [encode_record(tokenizer, records[i]) for i in ids]
@@ -494,11 +496,12 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     cfg, state, base_path = start_or_resume(cfg, given)
     dtype, precision, cfg = resolve_dtype(cfg, device)
     records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
-    model, base = load_base(cfg, base_path, state, is_master)
-    if model.config.vocab_size < EOT_TOKEN + 1:
-        sys.exit(f"error: the base's vocabulary ({model.config.vocab_size}) is not r50k_base's (50257); "
-                 f"instruction text needs a model trained on GPT-2 tokens")
-    splits = encode_splits(cfg, records, model.config.block_size)
+    model, base, tokenizer = load_base(cfg, base_path, state, is_master)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        sys.exit(f"error: the base's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
+                 f"({tokenizer.name}: {tokenizer.vocab_size}); instruction text needs a model trained on its "
+                 f"tokenizer's tokens")
+    splits = encode_splits(cfg, records, tokenizer, model.config.block_size)
 
     # The model: the frozen base with adapters; only the adapters reach the optimizer.
     present = add_adapters(model, cfg, given, state)

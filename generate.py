@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOT_TOKEN, autocast, flags_given, get_tokenizer, load_checkpoint, model_from_checkpoint,
+from common import (autocast, checkpoint_tokenizer, flags_given, load_checkpoint, model_from_checkpoint,
                     parse_args, pick_device, sampling_dtype)
 from lora import format_prompt, load_base_with_adapter, merge_lora
 from model import arg, generate
@@ -87,19 +87,22 @@ def main(argv: list[str] | None = None) -> None:
     dtype = sampling_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    # The model, and the tokenizer its checkpoint carries (r50k_base for GPT-2's weights and older checkpoints).
     if cfg.lora:
         # The adapter on its base, then folded in: sampling then costs what the base model costs.
         base_path = ckpt_path if "out_dir" in flags_given(argv) else None
-        model = merge_lora(load_base_with_adapter(cfg.lora, base_path))
+        model, tokenizer = load_base_with_adapter(cfg.lora, base_path)
+        model = merge_lora(model)
     elif cfg.init_from:
-        from hf_gpt2 import load_hf_gpt2
-        model = load_hf_gpt2(cfg.init_from)
+        from hf_gpt2 import hf_tokenizer, load_hf_gpt2
+        model, tokenizer = load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)
     else:
-        model = model_from_checkpoint(load_checkpoint(ckpt_path), dropout=0.0)
+        checkpoint = load_checkpoint(ckpt_path)
+        model, tokenizer = model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
+        del checkpoint
     model.to(device).eval()
-    tokenizer = get_tokenizer()
 
-    prompt_ids = tokenizer.encode(prompt_text, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+    prompt_ids = tokenizer.encode(prompt_text) or [tokenizer.eot_token]
     if max(prompt_ids) >= model.config.vocab_size:
         sys.exit(f"error: the prompt holds token ids up to {max(prompt_ids)}, but the model's vocabulary has "
                  f"only {model.config.vocab_size}; use a prompt in the model's vocabulary")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
               f"the model sees its last {block_size}", file=sys.stderr)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # (1, T0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    stop_token = EOT_TOKEN if cfg.stop_at_eot else None
+    stop_token = tokenizer.eot_token if cfg.stop_at_eot else None
     compile_steps = cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
     new_tokens, seconds = 0, 0.0
@@ -122,12 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         with autocast(device, dtype):
             for token in generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                  stop_token, generator, vocab_limit=tokenizer.n_vocab, compile=compile_steps):
+                                  stop_token, generator, vocab_limit=tokenizer.vocab_size, compile=compile_steps):
                 token_id = token.item()
                 new_tokens += 1
-                if token_id == EOT_TOKEN:
+                if token_id == tokenizer.eot_token:
                     break
-                print(utf8.decode(tokenizer.decode_single_token_bytes(token_id)), end="", flush=True)
+                print(utf8.decode(tokenizer.decode_bytes([token_id])), end="", flush=True)
         print(utf8.decode(b"", final=True))
         seconds += time.perf_counter() - start
     print(f"{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s "

@@ -5,9 +5,10 @@
 
 In: `load_hf_gpt2("gpt2" | "gpt2-medium" | "gpt2-large" | "gpt2-xl" | <directory>)` reads config.json and
 model.safetensors (from the Hub, or a directory that transformers' save_pretrained wrote) into our GPT.
-Out: this script writes config.json, generation_config.json, model.safetensors and GPT-2's tokenizer files
-(vocab.json, merges.txt) so that GPT2LMHeadModel.from_pretrained(dir), AutoTokenizer.from_pretrained(dir) and
-pipeline("text-generation", dir) load the model.
+Out: this script writes config.json, generation_config.json, model.safetensors and the tokenizer's files (GPT-2's
+vocab.json and merges.txt for r50k_base, the checkpoint's tokenizer.json for a BPE of prepare.py's) so that
+GPT2LMHeadModel.from_pretrained(dir), AutoTokenizer.from_pretrained(dir) and pipeline("text-generation", dir)
+load the model.
 
 Our GPT and transformers' GPT2LMHeadModel have the same parameter names (both follow OpenAI's release).
 The one difference: OpenAI wrote the four projections as Conv1D, which stores its weight as (C_in, C_out);
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import EOT_TOKEN, get_tokenizer, load_checkpoint, parse_args, save_checkpoint
+from common import (EOT_TEXT, EOT_TOKEN, BPETokenizer, bytes_to_unicode, check_bpe_file, get_tokenizer,
+                    load_checkpoint, load_tokenizer, parse_args, save_checkpoint, tokenizer_record)
 from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig, arg
 
 
@@ -133,15 +135,15 @@ def hf_config_from_gpt(config: GPTConfig) -> dict:
             "torch_dtype": "float32"}
 
 
-def hf_generation_config_from_gpt(config: GPTConfig) -> dict:
+def hf_generation_config_from_gpt(config: GPTConfig, eot_token: int = EOT_TOKEN) -> dict:
     """transformers' generation_config.json for our GPTConfig: generation stops at the context window
     (max_length counts the prompt too), and on GPT-2's vocabulary <|endoftext|> ends and pads a sample.
     Without max_length, transformers 5's text-generation pipeline asks for 256 new tokens (its
     _default_generation_config), and positions past n_positions index outside the position embedding
     (IndexError); a model's own generation config takes precedence over the pipeline's defaults."""
     generation = {"max_length": config.block_size}
-    if config.vocab_size > EOT_TOKEN:     # a smaller vocabulary has no such token to end or pad with
-        generation.update(bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, pad_token_id=EOT_TOKEN)
+    if config.vocab_size > eot_token:     # a smaller vocabulary has no such token to end or pad with
+        generation.update(bos_token_id=eot_token, eos_token_id=eot_token, pad_token_id=eot_token)
     return generation
 
 
@@ -153,22 +155,6 @@ def hf_state_dict_from_gpt(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 # --- the tokenizer files: GPT-2's BPE written the way OpenAI and transformers store it ---
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2, encoder.py):
-    printable Latin-1 bytes map to themselves, the others to characters from U+0100 on, so every token's
-    bytes can be written as a string in vocab.json and merges.txt."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
 
 def bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
     """token's bytes merged by byte-pair encoding using only merges ranked below max_rank: repeatedly join
@@ -308,14 +294,26 @@ def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
     return model
 
 
+def hf_tokenizer(source: str):
+    """The tokenizer of a Hugging Face GPT-2 source: the tokenizer.json of a directory that this script exported
+    from a BPE model (one with tokenizer.json and no vocab.json), else r50k_base, GPT-2's own."""
+    path = os.path.join(source, "tokenizer.json")
+    if not os.path.isdir(source) or not os.path.isfile(path) or os.path.isfile(os.path.join(source, "vocab.json")):
+        return get_tokenizer()
+    with open(path, encoding="utf-8") as f:
+        file = f.read()
+    check_bpe_file(file, path)
+    return BPETokenizer(os.path.abspath(path), file)
+
+
 def save_hf_as_checkpoint(source: str, path: str) -> None:
-    """GPT-2 weights saved as a checkpoint of ours (model and model_config), for scripts that tie their
-    output to a checkpoint file: finetune_lora.py's adapters record their base's path and sha256. The
+    """GPT-2 weights saved as a checkpoint of ours (model, model_config and tokenizer), for scripts that tie
+    their output to a checkpoint file: finetune_lora.py's adapters record their base's path and sha256. The
     folder is created only once the weights have loaded, so a failed download leaves nothing behind."""
     model = load_hf_gpt2(source)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                     "hf_source": source}, path)
+                     "hf_source": source, "tokenizer": tokenizer_record(hf_tokenizer(source))}, path)
 
 
 def write_text(path: str, text: str) -> None:
@@ -331,12 +329,16 @@ def current_umask() -> int:
     return mask
 
 
-def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> None:
-    """Write a Hugging Face GPT-2 directory at out, atomically: the files go into a temporary directory
+def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, tokenizer=None) -> None:
+    """Write a Hugging Face GPT-2 directory at out, with the tokenizer's files (tokenizer: a BPE of ours, as
+    tokenizer.json; None: r50k_base, as GPT-2's vocab.json and merges.txt when the vocabulary is GPT-2's),
+    atomically: the files go into a temporary directory
     beside it, which is renamed to out once complete, so out is either absent or whole. The directory and
     its files get the modes that os.mkdir and open would give them (0777 and 0666 less the umask), not the
     temporary directory's private 0700 (tempfile.mkdtemp) or safetensors' 0600 for model.safetensors."""
     hf_config = hf_config_from_gpt(config)     # refuses unexpressible configs before anything is written
+    eot_token = tokenizer.eot_token if tokenizer is not None else EOT_TOKEN
+    hf_config.update(bos_token_id=eot_token, eos_token_id=eot_token)
     save_file = _need("safetensors.torch", "export").save_file
     if os.path.exists(out):
         sys.exit(f"error: {out} exists; pick another --out (nothing is overwritten)")
@@ -346,10 +348,16 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str) -> No
     try:
         write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
         write_text(os.path.join(tmp, "generation_config.json"),
-                   json.dumps(hf_generation_config_from_gpt(config), indent=2) + "\n")
+                   json.dumps(hf_generation_config_from_gpt(config, eot_token), indent=2) + "\n")
         save_file(hf_state_dict_from_gpt(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
-            vocab, merges = gpt2_tokenizer_files(get_tokenizer())
+        if tokenizer is not None:   # our BPE: transformers' generic fast tokenizer runs its tokenizer.json as is
+            write_text(os.path.join(tmp, "tokenizer.json"), tokenizer.file)
+            write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
+                "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT},
+                indent=2) + "\n")
+        elif config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
+            vocab, merges = gpt2_tokenizer_files(get_tokenizer().encoding)
             write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
             write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
             write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
@@ -370,10 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(ExportConfig, argv=argv)
     checkpoint = load_checkpoint(cfg.checkpoint)
     config = GPTConfig(**checkpoint["model_config"])
-    export_hf(checkpoint["model"], config, cfg.out)
-    has_tokenizer = config.vocab_size >= EOT_TOKEN + 1
+    tokenizer = load_tokenizer(checkpoint["tokenizer"]) if checkpoint.get("tokenizer", {}).get("file") else None
+    export_hf(checkpoint["model"], config, cfg.out, tokenizer)
     print(f"wrote {cfg.out}: config.json, generation_config.json, model.safetensors"
-          + (", vocab.json, merges.txt, tokenizer_config.json" if has_tokenizer else
+          + (", tokenizer.json, tokenizer_config.json" if tokenizer is not None else
+             ", vocab.json, merges.txt, tokenizer_config.json" if config.vocab_size >= EOT_TOKEN + 1 else
              f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.out!r})")
 

@@ -14,7 +14,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from common import load_checkpoint, load_verified, model_from_checkpoint, save_verifiable, sha256_file
+from common import (checkpoint_tokenizer, load_checkpoint, load_verified, model_from_checkpoint, save_verifiable,
+                    sha256_file)
 from model import GPT
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names; mlp_0 is the first
@@ -162,14 +163,16 @@ def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
     return model
 
 
-def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> GPT:
-    """The base model (on the CPU, dropout off) with the adapter at adapter_path applied, not merged. The base
-    is base_path, or the checkpoint the adapter records; either way its sha256 must match the adapter's."""
+def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> tuple[GPT, object]:
+    """The base model (on the CPU, dropout off) with the adapter at adapter_path applied, not merged, and the
+    base's tokenizer. The base is base_path, or the checkpoint the adapter records; either way its sha256 must
+    match the adapter's."""
     adapter = load_adapter(adapter_path)
     base_path = base_path or adapter["base"]["path"]
     if not os.path.isfile(base_path):
         sys.exit(f"error: base checkpoint {base_path} of adapter {adapter_path} not found; name the base's "
                  f"directory with --out_dir")
     check_base(adapter, adapter_path, base_path, sha256_file(base_path))
-    model = model_from_checkpoint(load_checkpoint(base_path), dropout=0.0)
-    return attach_adapter(model, adapter, adapter_path)
+    checkpoint = load_checkpoint(base_path)
+    model = model_from_checkpoint(checkpoint, dropout=0.0)
+    return attach_adapter(model, adapter, adapter_path), checkpoint_tokenizer(checkpoint)

@@ -38,7 +38,8 @@ class GPTConfig:
     n_head: int = arg(4, "attention heads per block (H)")
     n_embd: int = arg(128, "channels of the residual stream (C)")
     block_size: int = arg(128, "context length in tokens (T at most)")
-    vocab_size: int = arg(50257, "vocabulary size (V); 50257 is r50k_base, GPT-2's tokenizer")
+    vocab_size: int = arg(50257, "vocabulary size (V); 50257 is r50k_base, GPT-2's tokenizer; train.py takes the "
+                                 "dataset's from meta.json unless given (a larger value pads)")
     dropout: float = arg(0.0, "dropout probability on embeddings, attention and residual branches")
     bias: bool = arg(True, "biases in the Linear and LayerNorm layers, as in GPT-2")
     sdpa: bool = arg(True, "attention through F.scaled_dot_product_attention (fused kernels); "

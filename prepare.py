@@ -4,16 +4,21 @@
     python prepare.py --dataset=Skylion007/openwebtext             # a Hugging Face dataset
     python prepare.py --dataset=HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --streaming
     python prepare.py --input='notes/*.md,chats.jsonl' --name=mine  # your own .txt/.md/.jsonl/.parquet files
+    python prepare.py --tokenizer=bpe:22000 --name=shakespeare-bpe  # train a byte-level BPE on the corpus first
 
-Each document is encoded with r50k_base (GPT-2's tokenizer), and the documents are joined into one stream
-with <|endoftext|> (id 50256, the token GPT-2 reserves for document boundaries) between them. The stream is
-stored as uint16 ids (every id is < 50257 < 2**16: half the bytes of int32); its last val_fraction becomes
-val.bin. meta.json is written last and names the inputs, so a second run on the same inputs returns at once.
+Each document is encoded with r50k_base (GPT-2's tokenizer), or with a byte-level BPE trained on the corpus
+itself (--tokenizer=bpe:VOCAB) or read from a tokenizer.json (--tokenizer=PATH), and the documents are joined
+into one stream with <|endoftext|> (r50k_base's id 50256, the token GPT-2 reserves for document boundaries)
+between them. The stream is stored as uint16 ids (every id is < 2**16: half the bytes of int32); its last
+val_fraction becomes val.bin. A BPE is written beside them as tokenizer.json. meta.json is written last and
+names the inputs and the tokenizer, so a second run on the same inputs returns at once.
 """
 import glob
+import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -22,11 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import EOT_TOKEN, get_tokenizer, parse_args, sha256_file, shakespeare_paths, write_atomically
+from common import (EOT_TEXT, MAX_VOCAB, BPETokenizer, check_bpe_file, get_tokenizer, import_tokenizers,
+                    parse_args, sha256_file, shakespeare_paths, write_atomically)
 from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
 EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
+TOKENIZER_FILE = "tokenizer.json"   # a BPE's file beside train.bin and val.bin (Hugging Face's format)
+MIN_BPE_VOCAB = 257                 # <|endoftext|> and the 256 bytes: a BPE with no merges yet
 
 
 @dataclass
@@ -43,7 +51,10 @@ class PrepareConfig:
     text_column: str = arg("text", "field holding the text (Hugging Face, .jsonl and .parquet)")
     streaming: bool = arg(False, "stream the Hugging Face dataset instead of downloading it first")
     val_fraction: float = arg(0.1, "share of the token stream (its tail) that goes to val.bin")
-    num_proc: int = arg(0, "threads tiktoken encodes with (0: one per CPU core)")
+    tokenizer: str = arg("r50k_base", "r50k_base (GPT-2's), bpe:VOCAB (train a byte-level BPE of VOCAB ids, "
+                                      f"{MIN_BPE_VOCAB}..{MAX_VOCAB}, on the input), or the path of a "
+                                      "byte-level BPE tokenizer.json")
+    num_proc: int = arg(0, "threads the tokenizer encodes with (0: one per CPU core)")
     force: bool = arg(False, "rebuild even if data/<name> is up to date or holds other inputs")
 
 
@@ -61,6 +72,41 @@ def default_name(cfg: PrepareConfig, paths: list[str]) -> str:
     if cfg.dataset == "shakespeare":
         return "shakespeare"
     return cfg.dataset.rstrip("/").split("/")[-1] + (f"-{cfg.hf_config}" if cfg.hf_config else "")
+
+
+def parse_tokenizer(spec: str) -> tuple[str, int | None]:
+    """(kind, VOCAB) of a --tokenizer value: ("r50k_base", None), ("bpe", VOCAB) or ("file", None)."""
+    if spec == "r50k_base":
+        return "r50k_base", None
+    if spec.startswith("bpe:"):
+        vocab = spec.removeprefix("bpe:").replace(",", "").replace("_", "")
+        if not vocab.isdigit() or not MIN_BPE_VOCAB <= int(vocab) <= MAX_VOCAB:
+            sys.exit(f"error: --tokenizer={spec}: VOCAB must be a whole number from {MIN_BPE_VOCAB} "
+                     f"(<|endoftext|> and the 256 bytes) to {MAX_VOCAB:,} (ids stored as uint16)")
+        return "bpe", int(vocab)
+    if not os.path.isfile(spec):
+        sys.exit(f"error: --tokenizer={spec} is neither r50k_base, bpe:VOCAB nor an existing tokenizer.json")
+    return "file", None
+
+
+# Where a text can be cut so that encoding the pieces gives the ids of the whole: a newline between two
+# non-space characters. GPT-2's pre-tokenizer regex (tiktoken's r50k_base and tokenizers' ByteLevel alike)
+# ends every match that holds such a newline at the newline, and matches nothing across it; a newline next
+# to other whitespace is not a cut, since `\s+(?!\S)` groups a whitespace run differently at the text's end.
+CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def split_text(text: str, size: int = 1 << 20) -> Iterator[str]:
+    """text in consecutive pieces of about size characters (longer where no CUT is near), cut only after a
+    CUT newline: encoding them one by one gives the ids of the whole, with bounded memory per piece."""
+    start = 0
+    while len(text) - start > size:
+        match = CUT.search(text, start + size)
+        if match is None:
+            break
+        yield text[start:match.end()]
+        start = match.end()
+    yield text[start:]
 
 
 def decode_utf8(data: bytes, where: str) -> str:
@@ -107,15 +153,15 @@ def hf_documents(dataset, text_column: str) -> Iterator[str]:
         yield from (text or "" for text in batch[text_column])
 
 
-def batched(documents: Iterable[str], max_docs: int = 1024, max_chars: int = 4_000_000
-            ) -> Iterator[list[str]]:
-    """Consecutive lists of documents, small enough to hold in memory and large enough to keep every
-    tokenizer thread busy."""
+def batched(pieces: Iterable[tuple[bool, str]], max_pieces: int = 1024, max_chars: int = 4_000_000
+            ) -> Iterator[list[tuple[bool, str]]]:
+    """Consecutive lists of (starts a document, text) pieces, small enough to hold in memory and large enough
+    to keep every tokenizer thread busy."""
     batch, chars = [], 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
-        if len(batch) >= max_docs or chars >= max_chars:
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[1])
+        if len(batch) >= max_pieces or chars >= max_chars:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -173,14 +219,16 @@ class Progress:
     def __init__(self, total_docs: int | None):
         self.total, self.start, self.shown, self.width = total_docs, time.time(), 0.0, 0
 
-    def update(self, docs: int, tokens: int, n_bytes: int, final: bool = False) -> None:
+    def update(self, docs: int, tokens: int | None, n_bytes: int, final: bool = False) -> None:
+        """tokens None: the documents are being read for something else than encoding (training a BPE)."""
         now = time.time()
         if now - self.start < 0.5 or (now - self.shown < 0.25 and not final):
             return
         self.shown, seconds = now, now - self.start
         done = f"{docs:,}/{self.total:,}" if self.total is not None else f"{docs:,}"
-        line = (f"documents {done} | {tokens:,} tokens | {tokens / seconds:,.0f} tokens/s | "
-                f"{n_bytes / 1e6:,.1f} MB read | {seconds:.1f} s")
+        rate = f"{tokens:,} tokens | {tokens / seconds:,.0f} tokens/s" if tokens is not None else \
+            f"{n_bytes / 1e6 / seconds:,.1f} MB/s"
+        line = f"documents {done} | {rate} | {n_bytes / 1e6:,.1f} MB read | {seconds:.1f} s"
         self.width = max(self.width, len(line))
         print("\r" + line.ljust(self.width), end="", file=sys.stderr, flush=True)
 
@@ -190,23 +238,66 @@ class Progress:
         self.width = 0
 
 
+def training_texts(documents: Iterable[str], progress: Progress) -> Iterator[str]:
+    """The non-empty documents in pieces of about 64K characters (split_text), the stream a BPE is trained on,
+    with progress. Small pieces, because the trainer pulls texts from Python a few hundred at a time."""
+    n_seen = n_bytes = 0
+    for text in documents:
+        for piece in split_text(text, size=1 << 16) if text and not text.isspace() else []:
+            n_bytes += len(piece.encode("utf-8"))
+            yield piece
+        n_seen += 1
+        progress.update(n_seen, None, n_bytes)
+    progress.update(n_seen, None, n_bytes, final=True)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
+    """tokenizer.json (Hugging Face's format, as text) of a byte-level BPE with vocab_size ids trained on texts:
+    GPT-2's recipe (Radford et al. 2019, section 2.2): its regex splits the text into words, which are byte
+    sequences written with GPT-2's byte-to-character map, so any text encodes without an unknown token; merges
+    join the most frequent adjacent pair, never across words. <|endoftext|> is id 0, the 256 bytes 1-256,
+    the merges follow in the order they were learnt. The trainer only keeps counts of distinct words, so texts
+    may stream a corpus of any size. Word counts do not depend on the order of the texts or the threads, and
+    ties between equally frequent pairs go to the lower pair of ids: the same texts give the same file."""
+    hf = import_tokenizers()
+    decoders, models, pre_tokenizers, trainers = hf.decoders, hf.models, hf.pre_tokenizers, hf.trainers
+    tokenizer = hf.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)   # as GPT-2: no space added
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())   # all 256 bytes
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer.to_str(pretty=True)
+
+
 def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int,
                      progress: Progress) -> tuple[int, int, int]:
     """Encode documents in batches and append their ids to f as uint16, <|endoftext|> between documents.
-    Only one batch is in memory at a time, so a corpus of billions of tokens streams through.
-    Returns (tokens written, documents written, empty documents skipped)."""
+    Only one document and one batch of ids are in memory at a time (a long document is encoded in pieces,
+    split_text), so a corpus of billions of tokens streams through. Returns (tokens written, documents
+    written, empty documents skipped)."""
     n_tokens = n_docs = n_empty = n_seen = n_bytes = 0
-    for batch in batched(documents):
-        n_seen += len(batch)
-        n_bytes += sum(len(text.encode("utf-8")) for text in batch)
-        texts = [text for text in batch if text and not text.isspace()]
-        n_empty += len(batch) - len(texts)
-        ids = []
-        for tokens in enc.encode_ordinary_batch(texts, num_threads=num_proc):
-            if n_docs > 0:
-                ids.append(EOT_TOKEN)   # a separator, not a terminator: none after the last document
+
+    def pieces() -> Iterator[tuple[bool, str]]:
+        """(starts a document, text) for the pieces of every non-empty document, counting what was read."""
+        nonlocal n_seen, n_bytes, n_empty
+        for text in documents:
+            n_seen += 1
+            if not text or text.isspace():
+                n_empty, n_bytes = n_empty + 1, n_bytes + len(text.encode("utf-8"))
+                continue
+            for i, piece in enumerate(split_text(text)):
+                n_bytes += len(piece.encode("utf-8"))
+                yield i == 0, piece
+
+    for batch in batched(pieces()):
+        ids, texts = [], [piece for _, piece in batch]
+        for (starts_document, _), tokens in zip(batch, enc.encode_ordinary_batch(texts, num_proc)):
+            if starts_document:
+                if n_docs > 0:
+                    ids.append(enc.eot_token)   # a separator, not a terminator: none after the last document
+                n_docs += 1
             ids.extend(tokens)
-            n_docs += 1
         array = np.array(ids, dtype=np.int64)
         assert array.size == 0 or (array.min() >= 0 and array.max() < 2**16), "token id does not fit uint16"
         array.astype(np.uint16).tofile(f)
@@ -239,12 +330,15 @@ def read_meta(out_dir: str) -> dict | None:
 
 
 def is_complete(out_dir: str, meta: dict) -> bool:
-    """Both .bin files exist and hold exactly the token counts meta.json claims."""
+    """Both .bin files exist and hold exactly the token counts meta.json claims, and the tokenizer file it
+    names (if any) is the one it describes."""
     for split in ("train", "val"):
         path = os.path.join(out_dir, f"{split}.bin")
         if not os.path.isfile(path) or os.path.getsize(path) != 2 * meta.get(f"{split}_tokens", -1):
             return False
-    return True
+    tokenizer_path = os.path.join(out_dir, meta.get("tokenizer_file") or TOKENIZER_FILE)
+    return not meta.get("tokenizer_file") or \
+        (os.path.isfile(tokenizer_path) and sha256_file(tokenizer_path) == meta.get("tokenizer_sha256"))
 
 
 def describe_inputs(cfg: PrepareConfig) -> tuple[list[str], dict]:
@@ -272,16 +366,31 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.num_proc < 0:
         sys.exit(f"error: --num_proc={cfg.num_proc} must be >= 0 (0: one thread per CPU core)")
     num_threads = cfg.num_proc or os.cpu_count() or 1
+    if cfg.num_proc:   # the thread pool of Hugging Face's tokenizers reads this once, at its first use
+        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.num_proc))
 
-    # 1. Describe the inputs without reading them, so that checking "already prepared?" is instant.
+    # 1. Describe the inputs and the tokenizer without reading the corpus, so that checking "already
+    # prepared?" is instant. A given tokenizer.json is checked now; a BPE to train is named by its size.
     paths, source = describe_inputs(cfg)
     out_dir = os.path.join(cfg.data_dir, cfg.name or default_name(cfg, paths))
+    kind, bpe_vocab = parse_tokenizer(cfg.tokenizer)
+    tokenizer_name, tokenizer_json = cfg.tokenizer, ""
+    if kind == "file":
+        with open(cfg.tokenizer, "rb") as f:
+            tokenizer_json = decode_utf8(f.read(), cfg.tokenizer)
+        check_bpe_file(tokenizer_json, cfg.tokenizer)
+        tokenizer_name = os.path.abspath(cfg.tokenizer)
+    given_sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest() if tokenizer_json else None
 
     # 2. Same inputs and complete files: nothing to do. Other inputs: never overwrite them unasked.
     meta = read_meta(out_dir)
     if meta is not None and not cfg.force:
-        if meta.get("source") != source or meta.get("val_fraction") != cfg.val_fraction:
-            what = "other inputs" if meta.get("source") != source else f"val_fraction={meta['val_fraction']}"
+        other_tokenizer = meta.get("tokenizer") != tokenizer_name or \
+            (given_sha256 is not None and meta.get("tokenizer_sha256") != given_sha256)
+        if meta.get("source") != source or meta.get("val_fraction") != cfg.val_fraction or other_tokenizer:
+            what = "other inputs" if meta.get("source") != source else \
+                f"val_fraction={meta.get('val_fraction')}" if meta.get("val_fraction") != cfg.val_fraction else \
+                f"another tokenizer ({meta.get('tokenizer')})"
             sys.exit(f"error: {out_dir} holds a dataset prepared from {what}; "
                      "pass --force to rebuild it or choose another --name")
         if is_complete(out_dir, meta):
@@ -289,14 +398,23 @@ def main(argv: list[str] | None = None) -> None:
                   "tokens); --force rebuilds it")
             return
 
-    # 3. Open the documents: a lazy stream, read as the tokenizer consumes it.
-    if source["kind"] == "hf":
-        dataset = load_hf_dataset(cfg)
-        documents, total = hf_documents(dataset, cfg.text_column), None if cfg.streaming else len(dataset)
-    else:
-        documents = (text for path in paths for text in read_documents(path, cfg.text_column))
-        total = count_documents(paths)
-    enc = get_tokenizer()
+    # 3. Open the documents: a lazy stream, read as the tokenizer consumes it (twice for a BPE: once to
+    # train it, once to encode).
+    dataset = load_hf_dataset(cfg) if source["kind"] == "hf" else None
+    total = count_documents(paths) if dataset is None else None if cfg.streaming else len(dataset)
+
+    def documents() -> Iterator[str]:
+        if dataset is not None:
+            return hf_documents(dataset, cfg.text_column)
+        return (text for path in paths for text in read_documents(path, cfg.text_column))
+    if kind == "bpe":
+        start, progress = time.time(), Progress(total)
+        try:
+            tokenizer_json = train_bpe(training_texts(documents(), progress), bpe_vocab)
+        finally:
+            progress.close()
+        print(f"trained a byte-level BPE of {bpe_vocab:,} ids in {time.time() - start:.1f} s")
+    enc = BPETokenizer(tokenizer_name, tokenizer_json) if tokenizer_json else get_tokenizer()
 
     # 4. Tokenize into train.bin.tmp, then move the tail into val.bin.tmp. Until the renames in step 5,
     # an existing dataset in out_dir stays as it was, whatever goes wrong.
@@ -306,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     start, progress = time.time(), Progress(total)
     try:
         with open(train_bin + ".tmp", "wb") as f:
-            n_total, n_docs, n_empty = tokenize_to_file(documents, enc, f, num_threads, progress)
+            n_total, n_docs, n_empty = tokenize_to_file(documents(), enc, f, num_threads, progress)
         if n_docs == 0:
             sys.exit(f"error: the input holds no text ({n_empty} empty documents); nothing to prepare")
         n_train = split_point(n_total, cfg.val_fraction)
@@ -323,10 +441,16 @@ def main(argv: list[str] | None = None) -> None:
         os.replace(train_bin + ".tmp", train_bin)
         os.replace(val_bin + ".tmp", val_bin)
         meta = {
-            "format": FORMAT, "tokenizer": "r50k_base", "vocab_size": enc.n_vocab, "eot_token": EOT_TOKEN,
+            "format": FORMAT, "tokenizer": enc.name, "vocab_size": enc.vocab_size, "eot_token": enc.eot_token,
             "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_total - n_train, "documents": n_docs,
             "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction, "source": source,
             "sha256": digests}
+        tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
+        if enc.file:   # the BPE the ids belong to, which train.py puts into every checkpoint
+            write_atomically(tokenizer_path, lambda f: f.write(enc.file.encode()))
+            meta.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(tokenizer_path))
+        elif os.path.exists(tokenizer_path):   # left by an earlier preparation with a BPE
+            os.remove(tokenizer_path)
         # Sorted keys and no timestamps: the same inputs give the same bytes.
         meta_json = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
         write_atomically(os.path.join(out_dir, "meta.json"), lambda f: f.write(meta_json))
@@ -339,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
             os.rmdir(out_dir)
 
     seconds = time.time() - start
-    print(f"wrote {out_dir}: {n_train:,} train / {n_total - n_train:,} val tokens from {n_docs:,} documents "
+    print(f"wrote {out_dir}: {n_train:,} train / {n_total - n_train:,} val tokens of {enc.name} "
+          f"({enc.vocab_size:,} ids) from {n_docs:,} documents "
           f"({n_empty:,} empty skipped) in {seconds:.1f} s, {n_total / seconds:,.0f} tokens/s")
 
 

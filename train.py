@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from common import (PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals,
-                    all_ranks_mean, check_run_config, should_compile, config_changes, evaluate, flags_given,
-                    is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops,
-                    prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main, save_checkpoint,
-                    save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
+                    all_ranks_mean, check_run_config, should_compile, config_changes, dataset_tokenizer_record,
+                    evaluate, flags_given, is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state,
+                    parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main,
+                    save_checkpoint, save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
 from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Layout, Pipeline, build_pipeline, device_mesh,
                          param_counts, plan_memory, rank_params, step_seconds, use_single_tensor_adamw)
 from model import GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
@@ -561,15 +561,23 @@ def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, 
                                         checkpoint["model_config"], sources)
 
 
+def describe_tokenizer(meta: dict) -> str:
+    """A dataset's tokenizer as meta.json records it, e.g. 'bpe:22000 (vocabulary 22000, tokenizer.json sha256
+    5b4f2425...)'."""
+    sha256 = meta.get("tokenizer_sha256")
+    return (f"{meta.get('tokenizer')} (vocabulary {meta.get('vocab_size')}"
+            + (f", {meta.get('tokenizer_file')} sha256 {sha256[:12]}...)" if sha256 else ")"))
+
+
 def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
-    """A resumed run goes on with the tokens it was trained on: another tokenizer is refused, other token
+    """A resumed run goes on with the tokens it was trained on: another tokenizer (its name, vocabulary size,
+    or the sha256 of its file: two BPEs of one size trained on different text differ) is refused, other token
     files (their sha256 or counts in meta.json) need --allow_data_change."""
-    saved_tokenizer = (saved.get("tokenizer"), saved.get("vocab_size"))
-    tokenizer = (meta.get("tokenizer"), meta.get("vocab_size"))
-    if saved_tokenizer != tokenizer:
-        sys.exit(f"error: cannot resume {path}: it was trained on tokens of {saved_tokenizer[0]} (vocabulary "
-                 f"{saved_tokenizer[1]}), but {folder} holds tokens of {tokenizer[0]} (vocabulary {tokenizer[1]}); "
-                 f"its embeddings only fit the tokenizer it learned")
+    fields = ("tokenizer", "vocab_size", "tokenizer_sha256")
+    if [saved.get(name) for name in fields] != [meta.get(name) for name in fields]:
+        sys.exit(f"error: cannot resume {path}: it was trained on tokens of {describe_tokenizer(saved)}, but "
+                 f"{folder} holds tokens of {describe_tokenizer(meta)}; its embeddings only fit the tokenizer it "
+                 f"learned")
     changed = [name for name in ("sha256", "train_tokens", "val_tokens") if saved.get(name) != meta.get(name)]
     if changed and not allow_change:
         sys.exit(f"error: cannot resume {path}: the dataset {folder} is not the one it was trained on "
@@ -657,18 +665,29 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
     return parallel, mesh.get_local_rank("dp"), mesh.get_group("dp"), n_params
 
 
-def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, resume_path: str
-              ) -> tuple[dict, dict[str, str]]:
-    """load_data_meta, and the checks that the data fits the model: a resumed run's data is its own
-    (check_resume_data) and the vocabulary fits the model's."""
+def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, resume_path: str, given: set[str]
+              ) -> tuple[dict, dict[str, str], GPTConfig, dict]:
+    """load_data_meta, the dataset's tokenizer (the record checkpoints carry, common.dataset_tokenizer_record),
+    and the model config fitted to the data: a new run from scratch takes the dataset's vocabulary size unless
+    --vocab_size (or --preset) sets it; a resumed run's data must be its own (check_resume_data); GPT-2's
+    weights need GPT-2's tokens; and the vocabulary must fit the model's (a larger one only pads)."""
+    folder = os.path.join(cfg.data_dir, cfg.dataset)
     meta, paths = load_data_meta(cfg, model_cfg.block_size)
+    tokenizer = dataset_tokenizer_record(folder, meta)
     if checkpoint is not None:
-        check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path,
-                          os.path.join(cfg.data_dir, cfg.dataset))
+        check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path, folder)
+    elif cfg.init_from == "scratch" and "vocab_size" not in given and "vocab_size" in meta:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=int(meta["vocab_size"]))
+    elif cfg.init_from != "scratch":
+        from hf_gpt2 import hf_tokenizer
+        weights_tokenizer = hf_tokenizer(cfg.init_from)
+        if (weights_tokenizer.name, weights_tokenizer.file) != (tokenizer["name"], tokenizer["file"]):
+            sys.exit(f"error: --init_from={cfg.init_from} has learnt the tokens of {weights_tokenizer.name}, but "
+                     f"{folder} holds tokens of {describe_tokenizer(meta)}; prepare the data with that tokenizer")
     if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
         sys.exit(f"error: the dataset's vocabulary ({meta['vocab_size']}) is larger than --vocab_size="
                  f"{model_cfg.vocab_size}")
-    return meta, paths
+    return meta, paths, model_cfg, tokenizer
 
 
 def evaluator(cfg: TrainConfig, meta: dict, paths: dict[str, str], parallel: DataParallel | Pipeline, T: int,
@@ -694,7 +713,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     resume_path = cfg.resume_from or ckpt_path
     model_cfg, weights = initial_weights(cfg, model_cfg, sources)
-    meta, paths = load_data(cfg, model_cfg, checkpoint, resume_path)
+    meta, paths, model_cfg, tokenizer = load_data(cfg, model_cfg, checkpoint, resume_path, set(sources))
     weights = weights if checkpoint is None else checkpoint["model"]
     parallel, dp_rank, dp_group, n_params = build_model(cfg, model_cfg, weights, rank, local_rank, world_size,
                                                         device, dtype)
@@ -747,7 +766,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         def write() -> None:
             save_checkpoint({"model": weights, "optimizer": optimizer_state, **state, "is_best": is_best,
                              "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                             "data": meta}, ckpt_path)
+                             "data": meta, "tokenizer": tokenizer}, ckpt_path)
             keep_checkpoints(ckpt_path, step, is_best, cfg.keep_last, cfg.keep_best)
         save_on_rank0(write, stop)
 

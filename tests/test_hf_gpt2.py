@@ -145,7 +145,7 @@ def test_lm_eval_hf_backend_loads_the_export_and_scores_as_our_model(exported):
 def test_exported_tokenizer_gives_our_ids(exported):
     _, out = exported
     text = "Héllo wörld 🤖 — 12345 + 0.75 = ?\n\n<|endoftext|>Zweite Zeile: naïve café, 東京 2024."
-    ours = get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    ours = get_tokenizer().encode(text)
     theirs = transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
     assert 50256 in ours and theirs == ours
 

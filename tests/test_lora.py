@@ -151,7 +151,7 @@ def test_lora_layer_computes_the_low_rank_update():
 
 def test_merged_model_matches_unmerged_after_training(finetuned, bases):
     adapter_path = os.path.join(finetuned, "adapter.pt")
-    unmerged = lora.load_base_with_adapter(adapter_path).eval()
+    unmerged = lora.load_base_with_adapter(adapter_path)[0].eval()
     assert any(m.lora_B.abs().sum() > 0 for m in unmerged.modules() if isinstance(m, lora.LoRALinear))
     idx = torch.randint(0, TINY.vocab_size, (2, 30))
     reference = unmerged(idx)
@@ -299,7 +299,7 @@ def test_finetuning_lowers_the_loss_and_beats_the_base(finetuned, bases):
     assert [r["step"] for r in evals] == [0, 20, 40]
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 1.5
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    adapted = lora.load_base_with_adapter(os.path.join(finetuned, "adapter.pt")).eval()
+    adapted = lora.load_base_with_adapter(os.path.join(finetuned, "adapter.pt"))[0].eval()
     base = tiny_model(0).eval()
     train_ids, _ = ft.split_records(len(RECORDS), 0.2, seed=1337)      # the run's split (default --seed)
     for record in (RECORDS[train_ids[0]], RECORDS[train_ids[-1]]):

@@ -76,8 +76,8 @@ def test_tokenizer_known_ids():
     enc = _tokenizer()
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary(" the") == [262]
-    assert enc.encode(EOT_TEXT, allowed_special="all") == [common.EOT_TOKEN] == [50256]
-    assert enc.n_vocab == 50257
+    assert enc.encode(EOT_TEXT) == [common.EOT_TOKEN] == [50256]
+    assert enc.vocab_size == 50257
 
 
 def test_split_point_gives_the_published_shakespeare_split():
