@@ -312,7 +312,7 @@ def test_megatron_published_175b_layouts_fit_in_the_plan(world_size):
     t = 8 with 8 stages. Our plan must fit both on 80 GiB."""
     pp = world_size // 8
     text = report("--preset=gpt3-175b", f"--dry_run_world_size={world_size}", f"--pp={pp}", "--tp=8",
-                  "--sequence_parallel", "--batch_size=1536", f"--n_microbatches=1536",
+                  "--sequence_parallel", "--batch_size=1536", "--n_microbatches=1536",
                   "--gradient_accumulation_steps=1", "--dry_run")
     assert fits(text, 80), text
 
