@@ -401,6 +401,15 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
             sys.exit(f"error: --dry_run with --fsdp shards over data-parallel ranks, so it needs more GPUs than "
                      f"--pp x --tp = {model_parallel}; --dry_run_world_size={2 * model_parallel} works")
     check_tensor_parallel(cfg, model_cfg)
+    if cfg.fsdp and cfg.pp > 1 and cfg.gradient_accumulation_steps > 1 and not cfg.dry_run:
+        # Pipeline.forward_backward reduces FSDP's gradients once per optimizer step through the pipelining
+        # stage's perform_reduce_grad; a torch whose stage lacks it would reduce them after every accumulated
+        # batch, so refuse rather than train on wrong gradients.
+        from torch.distributed.pipelining import PipelineStage
+        if not hasattr(PipelineStage, "perform_reduce_grad"):
+            sys.exit(f"error: --fsdp with --pp and --gradient_accumulation_steps > 1 needs a newer torch than "
+                     f"{torch.__version__}; upgrade torch, or use --gradient_accumulation_steps=1 with more "
+                     f"--n_microbatches")
     if cfg.fsdp and cfg.dtype == "float16":
         sys.exit("error: --dtype=float16 needs a gradient scaler, which --fsdp does not support here; "
                  "use --dtype=bfloat16 or float32")

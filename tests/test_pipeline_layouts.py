@@ -62,3 +62,20 @@ def test_pipeline_of_tensor_parallel_stages_matches_one_process_and_resumes_from
     assert_same_run(one_process_run, run)
     resume_at_step_3(one_process_run, moved, tiny_data_dir, 4, *layout)
     assert_same_run(one_process_run, moved)
+
+
+def test_fsdp_pipeline_accumulation_is_refused_where_torch_cannot_defer_the_reduction(monkeypatch):
+    """Pipeline.forward_backward defers FSDP's reduce-scatter to the last accumulated batch by overriding the
+    pipelining stage's perform_reduce_grad; on a torch whose stage lacks that hook the gradients would be
+    reduced after every batch, so train.py refuses the layout in one line instead of training on them."""
+    import train
+    from torch.distributed.pipelining import PipelineStage
+    from model import GPTConfig
+    from test_tensor_parallel import one_line_error
+    cfg = train.TrainConfig(pp=2, fsdp=True, batch_size=4, gradient_accumulation_steps=2)
+    train.check_config(cfg, GPTConfig())                     # this torch has the hook: accepted
+    owner = next(c for c in PipelineStage.__mro__ if "perform_reduce_grad" in vars(c))   # a base class
+    monkeypatch.delattr(owner, "perform_reduce_grad")
+    message = one_line_error(train.check_config, cfg, GPTConfig())
+    assert "--fsdp with --pp and --gradient_accumulation_steps > 1 needs a newer torch" in message, message
+    train.check_config(train.TrainConfig(pp=2, fsdp=True, batch_size=4), GPTConfig())   # no accumulation: fine
