@@ -227,10 +227,53 @@ def device_mesh(device_type: str, world_size: int, pp: int, tp: int):
 # torch.distributed.tensor.parallel does the splitting: each split weight becomes a DTensor, a tensor that
 # knows its shards and which collectives its operations need.
 # Dropout: the processes of a tensor-parallel group seed their generators alike (train.py), so they draw the
-# same masks on the activations they replicate, which must stay equal. They draw them on their own heads'
-# attention weights (and under sequence parallelism, their own slice of the sequence) too, so head h and head
-# h + H / tp share a mask; Megatron-LM gives each rank its own generator for those (Shoeybi et al. 2019,
-# section 3). Results still match one process only without dropout (as for DDP, whose ranks draw their own).
+# same masks on the activations they replicate, which must stay equal. Where each process holds its own part
+# of a tensor (its heads' attention weights; its slice of the sequence under sequence parallelism) one shared
+# stream would drop the same entries of every part: head h and head h + H / tp would share a mask. There each
+# process draws from a stream of its own (Megatron-LM's model-parallel generator, Shoeybi et al. 2019,
+# section 3): RankStream below.
+
+class RankStream:
+    """Hooks that run the code between `enter` and `leave` on this tensor-parallel rank's own random stream.
+    enter draws one number from the shared stream (every rank draws it, so the shared stream stays in step
+    across the ranks) and seeds the generators with it plus the rank; leave puts the shared stream back as it
+    was after the draw. Activation checkpointing replays the shared stream when it recomputes a block, so the
+    recomputation draws the same number, hence the same masks. In eval mode (no dropout) it does nothing."""
+
+    def __init__(self, tp_rank: int, device_type: str):
+        self.tp_rank, self.cuda, self.shared = tp_rank, device_type == "cuda", None
+
+    def enter(self, module: torch.nn.Module, args) -> None:
+        if module.training:
+            seed = int(torch.randint(2 ** 62, ()))          # from the shared (CPU) stream: the same on each rank
+            self.shared = torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None
+            torch.manual_seed(seed + self.tp_rank)           # CPU and CUDA generators
+
+    def leave(self, *_) -> None:
+        if self.shared is not None:
+            cpu, cuda = self.shared
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda)
+            self.shared = None
+
+
+def rank_streams_for_dropout(block: torch.nn.Module, tp_rank: int, device_type: str,
+                             sequence_parallel: bool) -> None:
+    """Give a block's dropouts on split tensors this rank's own stream (RankStream): attention's, on its heads'
+    weights (from the attention's start to its output projection), and under sequence parallelism the
+    residual branches' dropouts, on its slice of the sequence."""
+    attn = RankStream(tp_rank, device_type)
+    block.attn.register_forward_pre_hook(attn.enter)
+    block.attn.c_proj.register_forward_pre_hook(attn.leave)
+    if sequence_parallel:
+        branches = [block.attn.resid_dropout] + [block.get_submodule(f"{mlp}.dropout") for mlp in ("mlp", "mlp_0")
+                                                 if hasattr(block, mlp)]
+        for dropout in branches:
+            stream = RankStream(tp_rank, device_type)
+            dropout.register_forward_pre_hook(stream.enter)
+            dropout.register_forward_hook(stream.leave)
+
 
 def permute_qkv(weight: torch.Tensor, tp: int, inverse: bool = False) -> torch.Tensor:
     """c_attn's rows (weight (3C, C) or bias (3C,)) reordered from [q; k; v] to [q_0; k_0; v_0; q_1; ...;
@@ -271,6 +314,8 @@ def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) ->
             if attn.c_attn.bias is not None:
                 attn.c_attn.bias.copy_(permute_qkv(attn.c_attn.bias, tp))
         attn.first_head = tp_rank * attn.n_head // tp
+        if attn.dropout > 0:
+            rank_streams_for_dropout(block, tp_rank, tp_mesh.device_type, sequence_parallel)
         plan = {"attn.c_attn": ColwiseParallel(input_layouts=stream),
                 "attn.c_proj": RowwiseParallel(output_layouts=stream)}
         for mlp in ("mlp", "mlp_0") if block.macaron else ("mlp",):

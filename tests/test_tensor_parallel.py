@@ -76,6 +76,47 @@ def one_line_error(check, *args) -> str:
     return message
 
 
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_each_tensor_parallel_rank_drops_its_own_heads_from_the_shared_stream(sequence_parallel):
+    """Before, every rank of a tensor-parallel group drew attention dropout from the one shared stream, so
+    head h and head h + H/tp lost the same weights. With rank_streams_for_dropout the same block on two ranks
+    drops differently from the same shared state, both leave the shared stream in the same state (so masks on
+    replicated activations stay equal), a rank repeats itself, and activation checkpointing's recomputation
+    replays the same masks (its output and gradients equal those of the stored forward)."""
+    from distributed import rank_streams_for_dropout
+    from model import Block, run_block
+    config = GPTConfig(n_head=4, n_embd=32, block_size=16, dropout=0.5, sdpa=False)
+    torch.manual_seed(0)
+    plain, x = Block(config), torch.randn(2, 16, 32)
+    ranks = {}
+    for rank in (0, 1):
+        ranks[rank] = Block(config)
+        ranks[rank].load_state_dict(plain.state_dict())
+        rank_streams_for_dropout(ranks[rank], rank, "cpu", sequence_parallel)
+
+    def run(rank: int, recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's output, the shared stream's state after its forward, and c_attn's gradient."""
+        torch.manual_seed(1)
+        block, xr = ranks[rank], x.clone().requires_grad_()
+        out = run_block(block, xr, recompute)
+        state = torch.get_rng_state()
+        out.square().sum().backward()
+        grad = block.attn.c_attn.weight.grad.clone()
+        block.zero_grad(set_to_none=True)
+        return out.detach(), state, grad
+
+    out0, state0, _ = run(0, recompute=False)
+    out1, state1, grad1 = run(1, recompute=False)
+    assert not torch.allclose(out0, out1)              # each rank its own masks
+    assert torch.equal(state0, state1)                 # the shared stream in step
+    again, _, _ = run(1, recompute=False)
+    torch.testing.assert_close(again, out1, rtol=0, atol=0)
+    recomputed, _, recomputed_grad = run(1, recompute=True)
+    torch.testing.assert_close(recomputed, out1, rtol=0, atol=0)
+    torch.testing.assert_close(recomputed_grad, grad1, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("flags,model,fragment", [
     (dict(tp=3), dict(n_head=4, n_embd=48), "--tp=3 must divide --n_head (4): attention splits by whole heads"),
     (dict(tp=0), {}, "--tp=0 must be >= 1"),
