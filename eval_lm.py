@@ -37,7 +37,8 @@ class EvalConfig:
                              "Hugging Face directory (one hf_gpt2.py exported, too)")
     tasks: str = arg("", "comma-separated lm-evaluation-harness tasks, e.g. hellaswag,lambada_openai,arc_easy")
     num_fewshot: int | None = arg(None, "solved examples put before each question (None: the task's default)")
-    limit: int | None = arg(None, "evaluate only the first N examples of each task (None: all)")
+    limit: int | None = arg(None, "evaluate only the first N examples of each task, or the first N windows "
+                                  "(block_size predictions each) of the --perplexity file (None: all)")
     include_path: str = arg("", "directory of extra task YAML files for the harness (tasks of your own)")
     perplexity: str = arg("", "instead of tasks: the perplexity on a token file prepare.py wrote (.bin) or on "
                               "a text file")
@@ -127,7 +128,8 @@ def default_output(cfg: EvalConfig) -> str:
     tasks, shot counts, limits or files do not overwrite each other: out_dir/eval-hellaswag+arc_easy-5shot.json,
     out_dir/eval-perplexity-val.bin.json; with --init_from, ./eval-gpt2-hellaswag.json (the model named too)."""
     if cfg.perplexity:
-        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity))
+        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity)) + \
+            (f"-limit{cfg.limit}" if cfg.limit is not None else "")
     else:
         tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
         name = "+".join(tasks)
@@ -282,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if cfg.perplexity:
         tokens = read_tokens(cfg.perplexity, tokenizer)
+        if cfg.limit is not None:   # the first --limit windows: block_size predictions each
+            tokens = tokens[:cfg.limit * model.config.block_size + 1]
         if tokens.max() >= model.config.vocab_size:
             sys.exit(f"error: {cfg.perplexity} holds token ids up to {tokens.max()}, beyond the model's "
                      f"vocabulary of {model.config.vocab_size}")

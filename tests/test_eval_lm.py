@@ -153,6 +153,13 @@ def test_perplexity_of_a_token_file_equals_direct_computation(checkpoint_dir, tm
             nll.append(-F.log_softmax(logits, dim=-1)[stream[t]].item())
     assert measured["tokens"] == 70
     assert measured["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+    # --limit=1 was accepted and ignored with --perplexity; now it evaluates the first window's predictions.
+    result = run_script("eval_lm.py", f"--out_dir={out}", f"--perplexity={tmp_path / 'val.bin'}", "--limit=1",
+                        f"--output={tmp_path / 'ppl1.json'}", "--dtype=float32")
+    assert result.returncode == 0, result.stderr
+    limited = json.loads((tmp_path / "ppl1.json").read_text())
+    assert limited["tokens"] == block_size < 70
+    assert limited["perplexity"] == pytest.approx(math.exp(np.mean(nll[:block_size])), rel=1e-5)
 
 
 def test_each_run_writes_its_own_results_file(checkpoint_dir, tmp_path):
@@ -180,6 +187,7 @@ def test_each_run_writes_its_own_results_file(checkpoint_dir, tmp_path):
     (dict(tasks="hellaswag", init_from="gpt2-medium"), "./eval-gpt2-medium-hellaswag.json"),
     (dict(tasks="hellaswag", init_from="models/hf-out/"), "./eval-hf-out-hellaswag.json"),
     (dict(perplexity="data/shakespeare/val.bin"), "out/eval-perplexity-val.bin.json"),
+    (dict(perplexity="data/shakespeare/val.bin", limit=4), "out/eval-perplexity-val.bin-limit4.json"),
     (dict(perplexity="my notes.txt", out_dir="runs/a"), "runs/a/eval-perplexity-my_notes.txt.json"),
 ])
 def test_default_output_is_named_after_the_run(flags, expected):
