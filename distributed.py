@@ -100,13 +100,11 @@ class DataParallel:
         if self.tp == 1:
             return optimizer_step(self.module, optimizer, scaler, grad_clip, is_good)
         params = [p for p in self.module.parameters() if p.grad is not None]   # the tied matrix once
+        lay_out_like_parameters(params)
         if self.dp_group is not None:
             average_gradients([local_value(p.grad) for p in params], self.dp_group)
-        grad_norm = global_norm([p.grad for p in params])
-        if grad_clip > 0:   # torch.nn.utils.clip_grads_with_norm_'s formula, on each (local) gradient
-            scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            for p in params:
-                p.grad.mul_(scale)
+        grads = [p.grad for p in params]   # every process runs the whole model: dp x tp of them
+        grad_norm = clip_by_global_norm(grads, grads, dist.get_world_size(), grad_clip, self.device)
         if is_good(grad_norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -177,16 +175,38 @@ def average_gradients(grads: list[torch.Tensor], group) -> None:
         g.copy_(averaged.view_as(g))
 
 
-def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of the whole gradient: sqrt of the sum of every entry's square, over plain tensors (counted
-    once: the same on every process) and DTensors (their shards on the processes that hold them, each entry
-    once, whatever the mesh). torch.nn.utils.get_total_norm takes all-plain or all-DTensor lists only."""
+def copies_per_piece(t: torch.Tensor, stage_processes: int) -> int:
+    """How many of the stage_processes processes running a stage (its dp x tp processes) hold the same piece
+    of t: all of them for a plain tensor; for a DTensor, those outside its mesh (a tensor FSDP shards over dp
+    alone is whole across tp) times its mesh dims that replicate it (a placement that shards, FSDP's strided
+    shard included, splits the copies). Dividing each piece's squared norm by this counts every element of
+    the stage once when the processes' sums are added."""
     from torch.distributed.tensor import DTensor
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
-    for g in grads:
-        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
-        total += (norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
-    return total.sqrt()
+    if not isinstance(t, DTensor):
+        return stage_processes
+    assert not any(p.is_partial() for p in t.placements), "gradients are reduced before the norm is taken"
+    copies = stage_processes // t.device_mesh.size()
+    for size, placement in zip(t.device_mesh.shape, t.placements):
+        copies *= size if placement.is_replicate() else 1
+    return copies
+
+
+def clip_by_global_norm(counted: list[torch.Tensor], scaled: list[torch.Tensor], stage_processes: int,
+                        grad_clip: float, device: str) -> torch.Tensor:
+    """The 2-norm of the whole model's gradient, the same on every process: each process adds the squares of
+    its pieces of the `counted` gradients (plain tensors or DTensors), each divided by the processes holding
+    that piece (copies_per_piece), and one all-reduce over every process sums them. With grad_clip > 0 every
+    `scaled` gradient is then multiplied in place by torch.nn.utils.clip_grads_with_norm_'s factor (on its
+    local piece). counted leaves out a second copy of a tied matrix; scaled includes it."""
+    norm_squared = sum((local_value(g).float().square().sum() / copies_per_piece(g, stage_processes)
+                        for g in counted), torch.zeros((), device=device))
+    dist.all_reduce(norm_squared)
+    grad_norm = norm_squared.sqrt()
+    if grad_clip > 0:
+        scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+        for g in scaled:
+            local_value(g).mul_(scale)
+    return grad_norm
 
 
 def use_single_tensor_adamw(optimizer: torch.optim.Optimizer) -> None:
@@ -411,22 +431,6 @@ def lay_out_like_parameters(params: list[torch.nn.Parameter]) -> None:
             p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
 
-def copies_per_piece(t: torch.Tensor, stage_processes: int) -> int:
-    """How many of the stage_processes processes running a stage (its dp x tp processes) hold the same piece
-    of t: all of them for a plain tensor; for a DTensor, those outside its mesh (a tensor FSDP shards over dp
-    alone is whole across tp) times its mesh dims that replicate it (a placement that shards, FSDP's strided
-    shard included, splits the copies). Dividing each piece's squared norm by this counts every element of
-    the stage once when the processes' sums are added."""
-    from torch.distributed.tensor import DTensor
-    if not isinstance(t, DTensor):
-        return stage_processes
-    assert not any(p.is_partial() for p in t.placements), "gradients are reduced before the norm is taken"
-    copies = stage_processes // t.device_mesh.size()
-    for size, placement in zip(t.device_mesh.shape, t.placements):
-        copies *= size if placement.is_replicate() else 1
-    return copies
-
-
 @dataclass
 class Pipeline:
     """What one process holds of the pipeline, and the steps of training through it. The processes form one
@@ -499,17 +503,8 @@ class Pipeline:
             dist.all_reduce(local_value(self.tied_copy().grad), group=self.tie_group)   # the pieces match
         counted = [p.grad for name, p in named_params if p.grad is not None
                    and not (self.tie_group is not None and name == "lm_head.weight")]
-        # Each process adds the squares of its pieces, each piece divided by the processes holding it, and
-        # the sum over every process is the squared norm of the whole gradient.
-        norm_squared = sum((local_value(g).float().square().sum() / copies_per_piece(g, self.stage_processes)
-                            for g in counted), torch.zeros((), device=self.device))
-        dist.all_reduce(norm_squared)
-        grad_norm = norm_squared.sqrt()
-        if grad_clip > 0:               # torch.nn.utils.clip_grads_with_norm_'s scaling, on each local piece
-            scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            for _, p in named_params:
-                if p.grad is not None:
-                    local_value(p.grad).mul_(scale)
+        grad_norm = clip_by_global_norm(counted, [p.grad for _, p in named_params if p.grad is not None],
+                                        self.stage_processes, grad_clip, self.device)
         if is_good(grad_norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
