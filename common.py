@@ -421,20 +421,43 @@ def cpu_bf16_speedup() -> float:
     return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def auto_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """--dtype=auto on a GPU of this compute capability: bf16 where its tensor cores compute it natively
+    (Ampere, 8.0, and newer), else fp16 with loss scaling (a V100 is 7.0, a T4 7.5). torch.cuda.
+    is_bf16_supported() is no guide here: by default it also answers True where bf16 is only emulated, slower
+    than fp16."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+def choose_dtype(requested: str, device: str) -> tuple[torch.dtype, str]:
+    """(dtype, the header's words for it) for --dtype=requested. 'auto': on a GPU, auto_dtype of its compute
+    capability; on a CPU, bf16 where its bf16 matmuls run at least 1.5x as fast as fp32 ones
+    (cpu_bf16_speedup), fp32 elsewhere; fp32 on other devices. The CPU probe runs once, on rank 0 under
+    torchrun, and every process decides from that one figure: all compute alike, and the header states the
+    figure the choice was made on."""
+    if requested != "auto":
+        return DTYPES[requested], requested
+    if device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        dtype = auto_dtype((major, minor))
+        return dtype, f"{dtype_name(dtype)} (auto: compute capability {major}.{minor})"
+    if device != "cpu":
+        return torch.float32, "float32"
+    is_first = not dist.is_initialized() or dist.get_rank() == 0
+    speedup = torch.tensor([cpu_bf16_speedup() if is_first else 0.0], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.broadcast(speedup, src=0)
+    speedup = speedup.item()
+    dtype = torch.bfloat16 if speedup >= 1.5 else torch.float32
+    return dtype, f"{dtype_name(dtype)} (auto: bf16 matmuls run {speedup:.2f}x fp32's speed here)"
+
+
 def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """'auto': bf16 on GPUs that have it, fp16 (with a gradient scaler) on older GPUs; on a CPU, bf16 where
-    its bf16 matmuls run at least 1.5x as fast as fp32 ones (cpu_bf16_speedup), fp32 elsewhere. Under
-    torchrun every process takes rank 0's answer, so all of them compute alike."""
-    if requested == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device != "cpu":
-            return torch.float32
-        use_bf16 = torch.tensor([cpu_bf16_speedup() >= 1.5])
-        if dist.is_initialized():
-            dist.broadcast(use_bf16, src=0)
-        return torch.bfloat16 if use_bf16.item() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    """The dtype of choose_dtype."""
+    return choose_dtype(requested, device)[0]
 
 
 def sampling_dtype(requested: str, device: str) -> torch.dtype:
@@ -447,13 +470,6 @@ def sampling_dtype(requested: str, device: str) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16' for torch.bfloat16: the --dtype value that names it."""
     return str(dtype).removeprefix("torch.")
-
-
-def describe_dtype(requested: str, dtype: torch.dtype, device: str) -> str:
-    """The dtype for a header line, with the reason where --dtype=auto chose it on a CPU."""
-    if requested != "auto" or device != "cpu":
-        return dtype_name(dtype)
-    return f"{dtype_name(dtype)} (auto: bf16 matmuls run {cpu_bf16_speedup():.1f}x fp32's speed here)"
 
 
 def autocast(device: str, dtype: torch.dtype):
@@ -470,6 +486,9 @@ PEAK_BF16_FLOPS = {
     "A100": 312e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
     "V100": 125e12,   # V100 has no bf16: its fp16 tensor-core peak
 }
+# Compute capability of the same GPUs (NVIDIA's CUDA GPU list): what --dtype=auto resolves by (auto_dtype).
+GPU_COMPUTE_CAPABILITY = {"H100 PCIe": (9, 0), "H100 NVL": (9, 0), "H100": (9, 0), "H200": (9, 0), "A100": (8, 0),
+                          "A10": (8, 6), "L40S": (8, 9), "L4": (8, 9), "V100": (7, 0)}
 
 
 def peak_flops(device: str, given: float | None = None, world_size: int = 1) -> float | None:
@@ -1092,8 +1111,8 @@ class StepTimer:
 def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunConfig]:
     """(dtype, the header's words for it, cfg with --dtype set to it). The checkpoint records the dtype chosen,
     so a resumed run computes in it whatever a new probe of --dtype=auto would say."""
-    dtype = pick_dtype(cfg.dtype, device)
-    return dtype, describe_dtype(cfg.dtype, dtype, device), dataclasses.replace(cfg, dtype=dtype_name(dtype))
+    dtype, words = choose_dtype(cfg.dtype, device)
+    return dtype, words, dataclasses.replace(cfg, dtype=dtype_name(dtype))
 
 
 def should_compile(cfg: RunConfig, device: str) -> bool:

@@ -9,6 +9,7 @@ full_state for checkpoints), so the loop reads the same under each:
 
 The last section is the dry run's memory model: what one GPU holds under each layout.
 """
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -701,7 +702,10 @@ class ParamCounts:
 
 
 def param_counts(config: GPTConfig, tp: int) -> ParamCounts:
-    """ParamCounts of config's GPT under tp, counted on modules built on the meta device (shapes only)."""
+    """ParamCounts of config's GPT under tp, counted on modules built on the meta device (shapes only).
+    RealFormer adds no parameters (it hands scores between blocks), and a GPTStage cannot carry it: the stages
+    are built without it."""
+    config = dataclasses.replace(config, realformer=False)
     with torch.device("meta"):
         first = GPTStage(config, range(0), is_first=True, is_last=False)
         last = GPTStage(config, range(0), is_first=False, is_last=True)

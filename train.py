@@ -6,6 +6,7 @@
 
 Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them with their defaults).
 """
+import collections
 import dataclasses
 import itertools
 import json
@@ -18,11 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals,
-                    all_ranks_mean, check_run_config, should_compile, config_changes, dataset_tokenizer_record,
-                    evaluate, flags_given, is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state,
-                    parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main,
-                    save_checkpoint, save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
+from common import (GPU_COMPUTE_CAPABILITY, PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer,
+                    StopSignals, all_ranks_mean, auto_dtype, check_run_config, should_compile, config_changes,
+                    dataset_tokenizer_record, dtype_name, evaluate, flags_given, is_evaluation_step,
+                    keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops, prepare_out_dir, print0,
+                    resolve_dtype, restore_loop_state, run_main, save_checkpoint, save_on_rank0, set_lr,
+                    setup_distributed, sha256_file, teardown_distributed)
 from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Layout, Pipeline, build_pipeline, device_mesh,
                          param_counts, plan_memory, rank_params, step_seconds, use_single_tensor_adamw)
 from model import GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
@@ -229,6 +231,14 @@ def microbatches(cfg: TrainConfig) -> int:
 
 # --- the dry run: plan a run before it starts ---
 
+def planned_dtype(cfg: TrainConfig) -> str:
+    """The dtype a run with these flags computes in on the dry run's GPU: --dtype=auto resolved as the run
+    would resolve it there (common.auto_dtype of the GPU's compute capability)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return dtype_name(auto_dtype(GPU_COMPUTE_CAPABILITY[cfg.dry_run_gpu]))
+
+
 def dry_run_layout(cfg: TrainConfig, world_size: int) -> Layout:
     """The Layout a run with these flags takes on world_size GPUs."""
     pp = cfg.pp
@@ -237,7 +247,7 @@ def dry_run_layout(cfg: TrainConfig, world_size: int) -> Layout:
                   n_microbatches=microbatches(cfg) if pp > 1 else 1, virtual_stages=cfg.pp_virtual_stages,
                   balance=cfg.pp_balance,
                   micro_batch=cfg.batch_size // microbatches(cfg) if pp > 1 else cfg.batch_size,
-                  act_bytes=4 if cfg.dtype == "float32" else 2,       # 'auto' on a GPU is bf16 (fp16 on a V100)
+                  act_bytes=4 if planned_dtype(cfg) == "float32" else 2,
                   loss_chunk=cfg.loss_chunk if cfg.loss_chunk is not None else 0)   # the CUDA default
 
 
@@ -257,58 +267,76 @@ TP_SIZES = (1, 2, 4, 8)                    # tensor parallelism stays within a n
 
 
 def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_gib: float
-                ) -> tuple[list[str], Layout, float] | None:
-    """A layout of world_size GPUs whose plan fits FIT_FRACTION of memory_gib on every GPU, as the flags that
-    give it (to add to the command), the Layout and its largest GPU's GiB; None if none of the grid fits.
-    The global batch (batch_size x gradient_accumulation_steps x data-parallel replicas) stays as it is.
+                ) -> tuple[tuple[list[str], Layout, float] | None, tuple[list[str], str] | None]:
+    """(found, refused). found: a layout of world_size GPUs that train.py accepts and whose plan fits
+    FIT_FRACTION of memory_gib on every GPU, as the flags that give it (to add to the command), the Layout and
+    its largest GPU's GiB; None if none of the grid does. refused: when nothing is found, the flags of the first
+    layout that would fit and the refusal that rules it out (else None). The global batch (batch_size x
+    gradient_accumulation_steps x data-parallel replicas) stays as it is. Whether a layout is accepted is asked
+    of the run's own checks (config_refusals, layout_refusals), never decided here.
 
-    The grid: tp in 1, 2, 4, 8 (with sequence parallelism), pp dividing world_size / tp, FSDP or not,
-    activation checkpointing or not, micro-batches of the run's size or smaller. The first that fits, in the
-    order of what it costs (Narayanan et al. 2021, section 3): no recomputation (a third more compute), then
-    no FSDP (1.5x DDP's communication, and again for every accumulated micro-batch), then the smallest
+    The grid: tp in 1, 2, 4, 8 (with sequence parallelism or without), pp dividing world_size / tp, FSDP or
+    not, activation checkpointing or not, micro-batches of the run's size or smaller. The first that fits, in
+    the order of what it costs (Narayanan et al. 2021, section 3): no recomputation (a third more compute),
+    then no FSDP (1.5x DDP's communication, and again for every accumulated micro-batch), then the smallest
     model-parallel size tp x pp (their takeaway 2: model parallelism just large enough to fit, the rest data
     parallel), tensor parallelism before pipeline stages at equal size (takeaway 1: tp up to the GPUs of a
-    node, then pp), then the largest micro-batch."""
+    node, then pp), then the largest micro-batch, then sequence parallelism (less activation memory)."""
     current = dry_run_layout(cfg, world_size)
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * current.dp   # the global batch
     micro_sizes = [current.micro_batch // 2 ** i for i in range(current.micro_batch.bit_length())
                    if current.micro_batch % 2 ** i == 0] + [1]
     candidates = []
     for tp in TP_SIZES:
-        if world_size % tp or model_cfg.n_head % tp:
+        if world_size % tp:
             continue
         for pp in range(1, world_size // tp + 1):
-            n_virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" and pp > 1 else 1
             dp = world_size // (tp * pp)
-            if (world_size // tp) % pp or pp * n_virtual > model_cfg.n_layer or sequences % dp:
+            if (world_size // tp) % pp or sequences % dp:
                 continue
-            for fsdp, checkpointing, micro in itertools.product((False, True), (False, True), set(micro_sizes)):
-                if fsdp and dp == 1 or (sequences // dp) % micro:
+            for fsdp, checkpointing, micro, sp in itertools.product((False, True), (False, True), set(micro_sizes),
+                                                                    (True, False) if tp > 1 else (False,)):
+                if fsdp and dp == 1 or (sequences // dp) % micro:   # FSDP over one replica divides nothing
                     continue
-                cost = (checkpointing, fsdp, tp * pp, -tp, -micro)    # the order of preference
-                candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro))
-    cuts = {}                              # plan_stages' cuts, kept across the layouts of this model
-    for _, tp, pp, dp, fsdp, checkpointing, micro in sorted(candidates):
+                cost = (checkpointing, fsdp, tp * pp, -tp, -micro, not sp)    # the order of preference
+                candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro, sp))
+    cuts, refused = {}, []                 # plan_stages' cuts, kept across the layouts of this model
+    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
+    for _, tp, pp, dp, fsdp, checkpointing, micro, sp in sorted(candidates):
         per_replica = sequences // dp
         m = per_replica // micro if pp > 1 else 1           # one pipeline flush per step: the smallest bubble
-        if pp > 1 and (m < pp or cfg.pp_schedule == "interleaved_1f1b" and m % pp):
-            continue
-        config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
-        layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=tp > 1,
-                                     n_microbatches=m, micro_batch=micro)
-        fullest = max(sum(estimate.values()) for _, _, estimate in plan_memory(config, layout, cuts)) / GIB
-        if fullest > FIT_FRACTION * memory_gib:
-            continue
-        values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": tp > 1,
+        values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": sp,
                   "activation_checkpointing": checkpointing,
                   "batch_size": per_replica if pp > 1 else micro,
                   "gradient_accumulation_steps": 1 if pp > 1 else per_replica // micro,
                   "n_microbatches": m if pp > 1 else cfg.n_microbatches}
-        now = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
         flags = [f"--{name}" if value is True else f"--{name}={value}" for name, value in values.items()
                  if value != now[name]]
-        return flags, layout, fullest
-    return None
+        run = dataclasses.replace(cfg, dry_run=False, **{k: v for k, v in values.items()
+                                                        if k != "activation_checkpointing"})
+        config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
+        # The first refusal of each kind: those of the flags and those of the layout are independent checks.
+        refusals = {next(config_refusals(run, config), None),
+                    next(layout_refusals(run, world_size, planned_dtype(cfg)), None)} - {None}
+        layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=sp,
+                                     n_microbatches=m, micro_batch=micro)
+        fullest = max(sum(estimate.values()) for _, _, estimate in plan_memory(config, layout, cuts)) / GIB
+        if fullest > FIT_FRACTION * memory_gib:
+            continue
+        if refusals:
+            refused.append((flags, refusals))
+            continue
+        return (flags, layout, fullest), None
+    if not refused:
+        return None, None
+    # The refusal that alone rules out the most layouts that would fit (then: that rules out the most), with
+    # the first of them: lifting it would give a layout.
+    alone = collections.Counter(next(iter(reasons)) for _, reasons in refused if len(reasons) == 1)
+    among = collections.Counter(reason for _, reasons in refused for reason in reasons)
+    reason = max(among, key=lambda r: (alone[r], among[r]))
+    ruled_out = [flags for flags, reasons in refused if reasons == {reason}] or \
+        [flags for flags, reasons in refused if reason in reasons]
+    return None, (ruled_out[0], reason)
 
 
 def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
@@ -327,7 +355,7 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
     peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
     lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
              f"TFLOP/s at 16 bits) | {describe_layout(layout)} | "
-             f"{'fp32' if layout.act_bytes == 4 else '16-bit autocast'}",
+             f"{'fp32' if layout.act_bytes == 4 else planned_dtype(cfg) + ' autocast'}",
              f"parameters: {n_params:,} ({n_params / 1e9:.3f}B) | {model_cfg.n_layer} layers, {model_cfg.n_head} "
              f"heads, {model_cfg.n_embd} channels, context {T}, vocabulary {model_cfg.vocab_size:,}",
              f"FLOPs per token: {flops_token / 1e9:.2f} GFLOP (forward + backward: 6N + 12LHDT)",
@@ -358,9 +386,14 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
                  f"computing ({tokens_per_step / total:,.0f} tokens/s, {overall:.0%} MFU overall) = {parts}; "
                  f"tp/dp communication not modeled")
     if too_big:
-        found = find_layout(cfg, model_cfg, world_size, memory)
-        advice = (f"{' '.join(found[0])} fits ({describe_layout(found[1])}, {found[2]:.1f} GiB on the fullest GPU)"
-                  if found else f"no layout of {world_size} GPUs fits (tp <= 8): plan more GPUs")
+        found, refused = find_layout(cfg, model_cfg, world_size, memory)
+        if found:
+            advice = f"{' '.join(found[0])} fits ({describe_layout(found[1])}, {found[2]:.1f} GiB on the fullest GPU)"
+        elif refused:
+            advice = (f"no layout of {world_size} GPUs that train.py accepts fits: {' '.join(refused[0])} would, "
+                      f"but {refused[1]}")
+        else:
+            advice = f"no layout of {world_size} GPUs fits (tp <= 8): plan more GPUs"
         fullest, name = max(too_big)
         more = f" and {len(too_big) - 1} more stage{'s' if len(too_big) > 2 else ''}" if len(too_big) > 1 else ""
         lines.append(f"warning: does not fit a {memory} GiB {gpu}: {name} needs {fullest:.1f} GiB{more}; {advice}")
@@ -369,122 +402,154 @@ def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
 
 # --- checking the flags, the data and the checkpoint ---
 
+# Each check below is a generator of refusals, one line each, most basic first: a check runs only once those
+# before it passed, and whoever asks takes the first. The run stops on it (refuse); the dry run's layout search
+# asks the same generators of every layout it considers, so it never suggests flags that a run would refuse.
+
+def refuse(refusals: Iterator[str]) -> None:
+    """Stop with the first refusal, if there is one."""
+    problem = next(refusals, None)
+    if problem is not None:
+        sys.exit(f"error: {problem}")
+
+
 def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
-    """Refuse values that cannot work, with the flag's name."""
+    """Refuse values that cannot work on any number of processes, with the flag's name, before anything starts."""
     check_run_config(cfg, {**RUN_MINIMUMS, "keep_last": 0})
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        if getattr(model_cfg, name) < 1:
-            sys.exit(f"error: --{name}={getattr(model_cfg, name)} must be >= 1")
-    if model_cfg.n_embd % model_cfg.n_head:
-        sys.exit(f"error: --n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}")
-    if not 0 <= model_cfg.dropout < 1:
-        sys.exit(f"error: --dropout={model_cfg.dropout} must be in [0, 1)")
-    if cfg.resume_from and cfg.init_from != "resume":
-        sys.exit(f"error: --resume_from={cfg.resume_from} needs --init_from=resume")
-    if model_cfg.sparse_topk < 0:
-        sys.exit(f"error: --sparse_topk={model_cfg.sparse_topk} must be >= 0 (0 keeps every score)")
-    if model_cfg.realformer and cfg.pp > 1:
-        sys.exit("error: --realformer passes attention scores from block to block, which pipeline stages do not "
-                 "carry; drop --pp or --realformer")
     if cfg.init_from not in ("scratch", "resume"):
         from hf_gpt2 import check_hf_source
         check_hf_source(cfg.init_from, ("scratch", "resume"))
+    refuse(config_refusals(cfg, model_cfg))
     if cfg.dry_run:
-        world_size, model_parallel = cfg.dry_run_world_size or cfg.pp * cfg.tp, cfg.pp * cfg.tp
-        if not 0 < cfg.dry_run_mfu <= 1:
-            sys.exit(f"error: --dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]")
-        if world_size < 1 or world_size % model_parallel:
-            works = max(1, -(-world_size // model_parallel)) * model_parallel
-            sys.exit(f"error: --dry_run_world_size={world_size} must be a positive multiple of --pp x --tp = "
-                     f"{model_parallel}; --dry_run_world_size={works} works")
-        if cfg.fsdp and world_size == model_parallel:
-            sys.exit(f"error: --dry_run with --fsdp shards over data-parallel ranks, so it needs more GPUs than "
-                     f"--pp x --tp = {model_parallel}; --dry_run_world_size={2 * model_parallel} works")
-    check_tensor_parallel(cfg, model_cfg)
+        refuse(dry_run_refusals(cfg))
+
+
+def config_refusals(cfg: TrainConfig, model_cfg: GPTConfig) -> Iterator[str]:
+    """Why these flags cannot run, whatever the number of processes."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if getattr(model_cfg, name) < 1:
+            yield f"--{name}={getattr(model_cfg, name)} must be >= 1"
+    if model_cfg.n_embd % model_cfg.n_head:
+        yield f"--n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}"
+    if not 0 <= model_cfg.dropout < 1:
+        yield f"--dropout={model_cfg.dropout} must be in [0, 1)"
+    if cfg.resume_from and cfg.init_from != "resume":
+        yield f"--resume_from={cfg.resume_from} needs --init_from=resume"
+    if model_cfg.sparse_topk < 0:
+        yield f"--sparse_topk={model_cfg.sparse_topk} must be >= 0 (0 keeps every score)"
+    if model_cfg.realformer and cfg.pp > 1:
+        yield ("--realformer passes attention scores from block to block, which pipeline stages do not carry; "
+               "drop --pp or --realformer")
+    yield from tensor_parallel_refusals(cfg, model_cfg)
     if cfg.fsdp and cfg.pp > 1 and cfg.gradient_accumulation_steps > 1 and not cfg.dry_run:
         # Pipeline.forward_backward reduces FSDP's gradients once per optimizer step through the pipelining
         # stage's perform_reduce_grad; a torch whose stage lacks it would reduce them after every accumulated
         # batch, so refuse rather than train on wrong gradients.
         from torch.distributed.pipelining import PipelineStage
         if not hasattr(PipelineStage, "perform_reduce_grad"):
-            sys.exit(f"error: --fsdp with --pp and --gradient_accumulation_steps > 1 needs a newer torch than "
-                     f"{torch.__version__}; upgrade torch, or use --gradient_accumulation_steps=1 with more "
-                     f"--n_microbatches")
-    if cfg.fsdp and cfg.dtype == "float16":
-        sys.exit("error: --dtype=float16 needs a gradient scaler, which --fsdp does not support here; "
-                 "use --dtype=bfloat16 or float32")
+            yield (f"--fsdp with --pp and --gradient_accumulation_steps > 1 needs a newer torch than "
+                   f"{torch.__version__}; upgrade torch, or use --gradient_accumulation_steps=1 with more "
+                   f"--n_microbatches")
     if cfg.pp > 1:
-        n_stages = cfg.pp * (cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1)
-        if n_stages > model_cfg.n_layer:
-            sys.exit(f"error: {n_stages} pipeline stages need at least as many blocks, but --n_layer="
-                     f"{model_cfg.n_layer}; lower --pp (or --pp_virtual_stages)")
-        # Each refusal names a value that works: the default's choice, or the smallest batch that has one.
-        choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
-        works = f"--n_microbatches={choices[0]} works" if choices else \
-            f"--batch_size={-(-cfg.batch_size // cfg.pp) * cfg.pp} --n_microbatches={cfg.pp} works"
-        n = cfg.n_microbatches
-        if n is None and not choices:
-            multiple = " and a multiple of it" if cfg.pp_schedule == "interleaved_1f1b" else ""
-            sys.exit(f"error: --pp={cfg.pp} with {cfg.pp_schedule} needs a number of micro-batches that is at "
-                     f"least {cfg.pp}{multiple} and divides --batch_size={cfg.batch_size}; {works}")
-        if n is not None and (n < 1 or cfg.batch_size % n):
-            sys.exit(f"error: --n_microbatches={n} must divide --batch_size={cfg.batch_size}; {works}")
-        if n is not None and cfg.pp_schedule != "gpipe" and n < cfg.pp:
-            sys.exit(f"error: --pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}; {works}")
-        if n is not None and cfg.pp_schedule == "interleaved_1f1b" and n % cfg.pp:
-            sys.exit(f"error: interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}; {works}")
-        if cfg.dtype == "float16":
-            sys.exit("error: --dtype=float16 needs a gradient scaler, which --pp does not support; "
-                     "use --dtype=bfloat16 or float32")
-        if cfg.compile:
-            sys.exit("error: --compile is not supported with --pp yet; drop one of them")
+        yield from pipeline_refusals(cfg, model_cfg)
 
 
-def check_tensor_parallel(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
-    """Refuse --tp and --sequence_parallel values that cannot split this model."""
+def tensor_parallel_refusals(cfg: TrainConfig, model_cfg: GPTConfig) -> Iterator[str]:
+    """Why --tp and --sequence_parallel cannot split this model."""
     tp = cfg.tp
     if tp < 1:
-        sys.exit(f"error: --tp={tp} must be >= 1")
+        yield f"--tp={tp} must be >= 1"
     if cfg.sequence_parallel and tp == 1:
-        sys.exit("error: --sequence_parallel splits the sequence across tensor-parallel processes: add --tp=N")
-    if tp == 1:
+        yield "--sequence_parallel splits the sequence across tensor-parallel processes: add --tp=N"
+    if tp <= 1:
         return
     # Attention splits by whole heads; then tp also divides C = H D and the MLP's 4C hidden units.
     if model_cfg.n_head % tp:
-        sys.exit(f"error: --tp={tp} must divide --n_head ({model_cfg.n_head}): attention splits by whole heads")
+        yield f"--tp={tp} must divide --n_head ({model_cfg.n_head}): attention splits by whole heads"
     if cfg.loss_chunk:
-        sys.exit(f"error: --loss_chunk={cfg.loss_chunk} does not apply under --tp, which computes the loss from "
-                 f"the vocabulary-split logits; drop --loss_chunk")
-    if cfg.dtype == "float16":
-        sys.exit("error: --dtype=float16 needs a gradient scaler, which --tp does not support here; "
-                 "use --dtype=bfloat16 or float32")
+        yield (f"--loss_chunk={cfg.loss_chunk} does not apply under --tp, which computes the loss from the "
+               f"vocabulary-split logits; drop --loss_chunk")
     if cfg.compile:
-        sys.exit("error: --compile is not supported with --tp yet; drop one of them")
+        yield "--compile is not supported with --tp yet; drop one of them"
     if cfg.sequence_parallel and model_cfg.rezero:
-        sys.exit("error: --sequence_parallel with --rezero is not supported (each process would see its slice of "
-                 "the sequence in ReZero's scalars' gradients); drop one of them")
+        yield ("--sequence_parallel with --rezero is not supported (each process would see its slice of the "
+               "sequence in ReZero's scalars' gradients); drop one of them")
     if cfg.sequence_parallel and model_cfg.block_size % tp:
-        sys.exit(f"error: --sequence_parallel needs --tp={tp} to divide --block_size={model_cfg.block_size}")
+        yield f"--sequence_parallel needs --tp={tp} to divide --block_size={model_cfg.block_size}"
 
 
-def check_layout(cfg: TrainConfig, world_size: int) -> None:
-    """Refuse process layouts that cannot work, before any work starts."""
+def pipeline_refusals(cfg: TrainConfig, model_cfg: GPTConfig) -> Iterator[str]:
+    """Why --pp cannot cut this model and its batches into stages and micro-batches."""
+    n_stages = cfg.pp * (cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1)
+    if n_stages > model_cfg.n_layer:
+        yield (f"{n_stages} pipeline stages need at least as many blocks, but --n_layer={model_cfg.n_layer}; "
+               f"lower --pp (or --pp_virtual_stages)")
+    # Each refusal names a value that works: the default's choice, or the smallest batch that has one.
+    choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
+    works = f"--n_microbatches={choices[0]} works" if choices else \
+        f"--batch_size={-(-cfg.batch_size // cfg.pp) * cfg.pp} --n_microbatches={cfg.pp} works"
+    n = cfg.n_microbatches
+    if n is None and not choices:
+        multiple = " and a multiple of it" if cfg.pp_schedule == "interleaved_1f1b" else ""
+        yield (f"--pp={cfg.pp} with {cfg.pp_schedule} needs a number of micro-batches that is at least "
+               f"{cfg.pp}{multiple} and divides --batch_size={cfg.batch_size}; {works}")
+    if n is not None and (n < 1 or cfg.batch_size % n):
+        yield f"--n_microbatches={n} must divide --batch_size={cfg.batch_size}; {works}"
+    if n is not None and cfg.pp_schedule != "gpipe" and n < cfg.pp:
+        yield f"--pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}; {works}"
+    if n is not None and cfg.pp_schedule == "interleaved_1f1b" and n % cfg.pp:
+        yield f"interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}; {works}"
+    if cfg.compile:
+        yield "--compile is not supported with --pp yet; drop one of them"
+
+
+def dry_run_refusals(cfg: TrainConfig) -> Iterator[str]:
+    """Why the dry run's own flags cannot plan."""
+    world_size, model_parallel = cfg.dry_run_world_size or cfg.pp * cfg.tp, cfg.pp * cfg.tp
+    if not 0 < cfg.dry_run_mfu <= 1:
+        yield f"--dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]"
+    if world_size < 1 or world_size % model_parallel:
+        works = max(1, -(-world_size // model_parallel)) * model_parallel
+        yield (f"--dry_run_world_size={world_size} must be a positive multiple of --pp x --tp = {model_parallel}; "
+               f"--dry_run_world_size={works} works")
+    if cfg.fsdp and world_size == model_parallel:
+        yield (f"--dry_run with --fsdp shards over data-parallel ranks, so it needs more GPUs than --pp x --tp = "
+               f"{model_parallel}; --dry_run_world_size={2 * model_parallel} works")
+    yield from layout_refusals(cfg, world_size, planned_dtype(cfg))   # what the planned run itself would refuse
+
+
+def check_layout(cfg: TrainConfig, world_size: int, dtype: str | None = None) -> None:
+    """Refuse process layouts that cannot work, before any work starts. dtype: what --dtype resolved to."""
+    refuse(layout_refusals(cfg, world_size, dtype or cfg.dtype))
+
+
+def layout_refusals(cfg: TrainConfig, world_size: int, dtype: str) -> Iterator[str]:
+    """Why these flags cannot run on world_size processes computing in dtype, the dtype --dtype resolved to:
+    --dtype=auto is float16 on a GPU without native bf16, so the float16 refusals look at the resolved one."""
     if cfg.tp > 1 and world_size % (cfg.pp * cfg.tp):
         size = cfg.pp * cfg.tp
         layout = f"--pp={cfg.pp} x --tp={cfg.tp}" if cfg.pp > 1 else f"--tp={cfg.tp}"
-        sys.exit(f"error: {layout} needs a multiple of {size} processes, not {world_size}: "
-                 f"torchrun --nproc-per-node={size} train.py ... works")
+        yield (f"{layout} needs a multiple of {size} processes, not {world_size}: "
+               f"torchrun --nproc-per-node={size} train.py ... works")
     if cfg.pp > 1 and world_size == 1:
-        sys.exit(f"error: --pp={cfg.pp} needs one process per stage: "
-                 f"torchrun --nproc-per-node={cfg.pp} train.py ...")
+        yield f"--pp={cfg.pp} needs one process per stage: torchrun --nproc-per-node={cfg.pp} train.py ..."
     if world_size % cfg.pp:
-        sys.exit(f"error: --pp={cfg.pp} must divide the number of processes ({world_size})")
+        yield f"--pp={cfg.pp} must divide the number of processes ({world_size})"
     if cfg.fsdp and world_size == 1:
-        sys.exit("error: --fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp")
+        yield "--fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp"
     if cfg.fsdp and cfg.pp > 1 and world_size == cfg.pp * cfg.tp:
-        sys.exit(f"error: --fsdp shards each pipeline stage across its data-parallel processes, but {world_size} "
-                 f"processes for --pp={cfg.pp} leave one per stage; launch a multiple of {2 * cfg.pp * cfg.tp} "
-                 f"processes")
+        yield (f"--fsdp shards each pipeline stage across its data-parallel processes, but {world_size} processes "
+               f"for --pp={cfg.pp} leave one per stage; launch a multiple of {2 * cfg.pp * cfg.tp} processes")
+    # float16 needs loss scaling, and these layouts do not unscale sharded or staged gradients before the
+    # clip (the GradScaler's unscale_ and inf check assume whole local gradients): refuse rather than clip
+    # against a norm 65,536 times too large, or train a pipeline without scaling at all.
+    layouts = [flag for flag, on in (("--tp", cfg.tp > 1), ("--pp", cfg.pp > 1), ("--fsdp", cfg.fsdp)) if on]
+    if dtype == "float16" and layouts and cfg.dtype == "auto":
+        yield (f"--dtype=auto chose float16 (this GPU has no native bf16), which needs a gradient scaler that "
+               f"{layouts[0]} does not support here; use --dtype=float32 (bfloat16 is emulated, slower, here)")
+    elif dtype == "float16" and layouts:
+        yield (f"--dtype=float16 needs a gradient scaler, which {layouts[0]} does not support here; use "
+               f"--dtype=bfloat16 or float32")
 
 
 def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, str]]:
@@ -611,8 +676,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for line in resume_report:
             print0(line)
-        check_layout(cfg, world_size)
-        train(cfg, model_cfg, sources, rank, local_rank, world_size, device, stop, checkpoint)
+        # --dtype=auto is resolved first (it can be float16 on a GPU), so the layout's checks see the dtype
+        # the run computes in; cfg records it, and a resumed run computes in it whatever a new probe says.
+        dtype, precision, resolved = resolve_dtype(cfg, device)
+        check_layout(cfg, world_size, resolved.dtype)
+        train(resolved, model_cfg, sources, rank, local_rank, world_size, device, stop, (dtype, precision),
+              checkpoint)
     finally:
         stop.uninstall()
         teardown_distributed()
@@ -711,11 +780,12 @@ def evaluator(cfg: TrainConfig, meta: dict, paths: dict[str, str], parallel: Dat
 
 
 def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank: int, local_rank: int,
-          world_size: int, device: str, stop: StopSignals, checkpoint: dict | None = None) -> None:
+          world_size: int, device: str, stop: StopSignals, precision: tuple[torch.dtype, str],
+          checkpoint: dict | None = None) -> None:
     """Build the run (the model laid out across the processes, AdamW, the data, the log), then train it
-    (train_loop) and say how it ended."""
+    (train_loop) and say how it ended. precision: the dtype the run computes in and the header's words for it."""
     is_master = rank == 0                  # the one process that prints and writes files
-    dtype, precision, cfg = resolve_dtype(cfg, device)
+    dtype, precision = precision
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True   # TF32 tensor cores for the fp32 matmuls that remain
         torch.backends.cudnn.allow_tf32 = True

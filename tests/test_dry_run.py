@@ -60,7 +60,8 @@ def test_dry_run_warns_when_the_plan_cannot_fit():
 
 
 def test_dry_run_builds_gptx_stages_as_the_seed_log_counts():
-    text = report("--preset=gptx-1b", "--pp=2", "--pp_balance=params", "--dry_run", "--dry_run_gpu=V100")
+    text = report("--preset=gptx-1b", "--pp=2", "--pp_balance=params", "--dry_run", "--dry_run_gpu=V100",
+                  "--dtype=float32")   # auto is float16 on a V100, which --pp refuses
     assert "stage 0 (blocks 0-9): 550,653,972 params" in text
     assert "stage 1 (blocks 10-19): 548,560,916 params" in text
 
@@ -331,3 +332,84 @@ def test_bad_layouts_are_refused_in_one_line(flags, works):
     if works:
         assert message.endswith(f"; {works} works"), message
         assert "parameters:" in report(*flags, works, "--dry_run")
+
+
+def refusal_of_a_run(argv: list[str], world_size: int) -> str | None:
+    """The refusal (or None) of the checks train.py makes before a real run of these flags on world_size
+    GPUs of the dry run's kind: the flags' (check_config) and the layout's (check_layout, with --dtype
+    resolved as on that GPU)."""
+    cfg, model_cfg = train.parse_args(train.TrainConfig, GPTConfig, argv=argv)
+    model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, train.flags_given(argv))
+    run = train.dataclasses.replace(cfg, dry_run=False)
+    try:
+        train.check_config(run, model_cfg)
+        train.check_layout(run, world_size, train.planned_dtype(cfg))
+    except SystemExit as stop:
+        return str(stop.code)
+    return None
+
+
+# Issue 23: each of these once led the layout search to flags that train.py then refused (sequence
+# parallelism with ReZero, or with a block_size tp does not divide). Now each names flags that a run accepts.
+ACCEPTED_SEARCHES = {
+    "ReZero on 2 V100s": ["--preset=gptx-1b", "--dry_run_gpu=V100", "--dry_run_world_size=2", "--dtype=float32"],
+    "block_size 1001": ["--preset=gpt2-large", "--block_size=1001", "--dry_run_gpu=V100", "--dry_run_world_size=4",
+                        "--dtype=float32"],
+    "gpt2-xl on 8 L4s": ["--preset=gpt2-xl", "--dry_run_gpu=L4", "--dry_run_world_size=8", "--batch_size=8",
+                         "--gradient_accumulation_steps=2"],
+    "13b on 16": GPT3_LAYOUTS["13b on 16"][0],
+}
+
+
+@pytest.mark.parametrize("name", ACCEPTED_SEARCHES)
+def test_layout_search_only_names_flags_that_a_run_accepts(name):
+    flags = ACCEPTED_SEARCHES[name]
+    world_size = int(next(f for f in flags if f.startswith("--dry_run_world_size=")).split("=")[1])
+    text = report(*flags, "--dry_run")
+    assert "does not fit" in text, text
+    named = suggestion(text)
+    assert refusal_of_a_run([*flags, *named], world_size) is None, named
+    gpu = next((f.split("=")[1] for f in flags if f.startswith("--dry_run_gpu=")), "H100")
+    assert fits(report(*flags, *named, "--dry_run"), 0.9 * train.GPU_MEMORY_GIB[gpu])
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    # --dtype=auto is float16 on a V100, which --tp, --pp and --fsdp refuse: nothing that fits is accepted.
+    (["--preset=gptx-1b", "--dry_run_gpu=V100", "--dry_run_world_size=2"], "--dtype=auto chose float16"),
+    (["--preset=gpt2-large", "--dtype=float16", "--dry_run_gpu=V100", "--dry_run_world_size=4"],
+     "--dtype=float16 needs a gradient scaler"),
+    (["--preset=gpt2-xl", "--dry_run_gpu=V100", "--dry_run_world_size=4"], "--dtype=auto chose float16"),
+])
+def test_layout_search_says_so_when_what_fits_is_refused(flags, refusal):
+    text = report(*flags, "--dry_run")
+    world_size = int(flags[-1].split("=")[1])
+    line = text.splitlines()[-1]
+    assert f"no layout of {world_size} GPUs that train.py accepts fits: " in line and refusal in line, line
+    named = re.search(r"accepts fits: (--\S+(?: --\S+)*) would, but", line).group(1).split()
+    assert refusal in refusal_of_a_run([*flags, *named], world_size)       # the run refuses it, for that reason
+
+
+def test_every_variant_plans_and_realformer_under_pp_is_refused_in_one_line():
+    """The parameter count builds pipeline stages on the meta device, which cannot carry RealFormer's scores:
+    a RealFormer plan once ended in an AssertionError even without --pp."""
+    for variant in ("--realformer", "--rezero", "--macaron", "--sparse_topk=8", "--position=alibi",
+                    "--position=rope", "--activation_checkpointing"):
+        text = report(variant, "--dry_run")
+        assert "parameters: " in text, variant
+    assert re.search(r"parameters: ([\d,]+)", report("--realformer", "--dry_run")).group(1) == \
+        re.search(r"parameters: ([\d,]+)", report("--dry_run")).group(1)      # RealFormer adds no parameters
+    result = run_script("train.py", "--dry_run", "--realformer", "--pp=2")
+    assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("error: --realformer passes attention scores from block to block"), \
+        result.stderr
+
+
+def test_dry_run_resolves_auto_dtype_as_the_planned_gpu_would():
+    """--dtype=auto is bf16 on GPUs that compute it natively (compute capability 8.0+) and float16 on a V100
+    (7.0): the plan counts 16-bit activations either way, and the float16 refusals of --tp apply to it."""
+    assert "bfloat16 autocast" in report("--dry_run", "--dry_run_gpu=A100")
+    assert "float16 autocast" in report("--dry_run", "--dry_run_gpu=V100")
+    with pytest.raises(SystemExit) as stop:
+        report("--dry_run", "--dry_run_gpu=V100", "--tp=2")
+    assert str(stop.value.code).startswith("error: --dtype=auto chose float16 (this GPU has no native bf16)")
+    assert "tp=2" in report("--dry_run", "--dry_run_gpu=V100", "--tp=2", "--dtype=float32")

@@ -90,7 +90,8 @@ def test_gptx_1b_carries_the_seed_recipe():
     of 1 sequence per step. Planned on its two V100s, it is still the 1,099,214,888-parameter model."""
     recipe = PRESETS["gptx-1b"]["train"]
     assert recipe["learning_rate"] == 2.0e-4 and 0 <= recipe["min_lr"] <= recipe["learning_rate"]
-    argv = ["--preset=gptx-1b", "--pp=2", "--pp_balance=params", "--dry_run", "--dry_run_gpu=V100"]
+    argv = ["--preset=gptx-1b", "--pp=2", "--pp_balance=params", "--dry_run", "--dry_run_gpu=V100",
+            "--dtype=float32"]   # --dtype=auto is float16 on a V100, which --pp refuses
     cfg, model_cfg = parse_args(train.TrainConfig, GPTConfig, argv=argv)
     model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, flags_given(argv))
     train.check_config(cfg, model_cfg)

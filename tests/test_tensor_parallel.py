@@ -123,7 +123,6 @@ def test_each_tensor_parallel_rank_drops_its_own_heads_from_the_shared_stream(se
     (dict(sequence_parallel=True), {}, "--sequence_parallel splits the sequence across tensor-parallel "
                                        "processes: add --tp=N"),
     (dict(tp=2, loss_chunk=512), {}, "--loss_chunk=512 does not apply under --tp"),
-    (dict(tp=2, dtype="float16"), {}, "--dtype=float16 needs a gradient scaler, which --tp does not support"),
     (dict(tp=2, compile=True), {}, "--compile is not supported with --tp yet"),
     (dict(tp=2, sequence_parallel=True), dict(rezero=True), "--sequence_parallel with --rezero is not supported"),
     (dict(tp=2, sequence_parallel=True), dict(block_size=15), "needs --tp=2 to divide --block_size=15"),
@@ -131,6 +130,16 @@ def test_each_tensor_parallel_rank_drops_its_own_heads_from_the_shared_stream(se
 def test_bad_tensor_parallel_flags_are_refused_with_one_line(flags, model, fragment):
     message = one_line_error(train.check_config, train.TrainConfig(**flags), GPTConfig(**model))
     assert fragment in message, message
+
+
+@pytest.mark.parametrize("flags", [dict(tp=2), dict(pp=2), dict(fsdp=True)])
+def test_float16_is_refused_by_the_layouts_that_cannot_scale_its_loss(flags):
+    """Checked on the dtype the run resolved to, with the number of processes known (check_layout)."""
+    flag = "--" + next(iter(flags))
+    message = one_line_error(train.check_layout, train.TrainConfig(dtype="float16", **flags), 2)
+    assert message == f"error: --dtype=float16 needs a gradient scaler, which {flag} does not support here; use " \
+                      f"--dtype=bfloat16 or float32", message
+    train.check_layout(train.TrainConfig(dtype="bfloat16", **flags), 2)   # accepted
 
 
 def test_a_world_size_that_tp_does_not_divide_is_refused_with_a_command_that_works():

@@ -163,20 +163,99 @@ def test_eval_only_leaves_the_run_untouched(tiny_data_dir, tmp_path, capsys):
     assert open(os.path.join(out_dir, "ckpt.pt"), "rb").read() == before
 
 
-@pytest.mark.parametrize("speedup", [4.0, 1.2])
+def probe_answers(monkeypatch, *answers: float) -> list[float]:
+    """Stand in for the bf16 speed probe: each call answers the next of answers (a real probe's figure
+    differs from call to call); returns the list of answers given so far."""
+    given, queue = [], list(answers)
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: given.append(queue.pop(0)) or given[-1])
+    return given
+
+
+@pytest.mark.parametrize("speedup", [1.5, 1.46])   # either side of the threshold, 1.46 printed as 1.5 once
 def test_auto_dtype_on_cpu_follows_the_probe_and_the_resume_keeps_it(tiny_data_dir, tmp_path, monkeypatch, capsys,
                                                                      speedup):
     """--dtype=auto on a CPU trains in bf16 where bf16 matmuls run >= 1.5x fp32's speed, says why in the header,
-    and records the choice: a resume computes in it even where the probe would now answer otherwise."""
-    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: speedup)
+    and records the choice: a resume computes in it even where the probe would now answer otherwise. The probe
+    runs once: the header's figure is the one the choice was made on, even near the threshold, where a second
+    probe (here answering on the other side of 1.5x) would contradict it."""
+    given = probe_answers(monkeypatch, speedup, 5.5 - speedup, 5.5 - speedup)
     expected = "bfloat16" if speedup >= 1.5 else "float32"
     out_dir = str(tmp_path / "run")
     train.main(train_flags(tiny_data_dir, out_dir, "--max_iters=2", "--eval_interval=2", "--device=cpu"))
     header = capsys.readouterr().out
-    assert f"1 x cpu, {expected} (auto: bf16 matmuls run {speedup:.1f}x fp32's speed here)" in header
+    assert given == [speedup]                                                   # one probe
+    assert f"1 x cpu, {expected} (auto: bf16 matmuls run {speedup:.2f}x fp32's speed here)" in header
     assert load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["train_config"]["dtype"] == expected
-    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: 5.5 - speedup)   # the other answer now
     train.main(train_flags(tiny_data_dir, out_dir, "--init_from=resume", "--max_iters=4", "--eval_interval=2",
                            "--device=cpu"))
     assert f"1 x cpu, {expected}\n" in capsys.readouterr().out                 # the recorded dtype, no probe
+    assert given == [speedup]
     assert load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["train_config"]["dtype"] == expected
+
+
+def test_the_real_bf16_probe_runs_once_and_decides():
+    """The real probe (no stand-in): a positive figure, measured once per process however often it is asked,
+    and the choice follows it."""
+    common.cpu_bf16_speedup.cache_clear()
+    speedup = common.cpu_bf16_speedup()
+    assert 0 < speedup < 1000 and common.cpu_bf16_speedup.cache_info().misses == 1
+    dtype, words = common.choose_dtype("auto", "cpu")
+    assert common.cpu_bf16_speedup.cache_info().misses == 1
+    assert dtype == (torch.bfloat16 if speedup >= 1.5 else torch.float32)
+    assert words == f"{common.dtype_name(dtype)} (auto: bf16 matmuls run {speedup:.2f}x fp32's speed here)"
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch, capability, expected):
+    """A V100 (7.0) or T4 (7.5) computes bf16 only by emulation, though torch.cuda.is_bf16_supported() says
+    True there by default: auto must pick fp16 (with loss scaling) on them, bf16 from Ampere (8.0) on."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    dtype, words = common.choose_dtype("auto", "cuda")
+    assert dtype == expected
+    assert words == f"{common.dtype_name(expected)} (auto: compute capability {capability[0]}.{capability[1]})"
+
+
+@pytest.mark.parametrize("layout", [["--tp=2"], ["--pp=2"], ["--fsdp"]])
+def test_auto_dtype_resolved_to_float16_is_refused_by_the_layouts_without_loss_scaling(
+        tiny_data_dir, tmp_path, monkeypatch, layout):
+    """On a V100 --dtype=auto resolves to float16, which --tp, --pp and --fsdp cannot scale: the refusal must
+    look at the resolved dtype (it once looked at the flag's string, 'auto', and let float16 through). Two
+    processes on a V100 are stood in for: the process setup and the GPU's compute capability."""
+    monkeypatch.setattr(train, "setup_distributed", lambda device: (0, 0, 2, "cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_flags(tiny_data_dir, str(tmp_path / "run"), *layout, "--n_layer=2"))
+    flag = layout[0].split("=")[0]
+    assert str(stop.value.code) == (
+        f"error: --dtype=auto chose float16 (this GPU has no native bf16), which needs a gradient scaler that "
+        f"{flag} does not support here; use --dtype=float32 (bfloat16 is emulated, slower, here)")
+    assert not os.path.exists(tmp_path / "run")                                  # refused before any file
+
+
+@pytest.mark.slow
+def test_all_processes_take_rank_0s_dtype_choice(tmp_path):
+    """Under torchrun the probe runs on rank 0 and every process decides from its figure: two processes whose
+    own probes would disagree (1.2x and 4.0x) both compute in fp32 and describe the 1.20x they chose on."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = tmp_path / "choose.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import torch.distributed as dist
+import common
+rank = int(os.environ["RANK"])
+common.cpu_bf16_speedup = lambda: (1.2, 4.0)[rank]
+dist.init_process_group("gloo")
+dtype, words = common.choose_dtype("auto", "cpu")
+print(f"rank {{rank}}: {{dtype}} | {{words}}")
+dist.destroy_process_group()
+""")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                             str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: torch.float32 | float32 (auto: bf16 matmuls run 1.20x fp32's speed here)" in \
+            result.stdout, result.stdout
