@@ -133,8 +133,9 @@ class RunConfig:
                                 "(each such step is skipped, and logged)")
     # system
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs; on a CPU bfloat16 where "
-                             "a probe at start finds its matmuls at least 1.5x as fast as float32's, else float32",
+    dtype: str = arg("auto", "auto: bfloat16 on GPUs that compute it natively (compute capability 8.0+), "
+                             "float16 on older GPUs; on a CPU bfloat16 where a probe at start finds its matmuls "
+                             "at least 1.5x as fast as float32's, else float32",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = arg(None, "torch.compile the model for the training steps (default: on for CUDA; off "
                                      "elsewhere, where it starts slowly and has not run faster: "

@@ -41,8 +41,9 @@ class GenerateConfig:
     stop_at_eot: bool = arg(True, "end a sample when the model writes <|endoftext|>")
     seed: int = arg(1337, "seed of the sampling generator: the same seed gives the same text")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = arg("auto", "auto: bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU (one "
-                             "token at a time, bfloat16 is no faster there)",
+    dtype: str = arg("auto", "auto: bfloat16 on GPUs that compute it natively (compute capability 8.0+), "
+                             "float16 on older GPUs, float32 on CPU (one token at a time, bfloat16 is no faster "
+                             "there)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = arg(None, "torch.compile each sampling step (default: on for CUDA, where it fuses "
                                      "the step's many small kernels; off elsewhere, where it does not pay)")
