@@ -340,6 +340,14 @@ def tokenizer_record(tokenizer) -> dict:
             "sha256": hashlib.sha256(tokenizer.file.encode()).hexdigest() if tokenizer.file else ""}
 
 
+def tokenizer_identity(name: str | None, sha256: str | None) -> str:
+    """What makes two tokenizers one: a BPE's content, the sha256 of its tokenizer.json, whatever name it goes
+    by (prepare.py names a trained BPE bpe:VOCAB and a given file by its path, so the same file has many
+    names); r50k_base, which has no file, its name. A record with neither (older than the tokenizer records)
+    is r50k_base, the only tokenizer then."""
+    return sha256 or name or "r50k_base"
+
+
 def load_tokenizer(record: dict | None):
     """The tokenizer of a checkpoint's record (tokenizer_record); None, from a checkpoint older than the
     record, or written from GPT-2's weights, is r50k_base."""

@@ -22,7 +22,8 @@ from common import (PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, 
                     all_ranks_mean, check_run_config, should_compile, config_changes, dataset_tokenizer_record,
                     evaluate, flags_given, is_evaluation_step, keep_checkpoints, load_checkpoint, loop_state,
                     parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype, restore_loop_state, run_main,
-                    save_checkpoint, save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed)
+                    save_checkpoint, save_on_rank0, set_lr, setup_distributed, sha256_file, teardown_distributed,
+                    tokenizer_identity, tokenizer_record)
 from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Layout, Pipeline, build_pipeline, device_mesh,
                          param_counts, plan_memory, rank_params, step_seconds, use_single_tensor_adamw)
 from model import GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
@@ -578,12 +579,17 @@ def describe_tokenizer(meta: dict) -> str:
             + (f", {meta.get('tokenizer_file')} sha256 {sha256[:12]}...)" if sha256 else ")"))
 
 
+def meta_tokenizer(meta: dict) -> tuple[str, int | None]:
+    """(common.tokenizer_identity, vocabulary size) of the tokenizer a dataset's meta.json records."""
+    return tokenizer_identity(meta.get("tokenizer"), meta.get("tokenizer_sha256")), meta.get("vocab_size")
+
+
 def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
-    """A resumed run goes on with the tokens it was trained on: another tokenizer (its name, vocabulary size,
-    or the sha256 of its file: two BPEs of one size trained on different text differ) is refused, other token
-    files (their sha256 or counts in meta.json) need --allow_data_change."""
-    fields = ("tokenizer", "vocab_size", "tokenizer_sha256")
-    if [saved.get(name) for name in fields] != [meta.get(name) for name in fields]:
+    """A resumed run goes on with the tokens it was trained on: another tokenizer (for a BPE, another file
+    content, whatever its name or path: two BPEs of one size trained on different text differ; for r50k_base,
+    another name) or vocabulary size is refused, other token files (their sha256 or counts in meta.json) need
+    --allow_data_change."""
+    if meta_tokenizer(saved) != meta_tokenizer(meta):
         sys.exit(f"error: cannot resume {path}: it was trained on tokens of {describe_tokenizer(saved)}, but "
                  f"{folder} holds tokens of {describe_tokenizer(meta)}; its embeddings only fit the tokenizer it "
                  f"learned")
@@ -690,7 +696,9 @@ def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, r
     elif cfg.init_from != "scratch":
         from hf_gpt2 import hf_tokenizer
         weights_tokenizer = hf_tokenizer(cfg.init_from)
-        if (weights_tokenizer.name, weights_tokenizer.file) != (tokenizer["name"], tokenizer["file"]):
+        weights_record = tokenizer_record(weights_tokenizer)
+        if tokenizer_identity(weights_record["name"], weights_record["sha256"]) != \
+                tokenizer_identity(tokenizer["name"], tokenizer["sha256"]):
             sys.exit(f"error: --init_from={cfg.init_from} has learnt the tokens of {weights_tokenizer.name}, but "
                      f"{folder} holds tokens of {describe_tokenizer(meta)}; prepare the data with that tokenizer")
     if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:

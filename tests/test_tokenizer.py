@@ -152,6 +152,44 @@ def test_resume_on_data_of_another_tokenizer_is_refused_in_one_line(bpe_data, bp
     assert "its embeddings only fit the tokenizer it learned" in message
 
 
+def test_resume_on_data_encoded_with_the_same_tokenizer_file_goes_on(bpe_data, bpe_run, tmp_path, capsys):
+    """Issue 23: other plays encoded with the run's own tokenizer.json (prepare.py --tokenizer=PATH, which names
+    it by its path, where the run's dataset says bpe:1000) were refused on resume as another tokenizer, though
+    both sides printed the same sha256. A tokenizer is its file's content: the resume goes on to step 6 on the
+    new tokens, and preparing the folder again from a copy of the file elsewhere finds it up to date."""
+    tokenizer_path = os.path.join(bpe_data, "bpe", "tokenizer.json")
+    source = corpus(tmp_path / "others.txt", slice(2, 3))
+    prepare.main([f"--input={source}", "--name=same", f"--data_dir={tmp_path}", f"--tokenizer={tokenizer_path}"])
+    out_dir = shutil.copytree(bpe_run, tmp_path / "run")
+    train.main([f"--data_dir={tmp_path}", "--dataset=same", f"--out_dir={out_dir}", *TINY, "--max_iters=6",
+                "--eval_interval=6", "--init_from=resume", "--allow_data_change"])
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    new_meta = json.load(open(tmp_path / "same" / "meta.json"))
+    assert checkpoint["step"] == 6 and checkpoint["data"]["sha256"] == new_meta["sha256"]
+    assert checkpoint["tokenizer"]["sha256"] == hashlib.sha256(open(tokenizer_path, "rb").read()).hexdigest()
+    copy = shutil.copy(tokenizer_path, tmp_path / "copy.json")
+    capsys.readouterr()
+    prepare.main([f"--input={source}", "--name=same", f"--data_dir={tmp_path}", f"--tokenizer={copy}"])
+    assert "is up to date" in capsys.readouterr().out
+
+
+def test_gpt2_weights_exported_with_our_bpe_train_on_that_bpe_data(bpe_data, tmp_path):
+    """--init_from=DIR of a model hf_gpt2.py exported with our BPE was refused on data of that very BPE: the
+    weights' tokenizer goes by the path of DIR/tokenizer.json, the data's by bpe:1000. Compared by content,
+    it trains."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    tokenizer = bpe_of(bpe_data)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size))
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                     "tokenizer": tokenizer_record(tokenizer)}, str(tmp_path / "ckpt.pt"))
+    hf_gpt2.main([f"--checkpoint={tmp_path / 'ckpt.pt'}", f"--out={tmp_path / 'hf'}"])
+    out_dir = str(tmp_path / "run")
+    train.main([f"--data_dir={bpe_data}", "--dataset=bpe", f"--out_dir={out_dir}", f"--init_from={tmp_path / 'hf'}",
+                *TINY, "--max_iters=1", "--eval_interval=1"])
+    assert load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["step"] == 1
+
+
 def test_exported_bpe_gives_our_ids_in_transformers(bpe_data, tmp_path):
     """hf_gpt2.py writes the checkpoint's tokenizer.json; AutoTokenizer loads it and encodes, decodes and ends
     text with our ids; importing the directory back gives the same weights and tokenizer."""
