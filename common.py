@@ -277,22 +277,42 @@ class BPETokenizer:
 
 
 def check_bpe_file(file: str, where: str) -> None:
-    """Stop with one line unless file is a byte-level BPE tokenizer.json whose ids fit uint16 and that has
-    <|endoftext|>: what prepare.py, train.py and the samplers can use."""
+    """Stop with one line unless file is a tokenizer.json that prepare.py, train.py and the samplers can use: a
+    byte-level BPE in Hugging Face's format that the tokenizers library loads, with a token for each of the
+    256 bytes (without one, text holding that byte would be dropped when encoded), ids that fit uint16, and
+    <|endoftext|>. The file comes from the user, so each defect is named in one line, never a traceback."""
+    remedy = "give a byte-level BPE's tokenizer.json, or train one with prepare.py --tokenizer=bpe:VOCAB"
     try:
         spec = json.loads(file)
-        is_byte_level = spec["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(spec["pre_tokenizer"]) \
-            and "ByteLevel" in json.dumps(spec["decoder"])
-    except (ValueError, KeyError, TypeError):
-        sys.exit(f"error: {where} is not a Hugging Face tokenizer.json")
-    if not is_byte_level:
+    except ValueError as e:
+        sys.exit(f"error: {where} is not JSON ({e}); {remedy}")
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = spec.get("added_tokens", []) if isinstance(spec, dict) else None
+    if not isinstance(vocab, dict) or not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        sys.exit(f"error: {where} is not a Hugging Face tokenizer.json (it needs a \"model\" with a \"vocab\" "
+                 f"object of token: id, and a list of \"added_tokens\"); {remedy}")
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")) \
+            or "ByteLevel" not in json.dumps(spec.get("decoder")):
         sys.exit(f"error: {where} is not a byte-level BPE (GPT-2 style: model BPE, ByteLevel pre-tokenizer and "
                  f"decoder); train one with prepare.py --tokenizer=bpe:VOCAB")
-    ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
-    if max(ids) >= MAX_VOCAB:
-        sys.exit(f"error: {where} has token ids up to {max(ids):,}; token files store uint16 ids, so at most "
+    if not vocab:
+        sys.exit(f"error: {where} has an empty vocabulary (model.vocab is {{}}): a byte-level BPE holds at least "
+                 f"the 256 bytes; {remedy}")
+    try:   # the library's own checks: ids that are not whole numbers, merges of tokens not in the vocabulary, ...
+        tokenizer = import_tokenizers().Tokenizer.from_str(file)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        sys.exit(f"error: {where} does not load as a tokenizer ({reason}); {remedy}")
+    missing = [b for b, char in bytes_to_unicode().items() if char not in vocab]
+    if missing:
+        sys.exit(f"error: {where} has no token for {len(missing)} of the 256 bytes (e.g. 0x{missing[0]:02x}), so "
+                 f"text holding them would be lost; {remedy}")
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
+    if top >= MAX_VOCAB:
+        sys.exit(f"error: {where} has token ids up to {top:,}; token files store uint16 ids, so at most "
                  f"{MAX_VOCAB:,} ids fit")
-    if not any(t["content"] == EOT_TEXT for t in spec.get("added_tokens", [])):
+    if EOT_TEXT not in (t.content for t in tokenizer.get_added_tokens_decoder().values()):
         sys.exit(f"error: {where} has no {EOT_TEXT} special token, which separates documents")
 
 
@@ -375,7 +395,13 @@ def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
     if hashlib.sha256(data).hexdigest() != meta.get("tokenizer_sha256"):
         sys.exit(f"error: {path} does not match the tokenizer_sha256 in meta.json; prepare it again with "
                  f"prepare.py --force")
-    return {"name": meta.get("tokenizer", "bpe"), "file": data.decode(), "sha256": meta["tokenizer_sha256"]}
+    try:
+        file = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); prepare the dataset again with "
+                 f"prepare.py --force")
+    check_bpe_file(file, path)   # before it goes into checkpoints, where the samplers would load it
+    return {"name": meta.get("tokenizer", "bpe"), "file": file, "sha256": meta["tokenizer_sha256"]}
 
 
 def shakespeare_paths() -> list[str]:
