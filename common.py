@@ -1135,18 +1135,35 @@ def should_compile(cfg: RunConfig, device: str) -> bool:
     return cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
 
+def resumed_seed(seed: int, step: int) -> int:
+    """The seed of a dropout stream that starts afresh at optimizer step `step` of a resumed run, given the seed a
+    run from scratch gives that stream: the two mixed through SHA-256, so the resumed run does not replay the
+    masks its first steps drew (as `seed` alone would), nor those of a neighbouring seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") >> 1   # < 2**63
+
+
 def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator: torch.Generator, rank: int,
-                       world_size: int, device: str) -> tuple[int, float]:
-    """Put back what loop_state saved, and return (step, best val loss) to go on from. A run resumed with the
-    number of processes that saved it takes its own generators back; with another number, each process
-    takes rank 0's, and the CPU threads stay at their default (the sums differ anyway)."""
+                       device: str, layout: dict, seed: int, older_layout: dict | None = None) -> tuple[int, float]:
+    """Put back what loop_state saved, and return (step, best val loss) to go on from. layout is how this run
+    lays out its processes (loop_state's record); seed, the seed a run from scratch of this layout gives this
+    process's dropout stream. On the layout that saved the state (its record; for a state older than the
+    record, older_layout, what the caller infers, None when it cannot tell), each process takes its own
+    generators back, and the CPU thread count: the run goes on exactly. On another layout, a process's saved
+    stream belongs to another place in the grid (two DDP replicas' streams given to the two tensor-parallel
+    ranks of one replica would draw two masks on the activations they must keep equal, and their replicated
+    weights would drift apart), so every process takes rank 0's generators (the batch order is one stream for
+    the whole run), then seeds its dropout stream as a run from scratch would, mixed with the step
+    (resumed_seed); the CPU threads stay at their default (the sums differ anyway)."""
     scaler.load_state_dict(state["scaler"])
     saved_rng = state["rng"]           # one entry per process of the run that saved it
-    restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
-    threads_line = restore_cpu_threads(state.get("cpu_threads")) \
-        if device.startswith("cpu") and len(saved_rng) == world_size else None
-    if threads_line:
-        print0(threads_line)
+    if state.get("layout", older_layout) == layout:
+        restore_rng_states(saved_rng[rank], data_generator)
+        threads_line = restore_cpu_threads(state.get("cpu_threads")) if device.startswith("cpu") else None
+        if threads_line:
+            print0(threads_line)
+    else:
+        restore_rng_states(saved_rng[0], data_generator)
+        torch.manual_seed(resumed_seed(seed, state["step"]))   # CPU and CUDA generators
     return state["step"], state["best_val_loss"]
 
 
@@ -1180,13 +1197,15 @@ def evaluate(model: torch.nn.Module, loss_of: Callable, batches_of: Callable[[st
     return losses
 
 
-def loop_state(step: int, best_val_loss: float, scaler: torch.amp.GradScaler,
-               data_generator: torch.Generator) -> dict:
+def loop_state(step: int, best_val_loss: float, scaler: torch.amp.GradScaler, data_generator: torch.Generator,
+               layout: dict) -> dict:
     """The checkpoint entries that let a training loop go on exactly where it stopped: the step, the best val
     loss, the gradient scaler, every process's random number generators (gathered on rank 0: every process
-    must call this) and the CPU thread count."""
+    must call this), the CPU thread count, and the layout of the processes those generators belong to
+    ({"pp": P, "dp": D, "tp": T, "fsdp": bool}: restore_loop_state gives them back on the same one only)."""
     return {"scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-            "rng": gather_to_rank0(rng_states(data_generator)), "cpu_threads": torch.get_num_threads()}
+            "rng": gather_to_rank0(rng_states(data_generator)), "cpu_threads": torch.get_num_threads(),
+            "layout": layout}
 
 
 def save_on_rank0(write: Callable[[], None], stop: StopSignals) -> None:

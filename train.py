@@ -571,6 +571,22 @@ def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, 
                                         checkpoint["model_config"], sources)
 
 
+def run_layout(cfg: TrainConfig, world_size: int) -> dict:
+    """How the run lays out its processes, as a checkpoint's loop state records it (common.loop_state)."""
+    return {"pp": cfg.pp, "dp": world_size // (cfg.pp * cfg.tp), "tp": cfg.tp, "fsdp": cfg.fsdp}
+
+
+def saved_layout(checkpoint: dict) -> dict | None:
+    """The layout of a checkpoint older than the loop state's record of it, from the run config it saved and
+    its number of RNG states (one per process); None where the config does not say (no tp: older still), and
+    the resume then takes it for another layout (common.restore_loop_state)."""
+    saved = checkpoint.get("train_config", {})
+    if not all(name in saved for name in ("pp", "tp", "fsdp")):
+        return None
+    return {"pp": saved["pp"], "dp": len(checkpoint["rng"]) // (saved["pp"] * saved["tp"]), "tp": saved["tp"],
+            "fsdp": saved["fsdp"]}
+
+
 def describe_tokenizer(meta: dict) -> str:
     """A dataset's tokenizer as meta.json records it, e.g. 'bpe:22000 (vocabulary 22000, tokenizer.json sha256
     5b4f2425...)'."""
@@ -741,12 +757,15 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)   # fp16: loss scaling
     # A different dropout stream on each data-parallel replica (global rank = replica * tp + tp_rank); the
     # tensor-parallel processes of a replica draw the same masks, so the activations they replicate stay equal.
-    torch.manual_seed(cfg.seed + rank // cfg.tp)
+    dropout_seed = cfg.seed + rank // cfg.tp
+    torch.manual_seed(dropout_seed)
     data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
     start_step, best_val_loss, resumed_is_best = 0, float("inf"), False
+    layout = run_layout(cfg, world_size)
     if checkpoint is not None:
         parallel.load_optimizer_state(optimizer, checkpoint["optimizer"])
-        start_step, best_val_loss = restore_loop_state(checkpoint, scaler, data_generator, rank, world_size, device)
+        start_step, best_val_loss = restore_loop_state(checkpoint, scaler, data_generator, rank, device, layout,
+                                                       dropout_seed, older_layout=saved_layout(checkpoint))
         resumed_is_best = checkpoint.get("is_best", False)   # its evaluation's val loss was the lowest yet
         print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
@@ -777,7 +796,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
 
     def save(step: int, best_val_loss: float, is_best: bool) -> None:
         """Checkpoint the whole training state before step `step` (every process takes part)."""
-        state = loop_state(step, best_val_loss, scaler, data_generator)
+        state = loop_state(step, best_val_loss, scaler, data_generator, layout)
         weights, optimizer_state = parallel.full_state(optimizer)
 
         def write() -> None:
