@@ -278,22 +278,42 @@ class BPETokenizer:
 
 
 def check_bpe_file(file: str, where: str) -> None:
-    """Stop with one line unless file is a byte-level BPE tokenizer.json whose ids fit uint16 and that has
-    <|endoftext|>: what prepare.py, train.py and the samplers can use."""
+    """Stop with one line unless file is a tokenizer.json that prepare.py, train.py and the samplers can use: a
+    byte-level BPE in Hugging Face's format that the tokenizers library loads, with a token for each of the
+    256 bytes (without one, text holding that byte would be dropped when encoded), ids that fit uint16, and
+    <|endoftext|>. The file comes from the user, so each defect is named in one line, never a traceback."""
+    remedy = "give a byte-level BPE's tokenizer.json, or train one with prepare.py --tokenizer=bpe:VOCAB"
     try:
         spec = json.loads(file)
-        is_byte_level = spec["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(spec["pre_tokenizer"]) \
-            and "ByteLevel" in json.dumps(spec["decoder"])
-    except (ValueError, KeyError, TypeError):
-        sys.exit(f"error: {where} is not a Hugging Face tokenizer.json")
-    if not is_byte_level:
+    except ValueError as e:
+        sys.exit(f"error: {where} is not JSON ({e}); {remedy}")
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = spec.get("added_tokens", []) if isinstance(spec, dict) else None
+    if not isinstance(vocab, dict) or not isinstance(added, list) or not all(isinstance(t, dict) for t in added):
+        sys.exit(f"error: {where} is not a Hugging Face tokenizer.json (it needs a \"model\" with a \"vocab\" "
+                 f"object of token: id, and a list of \"added_tokens\"); {remedy}")
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")) \
+            or "ByteLevel" not in json.dumps(spec.get("decoder")):
         sys.exit(f"error: {where} is not a byte-level BPE (GPT-2 style: model BPE, ByteLevel pre-tokenizer and "
                  f"decoder); train one with prepare.py --tokenizer=bpe:VOCAB")
-    ids = [*spec["model"]["vocab"].values(), *(t["id"] for t in spec.get("added_tokens", []))]
-    if max(ids) >= MAX_VOCAB:
-        sys.exit(f"error: {where} has token ids up to {max(ids):,}; token files store uint16 ids, so at most "
+    if not vocab:
+        sys.exit(f"error: {where} has an empty vocabulary (model.vocab is {{}}): a byte-level BPE holds at least "
+                 f"the 256 bytes; {remedy}")
+    try:   # the library's own checks: ids that are not whole numbers, merges of tokens not in the vocabulary, ...
+        tokenizer = import_tokenizers().Tokenizer.from_str(file)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        sys.exit(f"error: {where} does not load as a tokenizer ({reason}); {remedy}")
+    missing = [b for b, char in bytes_to_unicode().items() if char not in vocab]
+    if missing:
+        sys.exit(f"error: {where} has no token for {len(missing)} of the 256 bytes (e.g. 0x{missing[0]:02x}), so "
+                 f"text holding them would be lost; {remedy}")
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
+    if top >= MAX_VOCAB:
+        sys.exit(f"error: {where} has token ids up to {top:,}; token files store uint16 ids, so at most "
                  f"{MAX_VOCAB:,} ids fit")
-    if not any(t["content"] == EOT_TEXT for t in spec.get("added_tokens", [])):
+    if EOT_TEXT not in (t.content for t in tokenizer.get_added_tokens_decoder().values()):
         sys.exit(f"error: {where} has no {EOT_TEXT} special token, which separates documents")
 
 
@@ -341,6 +361,14 @@ def tokenizer_record(tokenizer) -> dict:
             "sha256": hashlib.sha256(tokenizer.file.encode()).hexdigest() if tokenizer.file else ""}
 
 
+def tokenizer_identity(name: str | None, sha256: str | None) -> str:
+    """What makes two tokenizers one: a BPE's content, the sha256 of its tokenizer.json, whatever name it goes
+    by (prepare.py names a trained BPE bpe:VOCAB and a given file by its path, so the same file has many
+    names); r50k_base, which has no file, its name. A record with neither (older than the tokenizer records)
+    is r50k_base, the only tokenizer then."""
+    return sha256 or name or "r50k_base"
+
+
 def load_tokenizer(record: dict | None):
     """The tokenizer of a checkpoint's record (tokenizer_record); None, from a checkpoint older than the
     record, or written from GPT-2's weights, is r50k_base."""
@@ -368,7 +396,13 @@ def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
     if hashlib.sha256(data).hexdigest() != meta.get("tokenizer_sha256"):
         sys.exit(f"error: {path} does not match the tokenizer_sha256 in meta.json; prepare it again with "
                  f"prepare.py --force")
-    return {"name": meta.get("tokenizer", "bpe"), "file": data.decode(), "sha256": meta["tokenizer_sha256"]}
+    try:
+        file = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); prepare the dataset again with "
+                 f"prepare.py --force")
+    check_bpe_file(file, path)   # before it goes into checkpoints, where the samplers would load it
+    return {"name": meta.get("tokenizer", "bpe"), "file": file, "sha256": meta["tokenizer_sha256"]}
 
 
 def shakespeare_paths() -> list[str]:
@@ -1121,18 +1155,35 @@ def should_compile(cfg: RunConfig, device: str) -> bool:
     return cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
 
+def resumed_seed(seed: int, step: int) -> int:
+    """The seed of a dropout stream that starts afresh at optimizer step `step` of a resumed run, given the seed a
+    run from scratch gives that stream: the two mixed through SHA-256, so the resumed run does not replay the
+    masks its first steps drew (as `seed` alone would), nor those of a neighbouring seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") >> 1   # < 2**63
+
+
 def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator: torch.Generator, rank: int,
-                       world_size: int, device: str) -> tuple[int, float]:
-    """Put back what loop_state saved, and return (step, best val loss) to go on from. A run resumed with the
-    number of processes that saved it takes its own generators back; with another number, each process
-    takes rank 0's, and the CPU threads stay at their default (the sums differ anyway)."""
+                       device: str, layout: dict, seed: int, older_layout: dict | None = None) -> tuple[int, float]:
+    """Put back what loop_state saved, and return (step, best val loss) to go on from. layout is how this run
+    lays out its processes (loop_state's record); seed, the seed a run from scratch of this layout gives this
+    process's dropout stream. On the layout that saved the state (its record; for a state older than the
+    record, older_layout, what the caller infers, None when it cannot tell), each process takes its own
+    generators back, and the CPU thread count: the run goes on exactly. On another layout, a process's saved
+    stream belongs to another place in the grid (two DDP replicas' streams given to the two tensor-parallel
+    ranks of one replica would draw two masks on the activations they must keep equal, and their replicated
+    weights would drift apart), so every process takes rank 0's generators (the batch order is one stream for
+    the whole run), then seeds its dropout stream as a run from scratch would, mixed with the step
+    (resumed_seed); the CPU threads stay at their default (the sums differ anyway)."""
     scaler.load_state_dict(state["scaler"])
     saved_rng = state["rng"]           # one entry per process of the run that saved it
-    restore_rng_states(saved_rng[rank] if len(saved_rng) == world_size else saved_rng[0], data_generator)
-    threads_line = restore_cpu_threads(state.get("cpu_threads")) \
-        if device.startswith("cpu") and len(saved_rng) == world_size else None
-    if threads_line:
-        print0(threads_line)
+    if state.get("layout", older_layout) == layout:
+        restore_rng_states(saved_rng[rank], data_generator)
+        threads_line = restore_cpu_threads(state.get("cpu_threads")) if device.startswith("cpu") else None
+        if threads_line:
+            print0(threads_line)
+    else:
+        restore_rng_states(saved_rng[0], data_generator)
+        torch.manual_seed(resumed_seed(seed, state["step"]))   # CPU and CUDA generators
     return state["step"], state["best_val_loss"]
 
 
@@ -1166,13 +1217,15 @@ def evaluate(model: torch.nn.Module, loss_of: Callable, batches_of: Callable[[st
     return losses
 
 
-def loop_state(step: int, best_val_loss: float, scaler: torch.amp.GradScaler,
-               data_generator: torch.Generator) -> dict:
+def loop_state(step: int, best_val_loss: float, scaler: torch.amp.GradScaler, data_generator: torch.Generator,
+               layout: dict) -> dict:
     """The checkpoint entries that let a training loop go on exactly where it stopped: the step, the best val
     loss, the gradient scaler, every process's random number generators (gathered on rank 0: every process
-    must call this) and the CPU thread count."""
+    must call this), the CPU thread count, and the layout of the processes those generators belong to
+    ({"pp": P, "dp": D, "tp": T, "fsdp": bool}: restore_loop_state gives them back on the same one only)."""
     return {"scaler": scaler.state_dict(), "step": step, "best_val_loss": best_val_loss,
-            "rng": gather_to_rank0(rng_states(data_generator)), "cpu_threads": torch.get_num_threads()}
+            "rng": gather_to_rank0(rng_states(data_generator)), "cpu_threads": torch.get_num_threads(),
+            "layout": layout}
 
 
 def save_on_rank0(write: Callable[[], None], stop: StopSignals) -> None:

@@ -510,13 +510,17 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                                      device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)   # fp16: loss scaling
     torch.manual_seed(cfg.seed + rank)     # but a different dropout stream on each
+    layout = {"pp": 1, "dp": world_size, "tp": 1, "fsdp": False}   # DDP only (loop_state records it)
     # The batches come from step_examples(), a pure function of the step: this generator only fills the
     # data slot of the shared RNG record.
     data_generator = torch.Generator().manual_seed(cfg.seed)
     start_step, best_val_loss = 0, float("inf")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, world_size, device)
+        # A state older than the layout's record was written by DDP too, on one process per RNG state.
+        older_layout = {**layout, "dp": len(state["rng"])}
+        start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, device, layout,
+                                                       cfg.seed + rank, older_layout)
         print0(f"resuming {state_path} at step {start_step}")
     train_model, compile_model, loss_chunk = wrap_for_training(model, cfg, device, local_rank, world_size)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
@@ -543,7 +547,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     def save(step: int, best_val_loss: float, val_loss: float | None = None) -> None:
         """Save the resumable state before step `step` (every process takes part), with the val loss of the
         evaluation just made at it, if any; then, after an evaluation, the adapter file."""
-        state = loop_state(step, best_val_loss, scaler, data_generator)
+        state = loop_state(step, best_val_loss, scaler, data_generator, layout)
 
         def write() -> None:   # state.pt alone is what a resumed run reads, adapter tensors included
             save_checkpoint({"tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(), **state,

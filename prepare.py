@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import (EOT_TEXT, MAX_VOCAB, BPETokenizer, check_bpe_file, get_tokenizer, import_tokenizers,
-                    parse_args, sha256_file, shakespeare_paths, write_atomically)
+                    parse_args, sha256_file, shakespeare_paths, tokenizer_identity, write_atomically)
 from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
@@ -391,8 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Same inputs and complete files: nothing to do. Other inputs: never overwrite them unasked.
     meta = read_meta(out_dir)
     if meta is not None and not cfg.force:
-        other_tokenizer = meta.get("tokenizer") != tokenizer_name or \
-            (given_sha256 is not None and meta.get("tokenizer_sha256") != given_sha256)
+        # A given file is the same tokenizer as the folder's if its content is (tokenizer_identity), whatever
+        # path it is read from; a BPE still to train, if it is of the same size (the same inputs train the same).
+        other_tokenizer = tokenizer_identity(tokenizer_name, given_sha256) != \
+            tokenizer_identity(meta.get("tokenizer"), meta.get("tokenizer_sha256") if given_sha256 else None)
         if meta.get("source") != source or meta.get("val_fraction") != cfg.val_fraction or other_tokenizer:
             what = "other inputs" if meta.get("source") != source else \
                 f"val_fraction={meta.get('val_fraction')}" if meta.get("val_fraction") != cfg.val_fraction else \

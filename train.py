@@ -24,7 +24,7 @@ from common import (GPU_COMPUTE_CAPABILITY, PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSt
                     dataset_tokenizer_record, dtype_name, evaluate, flags_given, is_evaluation_step,
                     keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops, prepare_out_dir, print0,
                     resolve_dtype, restore_loop_state, run_main, save_checkpoint, save_on_rank0, set_lr,
-                    setup_distributed, sha256_file, teardown_distributed)
+                    setup_distributed, sha256_file, teardown_distributed, tokenizer_identity, tokenizer_record)
 from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Layout, Pipeline, build_pipeline, device_mesh,
                          param_counts, plan_memory, rank_params, step_seconds, use_single_tensor_adamw)
 from model import GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
@@ -635,6 +635,22 @@ def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, 
                                         checkpoint["model_config"], sources)
 
 
+def run_layout(cfg: TrainConfig, world_size: int) -> dict:
+    """How the run lays out its processes, as a checkpoint's loop state records it (common.loop_state)."""
+    return {"pp": cfg.pp, "dp": world_size // (cfg.pp * cfg.tp), "tp": cfg.tp, "fsdp": cfg.fsdp}
+
+
+def saved_layout(checkpoint: dict) -> dict | None:
+    """The layout of a checkpoint older than the loop state's record of it, from the run config it saved and
+    its number of RNG states (one per process); None where the config does not say (no tp: older still), and
+    the resume then takes it for another layout (common.restore_loop_state)."""
+    saved = checkpoint.get("train_config", {})
+    if not all(name in saved for name in ("pp", "tp", "fsdp")):
+        return None
+    return {"pp": saved["pp"], "dp": len(checkpoint["rng"]) // (saved["pp"] * saved["tp"]), "tp": saved["tp"],
+            "fsdp": saved["fsdp"]}
+
+
 def describe_tokenizer(meta: dict) -> str:
     """A dataset's tokenizer as meta.json records it, e.g. 'bpe:22000 (vocabulary 22000, tokenizer.json sha256
     5b4f2425...)'."""
@@ -643,12 +659,17 @@ def describe_tokenizer(meta: dict) -> str:
             + (f", {meta.get('tokenizer_file')} sha256 {sha256[:12]}...)" if sha256 else ")"))
 
 
+def meta_tokenizer(meta: dict) -> tuple[str, int | None]:
+    """(common.tokenizer_identity, vocabulary size) of the tokenizer a dataset's meta.json records."""
+    return tokenizer_identity(meta.get("tokenizer"), meta.get("tokenizer_sha256")), meta.get("vocab_size")
+
+
 def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
-    """A resumed run goes on with the tokens it was trained on: another tokenizer (its name, vocabulary size,
-    or the sha256 of its file: two BPEs of one size trained on different text differ) is refused, other token
-    files (their sha256 or counts in meta.json) need --allow_data_change."""
-    fields = ("tokenizer", "vocab_size", "tokenizer_sha256")
-    if [saved.get(name) for name in fields] != [meta.get(name) for name in fields]:
+    """A resumed run goes on with the tokens it was trained on: another tokenizer (for a BPE, another file
+    content, whatever its name or path: two BPEs of one size trained on different text differ; for r50k_base,
+    another name) or vocabulary size is refused, other token files (their sha256 or counts in meta.json) need
+    --allow_data_change."""
+    if meta_tokenizer(saved) != meta_tokenizer(meta):
         sys.exit(f"error: cannot resume {path}: it was trained on tokens of {describe_tokenizer(saved)}, but "
                  f"{folder} holds tokens of {describe_tokenizer(meta)}; its embeddings only fit the tokenizer it "
                  f"learned")
@@ -759,7 +780,9 @@ def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, r
     elif cfg.init_from != "scratch":
         from hf_gpt2 import hf_tokenizer
         weights_tokenizer = hf_tokenizer(cfg.init_from)
-        if (weights_tokenizer.name, weights_tokenizer.file) != (tokenizer["name"], tokenizer["file"]):
+        weights_record = tokenizer_record(weights_tokenizer)
+        if tokenizer_identity(weights_record["name"], weights_record["sha256"]) != \
+                tokenizer_identity(tokenizer["name"], tokenizer["sha256"]):
             sys.exit(f"error: --init_from={cfg.init_from} has learnt the tokens of {weights_tokenizer.name}, but "
                      f"{folder} holds tokens of {describe_tokenizer(meta)}; prepare the data with that tokenizer")
     if meta.get("vocab_size", model_cfg.vocab_size) > model_cfg.vocab_size:
@@ -803,12 +826,15 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)   # fp16: loss scaling
     # A different dropout stream on each data-parallel replica (global rank = replica * tp + tp_rank); the
     # tensor-parallel processes of a replica draw the same masks, so the activations they replicate stay equal.
-    torch.manual_seed(cfg.seed + rank // cfg.tp)
+    dropout_seed = cfg.seed + rank // cfg.tp
+    torch.manual_seed(dropout_seed)
     data_generator = torch.Generator().manual_seed(cfg.seed)   # the same batch order on every process
     start_step, best_val_loss, resumed_is_best = 0, float("inf"), False
+    layout = run_layout(cfg, world_size)
     if checkpoint is not None:
         parallel.load_optimizer_state(optimizer, checkpoint["optimizer"])
-        start_step, best_val_loss = restore_loop_state(checkpoint, scaler, data_generator, rank, world_size, device)
+        start_step, best_val_loss = restore_loop_state(checkpoint, scaler, data_generator, rank, device, layout,
+                                                       dropout_seed, older_layout=saved_layout(checkpoint))
         resumed_is_best = checkpoint.get("is_best", False)   # its evaluation's val loss was the lowest yet
         print0(f"resuming {resume_path} at step {start_step}")
         del checkpoint   # free the CPU copy of the weights and optimizer state
@@ -839,7 +865,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
 
     def save(step: int, best_val_loss: float, is_best: bool) -> None:
         """Checkpoint the whole training state before step `step` (every process takes part)."""
-        state = loop_state(step, best_val_loss, scaler, data_generator)
+        state = loop_state(step, best_val_loss, scaler, data_generator, layout)
         weights, optimizer_state = parallel.full_state(optimizer)
 
         def write() -> None:

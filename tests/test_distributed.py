@@ -14,10 +14,11 @@ from common import load_checkpoint, run_main
 pytestmark = pytest.mark.slow
 
 
-def run_train(out_dir: str, data_dir: str, nproc: int, *flags: str) -> None:
+def run_train(out_dir: str, data_dir: str, nproc: int, *flags: str, script: str = "train.py") -> None:
+    """train.py (or a script that runs it: a path) on nproc processes, on the tiny dataset and model."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                 "--standalone"] if nproc > 1 else [sys.executable]
-    result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--data_dir={data_dir}",
+    result = subprocess.run([*launcher, os.path.join(ROOT, script), f"--data_dir={data_dir}",
                              "--dataset=tiny", f"--out_dir={out_dir}", *TINY_MODEL_FLAGS, "--batch_size=4",
                              "--eval_iters=3", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=6",
                              "--dropout=0", "--dtype=float32", *flags],   # layouts agree to 1e-5 in fp32

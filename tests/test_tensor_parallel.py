@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import train
+from common import load_checkpoint, restore_loop_state, rng_states
+from conftest import ROOT
 from distributed import permute_qkv
 from model import GPTConfig
-from test_distributed import assert_same_run, run_train
+from test_distributed import assert_same_run, logged_losses, run_train
 
 # The model every run below trains: 4 heads, so 2 tensor-parallel processes hold 2 heads each, with the
 # variants that act per head (ALiBi: each process's heads take their own slopes; RealFormer's scores, handed from
@@ -66,6 +68,99 @@ def test_one_process_checkpoint_resumes_under_dp2_x_tp2(data_parallel, one_proce
     run_train(resumed, tiny_data_dir, 4, *MODEL, "--max_iters=6", "--gradient_accumulation_steps=2", "--tp=2",
               data_parallel, "--init_from=resume", f"--resume_from={os.path.join(resumed, 'ckpt-000003.pt')}")
     assert_same_run(one_process_run, resumed)
+
+
+# train.py, and once its loop is done each process saves the parameters it holds whole (not split across the
+# tensor-parallel ranks: the LayerNorms, the position embedding), which a checkpoint cannot show: it holds one copy.
+SAVE_REPLICATED = """
+import os, sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+from common import run_main
+from torch.distributed.tensor import DTensor
+plain_loop = train.train_loop
+
+def loop_then_save_replicated(cfg, parallel, *args):
+    result = plain_loop(cfg, parallel, *args)
+    whole = {{name: p.detach() for name, p in parallel.module.named_parameters() if not isinstance(p, DTensor)}}
+    torch.save(whole, os.path.join(cfg.out_dir, "replicated-rank" + os.environ["RANK"] + ".pt"))
+    return result
+
+train.train_loop = loop_then_save_replicated
+run_main(train.main)
+"""
+
+
+@pytest.mark.slow
+def test_a_ddp_checkpoint_resumed_under_tp_keeps_the_replicated_weights_equal(tiny_data_dir, tmp_path):
+    """Issue 23: 3 steps of DDP on 2 processes with dropout, resumed under --tp=2 (2 processes again) to step 6.
+    Each process took back its own saved RNG state, those of two DDP replicas, so the two tensor-parallel ranks
+    of the one replica drew different dropout masks on the activations they replicate, and their LayerNorm
+    and position weights drifted 1e-3 apart in 3 steps. They must stay equal, as in a run from scratch."""
+    script = tmp_path / "train_saving_replicated.py"
+    script.write_text(SAVE_REPLICATED.format(root=ROOT))
+    out_dir = str(tmp_path / "run")
+    run_train(out_dir, tiny_data_dir, 2, "--dropout=0.1", "--max_iters=3", "--eval_interval=3")
+    run_train(out_dir, tiny_data_dir, 2, "--dropout=0.1", "--max_iters=6", "--eval_interval=3", "--tp=2",
+              "--init_from=resume", script=str(script))
+    assert sorted(logged_losses(out_dir)) == [1, 2, 3, 4, 5, 6]
+    ranks = [torch.load(os.path.join(out_dir, f"replicated-rank{rank}.pt")) for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() >= {"transformer.wpe.weight", "transformer.ln_f.weight"}
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), name
+    at_step_3 = load_checkpoint(os.path.join(out_dir, "ckpt-000003.pt"))["model"]["transformer.wpe.weight"]
+    assert not torch.equal(ranks[0]["transformer.wpe.weight"], at_step_3)   # the resumed steps moved them
+
+
+def test_random_streams_come_back_on_the_layout_that_saved_them_only():
+    """restore_loop_state gave each process its own saved RNG state whenever the number of processes matched
+    (issue 23). On the same layout it still must (the run goes on exactly); on another, every process takes
+    rank 0's batch order, and its dropout stream is seeded as a run from scratch of the new layout seeds it
+    (the tensor-parallel ranks of a replica share a seed, so they draw alike), with the step mixed in, so it
+    does not replay the masks of step 0. A checkpoint older than the layout's record: the caller's guess."""
+    import numpy as np
+    import random
+    ddp2, tp2 = {"pp": 1, "dp": 2, "tp": 1, "fsdp": False}, {"pp": 1, "dp": 1, "tp": 2, "fsdp": False}
+    saved = []
+    with torch.random.fork_rng():
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            for rank in (0, 1):                 # the two DDP processes' generators, each in its own state
+                torch.manual_seed(100 + rank)
+                saved.append(rng_states(torch.Generator().manual_seed(200 + rank)))
+            state = {"scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "step": 3,
+                     "best_val_loss": 1.0, "rng": saved, "layout": ddp2}
+            older = {k: v for k, v in state.items() if k != "layout"}
+
+            def resume(state: dict, rank: int, layout: dict, older_layout=None) -> tuple:
+                """(the next dropout draws, the data generator's state) of process `rank` after the resume."""
+                data = torch.Generator()
+                assert restore_loop_state(state, torch.amp.GradScaler("cpu", enabled=False), data, rank, "cpu",
+                                          layout, 7, older_layout) == (3, 1.0)   # 7: seed + rank // tp
+                return torch.rand(8), data.get_state()
+
+            for rank in (0, 1):                 # the same layout: each its own streams, as saved
+                for resumed in (resume(state, rank, ddp2), resume(older, rank, ddp2, older_layout=ddp2)):
+                    torch.set_rng_state(saved[rank]["torch"])
+                    assert torch.equal(resumed[0], torch.rand(8))
+                    assert torch.equal(resumed[1], saved[rank]["data"])
+            torch.manual_seed(7)
+            from_step_0 = torch.rand(8)
+            tp_ranks = [resume(state, rank, tp2) for rank in (0, 1)] + [resume(older, 1, tp2, older_layout=None)]
+            for draws, data in tp_ranks:
+                assert torch.equal(draws, tp_ranks[0][0]) and not torch.equal(draws, from_step_0)
+                assert torch.equal(data, saved[0]["data"])
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def test_older_checkpoints_give_their_layout_from_their_run_config():
+    rng = [{}, {}, {}, {}]                  # 4 processes
+    checkpoint = {"rng": rng, "train_config": {"pp": 2, "tp": 1, "fsdp": True}}
+    assert train.saved_layout(checkpoint) == {"pp": 2, "dp": 2, "tp": 1, "fsdp": True}
+    assert train.saved_layout({"rng": rng, "train_config": {"pp": 1, "fsdp": False}}) is None   # before --tp
 
 
 def one_line_error(check, *args) -> str:

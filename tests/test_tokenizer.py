@@ -101,6 +101,93 @@ def test_a_vocabulary_that_does_not_fit_uint16_is_refused_in_one_line(spec, tmp_
     assert "\n" not in message and not os.path.exists(tmp_path / "a")
 
 
+def damaged_tokenizer(spec: dict, damage: str) -> str:
+    """The text of a tokenizer.json: spec (a good one, parsed) with the named defect."""
+    spec = json.loads(json.dumps(spec))
+    model = spec["model"]
+    if damage == "not JSON":
+        return "{'model': 1"
+    if damage == "a list":
+        return "[1, 2]"
+    if damage == "no model":
+        del spec["model"]
+    elif damage == "no vocab":
+        del model["vocab"]
+    elif damage == "vocab a list":
+        model["vocab"] = list(model["vocab"])
+    elif damage == "added_tokens null":
+        spec["added_tokens"] = None
+    elif damage == "empty vocabulary":                        # the issue's file
+        model["vocab"], model["merges"], spec["added_tokens"] = {}, [], []
+    elif damage == "empty vocabulary but <|endoftext|>":
+        model["vocab"], model["merges"] = {}, []
+    elif damage == "ids as strings":
+        model["vocab"] = {token: str(i) for token, i in model["vocab"].items()}
+    elif damage == "a merge of unknown tokens":
+        model["merges"].append(["qqqqq", "zzzzz"])
+    elif damage == "a byte without a token":                  # one no other token holds, so no merge needs it
+        from common import bytes_to_unicode
+        lone = next(c for c in bytes_to_unicode().values() if sum(c in token for token in model["vocab"]) == 1)
+        del model["vocab"][lone]
+    elif damage == "no <|endoftext|>":
+        spec["added_tokens"] = []
+    elif damage == "an id beyond uint16":
+        model["vocab"]["qqqqq"] = 70000
+    elif damage == "WordPiece":
+        model["type"] = "WordPiece"
+    return json.dumps(spec)
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("not JSON", "is not JSON (Expecting property name"),
+    ("a list", "is not a Hugging Face tokenizer.json"),
+    ("no model", "is not a Hugging Face tokenizer.json"),
+    ("no vocab", "is not a Hugging Face tokenizer.json"),
+    ("vocab a list", "is not a Hugging Face tokenizer.json"),
+    ("added_tokens null", "is not a Hugging Face tokenizer.json"),
+    ("empty vocabulary", "has an empty vocabulary (model.vocab is {})"),
+    ("empty vocabulary but <|endoftext|>", "has an empty vocabulary (model.vocab is {})"),
+    ("ids as strings", "does not load as a tokenizer (invalid type: string"),
+    ("a merge of unknown tokens", "does not load as a tokenizer (Token `qqqqq` out of vocabulary"),
+    ("a byte without a token", "has no token for 1 of the 256 bytes"),
+    ("no <|endoftext|>", "has no <|endoftext|> special token"),
+    ("an id beyond uint16", "has token ids up to 70,000"),
+    ("WordPiece", "is not a byte-level BPE"),
+])
+def test_a_malformed_tokenizer_file_is_refused_in_one_line(damage, fragment, bpe_data, tmp_path):
+    """Issue 23: prepare.py --tokenizer=PATH with an empty vocabulary ended in a traceback (max() of no ids), as
+    did a tokenizer.json without model.vocab, with a vocab that is not an object, ids that are not numbers or
+    merges the library refuses; one with an empty vocabulary but <|endoftext|> encoded every text to nothing
+    and was refused as "0 tokens are too few". Each now stops with one line naming the file, and writes
+    nothing."""
+    good = json.load(open(os.path.join(bpe_data, "bpe", "tokenizer.json"), encoding="utf-8"))
+    path = tmp_path / "t.json"
+    path.write_text(damaged_tokenizer(good, damage), encoding="utf-8")
+    with pytest.raises(SystemExit) as stop:
+        prepare.main([f"--input={corpus(tmp_path / 'a.txt', slice(0, 1))}", f"--data_dir={tmp_path}",
+                      f"--tokenizer={path}"])
+    message = str(stop.value)
+    assert message.startswith(f"error: {path} ") and fragment in message and "\n" not in message, message
+    assert not os.path.exists(tmp_path / "a")
+
+
+def test_train_refuses_a_dataset_whose_tokenizer_file_is_malformed(bpe_data, tmp_path):
+    """A dataset's tokenizer.json with an empty vocabulary (and meta.json's sha256 of it) goes into every
+    checkpoint, where the samplers could not load it: train.py stops at once with one line."""
+    folder = shutil.copytree(os.path.join(bpe_data, "bpe"), tmp_path / "bpe")
+    good = json.load(open(folder / "tokenizer.json", encoding="utf-8"))
+    (folder / "tokenizer.json").write_text(damaged_tokenizer(good, "empty vocabulary"), encoding="utf-8")
+    meta = json.load(open(folder / "meta.json"))
+    meta["tokenizer_sha256"] = hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as stop:
+        train.main([f"--data_dir={tmp_path}", "--dataset=bpe", f"--out_dir={tmp_path / 'run'}", *TINY,
+                    "--max_iters=1"])
+    message = str(stop.value)
+    assert message.startswith(f"error: {folder / 'tokenizer.json'} has an empty vocabulary") and "\n" not in message
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
 @pytest.fixture(scope="module")
 def bpe_run(bpe_data, tmp_path_factory) -> str:
     """A tiny GPT trained 4 steps on the BPE dataset; --vocab_size not given, so it comes from meta.json."""
@@ -150,6 +237,44 @@ def test_resume_on_data_of_another_tokenizer_is_refused_in_one_line(bpe_data, bp
     assert message.startswith("error: cannot resume") and "\n" not in message
     assert "trained on tokens of bpe:1000 (vocabulary 1000, tokenizer.json sha256" in message
     assert "its embeddings only fit the tokenizer it learned" in message
+
+
+def test_resume_on_data_encoded_with_the_same_tokenizer_file_goes_on(bpe_data, bpe_run, tmp_path, capsys):
+    """Issue 23: other plays encoded with the run's own tokenizer.json (prepare.py --tokenizer=PATH, which names
+    it by its path, where the run's dataset says bpe:1000) were refused on resume as another tokenizer, though
+    both sides printed the same sha256. A tokenizer is its file's content: the resume goes on to step 6 on the
+    new tokens, and preparing the folder again from a copy of the file elsewhere finds it up to date."""
+    tokenizer_path = os.path.join(bpe_data, "bpe", "tokenizer.json")
+    source = corpus(tmp_path / "others.txt", slice(2, 3))
+    prepare.main([f"--input={source}", "--name=same", f"--data_dir={tmp_path}", f"--tokenizer={tokenizer_path}"])
+    out_dir = shutil.copytree(bpe_run, tmp_path / "run")
+    train.main([f"--data_dir={tmp_path}", "--dataset=same", f"--out_dir={out_dir}", *TINY, "--max_iters=6",
+                "--eval_interval=6", "--init_from=resume", "--allow_data_change"])
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    new_meta = json.load(open(tmp_path / "same" / "meta.json"))
+    assert checkpoint["step"] == 6 and checkpoint["data"]["sha256"] == new_meta["sha256"]
+    assert checkpoint["tokenizer"]["sha256"] == hashlib.sha256(open(tokenizer_path, "rb").read()).hexdigest()
+    copy = shutil.copy(tokenizer_path, tmp_path / "copy.json")
+    capsys.readouterr()
+    prepare.main([f"--input={source}", "--name=same", f"--data_dir={tmp_path}", f"--tokenizer={copy}"])
+    assert "is up to date" in capsys.readouterr().out
+
+
+def test_gpt2_weights_exported_with_our_bpe_train_on_that_bpe_data(bpe_data, tmp_path):
+    """--init_from=DIR of a model hf_gpt2.py exported with our BPE was refused on data of that very BPE: the
+    weights' tokenizer goes by the path of DIR/tokenizer.json, the data's by bpe:1000. Compared by content,
+    it trains."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    tokenizer = bpe_of(bpe_data)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size))
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                     "tokenizer": tokenizer_record(tokenizer)}, str(tmp_path / "ckpt.pt"))
+    hf_gpt2.main([f"--checkpoint={tmp_path / 'ckpt.pt'}", f"--out={tmp_path / 'hf'}"])
+    out_dir = str(tmp_path / "run")
+    train.main([f"--data_dir={bpe_data}", "--dataset=bpe", f"--out_dir={out_dir}", f"--init_from={tmp_path / 'hf'}",
+                *TINY, "--max_iters=1", "--eval_interval=1"])
+    assert load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["step"] == 1
 
 
 def test_exported_bpe_gives_our_ids_in_transformers(bpe_data, tmp_path):
