@@ -64,6 +64,16 @@ def test_pipeline_of_tensor_parallel_stages_matches_one_process_and_resumes_from
     assert_same_run(one_process_run, moved)
 
 
+def test_pipeline_of_sequence_parallel_stages_matches_one_process(one_process_run, tiny_data_dir, tmp_path):
+    """PP(2) x TP(2) with --sequence_parallel on 4 processes: each stage's LayerNorms and residual stream split
+    along the sequence, the stages sending each other their (B, T/2, C) slices, the first stage cutting the
+    embedding's output and the last one's ln_f taking its slice. The same losses, gradient norms and weights
+    as one process."""
+    run_train(str(tmp_path), tiny_data_dir, 4, *RUN, "--pp=2", "--tp=2", "--sequence_parallel",
+              "--gradient_accumulation_steps=2")
+    assert_same_run(one_process_run, str(tmp_path))
+
+
 def test_fsdp_pipeline_accumulation_is_refused_where_torch_cannot_defer_the_reduction(monkeypatch):
     """Pipeline.forward_backward defers FSDP's reduce-scatter to the last accumulated batch by overriding the
     pipelining stage's perform_reduce_grad; on a torch whose stage lacks that hook the gradients would be

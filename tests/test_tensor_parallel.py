@@ -11,7 +11,7 @@ from common import load_checkpoint, restore_loop_state, rng_states
 from conftest import ROOT
 from distributed import permute_qkv
 from model import GPTConfig
-from test_distributed import assert_same_run, logged_losses, run_train
+from test_distributed import FIRST_ADAM_STEP_ATOL, assert_same_run, logged, run_train
 
 # The model every run below trains: 4 heads, so 2 tensor-parallel processes hold 2 heads each, with the
 # variants that act per head (ALiBi: each process's heads take their own slopes; RealFormer's scores, handed from
@@ -104,7 +104,7 @@ def test_a_ddp_checkpoint_resumed_under_tp_keeps_the_replicated_weights_equal(ti
     run_train(out_dir, tiny_data_dir, 2, "--dropout=0.1", "--max_iters=3", "--eval_interval=3")
     run_train(out_dir, tiny_data_dir, 2, "--dropout=0.1", "--max_iters=6", "--eval_interval=3", "--tp=2",
               "--init_from=resume", script=str(script))
-    assert sorted(logged_losses(out_dir)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(logged(out_dir)) == [1, 2, 3, 4, 5, 6]
     ranks = [torch.load(os.path.join(out_dir, f"replicated-rank{rank}.pt")) for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() >= {"transformer.wpe.weight", "transformer.ln_f.weight"}
     for name, tensor in ranks[0].items():
@@ -242,3 +242,110 @@ def test_a_world_size_that_tp_does_not_divide_is_refused_with_a_command_that_wor
     assert message == "error: --tp=2 needs a multiple of 2 processes, not 3: torchrun --nproc-per-node=2 " \
                       "train.py ... works"
     train.check_layout(train.TrainConfig(tp=2), 4)   # dp2 x tp2: accepted
+
+
+# --- TP runs against one process without clipping, in bf16, on 4 processes; dropout and recomputation ---
+
+# A plain model of 4 heads (1 per process under --tp=4), 4 steps of 2 micro-batches, no clipping.
+UNCLIPPED_TP = ["--n_head=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=4",
+                "--grad_clip=0"]
+
+
+@pytest.fixture(scope="module")
+def unclipped_one_process_runs(tiny_data_dir, tmp_path_factory) -> dict[str, str]:
+    """The references, in fp32 and in bf16: one process, the UNCLIPPED_TP run."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        runs[dtype] = str(tmp_path_factory.mktemp(dtype))
+        run_train(runs[dtype], tiny_data_dir, 1, *UNCLIPPED_TP, f"--dtype={dtype}")
+    return runs
+
+
+@pytest.mark.slow
+def test_tp4_without_clipping_matches_one_process(unclipped_one_process_runs, tiny_data_dir, tmp_path):
+    """--tp=4 on 4 processes, one head each, with --grad_clip=0: one process's losses, gradient norms (the
+    norm clip_by_global_norm computes from 4 slices and the replicated pieces counted once) and weights."""
+    run_train(str(tmp_path), tiny_data_dir, 4, *UNCLIPPED_TP, "--tp=4")
+    assert_same_run(unclipped_one_process_runs["float32"], str(tmp_path), weights_atol=FIRST_ADAM_STEP_ATOL)
+
+
+def update_difference(a: str, b: str) -> float:
+    """|| Wa - Wb || / || Wa - W0 || over all the weights: how far apart runs a and b ended, for the distance
+    run a travelled from its step-0 checkpoint W0 (ckpt-000000.pt, kept by --keep_last)."""
+    start, final_a, final_b = (load_checkpoint(path)["model"] for path in (
+        os.path.join(a, "ckpt-000000.pt"), os.path.join(a, "ckpt.pt"), os.path.join(b, "ckpt.pt")))
+    apart = sum((final_a[name] - final_b[name]).float().square().sum() for name in final_a)
+    travelled = sum((final_a[name] - start[name]).float().square().sum() for name in final_a)
+    return (apart / travelled).sqrt().item()
+
+
+@pytest.mark.slow
+def test_tp2_in_bf16_matches_one_process_in_bf16(unclipped_one_process_runs, tiny_data_dir, tmp_path):
+    """--tp=2 --dtype=bfloat16 against one process in bf16. The two cannot round alike: each process's half of a
+    row-parallel matmul is rounded to bf16 (8 significant bits: off by up to 2^-8 relative) before the
+    all-reduce adds the halves. So, bf16-honest tolerances, each well above what the runs differ by and well
+    below a wrong gradient: losses within 1e-3 (they differ by <= 1e-4), gradient norms within 1% (<= 3e-4;
+    a factor of 2 is far outside), and the distance between the final weights within 15% of the distance they
+    travelled from step 0 (4%: AdamW's steps are lr-sized whatever a gradient element's size, so rounding
+    that moves small elements moves their weights by a fraction of lr; elementwise the weights differ by up
+    to 7e-3, of the order of bf16 against fp32 on one process, 4e-3). And the run did compute in bf16: at
+    some step its gradient norm is more than 1e-4 (relative) from fp32's, where fp32 layouts agree to 2e-7."""
+    run_train(str(tmp_path), tiny_data_dir, 2, *UNCLIPPED_TP, "--tp=2", "--dtype=bfloat16")
+    one_bf16, one_fp32, tp2 = unclipped_one_process_runs["bfloat16"], unclipped_one_process_runs["float32"], \
+        str(tmp_path)
+    losses, norms = (logged(one_bf16, key) for key in ("loss", "grad_norm"))
+    assert logged(tp2) == pytest.approx(losses, abs=1e-3)
+    assert logged(tp2, "grad_norm") == pytest.approx(norms, rel=1e-2)
+    assert update_difference(one_bf16, tp2) < 0.15
+    fp32_norms = logged(one_fp32, "grad_norm")
+    assert max(abs(n / fp32_norms[step] - 1) for step, n in logged(tp2, "grad_norm").items()) > 1e-4
+
+
+# Run under torchrun in place of train.py: train.py, with DataParallel.full_state (which every process calls at
+# each checkpoint) first saving this process's own parameters, whole or its slice, to out_dir/rank-<r>.pt.
+SAVE_EVERY_RANK = f"""
+import os, runpy, sys
+sys.path.insert(0, {ROOT!r})
+import torch
+import torch.distributed as dist
+import distributed
+
+full_state = distributed.DataParallel.full_state
+
+def save_every_rank(self, optimizer):
+    out_dir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--out_dir="))
+    mine = {{name: distributed.local_value(t).detach().clone() for name, t in self.module.state_dict().items()}}
+    torch.save(mine, os.path.join(out_dir, f"rank-{{dist.get_rank()}}.pt"))
+    return full_state(self, optimizer)
+
+distributed.DataParallel.full_state = save_every_rank
+sys.argv[0] = {os.path.join(ROOT, "train.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_tp2_with_dropout_keeps_replicas_equal_and_recomputation_changes_nothing(tiny_data_dir, tmp_path):
+    """--tp=2 with dropout 0.2 (each process draws its heads' attention dropout from its own stream, the
+    dropouts of what both hold from the shared one), with and without --activation_checkpointing, the same
+    seed: the same losses, gradient norms and weights (the recomputed forward draws the masks it drew the
+    first time), and in both runs the parameters both processes hold whole (the LayerNorms, c_proj's bias:
+    those whose slice is the whole tensor) are equal on both, bit for bit: a mask drawn differently on a
+    replicated activation would give them different gradients, which nothing averages."""
+    script = tmp_path / "save_every_rank.py"
+    script.write_text(SAVE_EVERY_RANK)
+    runs = {recompute: str(tmp_path / f"recompute={recompute}") for recompute in (False, True)}
+    for recompute, out_dir in runs.items():
+        run_train(out_dir, tiny_data_dir, 2, *MODEL, "--max_iters=3", "--gradient_accumulation_steps=2", "--tp=2",
+                  "--dropout=0.2", f"--activation_checkpointing={recompute}", script=str(script))
+    assert_same_run(runs[False], runs[True])
+    for out_dir in runs.values():
+        checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        assert checkpoint["model_config"]["dropout"] == 0.2
+        rank0, rank1 = (torch.load(os.path.join(out_dir, f"rank-{r}.pt")) for r in (0, 1))
+        whole = [name for name, t in rank0.items() if t.shape == checkpoint["model"][name].shape]
+        assert {"transformer.h.0.ln_1.weight", "transformer.h.1.attn.c_proj.bias",
+                "transformer.h.1.mlp_0.c_proj.bias", "transformer.ln_f.bias"} <= set(whole)
+        assert "transformer.h.0.attn.c_attn.weight" not in whole
+        for name in whole:
+            assert torch.equal(rank0[name], rank1[name]), name
