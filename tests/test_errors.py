@@ -67,7 +67,8 @@ def test_training_from_scratch_refuses_to_overwrite_a_run(trained_run, tiny_data
     before = open(os.path.join(trained_run, "ckpt.pt"), "rb").read()
     result = run_script("train.py", f"--data_dir={tiny_data_dir}", "--dataset=tiny", f"--out_dir={trained_run}",
                         *TINY_MODEL_FLAGS, "--max_iters=2")
-    assert_one_line_error(result, "exists", "--init_from=resume")
+    assert_one_line_error(result, "ckpt.pt exists; continue it with --init_from=resume, or pick another "
+                                  "--out_dir")
     assert open(os.path.join(trained_run, "ckpt.pt"), "rb").read() == before
 
 
@@ -85,7 +86,11 @@ def test_bad_checkpoints_are_refused(trained_run, tiny_data_dir, tmp_path, damag
     for script, flags in [("train.py", [f"--data_dir={tiny_data_dir}", "--dataset=tiny", "--init_from=resume"]),
                           ("generate.py", [])]:
         result = run_script(script, f"--out_dir={out_dir}", *flags)
-        expected = "not found" if damage == "missing" else str(out_dir / "ckpt.pt")
+        expected = {"missing": f"checkpoint {out_dir / 'ckpt.pt'} not found; train one with `python train.py",
+                    "truncated": f"{out_dir / 'ckpt.pt'} is not a readable checkpoint",
+                    "not_ours": f"{out_dir / 'ckpt.pt'} is not a checkpoint written by this project's "
+                                "train.py",
+                    "random_bytes": str(out_dir / "ckpt.pt")}[damage]   # os.urandom: unreadable in any way
         assert_one_line_error(result, expected)
 
 
