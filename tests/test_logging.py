@@ -7,7 +7,7 @@ import pytest
 
 import common
 import train
-from conftest import TINY_MODEL_FLAGS, run_script
+from conftest import TINY_MODEL_FLAGS, import_extra, run_script
 
 
 def run_tiny(data_dir: str, out_dir: str, *flags: str, env: dict | None = None):
@@ -22,7 +22,7 @@ def read_metrics(out_dir: str) -> list[dict]:
 
 
 def test_tensorboard_event_file_holds_the_metrics_jsonl_numbers(tiny_data_dir, tmp_path):
-    pytest.importorskip("tensorboard")
+    import_extra("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path / "out")
     result = run_tiny(tiny_data_dir, out, "--tensorboard")
@@ -42,7 +42,7 @@ def test_tensorboard_event_file_holds_the_metrics_jsonl_numbers(tiny_data_dir, t
 def test_wandb_offline_run_records_the_metrics(tiny_data_dir, tmp_path):
     """WANDB_MODE=offline writes the run to out_dir/wandb/offline-run-*/run-*.wandb (protobuf records whose
     values are JSON text; wandb ships no reader for it, so the test looks for the names and values)."""
-    pytest.importorskip("wandb")
+    import_extra("wandb")
     out = str(tmp_path / "out")
     result = run_tiny(tiny_data_dir, out, "--wandb_project=tiny-test", "--wandb_run_name=tiny-run",
                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
@@ -70,7 +70,7 @@ def test_a_missing_logging_package_is_one_line(monkeypatch, flag):
 
 
 def test_plot_renders_a_png_of_two_runs(tmp_path):
-    pytest.importorskip("matplotlib")
+    import_extra("matplotlib")
     runs = []
     for name, scale in (("run-a", 1.0), ("run-b", 0.9)):
         folder = tmp_path / name
