@@ -95,12 +95,17 @@ def test_bad_checkpoints_are_refused(trained_run, tiny_data_dir, tmp_path, damag
 
 
 def test_generate_streams_seeded_text(trained_run):
-    first = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
-                       "--seed=5", "--stop_at_eot=False")
-    second = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
-                        "--seed=5", "--stop_at_eot=False")
+    """The same seed gives the same text, another seed other text; the text is the prompt and 20 new tokens.
+    The tiny model's 64 ids are GPT-2's first 64 tokens, the single characters '!' (33) to '`' (96)."""
+    def sample(seed: int):
+        return run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
+                          f"--seed={seed}", "--stop_at_eot=False")
+    first, second, other = sample(5), sample(5), sample(6)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("A#B")
+    new_text = first.stdout.removeprefix("A#B").removesuffix("\n")
+    assert len(new_text) == 20 and all(33 <= ord(c) <= 96 for c in new_text), first.stdout
+    assert other.returncode == 0 and other.stdout.startswith("A#B") and other.stdout != first.stdout
     assert "tokens/s" in first.stderr and "tokens/s" not in first.stdout
     out_of_vocabulary = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=Hello")
     assert_one_line_error(out_of_vocabulary, "vocabulary has only 64")
