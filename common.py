@@ -641,6 +641,20 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def write_delay_s() -> float:
+    """GPT_TEST_WRITE_DELAY_S in seconds, 0 when unset (a test hook of write_atomically); anything but a
+    number of seconds >= 0 stops with one line."""
+    value = os.environ.get("GPT_TEST_WRITE_DELAY_S", "0")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):           # nan and inf fail too
+        sys.exit(f"error: GPT_TEST_WRITE_DELAY_S={value} is not a number of seconds >= 0; it is a test hook "
+                 f"that delays every file write: unset it, or give seconds such as 0.3")
+    return seconds
+
+
 def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Create or replace the file at path with what write(f) puts into f, atomically: the bytes go to
     path + '.tmp', are fsynced, and the temporary file is renamed over path (then the directory is fsynced,
@@ -649,7 +663,7 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
 
     GPT_TEST_WRITE_DELAY_S (tests only) sleeps between writing and renaming, so that a fault test can kill
     the process while the temporary file exists; GPT_TEST_KILL_AT kills it at a chosen point (fault_point)."""
-    tmp = path + ".tmp"
+    tmp, delay_s = path + ".tmp", write_delay_s()
     try:
         with open(tmp, "wb") as f:
             recorded = ErrorRecordingFile(f)
@@ -660,7 +674,7 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
                     raise
                 raise recorded.error
             f.flush()
-            time.sleep(float(os.environ.get("GPT_TEST_WRITE_DELAY_S", 0)))
+            time.sleep(delay_s)
             os.fsync(f.fileno())
         fault_point(f"written {os.path.basename(path)}")
         os.replace(tmp, path)

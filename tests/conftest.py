@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny model config, a small prepared dataset, and a way to run the scripts."""
+"""Shared fixtures: a tiny model config, a small prepared dataset, a way to run the scripts, and the optional
+packages the tests need."""
+import importlib
 import json
 import os
 import subprocess
@@ -18,6 +20,19 @@ def lr_at(step: int, cfg) -> float:
     """model.get_lr with the schedule of a run config (TrainConfig or FinetuneConfig)."""
     from model import get_lr
     return get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
+
+
+def import_extra(name: str):
+    """The optional package `name` (requirements-extra.txt). The README's test command installs them all, so a
+    missing one fails the tests that need it, saying what to install, rather than skipping them unseen;
+    GPT_TEST_SKIP_MISSING_EXTRAS=1 skips them instead, for a run without the extras on purpose."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        if os.environ.get("GPT_TEST_SKIP_MISSING_EXTRAS") == "1":
+            pytest.skip(f"{name} is not installed (GPT_TEST_SKIP_MISSING_EXTRAS=1)", allow_module_level=True)
+        pytest.fail(f"{name} is not installed: pip install -r requirements-extra.txt (the README's test command "
+                    f"does), or set GPT_TEST_SKIP_MISSING_EXTRAS=1 to skip the tests that need it", pytrace=False)
 
 
 def run_script(script: str, *args: str, cwd: str = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -67,7 +67,8 @@ def test_training_from_scratch_refuses_to_overwrite_a_run(trained_run, tiny_data
     before = open(os.path.join(trained_run, "ckpt.pt"), "rb").read()
     result = run_script("train.py", f"--data_dir={tiny_data_dir}", "--dataset=tiny", f"--out_dir={trained_run}",
                         *TINY_MODEL_FLAGS, "--max_iters=2")
-    assert_one_line_error(result, "exists", "--init_from=resume")
+    assert_one_line_error(result, "ckpt.pt exists; continue it with --init_from=resume, or pick another "
+                                  "--out_dir")
     assert open(os.path.join(trained_run, "ckpt.pt"), "rb").read() == before
 
 
@@ -85,17 +86,26 @@ def test_bad_checkpoints_are_refused(trained_run, tiny_data_dir, tmp_path, damag
     for script, flags in [("train.py", [f"--data_dir={tiny_data_dir}", "--dataset=tiny", "--init_from=resume"]),
                           ("generate.py", [])]:
         result = run_script(script, f"--out_dir={out_dir}", *flags)
-        expected = "not found" if damage == "missing" else str(out_dir / "ckpt.pt")
+        expected = {"missing": f"checkpoint {out_dir / 'ckpt.pt'} not found; train one with `python train.py",
+                    "truncated": f"{out_dir / 'ckpt.pt'} is not a readable checkpoint",
+                    "not_ours": f"{out_dir / 'ckpt.pt'} is not a checkpoint written by this project's "
+                                "train.py",
+                    "random_bytes": str(out_dir / "ckpt.pt")}[damage]   # os.urandom: unreadable in any way
         assert_one_line_error(result, expected)
 
 
 def test_generate_streams_seeded_text(trained_run):
-    first = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
-                       "--seed=5", "--stop_at_eot=False")
-    second = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
-                        "--seed=5", "--stop_at_eot=False")
+    """The same seed gives the same text, another seed other text; the text is the prompt and 20 new tokens.
+    The tiny model's 64 ids are GPT-2's first 64 tokens, the single characters '!' (33) to '`' (96)."""
+    def sample(seed: int):
+        return run_script("generate.py", f"--out_dir={trained_run}", "--prompt=A#B", "--max_new_tokens=20",
+                          f"--seed={seed}", "--stop_at_eot=False")
+    first, second, other = sample(5), sample(5), sample(6)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("A#B")
+    new_text = first.stdout.removeprefix("A#B").removesuffix("\n")
+    assert len(new_text) == 20 and all(33 <= ord(c) <= 96 for c in new_text), first.stdout
+    assert other.returncode == 0 and other.stdout.startswith("A#B") and other.stdout != first.stdout
     assert "tokens/s" in first.stderr and "tokens/s" not in first.stdout
     out_of_vocabulary = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=Hello")
     assert_one_line_error(out_of_vocabulary, "vocabulary has only 64")

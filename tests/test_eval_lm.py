@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
+from conftest import ROOT, import_extra, run_script
 from eval_lm import EvalConfig, default_output, make_adapter_class, rolling_windows, score_continuations
 from hf_gpt2 import go_offline_if_hub_unreachable
 from common import get_tokenizer, save_checkpoint
@@ -89,7 +89,7 @@ def test_rolling_windows_predict_every_token_once():
 def test_local_task_accuracy_equals_hand_computation(checkpoint_dir, tmp_path):
     """A multiple-choice task in the harness's local-dataset format (dataset_path: json, data_files) runs end
     to end through eval_lm.py; acc and acc_norm equal the argmax over log-likelihoods computed here."""
-    pytest.importorskip("lm_eval")
+    import_extra("lm_eval")
     model, out = checkpoint_dir
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -202,7 +202,7 @@ def test_default_output_of_a_long_task_list_stays_short_and_distinct():
 
 
 def test_generate_until_is_greedy_and_stops_at_the_stop_sequence():
-    pytest.importorskip("lm_eval")
+    import_extra("lm_eval")
     model, tokenizer = random_gpt(2), get_tokenizer()
     adapter = make_adapter_class()(model, tokenizer, 4, "cpu", torch.float32)
     context = "Once upon a time"
@@ -273,7 +273,7 @@ def test_hub_task_without_a_network_is_one_line(checkpoint_dir, tmp_path):
     huggingface_hub's retries (1 + 2 + 4 + 8 + 8 s). A closed local port stands in for the Hub (HF_ENDPOINT),
     with no offline variable set, as on a machine without a network: now one line saying so, and no retries
     (the rest of the time is the harness indexing its tasks)."""
-    pytest.importorskip("lm_eval")
+    import_extra("lm_eval")
     _, out = checkpoint_dir
     env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf"))

@@ -591,3 +591,17 @@ def test_sigterm_stops_finetuning_and_resume_continues_exactly(tmp_path):
     a = load_checkpoint(os.path.join(stopped, "state.pt"))["tensors"]
     b = load_checkpoint(os.path.join(straight, "state.pt"))["tensors"]
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
+def test_a_bad_write_delay_stops_with_one_line_and_writes_nothing(value, tmp_path, monkeypatch):
+    """GPT_TEST_WRITE_DELAY_S, the test hook that slows every file write, gave a traceback when it was not a
+    number (float('abc') inside write_atomically); now one line that names it, before any file is opened."""
+    from common import write_atomically
+    monkeypatch.setenv("GPT_TEST_WRITE_DELAY_S", value)
+    with pytest.raises(SystemExit) as stop:
+        write_atomically(str(tmp_path / "f.bin"), lambda f: f.write(b"data"))
+    assert str(stop.value.code) == (f"error: GPT_TEST_WRITE_DELAY_S={value} is not a number of seconds >= 0; it "
+                                    f"is a test hook that delays every file write: unset it, or give seconds "
+                                    f"such as 0.3")
+    assert os.listdir(tmp_path) == []

@@ -39,8 +39,8 @@ def damaged_copies(data: bytes, n_cases: int, seed: int):
 
 
 def outcome(load, description: str):
-    """'error' for a one-line SystemExit, else the loaded value; anything else fails the test. An alarm
-    turns a hang into a failure."""
+    """('error', its message) for a one-line SystemExit, else the loaded value; anything else fails the test.
+    An alarm turns a hang into a failure."""
     def on_alarm(signum, frame):
         raise TimeoutError(f"loading hung: {description}")
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -50,7 +50,7 @@ def outcome(load, description: str):
     except SystemExit as e:
         message = str(e.code)
         assert message.startswith("error: ") and "\n" not in message, (description, message)
-        return "error"
+        return "error", message
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -72,17 +72,19 @@ def assert_equal_contents(a, b, where: str = "") -> None:
         assert a == b or (a != a and b != b), where   # NaN == NaN here
 
 
-def fuzz_file(path: str, load, check_loaded, seed: int) -> dict[str, int]:
-    """Damage the file at path N_CASES times (restoring it after each); returns the outcome counts."""
+def fuzz_file(path: str, load, check_loaded, seed: int) -> tuple[dict[str, int], list[str]]:
+    """Damage the file at path N_CASES times (restoring it after each); returns the outcome counts and, for
+    each damaged copy refused, (how it was damaged, the error message)."""
     original = open(path, "rb").read()
-    counts = {"error": 0, "correct load": 0}
+    counts, messages = {"error": 0, "correct load": 0}, []
     try:
         for description, damaged in damaged_copies(original, N_CASES, seed):
             with open(path, "wb") as f:
                 f.write(damaged)
             result = outcome(load, description)
-            if result == "error":
+            if isinstance(result, tuple) and result[0] == "error":
                 counts["error"] += 1
+                messages.append((description, result[1]))
             else:
                 check_loaded(result, description)
                 counts["correct load"] += 1
@@ -90,7 +92,19 @@ def fuzz_file(path: str, load, check_loaded, seed: int) -> dict[str, int]:
         with open(path, "wb") as f:
             f.write(original)
     print(f"{os.path.basename(path)}: {counts}")
-    return counts
+    return counts, messages
+
+
+def assert_refusals_name_the_damage(messages: list[tuple[str, str]], path: str, noun: str) -> None:
+    """A truncated file is unreadable (its zip archive ends early); flipped bits that still unpickle are caught
+    by the recorded sha256: both say so, naming the file."""
+    for description, message in messages:
+        assert message.startswith(f"error: {path} "), message
+        if description.startswith("truncated"):
+            assert message.startswith(f"error: {path} is not a readable {noun} ("), (description, message)
+    corrupted = f"error: {path} is corrupted: its contents do not match the sha256 recorded when it was " \
+                "written"
+    assert any(message.startswith(corrupted) for _, message in messages), messages
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +120,10 @@ def test_fuzzed_checkpoints_error_or_load_exactly(run_dir, tmp_path):
     path = str(tmp_path / "ckpt.pt")
     shutil.copy(os.path.join(run_dir, "ckpt.pt"), path)
     reference = load_checkpoint(path)
-    counts = fuzz_file(path, lambda: load_checkpoint(path),
-                       lambda loaded, where: assert_equal_contents(loaded, reference, where), seed=1)
+    counts, messages = fuzz_file(path, lambda: load_checkpoint(path),
+                                 lambda loaded, where: assert_equal_contents(loaded, reference, where), seed=1)
     assert counts["error"] > N_CASES // 2
+    assert_refusals_name_the_damage(messages, path, "checkpoint")
 
 
 def test_fuzzed_adapters_error_or_load_exactly(run_dir, tmp_path):
@@ -123,9 +138,10 @@ def test_fuzzed_adapters_error_or_load_exactly(run_dir, tmp_path):
     lora.save_adapter(model, ft.lora_settings(ft.FinetuneConfig(lora_rank=2, lora_alpha=4.0)),
                       {"path": "base", "sha256": "0" * 64}, step=3, val_loss=1.5, path=path)
     reference = lora.load_adapter(path)
-    counts = fuzz_file(path, lambda: lora.load_adapter(path),
-                       lambda loaded, where: assert_equal_contents(loaded, reference, where), seed=2)
+    counts, messages = fuzz_file(path, lambda: lora.load_adapter(path),
+                                 lambda loaded, where: assert_equal_contents(loaded, reference, where), seed=2)
     assert counts["error"] > N_CASES // 2
+    assert_refusals_name_the_damage(messages, path, "adapter file")
 
 
 @pytest.fixture()
@@ -157,9 +173,19 @@ def test_fuzzed_datasets_error_or_read_the_right_tokens(file_name, verified_data
         for split in ("train", "val"):
             assert meta[f"{split}_tokens"] == len(tokens[split]), where
             assert np.array_equal(np.fromfile(paths[split], dtype=np.uint16), tokens[split]), where
-    counts = fuzz_file(os.path.join(data_dir, "d", file_name), lambda: train.load_data_meta(cfg, 16), check_loaded,
-                       seed=3 + len(file_name))
+    path = os.path.join(data_dir, "d", file_name)
+    counts, messages = fuzz_file(path, lambda: train.load_data_meta(cfg, 16), check_loaded,
+                                 seed=3 + len(file_name))
     assert counts["error"] > N_CASES // 4
+    said = {message for _, message in messages}
+    if file_name == "meta.json":
+        assert any(m.startswith(f"error: {path} is damaged (") for m in said), said
+    else:   # a shorter file disagrees with meta.json's token count; flipped bits with its sha256
+        for description, message in messages:
+            is_shorter = description.startswith("truncated")
+            expected = "is missing or its size disagrees with meta.json" if is_shorter else \
+                "does not match the sha256 in meta.json"
+            assert message.startswith(f"error: {path} {expected}"), (description, message)
 
 
 def test_checkpoint_with_a_pickled_payload_is_refused_without_running_it(tmp_path):

@@ -9,10 +9,11 @@ from importlib.resources import files
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+from conftest import ROOT, import_extra, run_script
 
-from conftest import ROOT, run_script  # noqa: E402
+transformers = import_extra("transformers")
+import_extra("safetensors")
+
 from hf_gpt2 import export_hf, gpt_config_from_hf, hf_config_from_gpt, load_hf_gpt2  # noqa: E402
 from common import get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -121,7 +122,7 @@ def test_lm_eval_hf_backend_loads_the_export_and_scores_as_our_model(exported):
     backend imports accelerate, which requirements-extra.txt did not install (it named lm-eval without its
     [hf] extra). Installed from it, HFLM loads the export, and its log-likelihoods of continuations equal
     those of our model's full forward passes."""
-    pytest.importorskip("lm_eval")
+    import_extra("lm_eval")
     from packaging.requirements import Requirement
     with open(os.path.join(ROOT, "requirements-extra.txt"), encoding="utf-8") as f:
         extra = [Requirement(line.split("#")[0]) for line in f if line.split("#")[0].strip()]

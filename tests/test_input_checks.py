@@ -2,6 +2,7 @@
 line that says what is wrong (or, for an over-long prompt, prints a note), and nothing runs on bad input. The
 scripts run in-process (their main() stops with SystemExit(message), which Python prints as one line on
 stderr); test_errors.py shows the same from the command line."""
+import ast
 import json
 import os
 import re
@@ -170,13 +171,91 @@ def test_an_unreadable_prompt_file_stops_with_one_line(trained_run, tmp_path):  
                               f"cannot read --prompt_file={path}")
 
 
-def test_every_test_named_in_the_docs_table_exists():
-    """docs/troubleshooting.md's table of input checks names a test for each row; a renamed or deleted test
-    fails here."""
+def test_a_tokenizer_json_that_is_not_a_byte_level_bpe_is_refused(tmp_path):
+    """prepare.py --tokenizer=FILE reads ids through a byte-level BPE only (every byte string has ids, and ids
+    decode to bytes): a WordPiece tokenizer.json, and a BPE that splits on whitespace instead of bytes, stop
+    with one line before anything is written."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "to": 1, "be": 2}, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    whitespace_bpe = Tokenizer(models.BPE({"t": 0, "o": 1, "to": 2}, [("t", "o")]))
+    whitespace_bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = tmp_path / "doc.txt"
+    text.write_text("To be, or not to be: that is the question.\n" * 50)
+    for name, tokenizer in (("wp.json", wordpiece), ("ws-bpe.json", whitespace_bpe)):
+        path = tmp_path / name
+        path.write_text(tokenizer.to_str())
+        flags = [f"--input={text}", f"--tokenizer={path}", f"--data_dir={tmp_path}/d"]
+        assert_one_line_error("prepare.py", flags, f"error: {path} is not a byte-level BPE (GPT-2 style: model BPE, ByteLevel "
+                              f"pre-tokenizer and decoder); train one with prepare.py --tokenizer=bpe:VOCAB")
+        assert not os.path.exists(tmp_path / "d")
+
+
+def strings_of_test(file_name: str, test_name: str) -> list[str]:
+    """The string constants a test uses (f-strings' literal parts too, docstrings left out): in its decorators
+    and body, and in the module-level constants (its parametrized cases) and functions (its helpers) it
+    names."""
+    from conftest import ROOT
+    tree = ast.parse(open(os.path.join(ROOT, "tests", file_name), encoding="utf-8").read())
+    def code(node: ast.AST) -> list[ast.AST]:   # a function without its docstring
+        if not isinstance(node, ast.FunctionDef):
+            return [node]
+        return [*node.decorator_list, *(node.body[1:] if ast.get_docstring(node) is not None else node.body)]
+    defined = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+               for target in node.targets if isinstance(target, ast.Name)}
+    defined |= {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert isinstance(defined.get(test_name), ast.FunctionDef), f"tests/{file_name} has no {test_name}"
+    parts = code(defined[test_name])
+    parts += [part for name in {n.id for part in parts for n in ast.walk(part) if isinstance(n, ast.Name)}
+              if name in defined and name != test_name for part in code(defined[name])]
+    return [n.value for part in parts for n in ast.walk(part) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)]
+
+
+def shared_wording(message: str, strings: list[str], least: tuple[int, int] = (2, 9)) -> str | None:
+    """The longest run of whole words of message (the last one without its trailing punctuation, too) that one
+    of strings holds, if its plain words (flags, paths and numbers do not count) are at least least[0] words
+    of least[1] letters in all (or as many as the whole message has)."""
+    def plain(run: list[str]) -> tuple[int, int]:
+        words = [w for w in (w.strip("();:,?'\"") for w in run) if w.isalpha()]
+        return len(words), sum(map(len, words))
+    words = message.split()
+    in_all = plain(words)
+    for size in range(len(words), 0, -1):
+        for start in range(len(words) - size + 1):
+            run = words[start:start + size]
+            n_words, n_letters = plain(run)
+            if n_words < min(least[0], in_all[0]) or n_letters < min(least[1], in_all[1]):
+                continue
+            for piece in dict.fromkeys((" ".join(run), " ".join(run).rstrip(";:,."))):
+                if any(piece in s for s in strings):
+                    return piece
+    return None
+
+
+def test_every_test_named_in_the_docs_table_checks_its_message():
+    """docs/troubleshooting.md's table of input checks names, for each row, the tests that trigger it. Each
+    message the row shows (in backticks, from its `error:` or `note:` on; "..." stands for what varies) must
+    share its wording with the strings those tests use, so a row whose named tests do not check its text (or
+    a row that no longer says what they check) fails here. Before, this only asked that the tests exist."""
     from conftest import ROOT
     docs = open(os.path.join(ROOT, "docs", "troubleshooting.md"), encoding="utf-8").read()
-    named = set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", docs))
-    assert len(named) > 30
-    for file_name, test_name in named:
-        source = open(os.path.join(ROOT, "tests", file_name), encoding="utf-8").read()
-        assert f"def {test_name}(" in source, (file_name, test_name)
+    table = docs.split("## Input checks")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| input ",
+                                                                                                 "| ---"))]
+    named, checked, unchecked = [], 0, []
+    for row in rows:
+        _, _, message_cell, test_cell = [cell.strip() for cell in row.strip("|").split(" | ")]
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", test_cell) or \
+            (named if test_cell == "same" else [])
+        assert named, f"no test named for: {row}"
+        fragments = re.findall(r"`([^`]+)`", message_cell)
+        if not any(f.startswith(("error: ", "note: ")) for f in fragments):
+            continue                                # a row whose outcome is not a message (cut or skipped)
+        strings = [s for file_name, test_name in named for s in strings_of_test(file_name, test_name)]
+        for fragment in fragments:
+            checked += 1
+            if shared_wording(re.sub(r"^(error|note): ", "", fragment), strings) is None:
+                unchecked.append(f"`{fragment}`: {', '.join(t for _, t in named)}")
+    assert checked > 50
+    assert not unchecked, "docs/troubleshooting.md messages no named test checks:\n" + "\n".join(unchecked)

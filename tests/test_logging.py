@@ -1,5 +1,6 @@
 """Experiment logging: --tensorboard and --wandb_project stream what metrics.jsonl holds; plot.py draws it."""
 import glob
+import io
 import json
 import os
 
@@ -7,7 +8,7 @@ import pytest
 
 import common
 import train
-from conftest import TINY_MODEL_FLAGS, run_script
+from conftest import TINY_MODEL_FLAGS, import_extra, run_script
 
 
 def run_tiny(data_dir: str, out_dir: str, *flags: str, env: dict | None = None):
@@ -22,7 +23,7 @@ def read_metrics(out_dir: str) -> list[dict]:
 
 
 def test_tensorboard_event_file_holds_the_metrics_jsonl_numbers(tiny_data_dir, tmp_path):
-    pytest.importorskip("tensorboard")
+    import_extra("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path / "out")
     result = run_tiny(tiny_data_dir, out, "--tensorboard")
@@ -42,7 +43,7 @@ def test_tensorboard_event_file_holds_the_metrics_jsonl_numbers(tiny_data_dir, t
 def test_wandb_offline_run_records_the_metrics(tiny_data_dir, tmp_path):
     """WANDB_MODE=offline writes the run to out_dir/wandb/offline-run-*/run-*.wandb (protobuf records whose
     values are JSON text; wandb ships no reader for it, so the test looks for the names and values)."""
-    pytest.importorskip("wandb")
+    import_extra("wandb")
     out = str(tmp_path / "out")
     result = run_tiny(tiny_data_dir, out, "--wandb_project=tiny-test", "--wandb_run_name=tiny-run",
                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
@@ -70,7 +71,7 @@ def test_a_missing_logging_package_is_one_line(monkeypatch, flag):
 
 
 def test_plot_renders_a_png_of_two_runs(tmp_path):
-    pytest.importorskip("matplotlib")
+    import_extra("matplotlib")
     runs = []
     for name, scale in (("run-a", 1.0), ("run-b", 0.9)):
         folder = tmp_path / name
@@ -89,6 +90,33 @@ def test_plot_renders_a_png_of_two_runs(tmp_path):
     pixels = imread(str(png))
     assert pixels.shape[0] > 100 and pixels.shape[1] > 100
     assert pixels[..., :3].std() > 0.05          # something was drawn, not a blank canvas
+
+
+def test_plot_draws_the_title_it_is_given(tmp_path, monkeypatch):
+    """--title is drawn above the plot: the figure plot.py saves as PNG, also drawn as SVG with its text kept as
+    text, holds the title's words; the same run without --title holds none of them."""
+    matplotlib = import_extra("matplotlib")
+    from matplotlib.figure import Figure
+    import plot
+    (tmp_path / "run").mkdir()
+    lines = [{"step": s, "tokens": 100 * s, "loss": 10 / (1 + s)} for s in range(1, 30)]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    svgs, save = [], Figure.savefig
+
+    def save_also_as_svg(figure, *args, **kwargs):
+        svg = io.StringIO()
+        with matplotlib.rc_context({"svg.fonttype": "none"}):    # text as <text>, not as glyph outlines
+            save(figure, svg, format="svg")
+        svgs.append(svg.getvalue())
+        return save(figure, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", save_also_as_svg)
+    title = "Quick start: 600 steps on the Shakespeare sample"
+    plot.main([f"--runs={tmp_path / 'run'}", f"--out={tmp_path / 'titled.png'}", f"--title={title}"])
+    plot.main([f"--runs={tmp_path / 'run'}", f"--out={tmp_path / 'plain.png'}"])
+    assert len(svgs) == 2
+    assert f">{title}</text>" in svgs[0]
+    assert "Shakespeare" not in svgs[1]
+    assert (tmp_path / "titled.png").read_bytes() != (tmp_path / "plain.png").read_bytes()
 
 
 def test_plot_refuses_a_missing_log(tmp_path):

@@ -501,3 +501,24 @@ def test_logged_mfu_divides_by_the_peak_of_every_process(one_and_two_process_run
                        for n, run in one_and_two_process_runs.items()}
     assert len(flops_over_peak[1]) == 4 and all(x > 0 for x in flops_over_peak[1])
     assert flops_over_peak[2] == pytest.approx(flops_over_peak[1], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_logged_mfu_is_the_hand_counted_flops_over_the_peak(one_and_two_process_runs):
+    """Each logged MFU is a step's FLOPs, counted here, over its time and nproc devices' peak (--peak_flops=1e9).
+    finetune_flops' cost model: per token, 4 FLOPs per matmul weight (forward, and the input gradient of
+    backward: frozen weights need no weight gradient), the adapters' A and B counted among the weights, plus
+    attention's 12LCT with T the step's mean record length (8 records per step)."""
+    L, C, V, R, peak = TINY.n_layer, TINY.n_embd, TINY.vocab_size, 8, 1e9
+    blocks = L * (12 * C * C + 13 * C)                         # c_attn, c_proj, c_fc, mlp.c_proj, 2 LayerNorms
+    adapters = L * R * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))   # R (C_in + C_out) per target
+    n_matmul = blocks + adapters + V * C + 2 * C              # tied wte/head, ln_f; no wpe (a lookup)
+    lengths = [len(ids) - 1 for ids, _ in encoded(RECORDS)]   # predictions per record
+    for nproc, run in one_and_two_process_runs.items():
+        steps = [r for r in read_log(run) if "mfu" in r]
+        assert len(steps) == 4
+        for r in steps:
+            tokens = round(r["tokens_per_s"] * r["ms_per_step"] / 1000)   # the step's real tokens
+            assert 8 * min(lengths) <= tokens <= 8 * max(lengths)
+            flops = (4 * n_matmul + 12 * L * C * round(tokens / 8)) * tokens
+            assert r["mfu"] == pytest.approx(flops / (r["ms_per_step"] / 1000) / (nproc * peak), rel=1e-9)

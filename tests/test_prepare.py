@@ -157,10 +157,12 @@ def test_other_inputs_are_refused_without_force(tmp_path):
     run(f"--input={write(tmp_path / 'a.txt', TXT * 10)}", "--name=x", f"--data_dir={tmp_path / 'data'}")
     before = snapshot(tmp_path / "data")
     other = write(tmp_path / "b.txt", "Something else entirely. " * 10)
-    for args in ([f"--input={other}"], [f"--input={tmp_path / 'a.txt'}", "--val_fraction=0.2"]):
+    for args, what in (([f"--input={other}"], "other inputs"),
+                       ([f"--input={tmp_path / 'a.txt'}", "--val_fraction=0.2"], "val_fraction=0.1")):
         with pytest.raises(SystemExit) as e:
             run(*args, "--name=x", f"--data_dir={tmp_path / 'data'}")
-        assert str(e.value.code).startswith("error:") and "--force" in str(e.value.code)
+        assert str(e.value.code) == (f"error: {tmp_path / 'data' / 'x'} holds a dataset prepared from {what}; "
+                                     f"pass --force to rebuild it or choose another --name")
     assert snapshot(tmp_path / "data") == before
     run(f"--input={other}", "--name=x", f"--data_dir={tmp_path / 'data'}", "--force")
     assert decode(tmp_path / "data" / "x") == "Something else entirely. " * 10
@@ -184,26 +186,38 @@ def test_an_unfinished_dataset_is_rebuilt(tmp_path, damage):
 
 # --- bad input: one line, nothing written ---
 
-BAD_INPUTS = {   # case -> (files to create, flags); {d} is the test's folder
-    "missing file": ({}, ["--input={d}/nope.txt"]),
-    "glob matches nothing": ({}, ["--input={d}/*.nothing.jsonl"]),
-    "unsupported extension": ({"t.csv": "a,b\n1,2\n"}, ["--input={d}/t.csv"]),
-    "only empty documents": ({"e.jsonl": '{"text": ""}\n{"text": "  \\n"}\n'}, ["--input={d}/e.jsonl"]),
-    "empty file set": ({"e.jsonl": ""}, ["--input={d}/e.jsonl"]),
-    "jsonl line not json": ({"j.jsonl": '{"text": "fine"}\n{"text": oops}\n'}, ["--input={d}/j.jsonl"]),
-    "jsonl without column": ({"j.jsonl": '{"text": "fine"}\n{"body": "no text"}\n'}, ["--input={d}/j.jsonl"]),
-    "bad utf-8": ({"u.txt": b"caf\xe9 au lait\n"}, ["--input={d}/u.txt"]),
-    "val_fraction zero": ({"ok.txt": TXT}, ["--input={d}/ok.txt", "--val_fraction=0"]),
-    "val_fraction one": ({"ok.txt": TXT}, ["--input={d}/ok.txt", "--val_fraction=1"]),
-    "val_fraction above one": ({"ok.txt": TXT}, ["--input={d}/ok.txt", "--val_fraction=1.5"]),
-    "too few tokens": ({"tiny.txt": "Hello world and more"}, ["--input={d}/tiny.txt"]),
-    "parquet without column": ({}, ["--input={d}/p.parquet"]),
+BAD_INPUTS = {   # case -> (files to create, flags, what the message says); {d} is the test's folder
+    "missing file": ({}, ["--input={d}/nope.txt"], "error: --input {d}/nope.txt matches no file"),
+    "glob matches nothing": ({}, ["--input={d}/*.nothing.jsonl"],
+                             "error: --input {d}/*.nothing.jsonl matches no file"),
+    "unsupported extension": ({"t.csv": "a,b\n1,2\n"}, ["--input={d}/t.csv"],
+                              "error: {d}/t.csv: unsupported file type; use .txt, .md"),
+    "only empty documents": ({"e.jsonl": '{"text": ""}\n{"text": "  \\n"}\n'}, ["--input={d}/e.jsonl"],
+                             "error: the input holds no text (2 empty documents); nothing to prepare"),
+    "empty file set": ({"e.jsonl": ""}, ["--input={d}/e.jsonl"], "error: the input holds no text"),
+    "jsonl line not json": ({"j.jsonl": '{"text": "fine"}\n{"text": oops}\n'}, ["--input={d}/j.jsonl"],
+                            "error: {d}/j.jsonl line 2 is not JSON ("),
+    "jsonl without column": ({"j.jsonl": '{"text": "fine"}\n{"body": "no text"}\n'}, ["--input={d}/j.jsonl"],
+                             "error: {d}/j.jsonl line 2 has no 'text' field; pick one with --text_column"),
+    "bad utf-8": ({"u.txt": b"caf\xe9 au lait\n"}, ["--input={d}/u.txt"],
+                  "error: {d}/u.txt is not valid UTF-8 (bad byte at offset 3); re-encode it as UTF-8"),
+    "val_fraction zero": ({"ok.txt": TXT}, ["--input={d}/ok.txt", "--val_fraction=0"],
+                          "error: --val_fraction=0.0 must lie strictly between 0 and 1"),
+    "val_fraction one": ({"ok.txt": TXT}, ["--input={d}/ok.txt", "--val_fraction=1"],
+                         "error: --val_fraction=1.0 must lie strictly between 0 and 1"),
+    "val_fraction above one": ({"ok.txt": TXT}, ["--input={d}/ok.txt", "--val_fraction=1.5"],
+                               "error: --val_fraction=1.5 must lie strictly between 0 and 1"),
+    "too few tokens": ({"tiny.txt": "Hello world and more"}, ["--input={d}/tiny.txt"],
+                       "tokens are too few: train and val need at least 2 tokens each"),
+    "parquet without column": ({}, ["--input={d}/p.parquet"],
+                               "error: {d}/p.parquet has no column 'text' (columns: content); pick one with "
+                               "--text_column"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys, case):
-    files, flags = BAD_INPUTS[case]
+    files, flags, expected = BAD_INPUTS[case]
     d = tmp_path / "in"
     d.mkdir()
     for name, content in files.items():
@@ -222,12 +236,9 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys, case
             run(*[f.format(d=d) for f in flags], *target, f"--data_dir={data_dir}")
         message = str(e.value.code)
         assert message.startswith("error:") and "\n" not in message, message
+        assert expected.format(d=d) in message, message
         assert capsys.readouterr().err == ""        # the exit message is the only line on stderr
         assert snapshot(data_dir) == before         # nothing written, no .tmp left, no new folder
-    if case in ("jsonl line not json", "jsonl without column"):
-        assert "j.jsonl line 2" in message
-    if case == "bad utf-8":
-        assert "u.txt" in message
     if case == "parquet without column":
         assert "content" in message
 
@@ -271,7 +282,9 @@ def test_hf_path_reads_a_local_dataset_folder(tmp_path):
 
     result = _cli([f"--dataset={corpus}", "--text_column=body", "--name=other"], tmp_path, **env)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("error:") and "text" in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: dataset '{corpus}' has no column 'body' (columns: text"), message
+    assert message.endswith("); pick one with --text_column"), message
 
 
 # --- the sample corpus ---

@@ -14,8 +14,22 @@ from common import load_checkpoint
 from test_distributed import assert_same_run
 
 
+def lr_by_hand(step: int, peak: float, floor: float, warmup: int, decay_end: int) -> float:
+    """GPT-3's schedule written out (Brown et al. 2020, appendix B): the warmup climbs in equal steps of
+    peak / (warmup + 1), from the first one, to reach peak at step `warmup`; then a half cosine falls from peak
+    to floor at step decay_end; floor after that."""
+    if step < warmup:
+        return peak / (warmup + 1) * (step + 1)
+    if step > decay_end:
+        return floor
+    angle = math.pi * (step - warmup) / (decay_end - warmup)      # 0 -> pi
+    return floor + (peak - floor) * (math.cos(angle) + 1) / 2
+
+
 def test_lr_schedule_warmup_peak_and_end():
     cfg = train.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    for step in range(130):
+        assert lr_at(step, cfg) == pytest.approx(lr_by_hand(step, 1e-3, 1e-4, 10, 110), rel=1e-12), step
     assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)          # warmup starts above zero
     assert lr_at(10, cfg) == pytest.approx(1e-3)              # end of warmup: the peak
     assert lr_at(60, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way through the cosine
@@ -129,9 +143,10 @@ def test_resume_flags_given_win_and_are_reported_once(issue_run, capsys):
                         "resume: learning_rate 0.001 -> 0.0005 (command line)",
                         "resume: sparse_topk 0 -> 4 (command line)",
                         "resume: realformer False -> True (command line)"]
-    schedule = train.TrainConfig(learning_rate=5e-4, min_lr=2e-4, warmup_iters=2, lr_decay_iters=10)
     records = [r for r in logged_records(issue_run, after=5) if "loss" in r]
-    assert [r["lr"] for r in records] == [lr_at(r["step"] - 1, schedule) for r in records]
+    # the learning rate of step s - 1 (0-based) is logged after it, as step s: warmup 2, decay over 10 steps
+    assert [r["lr"] for r in records] == pytest.approx([lr_by_hand(r["step"] - 1, 5e-4, 2e-4, 2, 10)
+                                                        for r in records], rel=1e-12)
     assert [r["tokens"] for r in records] == [64 * step for step in range(6, 9)]
     checkpoint = load_checkpoint(os.path.join(issue_run, "ckpt.pt"))
     assert checkpoint["step"] == 8 and checkpoint["train_config"]["eval_iters"] == 2

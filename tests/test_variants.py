@@ -182,12 +182,105 @@ def test_rope_scores_depend_only_on_the_offset():
 
 # --- every variant: fast path, KV cache, stages, training ---
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# Top-k and RealFormer need the score matrix, so both sdpa settings run the same scored attention: these
+# variants are checked against the model written out below instead of against the other setting.
+SCORED = [v for v in VARIANTS if VARIANTS[v].get("sparse_topk") or VARIANTS[v].get("realformer")]
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v not in SCORED])
 def test_sdpa_and_explicit_paths_agree(variant):
     fast = small_model(**VARIANTS[variant])
     slow = small_model(**VARIANTS[variant], sdpa=False)
     idx = torch.randint(0, 50, (2, 16))
     torch.testing.assert_close(fast(idx), slow(idx), rtol=0, atol=1e-5)
+
+
+def rope_by_complex_numbers(x: torch.Tensor) -> torch.Tensor:
+    """Su et al. 2021, eq. 34 on (B, H, T, D): pair (x_2i, x_2i+1) at position p, read as a complex number,
+    times e^(i p theta_i), theta_i = 10000^(-2i/D)."""
+    T, D = x.size(-2), x.size(-1)
+    theta = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    turn = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), torch.arange(T)[:, None] * theta)
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], D // 2, 2).contiguous())
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
+
+
+def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Causally masked scores (B, H, T, T) where query i keeps, among keys j <= i, only the scores that fewer
+    than k visible scores beat (its k largest; a tie with the k-th stays); the rest become -inf."""
+    T = scores.size(-1)
+    visible = torch.ones(T, T, dtype=torch.bool).tril()                           # key j <= query i
+    masked = scores.masked_fill(~visible, float("-inf"))
+    if k == 0:
+        return masked
+    beaten_by = (masked[..., None, :] > masked[..., :, None]).sum(-1)             # (B, H, T, T): for each j
+    return masked.masked_fill(beaten_by >= k, float("-inf"))
+
+
+def scored_model_by_hand(model: GPT, idx: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of a learned- or RoPE-position model with any of ReZero, Macaron, top-k and RealFormer,
+    from its weights, written out: block l's scores are its QK^T/sqrt(D) plus block l-1's (RealFormer, eq. 3),
+    top-k picks from that sum, and the sum is what block l+1 receives. top_k overrides the config's."""
+    c = model.config
+    top_k = c.sparse_topk if top_k is None else top_k
+    B, T = idx.shape
+    H, C = c.n_head, c.n_embd
+    D = C // H
+    def norm(ln, t):
+        return t if c.rezero else F.layer_norm(t, (C,), ln.weight, ln.bias)
+    def ffn(mlp, t):
+        return mlp.c_proj(F.gelu(mlp.c_fc(t), approximate="tanh"))
+    def alpha(block, name):
+        return getattr(block, f"alpha_{name}") if c.rezero else 1.0
+    x = model.transformer.wte(idx)
+    if c.position == "learned":
+        x = x + model.transformer.wpe(torch.arange(T))
+    carried = torch.zeros(B, H, T, T)
+    for block in model.transformer.h:
+        if c.macaron:
+            x = x + alpha(block, "mlp_0") * 0.5 * ffn(block.mlp_0, norm(block.ln_0, x))
+        qkv = block.attn.c_attn(norm(block.ln_1, x))                                      # (B, T, 3C)
+        q, k, v = (t.reshape(B, T, H, D).transpose(1, 2) for t in qkv.split(C, -1))        # (B, H, T, D)
+        if c.position == "rope":
+            q, k = rope_by_complex_numbers(q), rope_by_complex_numbers(k)
+        scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)
+        if c.realformer:
+            scores = scores + carried
+            carried = scores
+        weights = torch.softmax(keep_top_k(scores, top_k), dim=-1)
+        y = torch.einsum("bhij,bhjd->bhid", weights, v).transpose(1, 2).reshape(B, T, C)
+        x = x + alpha(block, "attn") * block.attn.c_proj(y)
+        x = x + alpha(block, "mlp") * (0.5 if c.macaron else 1.0) * ffn(block.mlp, norm(block.ln_2, x))
+    return model.lm_head(F.layer_norm(x, (C,), model.transformer.ln_f.weight, model.transformer.ln_f.bias))
+
+
+def test_keep_top_k_on_a_hand_example():
+    """The reference's own top-k: query 3 sees scores 1, 3, 3, 0; with k = 2 it keeps both 3s (beaten by
+    none), with k = 3 it also keeps the 1 (beaten by two); query 0 keeps its only key whatever k is."""
+    scores = torch.tensor([1.0, 3.0, 3.0, 0.0]).expand(1, 1, 4, 4)
+    inf = float("-inf")
+    assert keep_top_k(scores, 2)[0, 0, 3].tolist() == [inf, 3.0, 3.0, inf]
+    assert keep_top_k(scores, 3)[0, 0, 3].tolist() == [1.0, 3.0, 3.0, inf]
+    assert keep_top_k(scores, 2)[0, 0, 0].tolist() == [1.0, inf, inf, inf]
+
+
+@pytest.mark.parametrize("variant", SCORED)
+def test_scored_variants_match_the_model_written_out(variant):
+    """Top-k (k = 3 of up to 16 keys) and RealFormer, alone and with every other variant, on both sdpa
+    settings, against scored_model_by_hand, in three blocks (so that one block receives scores that are
+    already a sum). The attention weights are scaled up from GPT-2's small init so that the scores are O(1)
+    and top-k visibly changes the logits at this length: the check bites."""
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    for sdpa in (True, False):
+        model = small_model(**VARIANTS[variant], sdpa=sdpa, n_layer=3)   # block 2 gets the sum of two
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight.mul_(4)
+                block.attn.c_proj.weight.mul_(4)
+            expected = scored_model_by_hand(model, idx)
+            torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-5)
+            if model.config.sparse_topk:
+                assert (scored_model_by_hand(model, idx, top_k=0) - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
