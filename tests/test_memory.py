@@ -14,11 +14,12 @@ measured by the same runs of a tiny model (runtime_bytes) and taken off too.
 Two models: WIDE (30M parameters, 128 tokens per micro-batch), where the weights, gradients and AdamW's
 moments at 16-20 bytes per parameter dwarf the activations, for the layouts that divide the parameters (DDP,
 FSDP, TP, PP); DEEP (5M parameters, 2048 tokens per micro-batch), whose activations dominate, for activation
-checkpointing and bf16. Measured (this 2-core Xeon, torch 2.13), peak / estimate: DDP 1.00, FSDP 1.05, TP 1.10
-(the embedding's gradient arrives whole on each rank before it is split, distributed.
-lay_out_like_parameters; the estimate counts its 1/t share), PP 1.00 and 1.01 (stages 0, 1), checkpointing 0.95, bf16 0.96. The estimate
-counts the gradients and the activations as held together, where backward frees the one as it fills the
-other: an upper bound, a little above the CPU's peak where activations dominate.
+checkpointing and bf16. Measured (this 2-core Xeon, torch 2.13), peak / estimate: DDP 1.00, FSDP 1.05, TP
+1.10 (the embedding's gradient arrives whole on each rank before it is split, distributed.
+lay_out_like_parameters; the estimate counts its 1/t share), PP 1.00 and 1.01 (stages 0 and 1),
+checkpointing 0.95, bf16 0.96. The estimate counts the gradients and the activations as held together, where
+backward frees the one as it fills the other: an upper bound, a little above the CPU's peak where the
+activations dominate.
 """
 import json
 import os
