@@ -184,6 +184,7 @@ def test_auto_dtype_on_cpu_follows_the_probe_and_the_resume_keeps_it(tiny_data_d
     assert load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["train_config"]["dtype"] == expected
 
 
+@pytest.mark.slow
 def test_float16_trains_with_the_gradient_scaler_and_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch):
     """--dtype=float16 end to end on the CPU: fp16 autocast with loss scaling (torch.amp.GradScaler,
     Micikevicius et al. 2018). The loss falls; the logged gradient norm is the true one (unscaled before
