@@ -764,14 +764,21 @@ def head_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, los
     """Bytes the final LayerNorm, the LM head and the loss hold at their peak, early in backward. The plain path
     keeps the fp32 log-probabilities (B, T, V), and log_softmax's backward holds them, their gradient and the
     logits' gradient at once (12 bytes per logit); the chunked one keeps d loss / d x and a (V, C) fp32 weight
-    gradient, and two (chunk, V) fp32 buffers at a time. Under tensor parallelism the head is vocabulary-
-    parallel (Shoeybi et al. 2019, section 3): every (.., V) tensor divides by t; ln_f's input divides by t
-    with sequence parallelism, and the head's gathered input does not."""
+    gradient, and per chunk of rows its fp32 logits (the softmax and its gradient overwrite them in place)
+    and, under 16-bit autocast, a 16-bit copy: the matmul output they are cast from, then (bf16) the gradient
+    cast for the two gradient matmuls (fp16 keeps it in fp32: counted all the same). A chunk's buffers are
+    made while the last chunk's are still held (the names are rebound only once the new ones exist): two
+    chunks' worth, or one when the b T rows make a single chunk, of b T rows then, not loss_chunk. Under
+    tensor parallelism the head is vocabulary-parallel (Shoeybi et al. 2019, section 3): every (.., V) tensor
+    divides by t; ln_f's input divides by t with sequence parallelism, and the head's gathered input does
+    not."""
     C, V, a, t = config.n_embd, config.vocab_size, act_bytes, tp
     btc, btv = b * T * C, b * T * (-(-V // t))
     ln_input = 4 * btc // (t if sequence_parallel else 1)
     if loss_chunk > 0:
-        return ln_input + 4 * btc + 4 * (-(-V // t)) * C + 2 * 4 * loss_chunk * (-(-V // t))
+        rows, chunks_held = min(loss_chunk, b * T), 2 if b * T > loss_chunk else 1
+        per_logit = 4 + (a if a < 4 else 0)            # fp32 logits, and the 16-bit copies under autocast
+        return ln_input + 4 * btc + 4 * (-(-V // t)) * C + chunks_held * per_logit * rows * (-(-V // t))
     return ln_input + a * btc + 12 * btv
 
 

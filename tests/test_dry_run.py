@@ -413,3 +413,22 @@ def test_dry_run_resolves_auto_dtype_as_the_planned_gpu_would():
         report("--dry_run", "--dry_run_gpu=V100", "--tp=2")
     assert str(stop.value.code).startswith("error: --dtype=auto chose float16 (this GPU has no native bf16)")
     assert "tp=2" in report("--dry_run", "--dry_run_gpu=V100", "--tp=2", "--dtype=float32")
+
+
+def test_chunked_head_counts_the_chunks_a_micro_batch_makes():
+    """The chunked loss's bytes, counted by hand from ChunkedCrossEntropy.forward: ln_f's fp32 input and
+    d loss / d x (4 bytes per element of (b T, C) each), the fp32 (V, C) weight gradient, and per chunk of rows
+    its fp32 logits, plus under bf16 the 16-bit matmul output they come from and the 16-bit gradient cast for
+    the two matmuls (4 + 2 bytes per logit). With several chunks the next one's buffers are made while the
+    last one's are held: two chunks. A micro-batch of no more rows than a chunk is one chunk of its b T rows;
+    the estimate once counted two chunks of loss_chunk rows there (train.py's WIDE run in test_memory.py:
+    128 rows, chunk 1024: 60 MiB too many)."""
+    from distributed import head_activation_bytes
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=1000)
+    b, T, C, V = 2, 32, 64, 1000
+    kept = 4 * b * T * C + 4 * b * T * C + 4 * V * C
+    assert head_activation_bytes(config, b, T, 4, 16) == kept + 2 * 4 * 16 * V      # 4 chunks of 16 rows
+    assert head_activation_bytes(config, b, T, 2, 16) == kept + 2 * (4 + 2) * 16 * V
+    for chunk in (64, 1024):                                                           # one chunk of 64 rows
+        assert head_activation_bytes(config, b, T, 4, chunk) == kept + 4 * 64 * V
+        assert head_activation_bytes(config, b, T, 2, chunk) == kept + (4 + 2) * 64 * V

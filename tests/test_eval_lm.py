@@ -286,3 +286,73 @@ def test_hub_task_without_a_network_is_one_line(checkpoint_dir, tmp_path):
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --tasks=hellaswag: the Hugging Face Hub"), lines
     assert "is unreachable" in lines[0]
+
+
+SHOTS = [("The capital of Italy is", ["Rome", "a red car", "cold", "7"], 0),
+         ("Three plus four equals", ["a fish", "seven", "the sea", "blue"], 1)]
+
+
+@pytest.mark.slow
+def test_few_shot_task_puts_the_solved_examples_before_each_question(tmp_path):
+    """--num_fewshot=2 end to end: the harness puts two solved examples from the task's fewshot split before
+    every question (first_n: the first two, in order, so the context is known here: "question answer"
+    joined by the harness's default delimiters, " " and a blank line), and acc equals the argmax over
+    log-likelihoods computed here with that context; the 0-shot answers differ, so the shots were used."""
+    pytest.importorskip("lm_eval")
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=50257))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.eval()
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)},
+                    str(out / "ckpt.pt"))
+    files = {}
+    for split, rows in (("shots", SHOTS), ("questions", QUESTIONS)):
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                        for q, c, a in rows), encoding="utf-8")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_fewshot.yaml").write_text(
+        "task: tiny_fewshot\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    train: {files['shots']}\n"
+        f"    test: {files['questions']}\n"
+        "fewshot_split: train\n"
+        "test_split: test\n"
+        "fewshot_config:\n"
+        "  sampler: first_n\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\n"
+        "metric_list:\n"
+        "  - metric: acc\n", encoding="utf-8")
+    output = tmp_path / "results.json"
+    result = run_script("eval_lm.py", f"--out_dir={out}", "--tasks=tiny_fewshot", f"--include_path={tasks}",
+                        "--num_fewshot=2", f"--output={output}", "--batch_size=4", "--dtype=float32",
+                        env={**OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["n-shot"]["tiny_fewshot"] == 2
+    tokenizer = get_tokenizer()
+    shots = "".join(f"{q} {c[a]}\n\n" for q, c, a in SHOTS)
+
+    def chosen(prefix: str) -> list[int]:
+        answers = []
+        for question, choices, _ in QUESTIONS:
+            context = tokenizer.encode(prefix + question)
+            continuations = [tokenizer.encode(f"{prefix}{question} {c}")[len(context):] for c in choices]
+            log_ps = [direct_log_likelihood(model, context, continuation) for continuation in continuations]
+            answers.append(int(np.argmax(log_ps)))
+        return answers
+    two_shot, zero_shot = chosen(shots), chosen("")
+    assert two_shot != zero_shot
+    accuracy = np.mean([answer == a for answer, (_, _, a) in zip(two_shot, QUESTIONS)])
+    assert results["results"]["tiny_fewshot"]["acc,none"] == pytest.approx(accuracy, abs=1e-12)

@@ -122,3 +122,33 @@ def test_plot_draws_the_title_it_is_given(tmp_path, monkeypatch):
 def test_plot_refuses_a_missing_log(tmp_path):
     result = run_script("plot.py", f"--runs={tmp_path}", f"--out={tmp_path / 'x.png'}")
     assert result.returncode != 0 and "metrics.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plot_x_step_draws_the_losses_against_the_step(tmp_path, monkeypatch):
+    """--x=step puts the optimizer step on the horizontal axis, --x=tokens (the default) the tokens seen, read
+    off the figure's lines as plot.py saves it. The log is a resumed run's: 64 tokens per step up to step 10,
+    then 128 (so the two axes are not proportional), and step 10's evaluation logged twice (the later wins)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    import plot
+    tokens = {s: 64 * s if s <= 10 else 640 + 128 * (s - 10) for s in range(21)}
+    lines = [{"step": s, "tokens": tokens[s], "loss": 5 - 0.1 * s} for s in range(1, 21)]
+    lines += [{"step": s, "tokens": tokens[s], "val_loss": v}
+              for s, v in ((0, 6.0), (10, 5.5), (10, 5.25), (20, 4.5))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    saved = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def keep_lines(figure, *args, **kwargs):
+        (axes,) = figure.axes
+        drawn = [(list(line.get_xdata()), list(line.get_ydata())) for line in axes.lines]
+        saved.append((axes.get_xlabel(), drawn))
+        return savefig(figure, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_lines)
+    for x in ("step", "tokens"):
+        plot.main([f"--runs={tmp_path}", f"--out={tmp_path / f'{x}.png'}", f"--x={x}"])
+    steps = list(range(1, 21))
+    train_losses = [5 - 0.1 * s for s in steps]
+    assert saved[0] == ("optimizer step", [(steps, train_losses), ([0, 10, 20], [6.0, 5.25, 4.5])])
+    assert saved[1] == ("tokens seen", [([tokens[s] for s in steps], train_losses),
+                                        ([0, 640, 1920], [6.0, 5.25, 4.5])])

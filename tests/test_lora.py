@@ -339,6 +339,34 @@ def test_resume_continues_exactly(bases, records_file, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_float16_finetuning_scales_the_loss_and_resumes_exactly(bases, records_file, tmp_path):
+    """--dtype=float16 end to end on the CPU, with the gradient scaler (torch.amp.GradScaler): the loss falls,
+    the logged gradient norm is the true one (unscaled before clipping: an fp32 run's at step 1, not 2^16 times
+    it), state.pt holds the scaler's state (PyTorch's initial scale 2^16, kept, no step having overflowed;
+    8 good steps counted), and 4 steps + resume + 4 give the straight run's losses, adapter and scaler state."""
+    def run(out_dir: str, *extra: str) -> None:
+        ft.main(finetune_flags(bases[0], records_file, str(tmp_path / out_dir), "--lr_decay_iters=8",
+                               "--eval_interval=4", "--lora_dropout=0.1", *extra))
+    run("straight", "--max_iters=8", "--dtype=float16")
+    run("interrupted", "--max_iters=4", "--dtype=float16")
+    ft.main([f"--out_dir={tmp_path / 'interrupted'}", "--init_from=resume", "--max_iters=8"])
+    run("fp32", "--max_iters=1", "--dtype=float32")
+    logs = {name: read_log(str(tmp_path / name)) for name in ("straight", "interrupted", "fp32")}
+    evals = [r["train_loss"] for r in logs["straight"] if "train_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.5
+    first_norm = {name: next(r["grad_norm"] for r in log if "grad_norm" in r) for name, log in logs.items()}
+    assert first_norm["straight"] == pytest.approx(first_norm["fp32"], rel=1e-3)
+    losses = [{r["step"]: r["loss"] for r in logs[name] if "loss" in r} for name in ("straight", "interrupted")]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+    states = [load_checkpoint(str(tmp_path / name / "state.pt")) for name in ("straight", "interrupted")]
+    assert states[0]["finetune_config"]["dtype"] == states[1]["finetune_config"]["dtype"] == "float16"
+    assert states[0]["scaler"] == states[1]["scaler"] == {"scale": 2.0 ** 16, "growth_factor": 2.0,
+                                                          "backoff_factor": 0.5, "growth_interval": 2000,
+                                                          "_growth_tracker": 8}
+    for name, tensor in states[0]["tensors"].items():
+        assert torch.equal(tensor, states[1]["tensors"][name]), name
+
+@pytest.mark.slow
 def test_compiled_finetuning_matches_eager(bases, tmp_path, capsys):
     """finetune_lora.py had no --compile (train.py has one). Compiled on the CPU, two steps give the losses and
     adapters of the eager run. The records all have one length, so the test compiles one graph (about a

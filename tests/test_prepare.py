@@ -298,3 +298,27 @@ def test_shakespeare_sample_gives_the_published_token_counts(tmp_path):
     assert (len(train), len(val)) == (1_617_291, 179_699)
     assert (meta["train_tokens"], meta["val_tokens"], meta["documents"]) == (1_617_291, 179_699, 38)
     assert meta["source"]["kind"] == "shakespeare"
+
+
+def test_a_given_tokenizer_json_encodes_as_the_dataset_it_came_from(tmp_path):
+    """--tokenizer=PATH re-uses a tokenizer.json: the same text prepared with the BPE another preparation
+    trained gives that preparation's token files byte for byte, with the file itself beside them (its sha256
+    and vocabulary in meta.json); another text is encoded with that BPE (its ids are what Hugging Face's
+    tokenizers gives with the file), not with a BPE trained anew or with r50k_base."""
+    src = write(tmp_path / "doc.txt", TXT * 40)
+    run(f"--input={src}", "--name=trained", f"--data_dir={tmp_path}", "--tokenizer=bpe:300")
+    given = tmp_path / "trained" / "tokenizer.json"
+    run(f"--input={src}", "--name=reused", f"--data_dir={tmp_path}", f"--tokenizer={given}")
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (tmp_path / "reused" / name).read_bytes() == (tmp_path / "trained" / name).read_bytes(), name
+    meta = read_dataset(tmp_path / "reused")[2]
+    assert (meta["tokenizer"], meta["vocab_size"], meta["tokenizer_sha256"]) == \
+        (str(given), 300, hashlib.sha256(given.read_bytes()).hexdigest())
+    other_text = "A text the BPE never saw: zebras quietly juggle 9876 oranges. " * 20
+    other = write(tmp_path / "other.txt", other_text)
+    run(f"--input={other}", f"--data_dir={tmp_path}", f"--tokenizer={given}")
+    train, val, meta = read_dataset(tmp_path / "other")
+    reference = common.import_tokenizers().Tokenizer.from_str(given.read_text(encoding="utf-8"))
+    assert np.concatenate([train, val]).tolist() == reference.encode(other_text).ids
+    assert (tmp_path / "other" / "tokenizer.json").read_bytes() == given.read_bytes()
+    assert meta["vocab_size"] == 300

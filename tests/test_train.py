@@ -1,4 +1,6 @@
 """train.py: the schedule, accumulation, exact resume, and the training loop end to end."""
+import functools
+import hashlib
 import json
 import math
 import os
@@ -274,3 +276,126 @@ dist.destroy_process_group()
     for rank in (0, 1):
         assert f"rank {rank}: torch.float32 | float32 (auto: bf16 matmuls run 1.20x fp32's speed here)" in \
             result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_float16_trains_with_the_gradient_scaler_and_resumes_exactly(tiny_data_dir, tmp_path, monkeypatch):
+    """--dtype=float16 end to end on the CPU: fp16 autocast with loss scaling (torch.amp.GradScaler,
+    Micikevicius et al. 2018). The loss falls; the logged gradient norm is the true one (unscaled before
+    clipping: an fp32 run's at step 1, not 2^16 times it); the checkpoint holds the scaler's state: PyTorch's
+    initial scale 2^16, kept (no step overflowed, and it grows only after 2000 good ones), and 20 good steps
+    counted; 10 steps + resume + 10 give the straight run's losses, weights and scaler state. Started at a
+    scale of 2^30 instead, the scaled fp16 gradients overflow: the scaler skips those steps (their logged norm
+    is not finite; the weights stay: an update with them would make every weight NaN), halving its scale after
+    each, until the gradients fit, and the run trains on from there."""
+    def run(out_dir: str, *extra: str) -> None:
+        train.main(train_flags(tiny_data_dir, str(tmp_path / out_dir), "--learning_rate=1e-2",
+                               "--lr_decay_iters=20", "--eval_interval=10", *extra))
+    run("straight", "--max_iters=20", "--dtype=float16")
+    run("interrupted", "--max_iters=10", "--dtype=float16")
+    run("interrupted", "--max_iters=20", "--init_from=resume")
+    run("fp32", "--max_iters=1", "--dtype=float32")
+    records = logged_records(str(tmp_path / "straight"), after=-1)
+    evals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 1.0
+    grad_norm = {name: next(r["grad_norm"] for r in logged_records(str(tmp_path / name)) if "grad_norm" in r)
+                 for name in ("straight", "fp32")}
+    assert grad_norm["straight"] == pytest.approx(grad_norm["fp32"], rel=1e-3)
+    assert records == logged_records(str(tmp_path / "interrupted"), after=-1)
+    a, b = (load_checkpoint(str(tmp_path / name / "ckpt.pt")) for name in ("straight", "interrupted"))
+    assert a["train_config"]["dtype"] == b["train_config"]["dtype"] == "float16"
+    assert a["scaler"] == b["scaler"] == {"scale": 2.0 ** 16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                          "growth_interval": 2000, "_growth_tracker": 20}
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 30))
+    run("overflowing", "--max_iters=20", "--dtype=float16", "--eval_interval=5")
+    records = logged_records(str(tmp_path / "overflowing"), after=-1)
+    norms = [r["grad_norm"] for r in records if "grad_norm" in r]
+    skipped = sum(not math.isfinite(norm) for norm in norms)
+    first_update = next(step for step, norm in enumerate(norms, 1) if math.isfinite(norm))
+    assert first_update > 5 and skipped < 15
+    assert load_checkpoint(str(tmp_path / "overflowing" / "ckpt.pt"))["scaler"]["scale"] == 2.0 ** (30 - skipped)
+    evals = {r["step"]: (r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r}
+    assert evals[5] == evals[0]                                          # 5 skipped steps: the same weights
+    assert evals[20][1] < evals[0][1] - 0.3
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """--compile=True on the CPU (torch.compile's inductor, C++ kernels; about 30 s to compile on a 2-core
+    CPU): the model is compiled, and 3 steps give the eager run's losses and weights to float rounding (fp32,
+    no dropout: compiled dropout draws other masks); the checkpoint's keys carry no _orig_mod. prefix."""
+    compiled_modules, compile_module = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: (compiled_modules.append(type(module).__name__),
+                                                                compile_module(module, **kw))[1])
+    runs = {}
+    for compile in (False, True):
+        runs[compile] = str(tmp_path / f"compile_{compile}")
+        train.main(train_flags(tiny_data_dir, runs[compile], "--max_iters=3", "--eval_interval=3",
+                               "--dropout=0", "--dtype=float32", f"--compile={compile}"))
+        assert (", compiled" in capsys.readouterr().out) == compile
+        assert compiled_modules == (["GPT"] if compile else [])
+    eager, compiled = (logged_records(runs[c], after=-1) for c in (False, True))
+    assert [r.keys() for r in eager] == [r.keys() for r in compiled] and len(eager) == 3 + 2
+    for a, b in zip(eager, compiled):
+        for key in ("loss", "grad_norm", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a, b)
+    weights = [load_checkpoint(os.path.join(runs[c], "ckpt.pt"))["model"] for c in (False, True)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_keep_best_false_never_links_ckpt_best(tiny_data_dir, tmp_path, monkeypatch):
+    """Every evaluation of these runs lowers the val loss, so each would be the best: by default ckpt-best.pt is
+    linked to it; with --keep_best=False no ckpt-best.pt is ever made (none of the run's hard links is one, and
+    none is left), while ckpt.pt and the --keep_last links are kept as usual."""
+    linked = []
+    link = common.link_atomically
+    monkeypatch.setattr(common, "link_atomically",
+                        lambda source, path: (linked.append(path), link(source, path)))
+    runs = {}
+    for keep_best in (True, False):
+        runs[keep_best] = str(tmp_path / f"keep_best_{keep_best}")
+        linked.clear()
+        train.main(train_flags(tiny_data_dir, runs[keep_best], "--max_iters=6", "--eval_interval=2",
+                               "--learning_rate=1e-2", "--keep_last=2", f"--keep_best={keep_best}",
+                               "--dtype=float32"))
+        evals = [r["val_loss"] for r in logged_records(runs[keep_best], after=-1) if "val_loss" in r]
+        assert len(evals) == 4 and all(b < a for a, b in zip(evals, evals[1:]))       # each one the best yet
+        made = sorted({os.path.basename(path) for path in linked})
+        assert made == sorted(["ckpt-000000.pt", "ckpt-000002.pt", "ckpt-000004.pt", "ckpt-000006.pt"]
+                              + (["ckpt-best.pt"] if keep_best else []))
+    assert sorted(os.listdir(runs[True])) == ["ckpt-000004.pt", "ckpt-000006.pt", "ckpt-best.pt", "ckpt.pt",
+                                              "metrics.jsonl"]
+    assert sorted(os.listdir(runs[False])) == ["ckpt-000004.pt", "ckpt-000006.pt", "ckpt.pt", "metrics.jsonl"]
+
+
+def test_verify_data_false_reads_a_changed_train_bin_without_hashing_it(tiny_data_dir, tmp_path, monkeypatch):
+    """meta.json records the sha256 of train.bin and val.bin (as prepare.py writes it). A train.bin changed
+    afterwards (one token, same size) is refused by default, in one line; --verify_data=False trains on it
+    and hashes neither file."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(os.path.join(tiny_data_dir, "tiny"), data_dir / "tiny")
+    meta_path = data_dir / "tiny" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = {name: hashlib.sha256((data_dir / "tiny" / name).read_bytes()).hexdigest()
+                      for name in ("train.bin", "val.bin")}
+    meta_path.write_text(json.dumps(meta))
+    tokens = (data_dir / "tiny" / "train.bin").read_bytes()
+    (data_dir / "tiny" / "train.bin").write_bytes(bytes([(tokens[0] + 1) % 64]) + tokens[1:])
+    hashed = []
+    monkeypatch.setattr(train, "sha256_file", lambda path: (hashed.append(os.path.basename(path)),
+                                                            common.sha256_file(path))[1])
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_flags(str(data_dir), str(tmp_path / "verified"), "--max_iters=2", "--eval_interval=2",
+                               "--dtype=float32"))
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "train.bin does not match the sha256" in message
+    assert "\n" not in message and hashed == ["train.bin"]
+    hashed.clear()
+    train.main(train_flags(str(data_dir), str(tmp_path / "unverified"), "--max_iters=2", "--eval_interval=2",
+                           "--dtype=float32", "--verify_data=False"))
+    assert hashed == [] and load_checkpoint(str(tmp_path / "unverified" / "ckpt.pt"))["step"] == 2
