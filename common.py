@@ -635,8 +635,11 @@ def fault_point(name: str) -> None:
     wanted = os.environ.get("GPT_TEST_KILL_AT")
     if not wanted:
         return
-    _fault_points_reached[name] += 1
     target, _, count = wanted.partition("#")
+    if not (count or "1").isdigit() or int(count or 1) < 1:
+        sys.exit(f"error: GPT_TEST_KILL_AT={wanted}: the count after # must be a whole number >= 1; it is a test "
+                 f"hook that kills the process at a named point: unset it, or give NAME or NAME#N")
+    _fault_points_reached[name] += 1
     if name == target and _fault_points_reached[name] == int(count or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 

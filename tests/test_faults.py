@@ -605,3 +605,17 @@ def test_a_bad_write_delay_stops_with_one_line_and_writes_nothing(value, tmp_pat
                                     f"is a test hook that delays every file write: unset it, or give seconds "
                                     f"such as 0.3")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", ["written ckpt.pt#x", "written ckpt.pt#0", "written ckpt.pt#-2"])
+def test_a_bad_kill_point_count_stops_with_one_line_and_writes_nothing(value, tmp_path, monkeypatch):
+    """GPT_TEST_KILL_AT=NAME#N with an N that is not a whole number >= 1 gave a traceback (int('x') inside
+    write_atomically); now one line that names it, and the .tmp file it had begun is removed."""
+    from common import write_atomically
+    monkeypatch.setenv("GPT_TEST_KILL_AT", value)
+    with pytest.raises(SystemExit) as stop:
+        write_atomically(str(tmp_path / "ckpt.pt"), lambda f: f.write(b"data"))
+    assert str(stop.value.code) == (f"error: GPT_TEST_KILL_AT={value}: the count after # must be a whole number "
+                                    f">= 1; it is a test hook that kills the process at a named point: unset it, "
+                                    f"or give NAME or NAME#N")
+    assert os.listdir(tmp_path) == []
