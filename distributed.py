@@ -7,21 +7,21 @@ full_state for checkpoints), so the loop reads the same under each:
     Pipeline       each process running a contiguous slice of the blocks (--pp), micro-batches streaming
                    through the slices; each slice replicated or sharded (FSDP) over dp, split over tp.
 
-The last section is the dry run's memory model: what one GPU holds under each layout.
+The dry run's memory model, what one GPU holds under each layout, is planner.py's.
 """
-import dataclasses
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (autocast, gather_to_rank0, load_optimizer_state_by_name, optimizer_state_by_name,
-                    optimizer_step)
-from model import GPT, Block, GPTConfig, GPTStage, build_stage, describe_plan, plan_stages, stage_costs
+from checkpoints import load_optimizer_state_by_name, optimizer_state_by_name
+from loop import optimizer_step
+from model import GPT, GPTConfig, build_stage, describe_plan, plan_stages
+from processes import autocast, gather_to_rank0
 
 
 # --- data parallelism: DDP and FSDP ---
@@ -95,7 +95,7 @@ class DataParallel:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-        """common.optimizer_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
+        """loop.optimizer_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
         Under tensor parallelism (which refuses float16, so no scaler): average the replicas' gradients, clip
         by the norm of the whole model's gradient, every shard of every tensor counted once."""
         if self.tp == 1:
@@ -646,265 +646,3 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
                     dp_rank=dp_rank, dp_group=mesh.get_group("dp") if dp_size > 1 and not fsdp else None,
                     tp_rank=tp_rank, tp_size=tp_size, fsdp=fsdp, stage_processes=dp_size * tp_size, accum=accum,
                     device=device)
-
-
-# --- the dry run's memory model: what one GPU holds ---
-#
-# Memory on a GPU while training = weights, gradients and AdamW's two moments (all fp32: 4 + 4 + 8 bytes per
-# parameter), the 16-bit copies of the matmul weights that autocast makes and the matmuls keep for backward
-# (2 bytes per parameter), and the activations autograd saves for backward. The activations are counted from
-# what our code saves, tensor by tensor, as Korthikanti et al. 2022 (section 4.1) do for Megatron's block.
-# Not counted: the CUDA context and kernels' workspaces, allocator fragmentation, dropout masks.
-#
-# A layout (pp, dp, tp) divides this three ways. Pipeline stages (pp) each hold a slice of the blocks.
-# Tensor parallelism (tp, Shoeybi et al. 2019) splits each block's matmuls, and with them their weights,
-# gradients, AdamW moments, 16-bit copies and most activations, by t; the LayerNorms stay whole on every
-# rank. FSDP shards what a rank holds (its stage, its tensor-parallel slice) once more over the dp ranks.
-
-GIB = 2 ** 30
-
-# Memory of each GPU in common.PEAK_BF16_FLOPS, in GiB, for the variant named (the A100 also comes with 40 GB;
-# the V100 16 GB is the card GPT-X trained on, there is a 32 GB one). train.py --dry_run warns when a plan
-# needs more.
-GPU_MEMORY_GIB = {"H100 PCIe": 80, "H100 NVL": 94, "H100": 80, "H200": 141, "A100": 80, "A10": 24, "L40S": 48,
-                  "L4": 24, "V100": 16}
-
-# Parameters that tensor parallelism splits (Shoeybi et al. 2019, section 3): the column-parallel c_attn and
-# c_fc split their output features (weight rows and bias), so each rank computes whole heads and a slice of
-# the MLP's 4C; the row-parallel c_proj splits its input features (the weight; its bias is added once, after
-# the all-reduce, so every rank holds it whole); the token embedding and the LM head split the vocabulary.
-# The LayerNorms, the position embedding and ReZero's scalars are replicated.
-TENSOR_PARALLEL_SPLIT = ("c_attn.weight", "c_attn.bias", "c_fc.weight", "c_fc.bias", "c_proj.weight",
-                         "wte.weight", "lm_head.weight")
-
-
-def tensor_parallel_numel(name: str, numel: int, tp: int) -> int:
-    """Elements of parameter `name` (numel in the whole model) on the fullest of tp tensor-parallel ranks:
-    numel / tp, rounded up (a vocabulary that tp does not divide splits unevenly, as torch.chunk does), for
-    the split ones; numel for the rest."""
-    return -(-numel // tp) if name.endswith(TENSOR_PARALLEL_SPLIT) else numel
-
-
-def count_params(module: torch.nn.Module, tp: int = 1) -> tuple[int, int]:
-    """(parameters, parameters of nn.Linear weights: the ones autocast copies to 16 bits) on one of tp
-    tensor-parallel ranks; a tied parameter counts once."""
-    linear = sum(tensor_parallel_numel(f"{name}.weight", m.weight.numel(), tp)
-                 for name, m in module.named_modules() if isinstance(m, torch.nn.Linear))
-    return sum(tensor_parallel_numel(name, p.numel(), tp) for name, p in module.named_parameters()), linear
-
-
-@dataclass
-class ParamCounts:
-    """Parameters of the GPT's parts on one tensor-parallel rank, each as (all, nn.Linear weights)."""
-    block: tuple[int, int]                # one block
-    embedding: tuple[int, int]            # wte (and wpe), on the first stage
-    head: tuple[int, int]                 # ln_f and the LM head, on the last stage
-
-
-def param_counts(config: GPTConfig, tp: int) -> ParamCounts:
-    """ParamCounts of config's GPT under tp, counted on modules built on the meta device (shapes only).
-    RealFormer adds no parameters (it hands scores between blocks), and a GPTStage cannot carry it: the stages
-    are built without it."""
-    config = dataclasses.replace(config, realformer=False)
-    with torch.device("meta"):
-        first = GPTStage(config, range(0), is_first=True, is_last=False)
-        last = GPTStage(config, range(0), is_first=False, is_last=True)
-        block = Block(config)
-    return ParamCounts(count_params(block, tp), count_params(first, tp), count_params(last, tp))
-
-
-def rank_params(config: GPTConfig, counts: ParamCounts, n_blocks: int, holds_first: bool,
-                holds_last: bool) -> tuple[int, int]:
-    """(parameters, Linear weights) one rank holds: n_blocks blocks, the embedding and/or the head. A rank that
-    holds both ends holds the tied matrix once (the whole GPT); pipeline stages each hold a copy of it."""
-    params = n_blocks * counts.block[0] + holds_first * counts.embedding[0] + holds_last * counts.head[0]
-    if holds_first and holds_last and config.tie_embeddings:
-        params -= counts.head[1]          # lm_head.weight is wte.weight
-    return params, n_blocks * counts.block[1] + holds_last * counts.head[1]
-
-
-def block_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, tp: int = 1,
-                           sequence_parallel: bool = False) -> int:
-    """Bytes one block saves for backward on a micro-batch of b sequences of T tokens, on one of tp
-    tensor-parallel ranks. act_bytes: 2 under 16-bit autocast (matmul inputs and outputs), 4 in fp32; the
-    residual stream and the LayerNorm inputs are fp32 either way. Counted per (b, T, C) tensor in Block's
-    forward.
-
-    Tensor parallelism (Korthikanti et al. 2022, section 4.2.2, Table 2) divides by t what lives inside the
-    split: q, k, v, the attention output, the MLP's 4C-wide tensors and the (H, T, T) scores, since each rank
-    holds H/t heads and 4C/t of the MLP. What lives outside it is whole on every rank: the LayerNorms' inputs
-    and outputs (the outputs are the inputs of c_attn and c_fc) and ReZero's branch outputs: Megatron's
-    sbh(10 + 24/t + 5as/(ht)). Sequence parallelism splits the LayerNorms, dropout and the residual stream by
-    sequence, so their tensors divide by t too; the inputs of c_attn and c_fc do not: PyTorch's
-    ColwiseParallel all-gathers them before the matmul, and autograd keeps the gathered (b, T, C) tensor for
-    the weight gradient (Megatron keeps the 1/t slice and gathers it again in backward, reaching sbh/t (34 +
-    5as/h), section 4.2.2)."""
-    C, H, a, t = config.n_embd, config.n_head, act_bytes, tp
-    btc = b * T * C
-    outside = t if sequence_parallel else 1             # what sequence parallelism splits, and plain TP does not
-    gathered = a * btc                                   # the input of a column-parallel matmul (c_attn, c_fc)
-    mlp = gathered + 8 * a * btc // t                   # c_fc input (C); GELU input, c_proj input (4C each)
-    norms = 0 if config.rezero else 4 * btc // outside  # each LayerNorm saves its fp32 input
-    rezero = a * btc // outside if config.rezero else 0  # alpha * branch saves the branch (after c_proj)
-    total = 2 * norms + 2 * rezero + gathered + a * btc // t + 3 * a * btc // t + mlp   # c_proj input; q, k, v
-    if config.sparse_topk or config.realformer or not config.sdpa:   # the explicit path keeps the T x T weights
-        # the fp32 softmax, its 16-bit copy, the top-k mask: H/t heads each
-        total += b * H * T * T * (4 + (a if a < 4 else 0) + (1 if config.sparse_topk else 0)) // t
-    else:                                              # SDPA's output; ALiBi's float mask, H/t heads
-        total += (a * btc + (a * H * T * T if config.position == "alibi" else 0)) // t
-    if config.position == "rope":
-        total += 2 * a * btc // t                       # the rotated q and k
-    if config.macaron:
-        total += norms + rezero + mlp                   # the second feed-forward
-    return total
-
-
-def head_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, loss_chunk: int, tp: int = 1,
-                          sequence_parallel: bool = False) -> int:
-    """Bytes the final LayerNorm, the LM head and the loss hold at their peak, early in backward. The plain path
-    keeps the fp32 log-probabilities (B, T, V), and log_softmax's backward holds them, their gradient and the
-    logits' gradient at once (12 bytes per logit); the chunked one keeps d loss / d x and a (V, C) fp32 weight
-    gradient, and per chunk of rows its fp32 logits (the softmax and its gradient overwrite them in place)
-    and, under 16-bit autocast, a 16-bit copy: the matmul output they are cast from, then (bf16) the gradient
-    cast for the two gradient matmuls (fp16 keeps it in fp32: counted all the same). A chunk's buffers are
-    made while the last chunk's are still held (the names are rebound only once the new ones exist): two
-    chunks' worth, or one when the b T rows make a single chunk, of b T rows then, not loss_chunk. Under
-    tensor parallelism the head is vocabulary-parallel (Shoeybi et al. 2019, section 3): every (.., V) tensor
-    divides by t; ln_f's input divides by t with sequence parallelism, and the head's gathered input does
-    not."""
-    C, V, a, t = config.n_embd, config.vocab_size, act_bytes, tp
-    btc, btv = b * T * C, b * T * (-(-V // t))
-    ln_input = 4 * btc // (t if sequence_parallel else 1)
-    if loss_chunk > 0:
-        rows, chunks_held = min(loss_chunk, b * T), 2 if b * T > loss_chunk else 1
-        per_logit = 4 + (a if a < 4 else 0)            # fp32 logits, and the 16-bit copies under autocast
-        return ln_input + 4 * btc + 4 * (-(-V // t)) * C + chunks_held * per_logit * rows * (-(-V // t))
-    return ln_input + a * btc + 12 * btv
-
-
-def microbatches_in_flight(schedule: str, pp: int, n_microbatches: int, virtual_stages: int,
-                           pp_rank: int) -> int:
-    """Micro-batches whose activations pipeline rank pp_rank of pp holds at once (in virtual-stage chunks when
-    interleaved): GPipe runs every forward first; 1F1B (Narayanan et al. 2019) starts backward after P - p
-    forwards; interleaved 1F1B warms up with 2(P - p - 1) + (V - 1)P chunks (Narayanan et al. 2021)."""
-    P, n = pp, n_microbatches
-    if schedule == "gpipe":
-        return n
-    if schedule == "1f1b":
-        return min(n, P - pp_rank)
-    V = virtual_stages
-    return min(n * V, 2 * (P - pp_rank - 1) + (V - 1) * P + 1)
-
-
-def memory_estimate(config: GPTConfig, counts: ParamCounts, n_blocks: int, n_chunks: int, holds_first: bool,
-                    holds_last: bool, micro_batch: int, in_flight: int, head_in_flight: int, act_bytes: int,
-                    loss_chunk: int, shards: int, data_parallel: bool, tp: int = 1,
-                    sequence_parallel: bool = False, pipelined: bool = False) -> dict[str, float]:
-    """Estimated peak bytes on one GPU, by kind, for what one rank holds: n_blocks blocks in n_chunks
-    virtual-stage chunks (1 unless interleaved), each chunk keeping the activations of in_flight
-    micro-batches of micro_batch sequences (the head's: head_in_flight), the embedding and/or the head, all
-    on one of tp tensor-parallel ranks (counts: ParamCounts under tp). shards > 1: FSDP splits weights,
-    gradients and AdamW states over the dp ranks, and gathers two blocks at a time (the current and the
-    prefetched next; under TP each gathers its 1/t slice), except in a pipeline (pipelined), where the
-    stage's weights stay gathered through the step and its gradients whole until the step's one
-    reduce-scatter (shard_stage). data_parallel: DDP keeps its gradient buckets beside .grad (under --pp,
-    the flat copy the replicas average)."""
-    T = config.block_size
-    params, linear = rank_params(config, counts, n_blocks, holds_first, holds_last)
-    block_params, block_linear = counts.block
-    gathered = 0 if shards == 1 else 4 * params if pipelined else 2 * 4 * block_params
-    estimate = {"weights": 4 * params / shards + gathered,
-                "gradients": 4 * params / shards * (2 if data_parallel and shards == 1 else 1)
-                + (4 * params if shards > 1 and pipelined else 0),
-                "AdamW": 8 * params / shards}
-    per_block = block_activation_bytes(config, micro_batch, T, act_bytes, tp, sequence_parallel)
-    if config.activation_checkpointing:
-        # Each block keeps its fp32 input (split by sequence under sequence parallelism; Korthikanti et al.
-        # 2022, section 5: 2sbhL/t); one block is rebuilt at a time, and only its 16-bit weight copies live.
-        kept = 4 * micro_batch * T * config.n_embd // (tp if sequence_parallel else 1)
-        activations = n_blocks // n_chunks * kept * in_flight + per_block
-        copies = linear - (n_blocks - 1) * block_linear if n_blocks else linear
-    else:
-        activations, copies = n_blocks // n_chunks * per_block * in_flight, linear
-    if holds_last:
-        activations += head_activation_bytes(config, micro_batch, T, act_bytes, loss_chunk, tp,
-                                             sequence_parallel) * head_in_flight
-    estimate["16-bit weight copies"] = 2 * copies if act_bytes == 2 else 0
-    estimate["activations"] = activations
-    return estimate
-
-
-@dataclass
-class Layout:
-    """How a run spreads over pp x dp x tp GPUs, and what each micro-batch is: the dry run's input."""
-    pp: int = 1                           # pipeline stages
-    dp: int = 1                           # data-parallel replicas (FSDP shards when fsdp)
-    tp: int = 1                           # tensor-parallel ranks
-    fsdp: bool = False
-    sequence_parallel: bool = False
-    schedule: str = "1f1b"                # the pipeline schedule (pp > 1)
-    n_microbatches: int = 1               # micro-batches per pipeline flush (pp > 1)
-    virtual_stages: int = 1               # stages per rank (interleaved 1F1B)
-    balance: str = "flops"                # the splitter's cost model (pp > 1)
-    micro_batch: int = 1                  # sequences per micro-batch
-    act_bytes: int = 2                    # 2: 16-bit autocast; 4: fp32
-    loss_chunk: int = 0                   # 0: the plain loss; else ChunkedCrossEntropy's rows per chunk
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
-
-
-def plan_memory(config: GPTConfig, layout: Layout, plans: dict | None = None
-                ) -> list[tuple[str, int, dict[str, float]]]:
-    """(name, parameters, memory_estimate) for each pipeline rank of the layout (one row when pp == 1): what
-    one GPU of that rank holds. Stages come from model.plan_stages, as the real run cuts them (plans: a dict
-    that keeps the cuts for the next call, for a search that plans many layouts of one model)."""
-    counts, L = param_counts(config, layout.tp), layout
-    shards = L.dp if L.fsdp else 1
-    replicated = L.dp > 1 and not L.fsdp
-    if L.pp == 1:
-        params = rank_params(config, counts, config.n_layer, True, True)[0]
-        return [("each GPU", params, memory_estimate(
-            config, counts, config.n_layer, 1, True, True, L.micro_batch, 1, 1, L.act_bytes, L.loss_chunk, shards,
-            replicated, L.tp, L.sequence_parallel))]
-    n_virtual = L.virtual_stages if L.schedule == "interleaved_1f1b" else 1
-    key = (L.pp * n_virtual, L.balance, config.vocab_size)
-    plans = {} if plans is None else plans
-    if key not in plans:
-        plans[key] = plan_stages(config, L.pp * n_virtual, L.balance)
-    plan, rows = plans[key], []
-    for rank in range(L.pp):
-        ids = [rank + v * L.pp for v in range(n_virtual)]     # interleaved: stages p, p + P, p + 2P, ...
-        n_blocks = sum(len(plan[i]) for i in ids)
-        holds_first, holds_last = 0 in ids, len(plan) - 1 in ids
-        in_flight = microbatches_in_flight(L.schedule, L.pp, L.n_microbatches, L.virtual_stages, rank)
-        estimate = memory_estimate(config, counts, n_blocks, n_virtual, holds_first, holds_last, L.micro_batch,
-                                   in_flight, in_flight if L.schedule == "gpipe" else 1, L.act_bytes, L.loss_chunk,
-                                   shards, replicated, L.tp, L.sequence_parallel, pipelined=True)
-        blocks = ", ".join(f"{plan[i].start}-{plan[i].stop - 1}" if plan[i] else "none" for i in ids)
-        rows.append((f"stage {rank} (blocks {blocks})",
-                     rank_params(config, counts, n_blocks, holds_first, holds_last)[0], estimate))
-    return rows
-
-
-def step_seconds(config: GPTConfig, flops_per_step: float, layout: Layout, peak: float,
-                 mfu: float) -> dict[str, float]:
-    """Seconds per optimizer step, by part, for flops_per_step model FLOPs (6N + attention per token) on
-    layout.world_size GPUs of peak FLOP/s each, computing at mfu of their peak while they compute:
-      compute:   the model FLOPs;
-      recompute: activation checkpointing runs each block's forward again, 1/3 of the blocks' FLOPs
-                 (forward 2 of the 6 per parameter) (Chen et al. 2016; Korthikanti et al. 2022, section 5);
-      bubble:    a pipeline flush leaves each stage idle (p - 1)/m of the ideal time with GPipe and 1F1B, and
-                 (p - 1)/(v m) with v interleaved stages per rank (Narayanan et al. 2021, section 2.2).
-    Not modeled: tensor-parallel and data-parallel communication (all-reduces, FSDP's all-gathers), which
-    the layouts here keep within a node (tp <= 8) or overlap with backward; mfu absorbs what is not hidden."""
-    compute = flops_per_step / (layout.world_size * peak * mfu)
-    block, _, head = stage_costs(config, "flops")
-    blocks_share = config.n_layer * block / (config.n_layer * block + head)
-    recompute = compute * blocks_share / 3 if config.activation_checkpointing else 0.0
-    bubble = 0.0
-    if layout.pp > 1:
-        v = layout.virtual_stages if layout.schedule == "interleaved_1f1b" else 1
-        bubble = (compute + recompute) * (layout.pp - 1) / (v * layout.n_microbatches)
-    return {"compute": compute, "recompute": recompute, "bubble": bubble}

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from hf_gpt2 import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
-from common import (autocast, checkpoint_tokenizer, load_checkpoint, model_from_checkpoint, parse_args,
-                    pick_device, pick_dtype, write_atomically)
+from checkpoints import load_checkpoint, model_from_checkpoint, write_atomically
+from flags import parse_args
+from processes import autocast, pick_device, pick_dtype
+from tokenization import checkpoint_tokenizer
 from model import GPT, GPT2_SIZES, arg, generate
 
 

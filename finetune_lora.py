@@ -30,12 +30,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer, StopSignals, all_ranks_mean,
-                    autocast, check_run_config, should_compile, config_changes, evaluate, flags_given,
-                    checkpoint_tokenizer, is_evaluation_step, load_checkpoint, loop_state, model_from_checkpoint,
-                    optimizer_step, parse_args, peak_flops, prepare_out_dir, print0, resolve_dtype,
-                    restore_loop_state, run_main, save_checkpoint, save_on_rank0, set_lr, setup_distributed,
-                    sha256_file, shakespeare_paths, teardown_distributed)
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
+from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
+from loop import (BadSteps, evaluate, is_evaluation_step, loop_state, optimizer_step, resolve_dtype, restore_loop_state,
+                  save_on_rank0, set_lr, should_compile)
+from processes import (StopSignals, all_ranks_mean, autocast, peak_flops, print0, run_main, setup_distributed,
+                       teardown_distributed)
+from runlog import RunLog, StepTimer, prepare_out_dir
+from tokenization import checkpoint_tokenizer, shakespeare_paths
 from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
 from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 
@@ -44,7 +46,7 @@ from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 
 @dataclass
 class FinetuneConfig(RunConfig):
-    """finetune_lora.py's flags: common.RunConfig's (the schedule, the batch, AdamW and the learning rate, the
+    """finetune_lora.py's flags: flags.RunConfig's (the schedule, the batch, AdamW and the learning rate, the
     system) with the defaults of fine-tuning, and those of LoRA and its data."""
     # data and files
     init_from: str = arg("out", "directory holding the base checkpoint (ckpt.pt), GPT-2's weights (gpt2, "
@@ -179,7 +181,7 @@ def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: Fi
 
 def eval_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_input: bool, device: str,
                  rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
-    """(x, y, counted tokens, weight 1) for common.evaluate: process rank's share of the batches of examples,
+    """(x, y, counted tokens, weight 1) for loop.evaluate: process rank's share of the batches of examples,
     so the mean is per token that training counts (with mask_input, the responses only)."""
     for start in range(rank * batch_size, len(examples), world_size * batch_size):
         x, y = collate(examples[start:start + batch_size], mask_input)

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (autocast, checkpoint_tokenizer, flags_given, load_checkpoint, model_from_checkpoint,
-                    parse_args, pick_device, sampling_dtype)
+from checkpoints import load_checkpoint, model_from_checkpoint
+from flags import flags_given, parse_args
+from processes import autocast, pick_device, sampling_dtype
+from tokenization import checkpoint_tokenizer
 from lora import format_prompt, load_base_with_adapter, merge_lora
 from model import arg, generate
 

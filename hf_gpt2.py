@@ -31,8 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (EOT_TEXT, EOT_TOKEN, BPETokenizer, bytes_to_unicode, check_bpe_file, get_tokenizer,
-                    load_checkpoint, load_tokenizer, parse_args, save_checkpoint, tokenizer_record)
+from checkpoints import load_checkpoint, save_checkpoint
+from flags import parse_args
+from tokenization import (BPETokenizer, EOT_TEXT, EOT_TOKEN, bytes_to_unicode, check_bpe_file, get_tokenizer,
+                          load_tokenizer, tokenizer_record)
 from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig, arg
 
 

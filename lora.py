@@ -14,8 +14,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from common import (checkpoint_tokenizer, load_checkpoint, load_verified, model_from_checkpoint, save_verifiable,
-                    sha256_file)
+from checkpoints import load_checkpoint, load_verified, model_from_checkpoint, save_verifiable, sha256_file
+from tokenization import checkpoint_tokenizer
 from model import GPT
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names; mlp_0 is the first

@@ -3,7 +3,7 @@ the learning-rate schedule, and the splitter that cuts the network into pipeline
 
 Read it top to bottom: configuration, attention, the transformer block, the loss, the GPT and its optimizer,
 generation, FLOPs, pipeline stages. Everything here computes: no flags, files, processes or printing (those
-live in common.py and distributed.py).
+live in the shared modules and distributed.py).
 
 Shapes use one alphabet throughout the project:
     B batch, T sequence (time), C channels (n_embd), H heads, D head size (C // H), V vocabulary, L layers,
@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 # --- configuration ---
 
 def arg(default, help: str, choices: tuple | None = None):
-    """A dataclass field whose help text (and allowed values) become its command-line flag (common.parse_args)."""
+    """A dataclass field whose help text (and allowed values) become its command-line flag (flags.parse_args)."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 

@@ -12,7 +12,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from common import parse_args, write_atomically
+from checkpoints import write_atomically
+from flags import parse_args
 from model import arg
 
 

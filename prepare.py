@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import (EOT_TEXT, MAX_VOCAB, BPETokenizer, check_bpe_file, get_tokenizer, import_tokenizers,
-                    parse_args, sha256_file, shakespeare_paths, tokenizer_identity, write_atomically)
+from checkpoints import sha256_file, write_atomically
+from flags import parse_args
+from tokenization import (BPETokenizer, EOT_TEXT, MAX_VOCAB, check_bpe_file, get_tokenizer, import_tokenizers,
+                          shakespeare_paths, tokenizer_identity)
 from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script

@@ -6,9 +6,7 @@
 
 Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them with their defaults).
 """
-import collections
 import dataclasses
-import itertools
 import json
 import os
 import sys
@@ -19,14 +17,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (GPU_COMPUTE_CAPABILITY, PEAK_BF16_FLOPS, RUN_MINIMUMS, BadSteps, RunConfig, RunLog, StepTimer,
-                    StopSignals, all_ranks_mean, auto_dtype, check_run_config, should_compile, config_changes,
-                    dataset_tokenizer_record, dtype_name, evaluate, flags_given, is_evaluation_step,
-                    keep_checkpoints, load_checkpoint, loop_state, parse_args, peak_flops, prepare_out_dir, print0,
-                    resolve_dtype, restore_loop_state, run_main, save_checkpoint, save_on_rank0, set_lr,
-                    setup_distributed, sha256_file, teardown_distributed, tokenizer_identity, tokenizer_record)
-from distributed import (GIB, GPU_MEMORY_GIB, DataParallel, Layout, Pipeline, build_pipeline, device_mesh,
-                         param_counts, plan_memory, rank_params, step_seconds, use_single_tensor_adamw)
+from checkpoints import keep_checkpoints, load_checkpoint, save_checkpoint, sha256_file
+from distributed import DataParallel, Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
+from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
+from loop import (BadSteps, evaluate, is_evaluation_step, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
+                  set_lr, should_compile)
+from planner import config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
+from processes import PEAK_BF16_FLOPS, StopSignals, all_ranks_mean, peak_flops, print0, run_main, setup_distributed, \
+    teardown_distributed
+from runlog import RunLog, StepTimer, prepare_out_dir
+from tokenization import dataset_tokenizer_record, tokenizer_identity, tokenizer_record
 from model import GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
 
 
@@ -100,7 +100,7 @@ def apply_preset(name: str | None, model_cfg: GPTConfig, run_cfg, given: set[str
 
 @dataclass
 class TrainConfig(RunConfig):
-    """train.py's flags: common.RunConfig's (the schedule, the batch, AdamW and the learning rate, the system)
+    """train.py's flags: flags.RunConfig's (the schedule, the batch, AdamW and the learning rate, the system)
     and those of pre-training."""
     preset: str | None = arg(None, "a named model and its published recipe (PRESETS in train.py); flags given on "
                                    "the command line win", choices=tuple(PRESETS))
@@ -144,8 +144,8 @@ class TrainConfig(RunConfig):
     dry_run: bool = arg(False, "build the model on the meta device, print parameters, FLOPs per token, tokens "
                                "per step, memory per GPU and time per step, then exit (no data, no files, no "
                                "torchrun)")
-    dry_run_gpu: str = arg("H100", "GPU the dry run plans for (peak FLOP/s and memory from common.py and "
-                                   "distributed.py)", choices=tuple(PEAK_BF16_FLOPS))
+    dry_run_gpu: str = arg("H100", "GPU the dry run plans for (peak FLOP/s and memory from processes.py and "
+                                   "planner.py)", choices=tuple(PEAK_BF16_FLOPS))
     dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run assumes while the GPUs compute (the "
                                   "pipeline bubble and recomputation come on top)")
     dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp x --tp, "
@@ -198,7 +198,7 @@ def step_batches(bin_path: str, n_tokens: int, generator: torch.Generator, T: in
 
 def eval_batches(bin_path: str, offsets: torch.Tensor, B: int, T: int, device: str, dp_rank: int,
                  dp_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
-    """(x, y, windows, weight) for common.evaluate: replica dp_rank's share of the fixed evaluation windows.
+    """(x, y, windows, weight) for loop.evaluate: replica dp_rank's share of the fixed evaluation windows.
     Sharded weights are gathered by all processes together, so every process runs the same number of
     forward passes: a process one batch short repeats a batch with weight 0."""
     batches = offsets.split(B)
@@ -210,201 +210,10 @@ def eval_batches(bin_path: str, offsets: torch.Tensor, B: int, T: int, device: s
         yield x, y, len(batch), weight
 
 
-def microbatch_choices(batch_size: int, pp: int, schedule: str) -> list[int]:
-    """Micro-batch counts, smallest first, that cut a batch of batch_size sequences evenly and give each of pp
-    pipeline stages work when the pipe is full: at least pp (1F1B needs one micro-batch per stage to fill the
-    pipe; with fewer, GPipe keeps some stage idle at every moment), and multiples of pp under interleaved 1F1B,
-    whose schedule runs the micro-batches in groups of pp (Narayanan et al. 2021, section 2.2.2)."""
-    return [n for n in range(pp, batch_size + 1)
-            if batch_size % n == 0 and (schedule != "interleaved_1f1b" or n % pp == 0)]
-
-
-def microbatches(cfg: TrainConfig) -> int:
-    """Micro-batches per batch under --pp: --n_microbatches, or by default the fewest that work
-    (microbatch_choices), which follows --pp. No choice at all (batch_size < pp): pp, which check_config
-    refuses with a batch size that works."""
-    if cfg.n_microbatches is not None:
-        return cfg.n_microbatches
-    choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
-    return choices[0] if choices else cfg.pp
-
-
-# --- the dry run: plan a run before it starts ---
-
-def planned_dtype(cfg: TrainConfig) -> str:
-    """The dtype a run with these flags computes in on the dry run's GPU: --dtype=auto resolved as the run
-    would resolve it there (common.auto_dtype of the GPU's compute capability)."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    return dtype_name(auto_dtype(GPU_COMPUTE_CAPABILITY[cfg.dry_run_gpu]))
-
-
-def dry_run_layout(cfg: TrainConfig, world_size: int) -> Layout:
-    """The Layout a run with these flags takes on world_size GPUs."""
-    pp = cfg.pp
-    return Layout(pp=pp, dp=world_size // (pp * cfg.tp), tp=cfg.tp, fsdp=cfg.fsdp,
-                  sequence_parallel=cfg.sequence_parallel and cfg.tp > 1, schedule=cfg.pp_schedule,
-                  n_microbatches=microbatches(cfg) if pp > 1 else 1, virtual_stages=cfg.pp_virtual_stages,
-                  balance=cfg.pp_balance,
-                  micro_batch=cfg.batch_size // microbatches(cfg) if pp > 1 else cfg.batch_size,
-                  act_bytes=4 if planned_dtype(cfg) == "float32" else 2,
-                  loss_chunk=cfg.loss_chunk if cfg.loss_chunk is not None else 0)   # the CUDA default
-
-
-def describe_layout(layout: Layout) -> str:
-    """'pp=P (schedule, m micro-batches) x dp=D x tp=T': the three dims of the device mesh; fsdp=D when the
-    data-parallel ranks shard the weights."""
-    return (f"pp={layout.pp}" + (f" ({layout.schedule}, {layout.n_microbatches} micro-batches)" if layout.pp > 1
-                                 else "")
-            + f" x {'fsdp' if layout.fsdp else 'dp'}={layout.dp} x tp={layout.tp}"
-            + (" (sequence parallel)" if layout.sequence_parallel else ""))
-
-
-# The search leaves this share of each GPU to what the memory model does not count: the CUDA context,
-# kernels' workspaces, the allocator's fragmentation.
-FIT_FRACTION = 0.9
-TP_SIZES = (1, 2, 4, 8)                    # tensor parallelism stays within a node of 8 GPUs (NVLink)
-
-
-def find_layout(cfg: TrainConfig, model_cfg: GPTConfig, world_size: int, memory_gib: float
-                ) -> tuple[tuple[list[str], Layout, float] | None, tuple[list[str], str] | None]:
-    """(found, refused). found: a layout of world_size GPUs that train.py accepts and whose plan fits
-    FIT_FRACTION of memory_gib on every GPU, as the flags that give it (to add to the command), the Layout and
-    its largest GPU's GiB; None if none of the grid does. refused: when nothing is found, the flags of the first
-    layout that would fit and the refusal that rules it out (else None). The global batch (batch_size x
-    gradient_accumulation_steps x data-parallel replicas) stays as it is. Whether a layout is accepted is asked
-    of the run's own checks (config_refusals, layout_refusals), never decided here.
-
-    The grid: tp in 1, 2, 4, 8 (with sequence parallelism or without), pp dividing world_size / tp, FSDP or
-    not, activation checkpointing or not, micro-batches of the run's size or smaller. The first that fits, in
-    the order of what it costs (Narayanan et al. 2021, section 3): no recomputation (a third more compute),
-    then no FSDP (1.5x DDP's communication, and again for every accumulated micro-batch), then the smallest
-    model-parallel size tp x pp (their takeaway 2: model parallelism just large enough to fit, the rest data
-    parallel), tensor parallelism before pipeline stages at equal size (takeaway 1: tp up to the GPUs of a
-    node, then pp), then the largest micro-batch, then sequence parallelism (less activation memory)."""
-    current = dry_run_layout(cfg, world_size)
-    sequences = cfg.batch_size * cfg.gradient_accumulation_steps * current.dp   # the global batch
-    micro_sizes = [current.micro_batch // 2 ** i for i in range(current.micro_batch.bit_length())
-                   if current.micro_batch % 2 ** i == 0] + [1]
-    candidates = []
-    for tp in TP_SIZES:
-        if world_size % tp:
-            continue
-        for pp in range(1, world_size // tp + 1):
-            dp = world_size // (tp * pp)
-            if (world_size // tp) % pp or sequences % dp:
-                continue
-            for fsdp, checkpointing, micro, sp in itertools.product((False, True), (False, True), set(micro_sizes),
-                                                                    (True, False) if tp > 1 else (False,)):
-                if fsdp and dp == 1 or (sequences // dp) % micro:   # FSDP over one replica divides nothing
-                    continue
-                cost = (checkpointing, fsdp, tp * pp, -tp, -micro, not sp)    # the order of preference
-                candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro, sp))
-    cuts, refused = {}, []                 # plan_stages' cuts, kept across the layouts of this model
-    now = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
-    for _, tp, pp, dp, fsdp, checkpointing, micro, sp in sorted(candidates):
-        per_replica = sequences // dp
-        m = per_replica // micro if pp > 1 else 1           # one pipeline flush per step: the smallest bubble
-        values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": sp,
-                  "activation_checkpointing": checkpointing,
-                  "batch_size": per_replica if pp > 1 else micro,
-                  "gradient_accumulation_steps": 1 if pp > 1 else per_replica // micro,
-                  "n_microbatches": m if pp > 1 else cfg.n_microbatches}
-        flags = [f"--{name}" if value is True else f"--{name}={value}" for name, value in values.items()
-                 if value != now[name]]
-        run = dataclasses.replace(cfg, dry_run=False, **{k: v for k, v in values.items()
-                                                        if k != "activation_checkpointing"})
-        config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
-        # The first refusal of each kind: those of the flags and those of the layout are independent checks.
-        refusals = {next(config_refusals(run, config), None),
-                    next(layout_refusals(run, world_size, planned_dtype(cfg)), None)} - {None}
-        layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=sp,
-                                     n_microbatches=m, micro_batch=micro)
-        fullest = max(sum(estimate.values()) for _, _, estimate in plan_memory(config, layout, cuts)) / GIB
-        if fullest > FIT_FRACTION * memory_gib:
-            continue
-        if refusals:
-            refused.append((flags, refusals))
-            continue
-        return (flags, layout, fullest), None
-    if not refused:
-        return None, None
-    # The refusal that alone rules out the most layouts that would fit (then: that rules out the most), with
-    # the first of them: lifting it would give a layout.
-    alone = collections.Counter(next(iter(reasons)) for _, reasons in refused if len(reasons) == 1)
-    among = collections.Counter(reason for _, reasons in refused for reason in reasons)
-    reason = max(among, key=lambda r: (alone[r], among[r]))
-    ruled_out = [flags for flags, reasons in refused if reasons == {reason}] or \
-        [flags for flags, reasons in refused if reason in reasons]
-    return None, (ruled_out[0], reason)
-
-
-def dry_run_report(cfg: TrainConfig, model_cfg: GPTConfig) -> list[str]:
-    """The plan of a run, as lines to print: the layout (pp x dp or fsdp x tp), parameters (total and per
-    pipeline stage), FLOPs per token, tokens per optimizer step, estimated memory per GPU (distributed.
-    plan_memory) and time per step (distributed.step_seconds) on cfg.dry_run_gpu at cfg.dry_run_mfu, and when
-    the plan does not fit, a layout that does (find_layout). The parameters are counted on a block, the
-    embedding and the head built on the meta device: shapes without memory, seconds even for 175B parameters."""
-    world_size = cfg.dry_run_world_size or cfg.pp * cfg.tp
-    layout = dry_run_layout(cfg, world_size)
-    T = model_cfg.block_size
-    n_params = rank_params(model_cfg, param_counts(model_cfg, 1), model_cfg.n_layer, True, True)[0]
-    tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * layout.dp * T
-    flops_token = flops_per_token(model_cfg, n_params, T)
-    gpu = cfg.dry_run_gpu
-    peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
-    lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
-             f"TFLOP/s at 16 bits) | {describe_layout(layout)} | "
-             f"{'fp32' if layout.act_bytes == 4 else planned_dtype(cfg) + ' autocast'}",
-             f"parameters: {n_params:,} ({n_params / 1e9:.3f}B) | {model_cfg.n_layer} layers, {model_cfg.n_head} "
-             f"heads, {model_cfg.n_embd} channels, context {T}, vocabulary {model_cfg.vocab_size:,}",
-             f"FLOPs per token: {flops_token / 1e9:.2f} GFLOP (forward + backward: 6N + 12LHDT)",
-             f"tokens per optimizer step: {tokens_per_step:,} ({cfg.batch_size} sequences x "
-             f"{cfg.gradient_accumulation_steps} micro-steps x {layout.dp} data-parallel x {T} tokens)"]
-    split = [f"1/{layout.tp} of the matmuls and embeddings by tp"] if layout.tp > 1 else []
-    split += [f"1/{layout.dp} of the weights by FSDP"] if layout.fsdp else []
-    lines.append(f"memory per GPU in GiB (micro-batches of {layout.micro_batch} x {T} tokens"
-                 + "".join(f"; {s}" for s in split) + "):")
-    too_big = []
-    for name, params, estimate in plan_memory(model_cfg, layout):
-        total = sum(estimate.values()) / GIB
-        parts = " + ".join(f"{kind} {value / GIB:.2f}" for kind, value in estimate.items() if value)
-        lines.append(f"  {name}: {params:,} params | {parts} = {total:.2f} GiB")
-        if total > memory:
-            too_big.append((total, name))
-    seconds = step_seconds(model_cfg, flops_token * tokens_per_step, layout, peak, cfg.dry_run_mfu)
-    total = sum(seconds.values())
-    parts = f"compute {seconds['compute']:.2f} s"
-    if seconds["recompute"]:
-        parts += f" + recompute {seconds['recompute']:.2f} s (activation checkpointing)"
-    if seconds["bubble"]:
-        v = layout.virtual_stages if layout.schedule == "interleaved_1f1b" else 1
-        parts += (f" + pipeline bubble {seconds['bubble']:.2f} s ((p-1)/{'vm' if v > 1 else 'm'} = "
-                  f"{layout.pp - 1}/{v * layout.n_microbatches})")
-    overall = cfg.dry_run_mfu * seconds["compute"] / total
-    lines.append(f"time per step: {total:.2f} s at {cfg.dry_run_mfu:.0%} MFU on {world_size} x {gpu} while "
-                 f"computing ({tokens_per_step / total:,.0f} tokens/s, {overall:.0%} MFU overall) = {parts}; "
-                 f"tp/dp communication not modeled")
-    if too_big:
-        found, refused = find_layout(cfg, model_cfg, world_size, memory)
-        if found:
-            advice = f"{' '.join(found[0])} fits ({describe_layout(found[1])}, {found[2]:.1f} GiB on the fullest GPU)"
-        elif refused:
-            advice = (f"no layout of {world_size} GPUs that train.py accepts fits: {' '.join(refused[0])} would, "
-                      f"but {refused[1]}")
-        else:
-            advice = f"no layout of {world_size} GPUs fits (tp <= 8): plan more GPUs"
-        fullest, name = max(too_big)
-        more = f" and {len(too_big) - 1} more stage{'s' if len(too_big) > 2 else ''}" if len(too_big) > 1 else ""
-        lines.append(f"warning: does not fit a {memory} GiB {gpu}: {name} needs {fullest:.1f} GiB{more}; {advice}")
-    return lines
-
-
 # --- checking the flags, the data and the checkpoint ---
 
-# Each check below is a generator of refusals, one line each, most basic first: a check runs only once those
-# before it passed, and whoever asks takes the first. The run stops on it (refuse); the dry run's layout search
-# asks the same generators of every layout it considers, so it never suggests flags that a run would refuse.
+# The checks themselves are the planner's (planner.config_refusals, layout_refusals, ...), which its layout
+# search asks too: here the run stops on the first refusal.
 
 def refuse(refusals: Iterator[str]) -> None:
     """Stop with the first refusal, if there is one."""
@@ -424,132 +233,9 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
         refuse(dry_run_refusals(cfg))
 
 
-def config_refusals(cfg: TrainConfig, model_cfg: GPTConfig) -> Iterator[str]:
-    """Why these flags cannot run, whatever the number of processes."""
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        if getattr(model_cfg, name) < 1:
-            yield f"--{name}={getattr(model_cfg, name)} must be >= 1"
-    if model_cfg.n_embd % model_cfg.n_head:
-        yield f"--n_embd={model_cfg.n_embd} must be divisible by --n_head={model_cfg.n_head}"
-    if not 0 <= model_cfg.dropout < 1:
-        yield f"--dropout={model_cfg.dropout} must be in [0, 1)"
-    if cfg.resume_from and cfg.init_from != "resume":
-        yield f"--resume_from={cfg.resume_from} needs --init_from=resume"
-    if model_cfg.sparse_topk < 0:
-        yield f"--sparse_topk={model_cfg.sparse_topk} must be >= 0 (0 keeps every score)"
-    if model_cfg.realformer and cfg.pp > 1:
-        yield ("--realformer passes attention scores from block to block, which pipeline stages do not carry; "
-               "drop --pp or --realformer")
-    yield from tensor_parallel_refusals(cfg, model_cfg)
-    if cfg.fsdp and cfg.pp > 1 and cfg.gradient_accumulation_steps > 1 and not cfg.dry_run:
-        # Pipeline.forward_backward reduces FSDP's gradients once per optimizer step through the pipelining
-        # stage's perform_reduce_grad; a torch whose stage lacks it would reduce them after every accumulated
-        # batch, so refuse rather than train on wrong gradients.
-        from torch.distributed.pipelining import PipelineStage
-        if not hasattr(PipelineStage, "perform_reduce_grad"):
-            yield (f"--fsdp with --pp and --gradient_accumulation_steps > 1 needs a newer torch than "
-                   f"{torch.__version__}; upgrade torch, or use --gradient_accumulation_steps=1 with more "
-                   f"--n_microbatches")
-    if cfg.pp > 1:
-        yield from pipeline_refusals(cfg, model_cfg)
-
-
-def tensor_parallel_refusals(cfg: TrainConfig, model_cfg: GPTConfig) -> Iterator[str]:
-    """Why --tp and --sequence_parallel cannot split this model."""
-    tp = cfg.tp
-    if tp < 1:
-        yield f"--tp={tp} must be >= 1"
-    if cfg.sequence_parallel and tp == 1:
-        yield "--sequence_parallel splits the sequence across tensor-parallel processes: add --tp=N"
-    if tp <= 1:
-        return
-    # Attention splits by whole heads; then tp also divides C = H D and the MLP's 4C hidden units.
-    if model_cfg.n_head % tp:
-        yield f"--tp={tp} must divide --n_head ({model_cfg.n_head}): attention splits by whole heads"
-    if cfg.loss_chunk:
-        yield (f"--loss_chunk={cfg.loss_chunk} does not apply under --tp, which computes the loss from the "
-               f"vocabulary-split logits; drop --loss_chunk")
-    if cfg.compile:
-        yield "--compile is not supported with --tp yet; drop one of them"
-    if cfg.sequence_parallel and model_cfg.rezero:
-        yield ("--sequence_parallel with --rezero is not supported (each process would see its slice of the "
-               "sequence in ReZero's scalars' gradients); drop one of them")
-    if cfg.sequence_parallel and model_cfg.block_size % tp:
-        yield f"--sequence_parallel needs --tp={tp} to divide --block_size={model_cfg.block_size}"
-
-
-def pipeline_refusals(cfg: TrainConfig, model_cfg: GPTConfig) -> Iterator[str]:
-    """Why --pp cannot cut this model and its batches into stages and micro-batches."""
-    n_stages = cfg.pp * (cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved_1f1b" else 1)
-    if n_stages > model_cfg.n_layer:
-        yield (f"{n_stages} pipeline stages need at least as many blocks, but --n_layer={model_cfg.n_layer}; "
-               f"lower --pp (or --pp_virtual_stages)")
-    # Each refusal names a value that works: the default's choice, or the smallest batch that has one.
-    choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
-    works = f"--n_microbatches={choices[0]} works" if choices else \
-        f"--batch_size={-(-cfg.batch_size // cfg.pp) * cfg.pp} --n_microbatches={cfg.pp} works"
-    n = cfg.n_microbatches
-    if n is None and not choices:
-        multiple = " and a multiple of it" if cfg.pp_schedule == "interleaved_1f1b" else ""
-        yield (f"--pp={cfg.pp} with {cfg.pp_schedule} needs a number of micro-batches that is at least "
-               f"{cfg.pp}{multiple} and divides --batch_size={cfg.batch_size}; {works}")
-    if n is not None and (n < 1 or cfg.batch_size % n):
-        yield f"--n_microbatches={n} must divide --batch_size={cfg.batch_size}; {works}"
-    if n is not None and cfg.pp_schedule != "gpipe" and n < cfg.pp:
-        yield f"--pp_schedule={cfg.pp_schedule} needs --n_microbatches >= --pp={cfg.pp}; {works}"
-    if n is not None and cfg.pp_schedule == "interleaved_1f1b" and n % cfg.pp:
-        yield f"interleaved_1f1b needs --n_microbatches a multiple of --pp={cfg.pp}; {works}"
-    if cfg.compile:
-        yield "--compile is not supported with --pp yet; drop one of them"
-
-
-def dry_run_refusals(cfg: TrainConfig) -> Iterator[str]:
-    """Why the dry run's own flags cannot plan."""
-    world_size, model_parallel = cfg.dry_run_world_size or cfg.pp * cfg.tp, cfg.pp * cfg.tp
-    if not 0 < cfg.dry_run_mfu <= 1:
-        yield f"--dry_run_mfu={cfg.dry_run_mfu} must be in (0, 1]"
-    if world_size < 1 or world_size % model_parallel:
-        works = max(1, -(-world_size // model_parallel)) * model_parallel
-        yield (f"--dry_run_world_size={world_size} must be a positive multiple of --pp x --tp = {model_parallel}; "
-               f"--dry_run_world_size={works} works")
-    if cfg.fsdp and world_size == model_parallel:
-        yield (f"--dry_run with --fsdp shards over data-parallel ranks, so it needs more GPUs than --pp x --tp = "
-               f"{model_parallel}; --dry_run_world_size={2 * model_parallel} works")
-    yield from layout_refusals(cfg, world_size, planned_dtype(cfg))   # what the planned run itself would refuse
-
-
 def check_layout(cfg: TrainConfig, world_size: int, dtype: str | None = None) -> None:
     """Refuse process layouts that cannot work, before any work starts. dtype: what --dtype resolved to."""
     refuse(layout_refusals(cfg, world_size, dtype or cfg.dtype))
-
-
-def layout_refusals(cfg: TrainConfig, world_size: int, dtype: str) -> Iterator[str]:
-    """Why these flags cannot run on world_size processes computing in dtype, the dtype --dtype resolved to:
-    --dtype=auto is float16 on a GPU without native bf16, so the float16 refusals look at the resolved one."""
-    if cfg.tp > 1 and world_size % (cfg.pp * cfg.tp):
-        size = cfg.pp * cfg.tp
-        layout = f"--pp={cfg.pp} x --tp={cfg.tp}" if cfg.pp > 1 else f"--tp={cfg.tp}"
-        yield (f"{layout} needs a multiple of {size} processes, not {world_size}: "
-               f"torchrun --nproc-per-node={size} train.py ... works")
-    if cfg.pp > 1 and world_size == 1:
-        yield f"--pp={cfg.pp} needs one process per stage: torchrun --nproc-per-node={cfg.pp} train.py ..."
-    if world_size % cfg.pp:
-        yield f"--pp={cfg.pp} must divide the number of processes ({world_size})"
-    if cfg.fsdp and world_size == 1:
-        yield "--fsdp shards across processes: torchrun --nproc-per-node=N train.py --fsdp"
-    if cfg.fsdp and cfg.pp > 1 and world_size == cfg.pp * cfg.tp:
-        yield (f"--fsdp shards each pipeline stage across its data-parallel processes, but {world_size} processes "
-               f"for --pp={cfg.pp} leave one per stage; launch a multiple of {2 * cfg.pp * cfg.tp} processes")
-    # float16 needs loss scaling, and these layouts do not unscale sharded or staged gradients before the
-    # clip (the GradScaler's unscale_ and inf check assume whole local gradients): refuse rather than clip
-    # against a norm 65,536 times too large, or train a pipeline without scaling at all.
-    layouts = [flag for flag, on in (("--tp", cfg.tp > 1), ("--pp", cfg.pp > 1), ("--fsdp", cfg.fsdp)) if on]
-    if dtype == "float16" and layouts and cfg.dtype == "auto":
-        yield (f"--dtype=auto chose float16 (this GPU has no native bf16), which needs a gradient scaler that "
-               f"{layouts[0]} does not support here; use --dtype=float32 (bfloat16 is emulated, slower, here)")
-    elif dtype == "float16" and layouts:
-        yield (f"--dtype=float16 needs a gradient scaler, which {layouts[0]} does not support here; use "
-               f"--dtype=bfloat16 or float32")
 
 
 def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, str]]:
@@ -636,14 +322,14 @@ def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, 
 
 
 def run_layout(cfg: TrainConfig, world_size: int) -> dict:
-    """How the run lays out its processes, as a checkpoint's loop state records it (common.loop_state)."""
+    """How the run lays out its processes, as a checkpoint's loop state records it (loop.loop_state)."""
     return {"pp": cfg.pp, "dp": world_size // (cfg.pp * cfg.tp), "tp": cfg.tp, "fsdp": cfg.fsdp}
 
 
 def saved_layout(checkpoint: dict) -> dict | None:
     """The layout of a checkpoint older than the loop state's record of it, from the run config it saved and
     its number of RNG states (one per process); None where the config does not say (no tp: older still), and
-    the resume then takes it for another layout (common.restore_loop_state)."""
+    the resume then takes it for another layout (loop.restore_loop_state)."""
     saved = checkpoint.get("train_config", {})
     if not all(name in saved for name in ("pp", "tp", "fsdp")):
         return None
@@ -660,7 +346,7 @@ def describe_tokenizer(meta: dict) -> str:
 
 
 def meta_tokenizer(meta: dict) -> tuple[str, int | None]:
-    """(common.tokenizer_identity, vocabulary size) of the tokenizer a dataset's meta.json records."""
+    """(tokenization.tokenizer_identity, vocabulary size) of the tokenizer a dataset's meta.json records."""
     return tokenizer_identity(meta.get("tokenizer"), meta.get("tokenizer_sha256")), meta.get("vocab_size")
 
 
@@ -766,7 +452,7 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
 
 def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, resume_path: str, given: set[str]
               ) -> tuple[dict, dict[str, str], GPTConfig, dict]:
-    """load_data_meta, the dataset's tokenizer (the record checkpoints carry, common.dataset_tokenizer_record),
+    """load_data_meta, the dataset's tokenizer (the record checkpoints carry, tokenization.dataset_tokenizer_record),
     and the model config fitted to the data: a new run from scratch takes the dataset's vocabulary size unless
     --vocab_size (or --preset) sets it; a resumed run's data must be its own (check_resume_data); GPT-2's
     weights need GPT-2's tokens; and the vocabulary must fit the model's (a larger one only pads)."""
@@ -793,7 +479,7 @@ def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, r
 
 def evaluator(cfg: TrainConfig, meta: dict, paths: dict[str, str], parallel: DataParallel | Pipeline, T: int,
               device: str, dtype: torch.dtype, dp_rank: int, dp_size: int, dp_group) -> Callable[[], dict]:
-    """A function that returns the train and val loss (common.evaluate) over fixed evaluation windows, drawn
+    """A function that returns the train and val loss (loop.evaluate) over fixed evaluation windows, drawn
     once from their own generator, so every evaluation of the run sees the same ones."""
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
     eval_offsets = {split: draw_windows(meta[f"{split}_tokens"], T, cfg.eval_iters * cfg.batch_size,

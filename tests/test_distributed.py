@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL_FLAGS
-from common import load_checkpoint, run_main
+from checkpoints import load_checkpoint
+from processes import run_main
 
 pytestmark = pytest.mark.slow
 
@@ -199,7 +200,7 @@ LAYOUTS = {
 }
 
 
-UNCLIPPED = ["--max_iters=4", "--eval_interval=4", "--grad_clip=0"]   # 0: no clipping (common.TrainConfig)
+UNCLIPPED = ["--max_iters=4", "--eval_interval=4", "--grad_clip=0"]   # 0: no clipping (flags.RunConfig)
 
 
 @pytest.fixture(scope="module")

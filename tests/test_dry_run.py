@@ -9,6 +9,7 @@ import pytest
 
 from conftest import ROOT, run_script
 from model import GPTConfig
+import planner
 import train
 from train import PRESETS, apply_preset
 
@@ -34,7 +35,7 @@ def report(*argv: str) -> str:
     cfg, model_cfg = train.parse_args(train.TrainConfig, GPTConfig, argv=list(argv))
     model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, train.flags_given(list(argv)))
     train.check_config(cfg, model_cfg)
-    return "\n".join(train.dry_run_report(cfg, model_cfg))
+    return "\n".join(planner.dry_run_report(cfg, model_cfg))
 
 
 def gib(text: str, kind: str) -> float:
@@ -153,7 +154,7 @@ def test_tensor_parallel_counts_match_a_model_split_by_hand():
     (column-parallel), both c_proj by columns (row-parallel, bias whole), wte (the tied head) by vocabulary;
     LayerNorms and wpe whole. The dry run's count, and its weights and AdamW, must agree."""
     import torch
-    from distributed import count_params, param_counts, rank_params
+    from planner import count_params, param_counts, rank_params
     from model import GPT
     config = GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
     model = GPT(config)
@@ -185,7 +186,7 @@ def test_tensor_parallel_activations_follow_korthikanti_table_2():
     LayerNorm outputs feeding c_attn and c_fc (4); inside, q, k, v, SDPA's output, c_proj's input, GELU's
     and the MLP c_proj's inputs (2 x (3 + 1 + 1 + 4 + 4) = 26, their 24 without the separate SDPA output).
     Under sequence parallelism the LayerNorm inputs divide by t, the gathered matmul inputs (4) do not."""
-    from distributed import block_activation_bytes, head_activation_bytes
+    from planner import block_activation_bytes, head_activation_bytes
     config = GPTConfig(n_layer=2, n_head=8, n_embd=64, block_size=32)
     b, T = 2, 32
     btc = b * T * config.n_embd
@@ -198,7 +199,7 @@ def test_tensor_parallel_activations_follow_korthikanti_table_2():
     assert block_activation_bytes(config, b, T, 2, 4, True) < block_activation_bytes(config, b, T, 2, 4)
     # Full recomputation keeps each block's fp32 input (Korthikanti et al.'s 2sbh per layer in 16 bits), split
     # by sequence under sequence parallelism, and rebuilds one block at a time.
-    from distributed import memory_estimate, param_counts
+    from planner import memory_estimate, param_counts
     checkpointed = GPTConfig(n_layer=6, n_head=8, n_embd=64, block_size=32, activation_checkpointing=True)
     for t, sequence in ((1, False), (4, False), (4, True)):
         estimate = memory_estimate(checkpointed, param_counts(checkpointed, t), 6, 1, False, False, b, 1, 1, 2, 0,
@@ -243,7 +244,7 @@ def test_fsdp_with_pipeline_shards_each_stage_over_its_data_parallel_ranks():
 def test_step_time_adds_the_pipeline_bubble():
     """Narayanan et al. 2021, section 2.2: the bubble is (p - 1)/m of the ideal time for GPipe and 1F1B, and
     (p - 1)/(v m) with v interleaved stages per rank."""
-    from distributed import Layout, step_seconds
+    from planner import Layout, step_seconds
     config = GPTConfig(n_layer=8)
     for schedule, v, expected in (("1f1b", 1, 3 / 8), ("gpipe", 1, 3 / 8), ("interleaved_1f1b", 2, 3 / 16)):
         parts = step_seconds(config, 1e15, Layout(pp=4, schedule=schedule, n_microbatches=8, virtual_stages=v),
@@ -343,7 +344,7 @@ def refusal_of_a_run(argv: list[str], world_size: int) -> str | None:
     run = train.dataclasses.replace(cfg, dry_run=False)
     try:
         train.check_config(run, model_cfg)
-        train.check_layout(run, world_size, train.planned_dtype(cfg))
+        train.check_layout(run, world_size, planner.planned_dtype(cfg))
     except SystemExit as stop:
         return str(stop.code)
     return None
@@ -423,7 +424,7 @@ def test_chunked_head_counts_the_chunks_a_micro_batch_makes():
     last one's are held: two chunks. A micro-batch of no more rows than a chunk is one chunk of its b T rows;
     the estimate once counted two chunks of loss_chunk rows there (train.py's WIDE run in test_memory.py:
     128 rows, chunk 1024: 60 MiB too many)."""
-    from distributed import head_activation_bytes
+    from planner import head_activation_bytes
     config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=1000)
     b, T, C, V = 2, 32, 64, 1000
     kept = 4 * b * T * C + 4 * b * T * C + 4 * V * C

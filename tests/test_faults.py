@@ -16,7 +16,7 @@ import torch
 import lora
 import train
 from conftest import ROOT, TINY_MODEL_FLAGS
-from common import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from model import GPT
 from test_errors import assert_one_line_error
 
@@ -267,7 +267,7 @@ ISSUE_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--v
              "--max_iters=60", "--eval_interval=5", "--eval_iters=2", "--log_interval=1", "--learning_rate=1e-3",
              "--warmup_iters=2", "--lr_decay_iters=60", "--dtype=float32", "--device=cpu", "--keep_last=100"]
 
-# Where each start of the killed run dies (common.fault_point, GPT_TEST_KILL_AT), and whether it may use one
+# Where each start of the killed run dies (checkpoints.fault_point, GPT_TEST_KILL_AT), and whether it may use one
 # CPU core only (PyTorch then defaults to one thread instead of two).
 KILL_POINTS = [
     ("replaced ckpt.pt#6", False),       # right after step 25's checkpoint is renamed into place, before its links
@@ -597,7 +597,7 @@ def test_sigterm_stops_finetuning_and_resume_continues_exactly(tmp_path):
 def test_a_bad_write_delay_stops_with_one_line_and_writes_nothing(value, tmp_path, monkeypatch):
     """GPT_TEST_WRITE_DELAY_S, the test hook that slows every file write, gave a traceback when it was not a
     number (float('abc') inside write_atomically); now one line that names it, before any file is opened."""
-    from common import write_atomically
+    from checkpoints import write_atomically
     monkeypatch.setenv("GPT_TEST_WRITE_DELAY_S", value)
     with pytest.raises(SystemExit) as stop:
         write_atomically(str(tmp_path / "f.bin"), lambda f: f.write(b"data"))
@@ -611,7 +611,7 @@ def test_a_bad_write_delay_stops_with_one_line_and_writes_nothing(value, tmp_pat
 def test_a_bad_kill_point_count_stops_with_one_line_and_writes_nothing(value, tmp_path, monkeypatch):
     """GPT_TEST_KILL_AT=NAME#N with an N that is not a whole number >= 1 gave a traceback (int('x') inside
     write_atomically); now one line that names it, and the .tmp file it had begun is removed."""
-    from common import write_atomically
+    from checkpoints import write_atomically
     monkeypatch.setenv("GPT_TEST_KILL_AT", value)
     with pytest.raises(SystemExit) as stop:
         write_atomically(str(tmp_path / "ckpt.pt"), lambda f: f.write(b"data"))

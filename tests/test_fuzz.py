@@ -16,7 +16,7 @@ import finetune_lora as ft
 import lora
 import train
 from conftest import TINY_MODEL_FLAGS, write_dataset
-from common import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+from checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
 from model import GPT, GPTConfig
 
 N_CASES = 80   # per file type: half truncations, half flips of 1 to 4 random bits, at random offsets

@@ -15,7 +15,8 @@ transformers = import_extra("transformers")
 import_extra("safetensors")
 
 from hf_gpt2 import export_hf, gpt_config_from_hf, hf_config_from_gpt, load_hf_gpt2  # noqa: E402
-from common import get_tokenizer, load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoints import load_checkpoint, save_checkpoint
+from tokenization import get_tokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=50257)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import common
+import flags
 import train
 from conftest import TINY_MODEL_FLAGS, import_extra, run_script
 
@@ -64,10 +64,10 @@ def test_wandb_offline_run_records_the_metrics(tiny_data_dir, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--wandb_project=x", "--tensorboard"])
 def test_a_missing_logging_package_is_one_line(monkeypatch, flag):
-    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
-    cfg, _ = common.parse_args(train.TrainConfig, train.GPTConfig, argv=[flag])
+    monkeypatch.setattr(flags.importlib.util, "find_spec", lambda name: None)
+    cfg, _ = flags.parse_args(train.TrainConfig, train.GPTConfig, argv=[flag])
     with pytest.raises(SystemExit, match=f"error: {flag.split('=')[0]} needs the package"):
-        common.check_run_config(cfg, common.RUN_MINIMUMS)
+        flags.check_run_config(cfg, flags.RUN_MINIMUMS)
 
 
 def test_plot_renders_a_png_of_two_runs(tmp_path):

@@ -15,7 +15,9 @@ import finetune_lora as ft
 import generate
 from conftest import ROOT, run_script
 import lora
-from common import get_tokenizer, load_checkpoint, optimizer_step, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from loop import optimizer_step
+from tokenization import get_tokenizer
 from model import GPT, GPTConfig, configure_optimizers
 from test_errors import assert_one_line_error
 

@@ -1,5 +1,5 @@
 """The dry run's memory model held to real runs: each process's peak resident memory in 2 training steps of
-train.py on this CPU, one process or two under torchrun, against distributed.plan_memory for the Layout that
+train.py on this CPU, one process or two under torchrun, against planner.plan_memory for the Layout that
 train.py's dry run builds from the same flags, within 15% either way.
 
 Each process runs train.py's main under PROBE, which reads its resident set size (RSS) once everything the
@@ -28,9 +28,10 @@ import sys
 
 import pytest
 
+import planner
 import train
 from conftest import ROOT, TINY_MODEL_FLAGS
-from distributed import plan_memory
+from planner import plan_memory
 from model import GPTConfig
 
 pytestmark = pytest.mark.slow
@@ -120,7 +121,7 @@ def planned(flags: list[str], world_size: int, micro_batch: int) -> list[tuple[i
     """(parameters this process updates, plan_memory's estimate by kind), one per pipeline rank, for train.py's
     dry run with these flags, whose activations must be those of the micro-batch the run computes."""
     cfg, model_cfg = train.parse_args(train.TrainConfig, GPTConfig, argv=flags)
-    layout = train.dry_run_layout(cfg, world_size)
+    layout = planner.dry_run_layout(cfg, world_size)
     assert layout.micro_batch == micro_batch
     shards = layout.dp if layout.fsdp else 1
     return [(params // shards, estimate) for _, params, estimate in plan_memory(model_cfg, layout)]

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from common import load_checkpoint
+from checkpoints import load_checkpoint
 from test_distributed import assert_same_run, run_train
 
 pytestmark = pytest.mark.slow

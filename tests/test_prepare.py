@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common     # noqa: E402
+import tokenization     # noqa: E402
 import prepare    # noqa: E402
 
 EOT_TEXT = "<|endoftext|>"
@@ -29,7 +29,7 @@ def cached_tokenizer(monkeypatch):
 
 @functools.cache
 def _tokenizer():
-    return common.get_tokenizer()
+    return tokenization.get_tokenizer()
 
 
 def write(path, content) -> str:
@@ -76,7 +76,7 @@ def test_tokenizer_known_ids():
     enc = _tokenizer()
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary(" the") == [262]
-    assert enc.encode(EOT_TEXT) == [common.EOT_TOKEN] == [50256]
+    assert enc.encode(EOT_TEXT) == [tokenization.EOT_TOKEN] == [50256]
     assert enc.vocab_size == 50257
 
 
@@ -318,7 +318,7 @@ def test_a_given_tokenizer_json_encodes_as_the_dataset_it_came_from(tmp_path):
     other = write(tmp_path / "other.txt", other_text)
     run(f"--input={other}", f"--data_dir={tmp_path}", f"--tokenizer={given}")
     train, val, meta = read_dataset(tmp_path / "other")
-    reference = common.import_tokenizers().Tokenizer.from_str(given.read_text(encoding="utf-8"))
+    reference = tokenization.import_tokenizers().Tokenizer.from_str(given.read_text(encoding="utf-8"))
     assert np.concatenate([train, val]).tolist() == reference.encode(other_text).ids
     assert (tmp_path / "other" / "tokenizer.json").read_bytes() == given.read_bytes()
     assert meta["vocab_size"] == 300

@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
-from common import flags_given, parse_args
+from flags import flags_given, parse_args
 from conftest import ROOT, lr_at
 from model import GPT, GPTConfig, plan_stages, stage_costs
+import planner
 import train
 from train import PRESETS, apply_preset
 
@@ -95,7 +96,7 @@ def test_gptx_1b_carries_the_seed_recipe():
     cfg, model_cfg = parse_args(train.TrainConfig, GPTConfig, argv=argv)
     model_cfg, cfg = apply_preset(cfg.preset, model_cfg, cfg, flags_given(argv))
     train.check_config(cfg, model_cfg)
-    text = "\n".join(train.dry_run_report(cfg, model_cfg))
+    text = "\n".join(planner.dry_run_report(cfg, model_cfg))
     assert "pp=2 (1f1b, 4 micro-batches)" in text and "micro-batches of 1 x 1024 tokens" in text
     assert "tokens per optimizer step: 4,096 (4 sequences x 1 micro-steps" in text
     assert "parameters: 1,099,214,888" in text

@@ -226,7 +226,8 @@ def perplexity_problems(line: str, result: subprocess.CompletedProcess, folder: 
     checkpoint, and the perplexity exp(loss), a finite number."""
     import math
     import numpy as np
-    from common import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
+    from checkpoints import load_checkpoint, model_from_checkpoint
+    from tokenization import checkpoint_tokenizer
     file = re.search(r"--perplexity=(\S+)", line).group(1)
     limit = int(re.findall(r"--limit=(\d+)", line)[-1])
     results = os.path.join(folder, "out", f"eval-perplexity-{os.path.basename(file)}-limit{limit}.json")
@@ -256,7 +257,7 @@ def merge_problems(line: str, result: subprocess.CompletedProcess, folder: str) 
     they were."""
     import torch
     import lora
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
     adapter = lora.load_adapter(os.path.join(folder, "out-lora", "adapter.pt"))
     base = load_checkpoint(os.path.join(folder, adapter["base"]["path"]))["model"]
     merged = load_checkpoint(os.path.join(folder, "out-lora", "ckpt.pt"))["model"]

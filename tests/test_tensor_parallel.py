@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import train
-from common import load_checkpoint, restore_loop_state, rng_states
+from checkpoints import load_checkpoint, rng_states
+from loop import restore_loop_state
 from conftest import ROOT
 from distributed import permute_qkv
 from model import GPTConfig
@@ -77,7 +78,7 @@ import os, sys
 import torch
 sys.path.insert(0, {root!r})
 import train
-from common import run_main
+from processes import run_main
 from torch.distributed.tensor import DTensor
 plain_loop = train.train_loop
 

@@ -16,8 +16,8 @@ import generate
 import hf_gpt2
 import prepare
 import train
-from common import (BPETokenizer, get_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint,
-                    shakespeare_paths, tokenizer_record)
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+from tokenization import BPETokenizer, get_tokenizer, shakespeare_paths, tokenizer_record
 from conftest import run_script
 from model import GPT, GPTConfig
 from model import generate as model_generate
@@ -126,7 +126,7 @@ def damaged_tokenizer(spec: dict, damage: str) -> str:
     elif damage == "a merge of unknown tokens":
         model["merges"].append(["qqqqq", "zzzzz"])
     elif damage == "a byte without a token":                  # one no other token holds, so no merge needs it
-        from common import bytes_to_unicode
+        from tokenization import bytes_to_unicode
         lone = next(c for c in bytes_to_unicode().values() if sum(c in token for token in model["vocab"]) == 1)
         del model["vocab"][lone]
     elif damage == "no <|endoftext|>":

@@ -9,10 +9,11 @@ import shutil
 import pytest
 import torch
 
-import common
+import checkpoints
+import processes
 import train
 from conftest import TINY_MODEL_FLAGS, lr_at
-from common import load_checkpoint
+from checkpoints import load_checkpoint
 from test_distributed import assert_same_run
 
 
@@ -184,7 +185,7 @@ def probe_answers(monkeypatch, *answers: float) -> list[float]:
     """Stand in for the bf16 speed probe: each call answers the next of answers (a real probe's figure
     differs from call to call); returns the list of answers given so far."""
     given, queue = [], list(answers)
-    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: given.append(queue.pop(0)) or given[-1])
+    monkeypatch.setattr(processes, "cpu_bf16_speedup", lambda: given.append(queue.pop(0)) or given[-1])
     return given
 
 
@@ -213,13 +214,13 @@ def test_auto_dtype_on_cpu_follows_the_probe_and_the_resume_keeps_it(tiny_data_d
 def test_the_real_bf16_probe_runs_once_and_decides():
     """The real probe (no stand-in): a positive figure, measured once per process however often it is asked,
     and the choice follows it."""
-    common.cpu_bf16_speedup.cache_clear()
-    speedup = common.cpu_bf16_speedup()
-    assert 0 < speedup < 1000 and common.cpu_bf16_speedup.cache_info().misses == 1
-    dtype, words = common.choose_dtype("auto", "cpu")
-    assert common.cpu_bf16_speedup.cache_info().misses == 1
+    processes.cpu_bf16_speedup.cache_clear()
+    speedup = processes.cpu_bf16_speedup()
+    assert 0 < speedup < 1000 and processes.cpu_bf16_speedup.cache_info().misses == 1
+    dtype, words = processes.choose_dtype("auto", "cpu")
+    assert processes.cpu_bf16_speedup.cache_info().misses == 1
     assert dtype == (torch.bfloat16 if speedup >= 1.5 else torch.float32)
-    assert words == f"{common.dtype_name(dtype)} (auto: bf16 matmuls run {speedup:.2f}x fp32's speed here)"
+    assert words == f"{processes.dtype_name(dtype)} (auto: bf16 matmuls run {speedup:.2f}x fp32's speed here)"
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -229,9 +230,9 @@ def test_auto_dtype_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch, capabi
     True there by default: auto must pick fp16 (with loss scaling) on them, bf16 from Ampere (8.0) on."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    dtype, words = common.choose_dtype("auto", "cuda")
+    dtype, words = processes.choose_dtype("auto", "cuda")
     assert dtype == expected
-    assert words == f"{common.dtype_name(expected)} (auto: compute capability {capability[0]}.{capability[1]})"
+    assert words == f"{processes.dtype_name(expected)} (auto: compute capability {capability[0]}.{capability[1]})"
 
 
 @pytest.mark.parametrize("layout", [["--tp=2"], ["--pp=2"], ["--fsdp"]])
@@ -262,11 +263,12 @@ def test_all_processes_take_rank_0s_dtype_choice(tmp_path):
     script.write_text(f"""import os, sys
 sys.path.insert(0, {ROOT!r})
 import torch.distributed as dist
-import common
+import checkpoints
+import processes
 rank = int(os.environ["RANK"])
-common.cpu_bf16_speedup = lambda: (1.2, 4.0)[rank]
+processes.cpu_bf16_speedup = lambda: (1.2, 4.0)[rank]
 dist.init_process_group("gloo")
-dtype, words = common.choose_dtype("auto", "cpu")
+dtype, words = processes.choose_dtype("auto", "cpu")
 print(f"rank {{rank}}: {{dtype}} | {{words}}")
 dist.destroy_process_group()
 """)
@@ -353,8 +355,8 @@ def test_keep_best_false_never_links_ckpt_best(tiny_data_dir, tmp_path, monkeypa
     linked to it; with --keep_best=False no ckpt-best.pt is ever made (none of the run's hard links is one, and
     none is left), while ckpt.pt and the --keep_last links are kept as usual."""
     linked = []
-    link = common.link_atomically
-    monkeypatch.setattr(common, "link_atomically",
+    link = checkpoints.link_atomically
+    monkeypatch.setattr(checkpoints, "link_atomically",
                         lambda source, path: (linked.append(path), link(source, path)))
     runs = {}
     for keep_best in (True, False):
@@ -388,7 +390,7 @@ def test_verify_data_false_reads_a_changed_train_bin_without_hashing_it(tiny_dat
     (data_dir / "tiny" / "train.bin").write_bytes(bytes([(tokens[0] + 1) % 64]) + tokens[1:])
     hashed = []
     monkeypatch.setattr(train, "sha256_file", lambda path: (hashed.append(os.path.basename(path)),
-                                                            common.sha256_file(path))[1])
+                                                            checkpoints.sha256_file(path))[1])
     with pytest.raises(SystemExit) as stop:
         train.main(train_flags(str(data_dir), str(tmp_path / "verified"), "--max_iters=2", "--eval_interval=2",
                                "--dtype=float32"))
