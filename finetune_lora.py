@@ -179,7 +179,7 @@ def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: Fi
     return micro_batches, int(step_tokens.item()), sum(len(examples[i][0]) - 1 for i in indices)
 
 
-def eval_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_input: bool, device: str,
+def eval_example_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_input: bool, device: str,
                  rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
     """(x, y, counted tokens, weight 1) for loop.evaluate: process rank's share of the batches of examples,
     so the mean is per token that training counts (with mask_input, the responses only)."""
@@ -339,7 +339,7 @@ def read_records(source: str) -> list[dict]:
 
 # --- checking the flags, and resuming ---
 
-def check_config(cfg: FinetuneConfig) -> None:
+def check_finetune_config(cfg: FinetuneConfig) -> None:
     """Refuse values that cannot work, with the flag's name."""
     check_run_config(cfg, {**RUN_MINIMUMS, "lora_rank": 1})
     if cfg.lora_alpha <= 0:
@@ -378,7 +378,7 @@ def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path:
 
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(FinetuneConfig, argv=argv)
-    check_config(cfg)
+    check_finetune_config(cfg)
     rank, local_rank, world_size, device = setup_distributed(cfg.device)
     stop = StopSignals()
     try:
@@ -536,7 +536,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     # Fixed evaluation examples: the first eval_iters batches of each split (the whole split if smaller).
     eval_splits = {split: examples[:cfg.eval_iters * cfg.batch_size] for split, examples in splits.items()}
     def evaluate_now() -> dict[str, float]:
-        return evaluate(model, lambda x, y: model(x, y, loss_chunk), lambda split: eval_batches(
+        return evaluate(model, lambda x, y: model(x, y, loss_chunk), lambda split: eval_example_batches(
             eval_splits[split], cfg.batch_size, cfg.mask_input, device, rank, world_size), device, dtype)
     if is_master:
         prepare_out_dir(cfg.out_dir, start_step)

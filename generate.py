@@ -51,7 +51,7 @@ class GenerateConfig:
                                      "the step's many small kernels; off elsewhere, where it does not pay)")
 
 
-def check_config(cfg: GenerateConfig) -> None:
+def check_generate_config(cfg: GenerateConfig) -> None:
     if cfg.num_samples < 1 or cfg.max_new_tokens < 1:
         sys.exit("error: --num_samples and --max_new_tokens must be >= 1")
     if cfg.temperature < 0:
@@ -85,7 +85,7 @@ def read_prompt(cfg: GenerateConfig) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(GenerateConfig, argv=argv)
-    check_config(cfg)
+    check_generate_config(cfg)
     device = pick_device(cfg.device)
     dtype = sampling_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg)

@@ -361,7 +361,7 @@ def describe_inputs(cfg: PrepareConfig) -> tuple[list[str], dict]:
 
 # --- the story ---
 
-def describe_tokenizer(flag: str) -> tuple[str, int, str, str]:
+def read_tokenizer_flag(flag: str) -> tuple[str, int, str, str]:
     """(kind, BPE size to train, name for meta.json, tokenizer.json text) of --tokenizer: r50k_base and a BPE
     to train have no file yet; a given tokenizer.json is read and checked now, and named by its path."""
     kind, bpe_vocab = parse_tokenizer(flag)
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     # prepared?" is instant. A given tokenizer.json is checked now; a BPE to train is named by its size.
     paths, source = describe_inputs(cfg)
     out_dir = os.path.join(cfg.data_dir, cfg.name or default_name(cfg, paths))
-    kind, bpe_vocab, tokenizer_name, tokenizer_json = describe_tokenizer(cfg.tokenizer)
+    kind, bpe_vocab, tokenizer_name, tokenizer_json = read_tokenizer_flag(cfg.tokenizer)
     given_sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest() if tokenizer_json else None
 
     # 2. Same inputs and complete files: nothing to do. Other inputs: never overwrite them unasked.

@@ -75,7 +75,7 @@ def test_min_lr_does_not_matter_without_the_decay():
     assert lr_at(199, cfg) == 3e-5                                      # and min_lr plays no part
     (lora_cfg,) = finetune_lora.parse_args(finetune_lora.FinetuneConfig, argv=[
         "--init_from=gpt2", "--data=shakespeare", "--learning_rate=3e-5", "--decay_lr=False"])
-    finetune_lora.check_config(lora_cfg)
+    finetune_lora.check_finetune_config(lora_cfg)
     decayed = {"train.py": readme_flags[:-3], "finetune_lora.py": ["--data=x", "--learning_rate=3e-5"]}
     for script, flags in decayed.items():
         assert_one_line_error(script, [*flags, "--decay_lr=True"], "need 0 <= --min_lr <= --learning_rate",
