@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoints import load_optimizer_state_by_name, optimizer_state_by_name
 from loop import optimizer_step
 from model import GPT, GPTConfig, build_stage, describe_plan, plan_stages
-from processes import autocast, gather_to_rank0
+from processes import all_ranks_mean, autocast, gather_to_rank0
 
 
 # --- data parallelism: DDP and FSDP ---
@@ -76,11 +76,14 @@ class DataParallel:
         from torch.distributed.tensor.parallel import loss_parallel
         return loss_parallel()
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int,
-                         scaler: torch.amp.GradScaler) -> torch.Tensor:
-        """Forward and backward of one micro-batch (B, T) of the accum in an optimizer step. Returns its mean
-        loss divided by accum (detached): k micro-batches of mean losses, each divided by k, add up to the
-        mean over the big batch, and so do their gradients."""
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
+                         weight: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch (B, T) of the accum in an optimizer step, its mean loss
+        times weight, its share of this process's step loss; returns that product (detached). Pre-training
+        weighs each of k micro-batches 1/k: k mean losses, each divided by k, add up to the mean over the big
+        batch, and so do their gradients. Fine-tuning weighs each by the response tokens it holds
+        (finetune_lora.token_weights). The replicas' gradients are averaged, so the step's loss is the mean
+        over the processes of their step losses (step_loss)."""
         # DDP averages gradients during backward; on all but the last micro-step there is nothing to
         # average yet (DDP decides at forward time, so no_sync wraps the forward too).
         is_last_micro_step = micro_step == self.accum - 1
@@ -89,9 +92,15 @@ class DataParallel:
         with self.wrapped.no_sync() if isinstance(self.wrapped, DDP) and not is_last_micro_step \
                 else nullcontext(), self.loss_context():
             with autocast(self.device, self.dtype):
-                loss = self.wrapped(x, y, self.loss_chunk) / self.accum
+                loss = self.wrapped(x, y, self.loss_chunk) * weight
             scaler.scale(loss).backward()
         return local_value(loss.detach()) if self.tp > 1 else loss.detach()
+
+    def step_loss(self, loss: torch.Tensor) -> float:
+        """The step's mean loss from this process's step loss (the sum of forward_backward's): the mean over
+        the processes (the tensor-parallel ranks of a replica hold the same loss). Reading it syncs with the
+        device."""
+        return all_ranks_mean(loss).item()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
@@ -481,14 +490,22 @@ class Pipeline:
         from torch.distributed.tensor.parallel import loss_parallel
         return loss_parallel()
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int,
-                         scaler: torch.amp.GradScaler) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
+                         weight: float) -> torch.Tensor:
         """Forward and backward of every micro-batch of the batch (x, y), the losses scaled by the schedule's
-        loss function (scaled_cross_entropy). FSDP reduces the gradients on the last batch of the optimizer
-        step only (AccumulatingStage). scaler plays no part: --pp refuses float16."""
+        loss function (scaled_cross_entropy), which was built for batches weighed alike: weight must be 1/accum.
+        FSDP reduces the gradients on the last batch of the optimizer step only (AccumulatingStage). scaler
+        plays no part: --pp refuses float16."""
+        if weight != 1 / self.accum:
+            raise ValueError(f"the pipeline weighs each batch 1/{self.accum}, not {weight}")
         for stage in self.stages:
             stage.reduce_grads = micro_step == self.accum - 1
         return self.run(x, y, train=True)
+
+    def step_loss(self, loss: torch.Tensor) -> float:
+        """The step's mean loss: only the last stages hold one, so the mean over all processes, times the
+        stages, counts each replica once."""
+        return (all_ranks_mean(loss) * dist.get_world_size(self.pp_group)).item()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:

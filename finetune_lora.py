@@ -20,25 +20,21 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
+from distributed import DataParallel
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
-from loop import (BadSteps, evaluate, is_evaluation_step, loop_state, optimizer_step, resolve_dtype, restore_loop_state,
-                  save_on_rank0, set_lr, should_compile)
-from processes import (StopSignals, all_ranks_mean, autocast, peak_flops, print0, run_main, setup_distributed,
-                       teardown_distributed)
+from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
+from loop import evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, should_compile, train_loop
+from processes import StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
 from runlog import RunLog, StepTimer, prepare_out_dir
 from tokenization import checkpoint_tokenizer, shakespeare_paths
-from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
 from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 
 
@@ -164,7 +160,7 @@ def collate(examples: list[tuple[list[int], int]], mask_input: bool) -> tuple[to
 def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: FinetuneConfig, rank: int,
                        world_size: int, device: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
     """This process's micro-batches (x, y) for optimizer step `step`, the number of target tokens the step
-    counts on all processes (accumulate_gradients weighs each micro-batch by its share of them), and the
+    counts on all processes (token_weights weighs each micro-batch by its share of them), and the
     step's real tokens, padding left out (for the tokens/s). Every process computes the step's records
     (step_examples); process `rank` takes its contiguous share."""
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
@@ -190,34 +186,19 @@ def eval_example_batches(examples: list[tuple[list[int], int]], batch_size: int,
 
 # --- the loss over response tokens, and its cost ---
 
-def accumulate_gradients(model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         scaler: torch.amp.GradScaler, device: str, dtype: torch.dtype, loss_chunk: int,
-                         step_tokens: int | None = None, world_size: int = 1) -> torch.Tensor:
-    """Backpropagate the mean loss over every counted target token of one optimizer step, through micro-batches
-    (x, y), each (B, T_i), that hold different numbers of such tokens. Returns this process's share of that
-    mean (a detached scalar): the shares of all processes add up to the step's mean loss.
+def token_weights(counts: list[int], step_tokens: int, world_size: int) -> list[float]:
+    """The weight of each micro-batch's mean loss (distributed.DataParallel.forward_backward) when the micro-
+    batches hold different numbers of counted target tokens: counts, this process's, of step_tokens counted
+    on all world_size processes. The step's loss is the mean over every counted token of the step.
 
     The model's loss is a mean over its micro-batch's counted tokens. Dividing each by the number of
     micro-batches (as pre-training does) would weigh a token in a micro-batch of short responses more than one
     in a micro-batch of long ones; weighting each mean by its micro-batch's share of the step's tokens gives
-    exactly the gradient of one big batch: sum_i (n_i / N) * mean_i = (1 / N) * sum over all N tokens.
-    Under DDP, step_tokens is N counted over all world_size processes, and since DDP averages the processes'
-    gradients, each weight carries a factor world_size to turn that average back into the sum."""
-    counts = [int((y != -1).sum()) for _, y in micro_batches]   # counted on the CPU: no device sync
-    step_tokens = step_tokens or sum(counts)
+    exactly the gradient of one big batch: sum_i (n_i / N) * mean_i = (1 / N) * sum over all N tokens. DDP
+    averages the processes' gradients (and the loop their losses), so each weight carries a factor world_size
+    to turn that average back into the sum."""
     assert all(counts), "every example has at least one response token (fit_to_context guarantees it)"
-    step_loss = torch.zeros((), device=device)
-    for micro_step, ((x, y), count) in enumerate(zip(micro_batches, counts)):
-        x, y = x.to(device), y.to(device)
-        # DDP averages gradients during backward; on all but the last micro-step there is nothing to average
-        # yet (DDP decides at forward time, so no_sync wraps the forward too).
-        is_last_micro_step = micro_step == len(micro_batches) - 1
-        with model.no_sync() if isinstance(model, DDP) and not is_last_micro_step else nullcontext():
-            with autocast(device, dtype):
-                loss = model(x, y, loss_chunk) * (count / step_tokens)
-            scaler.scale(loss * world_size).backward()
-        step_loss += loss.detach()
-    return step_loss
+    return [world_size * count / step_tokens for count in counts]
 
 
 def finetune_flops(config: GPTConfig, n_params: int, tokens_per_step: float, examples_per_step: int) -> float:
@@ -469,30 +450,26 @@ def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict |
     return present
 
 
-def wrap_for_training(model: GPT, cfg: FinetuneConfig, device: str, local_rank: int, world_size: int
-                      ) -> tuple[nn.Module, bool, int]:
-    """(the module the training steps run through, whether it is compiled, the loss chunk). Evaluation and
-    saving use `model`, the plain module. DDP (Li et al. 2020) over the adapters: every process holds the
-    whole model and trains on its share of each step's records; backward averages the adapters' gradients
-    (the frozen weights have none)."""
-    compile_model = should_compile(cfg, device)
+def lay_out(model: GPT, cfg: FinetuneConfig, device: str, dtype: torch.dtype, local_rank: int, world_size: int
+            ) -> DataParallel:
+    """The base with its adapters laid out for training as pre-training lays out a model
+    (distributed.DataParallel): DDP over the adapters (Li et al. 2020), every process holding the whole model
+    and training on its share of each step's records; backward averages the adapters' gradients (the frozen
+    weights have none)."""
     # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
     # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
     # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
+    compile_model = should_compile(cfg, device)
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
         (0 if device.startswith("cuda") or compile_model else 1024)
-    # DDP wraps the compiled module (as nanoGPT does), so accumulate_gradients still finds DDP's no_sync; the
-    # all-reduce then waits for the whole compiled backward, which costs nothing for the adapters' few MB.
-    train_model = torch.compile(model) if compile_model else model
-    train_model = DDP(train_model, device_ids=[local_rank] if device.startswith("cuda") else None) \
-        if world_size > 1 else train_model
-    return train_model, compile_model, loss_chunk
+    return DataParallel(model, device, dtype, local_rank, world_size, fsdp=False, compile=compile_model,
+                        accum=cfg.gradient_accumulation_steps, loss_chunk=loss_chunk)
 
 
 def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
              device: str, stop: StopSignals) -> None:
     """Build the run (the base with adapters, AdamW, the examples, the log), then train the adapters
-    (finetune_loop), and write the merged checkpoint when asked."""
+    (loop.train_loop, pre-training's), and write the merged checkpoint when asked."""
     is_master = rank == 0                  # the one process that prints and writes files
     adapter_path, state_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "state.pt")
     cfg, state, base_path = start_or_resume(cfg, given)
@@ -524,19 +501,19 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, device, layout,
                                                        cfg.seed + rank, older_layout)
         print0(f"resuming {state_path} at step {start_step}")
-    train_model, compile_model, loss_chunk = wrap_for_training(model, cfg, device, local_rank, world_size)
+    parallel = lay_out(model, cfg, device, dtype, local_rank, world_size)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base['path']} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
-    print0(f"{world_size} x {device}, {precision}{', compiled' if compile_model else ''} | "
+    print0(f"{world_size} x {device}, {precision}{', compiled' if should_compile(cfg, device) else ''} | "
            f"{examples_per_step} records per step | loss on "
            f"{'response tokens only' if cfg.mask_input else 'every token'}")
 
     # Fixed evaluation examples: the first eval_iters batches of each split (the whole split if smaller).
     eval_splits = {split: examples[:cfg.eval_iters * cfg.batch_size] for split, examples in splits.items()}
     def evaluate_now() -> dict[str, float]:
-        return evaluate(model, lambda x, y: model(x, y, loss_chunk), lambda split: eval_example_batches(
+        return evaluate(model, parallel.eval_loss, lambda split: eval_example_batches(
             eval_splits[split], cfg.batch_size, cfg.mask_input, device, rank, world_size), device, dtype)
     if is_master:
         prepare_out_dir(cfg.out_dir, start_step)
@@ -546,9 +523,10 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             save_adapter(model, lora_settings(cfg), base, start_step, state["val_loss"], adapter_path)
     log = RunLog(cfg, cfg.out_dir, dataclasses.asdict(cfg), is_master)
 
-    def save(step: int, best_val_loss: float, val_loss: float | None = None) -> None:
+    def save(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
         """Save the resumable state before step `step` (every process takes part), with the val loss of the
-        evaluation just made at it, if any; then, after an evaluation, the adapter file."""
+        evaluation just made at it, if any; then, after an evaluation, the adapter file (the last one's, best
+        or not: is_best plays no part)."""
         state = loop_state(step, best_val_loss, scaler, data_generator, layout)
 
         def write() -> None:   # state.pt alone is what a resumed run reads, adapter tensors included
@@ -562,13 +540,16 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     def step_flops(tokens_per_step: float) -> float:
         return finetune_flops(model.config, n_params, tokens_per_step, examples_per_step)
 
-    def accumulate(micro_batches: list, step_tokens: int) -> torch.Tensor:
-        return accumulate_gradients(train_model, micro_batches, scaler, device, dtype, loss_chunk, step_tokens,
-                                    world_size)
-    batches_of = lambda step: step_micro_batches(splits["train"], step, cfg, rank, world_size, device)  # noqa: E731
-    step, stop_signal, best_val_loss, timer = finetune_loop(
-        cfg, model, optimizer, scaler, batches_of, accumulate, evaluate_now, save, log, stop, start_step,
-        best_val_loss, (step_flops, peak_flops(device, cfg.peak_flops, world_size)), state_path, world_size)
+    def batches_of(step: int) -> tuple[list, int]:
+        """The step's micro-batches, each weighed by the response tokens it holds (token_weights)."""
+        micro_batches, step_tokens, tokens = step_micro_batches(splits["train"], step, cfg, rank, world_size,
+                                                                device)
+        weights = token_weights([int((y != -1).sum()) for _, y in micro_batches], step_tokens, world_size)
+        return [(x.to(device), y.to(device), w) for (x, y), w in zip(micro_batches, weights)], tokens
+    step, stop_signal, best_val_loss, timer = train_loop(
+        cfg, parallel, optimizer, scaler, batches_of, evaluate_now, save, log, stop, start_step, best_val_loss,
+        saved_at_start=start_step > 0, flops_of=step_flops, peak=peak_flops(device, cfg.peak_flops, world_size),
+        tokens_before=None, state_path=state_path)
     log.close()
     if stop_signal and step < cfg.max_iters:
         print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with "
@@ -576,51 +557,6 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
     if is_master:
         report_and_merge(cfg, model, base, best_val_loss, timer)
-
-
-def finetune_loop(cfg: FinetuneConfig, model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  batches_of: Callable, accumulate: Callable, evaluate_now: Callable, save: Callable, log: RunLog,
-                  stop: StopSignals, start_step: int, best_val_loss: float, throughput: tuple, state_path: str,
-                  world_size: int) -> tuple:
-    """The fine-tuning loop, from start_step to cfg.max_iters: batches_of(step) gives the step's micro-batches
-    (with the tokens they count and hold), accumulate(micro_batches, counted) runs their forward and backward
-    passes (accumulate_gradients), evaluate_now() the train and val loss, save(step, best_val_loss, val_loss)
-    the state and the adapter; throughput is (FLOPs of a step of n tokens, peak FLOP/s). Returns the step it
-    stopped at, the signal that stopped it (None at the end), the best val loss and the step timer."""
-    step_flops, peak = throughput
-    bad_steps, timer = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled()), StepTimer()
-    step, stop_signal = start_step, None
-    for step in range(start_step, cfg.max_iters + 1):
-        # Evaluate and save before taking the step, so the state at step s resumes with step s.
-        # A SIGTERM or Ctrl-C on any process since the last step: all save the state here and stop.
-        stop_signal = stop.agreed()
-        if is_evaluation_step(step, start_step, cfg):
-            losses = evaluate_now()
-            best_val_loss = min(best_val_loss, losses["val"])
-            log.evaluation(step, losses)
-            save(step, best_val_loss, losses["val"])
-            timer.restart()   # evaluation and saving are not part of the step time
-        elif stop_signal and not (step == start_step and start_step > 0):   # the state holds this step
-            save(step, best_val_loss)
-        if step == cfg.max_iters or stop_signal:
-            break
-
-        lr = set_lr(optimizer, step, cfg)
-        micro_batches, step_tokens, tokens = batches_of(step)
-        loss = accumulate(micro_batches, step_tokens)
-        # A non-finite loss or gradient norm on any process: every process skips this update (the adapters and
-        # AdamW's moments stay as they were).
-        is_good = lambda norm: bad_steps.check(loss, norm)   # noqa: E731
-        grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip, is_good)
-        bad_steps.record(step + 1, log, state_path)
-
-        timer.tick(tokens)
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-            loss_value = (all_ranks_mean(loss) * world_size).item()      # the shares add up to the mean
-            step_time = timer.lap()
-            log.progress(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
-                         timer.tokens_per_step, step_flops(timer.tokens_per_step), peak)
-    return step, stop_signal, best_val_loss, timer
 
 
 def report_and_merge(cfg: FinetuneConfig, model: GPT, base: dict, best_val_loss: float, timer: StepTimer) -> None:

@@ -13,7 +13,7 @@ from checkpoints import restore_cpu_threads, restore_rng_states, rng_states
 from flags import RunConfig
 from model import get_lr
 from processes import StopSignals, autocast, choose_dtype, dtype_name, gather_to_rank0, print0
-from runlog import RunLog
+from runlog import RunLog, StepTimer
 
 
 class BadSteps:
@@ -168,3 +168,60 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+# --- the training loop ---
+
+def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batches_of: Callable[[int], tuple[Iterable, int]], evaluate_now: Callable[[], dict],
+               save: Callable[[int, float, float | None, bool], None], log: RunLog, stop: StopSignals,
+               start_step: int, best_val_loss: float, saved_at_start: bool, flops_of: Callable[[float], float],
+               peak: float | None, tokens_before: Callable[[int], int] | None, state_path: str) -> tuple:
+    """The training loop of pre-training and fine-tuning alike, from start_step to cfg.max_iters, on parallel
+    (a distributed.DataParallel or Pipeline: the layout's forward_backward, optimizer_step, step_loss).
+
+    batches_of(step) gives the step's micro-batches (x, y, weight), this process's share (weight: its share
+    of the process's step loss), and the tokens the step trains on; evaluate_now() the train and val loss;
+    save(step, best_val_loss, val_loss, is_best) writes the state before step `step` (val_loss None when it
+    saves on a stop without evaluating). saved_at_start: the state at start_step is on disk already (the
+    run resumed from its newest save). flops_of(tokens per step) and peak (FLOP/s) give the MFU;
+    tokens_before(step), where given, the tokens trained on before `step`, logged with each record. Returns
+    the step it stopped at, the signal that stopped it (None at the end), the best val loss and the timer."""
+    bad_steps, timer = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled()), StepTimer()
+    tokens = (lambda step: {"tokens": tokens_before(step)}) if tokens_before else (lambda step: {})  # noqa: E731
+    step, stop_signal = start_step, None
+    for step in range(start_step, cfg.max_iters + 1):
+        # Evaluate and save before taking the step, so a state saved at step s resumes with step s. A resumed
+        # run skips its first evaluation: it was done just before the state was saved. A SIGTERM or Ctrl-C on
+        # any process since the last step: all save here and stop, without evaluating.
+        stop_signal = stop.agreed()
+        if is_evaluation_step(step, start_step, cfg):
+            losses = evaluate_now()
+            is_best = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            log.evaluation(step, losses, **tokens(step))
+            save(step, best_val_loss, losses["val"], is_best)
+            timer.restart()   # evaluation and saving are not part of the step time
+        elif stop_signal and not (step == start_step and saved_at_start):
+            save(step, best_val_loss, None, False)
+        if step == cfg.max_iters or stop_signal:
+            break
+
+        lr = set_lr(optimizer, step, cfg)
+        micro_batches, step_tokens = batches_of(step)
+        loss = torch.zeros((), device=parallel.device)
+        for micro_step, (x, y, weight) in enumerate(micro_batches):
+            loss += parallel.forward_backward(x, y, micro_step, scaler, weight)
+        # A non-finite loss or gradient norm on any process: every process skips this update (the weights and
+        # AdamW's moments stay as they were).
+        is_good = lambda norm: bad_steps.check(loss, norm)   # noqa: E731
+        grad_norm = parallel.optimizer_step(optimizer, scaler, cfg.grad_clip, is_good)
+        bad_steps.record(step + 1, log, state_path)
+
+        timer.tick(step_tokens)
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
+            loss_value = parallel.step_loss(loss)   # syncs with the device, as the finite check does
+            step_time = timer.lap()
+            log.progress(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
+                         timer.tokens_per_step, flops_of(timer.tokens_per_step), peak, **tokens(step + 1))
+    return step, stop_signal, best_val_loss, timer

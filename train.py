@@ -20,12 +20,10 @@ import torch.distributed as dist
 from checkpoints import keep_checkpoints, load_checkpoint, save_checkpoint, sha256_file
 from distributed import DataParallel, Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
-from loop import (BadSteps, evaluate, is_evaluation_step, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
-                  set_lr, should_compile)
+from loop import evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, should_compile, train_loop
 from planner import config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
-from processes import PEAK_BF16_FLOPS, StopSignals, all_ranks_mean, peak_flops, print0, run_main, setup_distributed, \
-    teardown_distributed
-from runlog import RunLog, StepTimer, prepare_out_dir
+from processes import PEAK_BF16_FLOPS, StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
+from runlog import RunLog, prepare_out_dir
 from tokenization import dataset_tokenizer_record, tokenizer_identity, tokenizer_record
 from model import GPT, GPT2_SIZES, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
 
@@ -534,7 +532,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         return
 
     tokens_per_step = B * accum * dp_size * T
-    flops_per_step = flops_per_token(model_cfg, n_params, T) * tokens_per_step
+    token_flops = flops_per_token(model_cfg, n_params, T)            # FLOPs of one token, forward + backward
     peak = peak_flops(device, cfg.peak_flops, world_size)   # MFU: the global batch over every device's peak
     print0(f"model: {n_params:,} parameters | {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
            f"{model_cfg.n_embd} channels, context {T}")
@@ -549,8 +547,9 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
             keep_checkpoints(ckpt_path, start_step, resumed_is_best, cfg.keep_last, cfg.keep_best)
     log = RunLog(cfg, cfg.out_dir, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}, is_master)
 
-    def save(step: int, best_val_loss: float, is_best: bool) -> None:
-        """Checkpoint the whole training state before step `step` (every process takes part)."""
+    def save(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
+        """Checkpoint the whole training state before step `step` (every process takes part); val_loss, of
+        the evaluation just made, is in metrics.jsonl already."""
         state = loop_state(step, best_val_loss, scaler, data_generator, layout)
         weights, optimizer_state = parallel.full_state(optimizer)
 
@@ -561,12 +560,15 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
             keep_checkpoints(ckpt_path, step, is_best, cfg.keep_last, cfg.keep_best)
         save_on_rank0(write, stop)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return step_batches(paths["train"], meta["train_tokens"], data_generator, T, B, accum, dp_rank, dp_size,
-                            device)
-    step, stop_signal, best_val_loss, timer = train_loop(cfg, parallel, optimizer, scaler, batches, evaluate_now,
-                                                         save, log, stop, start_step, best_val_loss,
-                                                         (tokens_per_step, flops_per_step, peak), ckpt_path)
+    def batches_of(step: int) -> tuple[Iterator, int]:
+        """The step's micro-batches, each weighed 1/accum, drawn lazily from the run's one stream of windows."""
+        micro_batches = step_batches(paths["train"], meta["train_tokens"], data_generator, T, B, accum, dp_rank,
+                                     dp_size, device)
+        return ((x, y, 1 / accum) for x, y in micro_batches), tokens_per_step
+    step, stop_signal, best_val_loss, timer = train_loop(
+        cfg, parallel, optimizer, scaler, batches_of, evaluate_now, save, log, stop, start_step, best_val_loss,
+        saved_at_start=start_step > 0 and not cfg.resume_from, flops_of=lambda tokens: token_flops * tokens,
+        peak=peak, tokens_before=lambda step: step * tokens_per_step, state_path=ckpt_path)
     log.close()
     if dist.is_initialized():
         dist.barrier()   # leave together: a process that tears down while others still work can abort them
@@ -576,54 +578,6 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
     print0(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
            + (f"; {tokens_per_step / timer.step_time:,.0f} tokens/s" if timer.step_time else ""))
-
-
-def train_loop(cfg: TrainConfig, parallel: DataParallel | Pipeline, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, batches: Callable[[], Iterator], evaluate_now: Callable[[], dict],
-               save: Callable[[int, float, bool], None], log: RunLog, stop: StopSignals, start_step: int,
-               best_val_loss: float, throughput: tuple[int, float, float | None], ckpt_path: str) -> tuple:
-    """The training loop, from start_step to cfg.max_iters: batches() yields one step's micro-batches,
-    evaluate_now() the train and val loss, save(step, best_val_loss, is_best) writes the checkpoint;
-    throughput is (tokens per step, FLOPs per step, peak FLOP/s) for the progress line. Returns the step it
-    stopped at, the signal that stopped it (None at the end), the best val loss and the step timer."""
-    tokens_per_step, flops_per_step, peak = throughput
-    bad_steps, timer = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled()), StepTimer()
-    step, stop_signal = start_step, None
-    for step in range(start_step, cfg.max_iters + 1):
-        # Evaluate and checkpoint before taking the step, so a checkpoint at step s resumes with step s.
-        # A resumed run skips its first evaluation: it was done just before the checkpoint was written.
-        # A SIGTERM or Ctrl-C on any process since the last step: all save here and stop, without evaluating.
-        stop_signal = stop.agreed()
-        if is_evaluation_step(step, start_step, cfg):
-            losses = evaluate_now()
-            is_best = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            log.evaluation(step, losses, tokens=step * tokens_per_step)
-            save(step, best_val_loss, is_best)
-            timer.restart()   # evaluation and saving are not part of the step time
-        elif stop_signal and not (step == start_step and start_step > 0 and not cfg.resume_from):
-            save(step, best_val_loss, is_best=False)   # (stopped as it resumed from ckpt.pt: that holds this step)
-        if step == cfg.max_iters or stop_signal:
-            break
-
-        lr = set_lr(optimizer, step, cfg)
-        loss = torch.zeros((), device=parallel.device)
-        for micro_step, (x, y) in enumerate(batches()):
-            loss += parallel.forward_backward(x, y, micro_step, scaler)
-        # A non-finite loss or gradient norm on any process: every process skips this update (the weights and
-        # AdamW's moments stay as they were).
-        is_good = lambda norm: bad_steps.check(loss, norm)   # noqa: E731
-        grad_norm = parallel.optimizer_step(optimizer, scaler, cfg.grad_clip, is_good)
-        bad_steps.record(step + 1, log, ckpt_path)
-
-        timer.tick()
-        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-            # Reading the loss syncs with the device (as the finite check does). Under --pp only the last
-            # stages hold a loss, so the sum over all processes counts each replica once.
-            loss_value = (all_ranks_mean(loss) * cfg.pp).item()
-            log.progress(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), timer.lap(), tokens_per_step,
-                         flops_per_step, peak, tokens=(step + 1) * tokens_per_step)
-    return step, stop_signal, best_val_loss, timer
 
 
 if __name__ == "__main__":

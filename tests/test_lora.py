@@ -16,6 +16,7 @@ import generate
 from conftest import ROOT, run_script
 import lora
 from checkpoints import load_checkpoint, save_checkpoint
+from distributed import DataParallel
 from loop import optimizer_step
 from tokenization import get_tokenizer
 from model import GPT, GPTConfig, configure_optimizers
@@ -93,6 +94,19 @@ def short_run(bases, records_file, tmp_path_factory) -> str:
 def read_log(out_dir: str) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def accumulate(model: GPT, micro_batches: list, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One step's forward and backward passes as fine-tuning runs them: through the pre-training runtime
+    (distributed.DataParallel, one process), each micro-batch weighed by finetune_lora.token_weights. Returns
+    the step's loss."""
+    parallel = DataParallel(model, "cpu", torch.float32, 0, 1, fsdp=False, compile=False,
+                            accum=len(micro_batches), loss_chunk=0)
+    counts = [int((y != -1).sum()) for _, y in micro_batches]
+    loss = torch.zeros(())
+    for micro_step, ((x, y), weight) in enumerate(zip(micro_batches, ft.token_weights(counts, sum(counts), 1))):
+        loss += parallel.forward_backward(x, y, micro_step, scaler, weight)
+    return loss
 
 
 def encoded(records: list[dict]) -> list[tuple[list[int], int]]:
@@ -181,7 +195,7 @@ def test_base_weights_unchanged_and_only_adapters_in_the_optimizer(records_file)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     examples = encoded(RECORDS[:8])
     for _ in range(3):
-        ft.accumulate_gradients(model, [ft.collate(examples, True)], scaler, "cpu", torch.float32, 0)
+        accumulate(model, [ft.collate(examples, True)], scaler)
         optimizer_step(model, optimizer, scaler, 1.0)
     after = {name.replace(".base.", "."): p for name, p in model.named_parameters() if "lora_" not in name}
     assert after.keys() == before.keys()
@@ -259,7 +273,7 @@ def test_accumulated_micro_batches_of_unequal_lengths_match_one_batch():
 
     def gradients(micro_batches):
         model.zero_grad()
-        loss = ft.accumulate_gradients(model, micro_batches, scaler, "cpu", torch.float32, 0)
+        loss = accumulate(model, micro_batches, scaler)
         return loss, [p.grad.clone() for p in adapters]
 
     one_loss, one_batch = gradients([ft.collate(examples, True)])
