@@ -19,12 +19,24 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import load_optimizer_state_by_name, optimizer_state_by_name
-from loop import optimizer_step
 from model import GPT, GPTConfig, build_stage, describe_plan, plan_stages
 from processes import all_ranks_mean, autocast, gather_to_rank0
 
 
 # --- data parallelism: DDP and FSDP ---
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  grad_clip: float, is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+    """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
+    before clipping (worth logging: spikes announce instabilities). is_good(norm) False skips the update."""
+    scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if is_good is None or is_good(grad_norm):
+        scaler.step(optimizer)              # skips the update if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
 
 class DataParallel:
     """The whole model on every process, each training on its share of every batch. `module` is the plain GPT:
@@ -104,11 +116,11 @@ class DataParallel:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-        """loop.optimizer_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
+        """clip_and_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
         Under tensor parallelism (which refuses float16, so no scaler): average the replicas' gradients, clip
         by the norm of the whole model's gradient, every shard of every tensor counted once."""
         if self.tp == 1:
-            return optimizer_step(self.module, optimizer, scaler, grad_clip, is_good)
+            return clip_and_step(self.module, optimizer, scaler, grad_clip, is_good)
         params = [p for p in self.module.parameters() if p.grad is not None]   # the tied matrix once
         lay_out_like_parameters(params)
         if self.dp_group is not None:

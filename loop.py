@@ -157,19 +157,6 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: RunConfig) -> float
     return lr
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   grad_clip: float, is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
-    """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
-    before clipping (worth logging: spikes announce instabilities). is_good(norm) False skips the update."""
-    scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    if is_good is None or is_good(grad_norm):
-        scaler.step(optimizer)              # skips the update if fp16 gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
-
-
 # --- the training loop ---
 
 def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

@@ -16,8 +16,7 @@ import generate
 from conftest import ROOT, run_script
 import lora
 from checkpoints import load_checkpoint, save_checkpoint
-from distributed import DataParallel
-from loop import optimizer_step
+from distributed import DataParallel, clip_and_step
 from tokenization import get_tokenizer
 from model import GPT, GPTConfig, configure_optimizers
 from test_errors import assert_one_line_error
@@ -196,7 +195,7 @@ def test_base_weights_unchanged_and_only_adapters_in_the_optimizer(records_file)
     examples = encoded(RECORDS[:8])
     for _ in range(3):
         accumulate(model, [ft.collate(examples, True)], scaler)
-        optimizer_step(model, optimizer, scaler, 1.0)
+        clip_and_step(model, optimizer, scaler, 1.0)
     after = {name.replace(".base.", "."): p for name, p in model.named_parameters() if "lora_" not in name}
     assert after.keys() == before.keys()
     for name, tensor in before.items():
