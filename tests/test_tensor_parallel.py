@@ -82,8 +82,8 @@ from processes import run_main
 from torch.distributed.tensor import DTensor
 plain_loop = train.train_loop
 
-def loop_then_save_replicated(cfg, parallel, *args):
-    result = plain_loop(cfg, parallel, *args)
+def loop_then_save_replicated(cfg, parallel, *args, **kwargs):
+    result = plain_loop(cfg, parallel, *args, **kwargs)
     whole = {{name: p.detach() for name, p in parallel.module.named_parameters() if not isinstance(p, DTensor)}}
     torch.save(whole, os.path.join(cfg.out_dir, "replicated-rank" + os.environ["RANK"] + ".pt"))
     return result
