@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
-from distributed import DataParallel
+from runtime import DataParallel
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
 from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
-from loop import evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, should_compile, train_loop
+from runtime import evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, should_compile, train_loop
 from processes import StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
 from runlog import RunLog, StepTimer, prepare_out_dir
 from tokenization import checkpoint_tokenizer, shakespeare_paths
@@ -177,7 +177,7 @@ def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: Fi
 
 def eval_example_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_input: bool, device: str,
                  rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
-    """(x, y, counted tokens, weight 1) for loop.evaluate: process rank's share of the batches of examples,
+    """(x, y, counted tokens, weight 1) for runtime.evaluate: process rank's share of the batches of examples,
     so the mean is per token that training counts (with mask_input, the responses only)."""
     for start in range(rank * batch_size, len(examples), world_size * batch_size):
         x, y = collate(examples[start:start + batch_size], mask_input)
@@ -187,7 +187,7 @@ def eval_example_batches(examples: list[tuple[list[int], int]], batch_size: int,
 # --- the loss over response tokens, and its cost ---
 
 def token_weights(counts: list[int], step_tokens: int, world_size: int) -> list[float]:
-    """The weight of each micro-batch's mean loss (distributed.DataParallel.forward_backward) when the micro-
+    """The weight of each micro-batch's mean loss (runtime.DataParallel.forward_backward) when the micro-
     batches hold different numbers of counted target tokens: counts, this process's, of step_tokens counted
     on all world_size processes. The step's loss is the mean over every counted token of the step.
 
@@ -453,7 +453,7 @@ def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict |
 def lay_out(model: GPT, cfg: FinetuneConfig, device: str, dtype: torch.dtype, local_rank: int, world_size: int
             ) -> DataParallel:
     """The base with its adapters laid out for training as pre-training lays out a model
-    (distributed.DataParallel): DDP over the adapters (Li et al. 2020), every process holding the whole model
+    (runtime.DataParallel): DDP over the adapters (Li et al. 2020), every process holding the whole model
     and training on its share of each step's records; backward averages the adapters' gradients (the frozen
     weights have none)."""
     # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
@@ -469,7 +469,7 @@ def lay_out(model: GPT, cfg: FinetuneConfig, device: str, dtype: torch.dtype, lo
 def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
              device: str, stop: StopSignals) -> None:
     """Build the run (the base with adapters, AdamW, the examples, the log), then train the adapters
-    (loop.train_loop, pre-training's), and write the merged checkpoint when asked."""
+    (runtime.train_loop, pre-training's), and write the merged checkpoint when asked."""
     is_master = rank == 0                  # the one process that prints and writes files
     adapter_path, state_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "state.pt")
     cfg, state, base_path = start_or_resume(cfg, given)

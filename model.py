@@ -3,7 +3,7 @@ the learning-rate schedule, and the splitter that cuts the network into pipeline
 
 Read it top to bottom: configuration, attention, the transformer block, the loss, the GPT and its optimizer,
 generation, FLOPs, pipeline stages. Everything here computes: no flags, files, processes or printing (those
-live in the shared modules and distributed.py).
+live in the shared modules, runtime.py and parallel.py).
 
 Shapes use one alphabet throughout the project:
     B batch, T sequence (time), C channels (n_embd), H heads, D head size (C // H), V vocabulary, L layers,
@@ -203,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout, self.sdpa = config.n_head, config.dropout, config.sdpa
         self.position, self.sparse_topk, self.realformer = config.position, config.sparse_topk, config.realformer
         self.head_size = config.n_embd // config.n_head                               # D
-        # Tensor parallelism (distributed.tensor_parallel) gives each process a slice of the heads: this module
+        # Tensor parallelism (parallel.tensor_parallel) gives each process a slice of the heads: this module
         # then computes heads first_head .. first_head + H' - 1 of n_head (ALiBi's slopes depend on the index).
         self.first_head = 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
@@ -215,7 +215,7 @@ class CausalSelfAttention(nn.Module):
         """(B, T, C) -> (B, T, C); with RealFormer, also this block's scores (B, H, T, T_cached + T)."""
         B, T, _ = x.shape
         # c_attn's output holds q, k and v of the heads this module computes: all H of them (C' = C), or under
-        # tensor parallelism H' = H / tp heads, C' = C / tp channels each (distributed.tensor_parallel).
+        # tensor parallelism H' = H / tp heads, C' = C / tp channels each (parallel.tensor_parallel).
         qkv = self.c_attn(x)                                    # (B, T, 3C'), C' = H' D
         C, D = qkv.size(-1) // 3, self.head_size
         H = C // D

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import keep_checkpoints, load_checkpoint, save_checkpoint, sha256_file
-from distributed import DataParallel, Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
+from parallel import Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
+from runtime import DataParallel
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
-from loop import evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, should_compile, train_loop
+from runtime import evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, should_compile, train_loop
 from planner import config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
 from processes import PEAK_BF16_FLOPS, StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
 from runlog import RunLog, prepare_out_dir
@@ -196,7 +197,7 @@ def step_batches(bin_path: str, n_tokens: int, generator: torch.Generator, T: in
 
 def eval_batches(bin_path: str, offsets: torch.Tensor, B: int, T: int, device: str, dp_rank: int,
                  dp_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
-    """(x, y, windows, weight) for loop.evaluate: replica dp_rank's share of the fixed evaluation windows.
+    """(x, y, windows, weight) for runtime.evaluate: replica dp_rank's share of the fixed evaluation windows.
     Sharded weights are gathered by all processes together, so every process runs the same number of
     forward passes: a process one batch short repeats a batch with weight 0."""
     batches = offsets.split(B)
@@ -320,14 +321,14 @@ def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, 
 
 
 def run_layout(cfg: TrainConfig, world_size: int) -> dict:
-    """How the run lays out its processes, as a checkpoint's loop state records it (loop.loop_state)."""
+    """How the run lays out its processes, as a checkpoint's loop state records it (runtime.loop_state)."""
     return {"pp": cfg.pp, "dp": world_size // (cfg.pp * cfg.tp), "tp": cfg.tp, "fsdp": cfg.fsdp}
 
 
 def saved_layout(checkpoint: dict) -> dict | None:
     """The layout of a checkpoint older than the loop state's record of it, from the run config it saved and
     its number of RNG states (one per process); None where the config does not say (no tp: older still), and
-    the resume then takes it for another layout (loop.restore_loop_state)."""
+    the resume then takes it for another layout (runtime.restore_loop_state)."""
     saved = checkpoint.get("train_config", {})
     if not all(name in saved for name in ("pp", "tp", "fsdp")):
         return None
@@ -424,7 +425,7 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
                 world_size: int, device: str, dtype: torch.dtype
                 ) -> tuple[DataParallel | Pipeline, int, object, int]:
     """The GPT with its starting weights (random, GPT-2's or the checkpoint's), laid out across the processes
-    (distributed.py), with this process's data-parallel rank, the group of data-parallel replicas (None:
+    (runtime.py, parallel.py), with this process's data-parallel rank, the group of data-parallel replicas (None:
     all processes) and the GPT's parameter count. With --pp each process keeps only its own stages; with --tp
     its slice of every block, the embedding and the head."""
     torch.manual_seed(cfg.seed)            # the same initial weights on every process
@@ -477,7 +478,7 @@ def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, r
 
 def evaluator(cfg: TrainConfig, meta: dict, paths: dict[str, str], parallel: DataParallel | Pipeline, T: int,
               device: str, dtype: torch.dtype, dp_rank: int, dp_size: int, dp_group) -> Callable[[], dict]:
-    """A function that returns the train and val loss (loop.evaluate) over fixed evaluation windows, drawn
+    """A function that returns the train and val loss (runtime.evaluate) over fixed evaluation windows, drawn
     once from their own generator, so every evaluation of the run sees the same ones."""
     eval_generator = torch.Generator().manual_seed(cfg.seed + 1)
     eval_offsets = {split: draw_windows(meta[f"{split}_tokens"], T, cfg.eval_iters * cfg.batch_size,

@@ -173,7 +173,7 @@ def test_pipeline_runs_forward_under_autocast_and_backward_outside_it(tmp_path):
     (AutocastForward), and the schedule is called outside it. Checked here on a one-stage pipeline in this
     process: a block's forward sees autocast on, its backward sees it off."""
     import torch.distributed as dist
-    from distributed import build_pipeline, device_mesh
+    from parallel import build_pipeline, device_mesh
     from model import GPT, GPTConfig
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:

@@ -16,7 +16,7 @@ import generate
 from conftest import ROOT, run_script
 import lora
 from checkpoints import load_checkpoint, save_checkpoint
-from distributed import DataParallel, clip_and_step
+from runtime import DataParallel, clip_and_step
 from tokenization import get_tokenizer
 from model import GPT, GPTConfig, configure_optimizers
 from test_errors import assert_one_line_error
@@ -97,7 +97,7 @@ def read_log(out_dir: str) -> list[dict]:
 
 def accumulate(model: GPT, micro_batches: list, scaler: torch.amp.GradScaler) -> torch.Tensor:
     """One step's forward and backward passes as fine-tuning runs them: through the pre-training runtime
-    (distributed.DataParallel, one process), each micro-batch weighed by finetune_lora.token_weights. Returns
+    (runtime.DataParallel, one process), each micro-batch weighed by finetune_lora.token_weights. Returns
     the step's loss."""
     parallel = DataParallel(model, "cpu", torch.float32, 0, 1, fsdp=False, compile=False,
                             accum=len(micro_batches), loss_chunk=0)

@@ -56,7 +56,7 @@ def reset_peak():
         f.write("5")                              # VmHWM back to the current RSS
 
 record = {{"baseline": status("VmRSS"), "peaks": [], "saves": []}}
-for runtime in (distributed.DataParallel, distributed.Pipeline):
+for runtime in (runtime.DataParallel, parallel.Pipeline):
     def full_state(self, optimizer, original=runtime.full_state):
         record["peaks"].append(status("VmHWM"))   # the peak since the last checkpoint
         reset_peak()
@@ -133,7 +133,7 @@ def cpu_peak(updated: int, estimate: dict[str, float], foreach: bool) -> float:
     kernel: model.configure_optimizers), whose square root of the second moment is a temporary of 4 bytes per
     parameter, live at the step beside the weights (4 bytes each), the gradients and AdamW's moments, once the
     activations and the 16-bit copies are gone. Tensor parallelism updates one tensor at a time
-    (distributed.use_single_tensor_adamw): no such temporary."""
+    (parallel.use_single_tensor_adamw): no such temporary."""
     step = 4 * updated + estimate["gradients"] + estimate["AdamW"] + (4 * updated if foreach else 0)
     return max(sum(estimate.values()), step)
 

@@ -8,9 +8,9 @@ import torch
 
 import train
 from checkpoints import load_checkpoint, rng_states
-from loop import restore_loop_state
+from runtime import restore_loop_state
 from conftest import ROOT
-from distributed import permute_qkv
+from parallel import permute_qkv
 from model import GPTConfig
 from test_distributed import FIRST_ADAM_STEP_ATOL, assert_same_run, logged, run_train
 
@@ -180,7 +180,7 @@ def test_each_tensor_parallel_rank_drops_its_own_heads_from_the_shared_stream(se
     drops differently from the same shared state, both leave the shared stream in the same state (so masks on
     replicated activations stay equal), a rank repeats itself, and activation checkpointing's recomputation
     replays the same masks (its output and gradients equal those of the stored forward)."""
-    from distributed import rank_streams_for_dropout
+    from parallel import rank_streams_for_dropout
     from model import Block, run_block
     config = GPTConfig(n_head=4, n_embd=32, block_size=16, dropout=0.5, sdpa=False)
     torch.manual_seed(0)
@@ -309,17 +309,18 @@ import os, runpy, sys
 sys.path.insert(0, {ROOT!r})
 import torch
 import torch.distributed as dist
-import distributed
+import parallel
+import runtime
 
-full_state = distributed.DataParallel.full_state
+full_state = runtime.DataParallel.full_state
 
 def save_every_rank(self, optimizer):
     out_dir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--out_dir="))
-    mine = {{name: distributed.local_value(t).detach().clone() for name, t in self.module.state_dict().items()}}
+    mine = {{name: parallel.local_value(t).detach().clone() for name, t in self.module.state_dict().items()}}
     torch.save(mine, os.path.join(out_dir, f"rank-{{dist.get_rank()}}.pt"))
     return full_state(self, optimizer)
 
-distributed.DataParallel.full_state = save_every_rank
+runtime.DataParallel.full_state = save_every_rank
 sys.argv[0] = {os.path.join(ROOT, "train.py")!r}
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -1,20 +1,36 @@
-"""The steps a training loop takes besides the math, shared by train.py and finetune_lora.py: the dtype it
-computes in, resuming its state, evaluating, saving, the learning rate, the optimizer step, and skipping bad
-steps."""
+"""The training runtime: the one loop that pre-training (train.py) and fine-tuning (finetune_lora.py) both run,
+its steps besides the math, and the layout a model trains in on one process or as data-parallel replicas.
+
+Every layout offers the loop the same calls (forward_backward, optimizer_step, step_loss, eval_loss, and
+load_optimizer_state and full_state for checkpoints), so the loop reads the same under each:
+
+    DataParallel   (here) one process, or every process running the whole model on its share of each batch:
+                   DDP (a full copy on each) or FSDP (each holding 1/N of every tensor); with --tp each
+                   replica split across its tensor-parallel processes (parallel.tensor_parallel);
+    Pipeline       (parallel.py) each process running a contiguous slice of the blocks (--pp), micro-batches
+                   streaming through the slices; each slice replicated or sharded (FSDP) over dp, split over tp.
+"""
 import dataclasses
 import hashlib
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import restore_cpu_threads, restore_rng_states, rng_states
+from checkpoints import (load_optimizer_state_by_name, optimizer_state_by_name, restore_cpu_threads,
+                         restore_rng_states, rng_states)
 from flags import RunConfig
-from model import get_lr
-from processes import StopSignals, autocast, choose_dtype, dtype_name, gather_to_rank0, print0
+from model import GPT, get_lr
+from parallel import (average_gradients, clip_by_global_norm, is_qkv, lay_out_like_parameters, local_value,
+                      permute_qkv, tensor_parallel, use_single_tensor_adamw)
+from processes import StopSignals, all_ranks_mean, autocast, choose_dtype, dtype_name, gather_to_rank0, print0
 from runlog import RunLog, StepTimer
 
+
+# --- the steps of a training loop ---
 
 class BadSteps:
     """Optimizer steps skipped in a row because the loss or the gradient norm was not finite on some process.
@@ -48,7 +64,6 @@ class BadSteps:
                      f"ones: resume with a lower --learning_rate, or look for bad data" if is_rank0 else 1)
 
 
-# --- the steps of a training loop ---
 
 def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunConfig]:
     """(dtype, the header's words for it, cfg with --dtype set to it). The checkpoint records the dtype chosen,
@@ -165,7 +180,7 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
                start_step: int, best_val_loss: float, saved_at_start: bool, flops_of: Callable[[float], float],
                peak: float | None, tokens_before: Callable[[int], int] | None, state_path: str) -> tuple:
     """The training loop of pre-training and fine-tuning alike, from start_step to cfg.max_iters, on parallel
-    (a distributed.DataParallel or Pipeline: the layout's forward_backward, optimizer_step, step_loss).
+    (a DataParallel, below, or a parallel.Pipeline: the layout's forward_backward, optimizer_step, step_loss).
 
     batches_of(step) gives the step's micro-batches (x, y, weight), this process's share (weight: its share
     of the process's step loss), and the tokens the step trains on; evaluate_now() the train and val loss;
@@ -212,3 +227,159 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
             log.progress(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                          timer.tokens_per_step, flops_of(timer.tokens_per_step), peak, **tokens(step + 1))
     return step, stop_signal, best_val_loss, timer
+
+
+# --- one process, DDP and FSDP: the layout of whole-model replicas ---
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  grad_clip: float, is_good: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+    """Clip the gradient's global norm, update the weights and clear the gradients. Returns the norm
+    before clipping (worth logging: spikes announce instabilities). is_good(norm) False skips the update."""
+    scaler.unscale_(optimizer)              # clip the true gradient, not the fp16-scaled one
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if is_good is None or is_good(grad_norm):
+        scaler.step(optimizer)              # skips the update if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class DataParallel:
+    """The whole model on every process, each training on its share of every batch. `module` is the plain GPT:
+    what the optimizer updates, evaluation runs and checkpoints save (its keys never carry `module.` or
+    `_orig_mod.`); the training steps run through `wrapped`, which adds DDP and torch.compile when asked.
+
+    DDP (Li et al. 2020): each process holds a full copy; backward averages the gradients across processes,
+    so every copy takes the same step. FSDP (Zhao et al. 2023), in its second PyTorch version: each process
+    stores 1/N of every tensor; a block's full weights are all-gathered just before it runs and freed after,
+    and gradients are reduce-scattered, so each process updates only its shard.
+
+    With a (pp = 1, dp, tp) device mesh and tp > 1, the model is first split across each group of tp processes
+    (tensor_parallel below); these groups are the data-parallel replicas: sharded over dp by FSDP, or each a
+    full copy whose gradients (plain and DTensor alike, by their local parts) are averaged over dp in one
+    all-reduce per optimizer step, as Pipeline does, instead of by DDP."""
+
+    def __init__(self, model: GPT, device: str, dtype: torch.dtype, local_rank: int, world_size: int,
+                 fsdp: bool, compile: bool, accum: int, loss_chunk: int, mesh=None,
+                 sequence_parallel: bool = False):
+        self.module, self.device, self.dtype, self.fsdp = model.to(device), device, dtype, fsdp
+        self.accum, self.loss_chunk = accum, loss_chunk
+        self.tp = mesh["tp"].size() if mesh is not None else 1
+        self.dp_group = None               # tp > 1 without FSDP: the replicas whose gradients we average
+        if self.tp > 1:
+            assert loss_chunk == 0, "tensor parallelism computes the loss with loss_parallel, not in chunks"
+            tensor_parallel(model, mesh["tp"], sequence_parallel)
+            if mesh["dp"].size() > 1 and not fsdp:
+                self.dp_group = mesh.get_group("dp")
+        if fsdp:
+            # Imported here, when asked for: importing FSDP takes time that the other layouts need not spend.
+            from torch.distributed.fsdp import fully_shard
+            shard_over = {"mesh": mesh["dp"]} if self.tp > 1 else {}   # default: all processes
+            for block in model.transformer.h:
+                fully_shard(block, **shard_over)
+            fully_shard(model, **shard_over)   # the rest: embeddings, ln_f and the (tied) head
+        wrapped = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None) \
+            if world_size > 1 and not fsdp and self.tp == 1 else model
+        self.wrapped = torch.compile(wrapped) if compile else wrapped
+
+    def named_parameters(self) -> list:
+        return list(self.module.named_parameters())
+
+    def loss_context(self):
+        """Where the loss is computed, forward and backward: under tensor parallelism, loss_parallel, whose
+        cross-entropy takes the logits split by vocabulary (each process's log-sum-exp over its V / tp
+        logits, one all-reduce to combine them); else nothing."""
+        if self.tp == 1:
+            return nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+        return loss_parallel()
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
+                         weight: float) -> torch.Tensor:
+        """Forward and backward of one micro-batch (B, T) of the accum in an optimizer step, its mean loss
+        times weight, its share of this process's step loss; returns that product (detached). Pre-training
+        weighs each of k micro-batches 1/k: k mean losses, each divided by k, add up to the mean over the big
+        batch, and so do their gradients. Fine-tuning weighs each by the response tokens it holds
+        (finetune_lora.token_weights). The replicas' gradients are averaged, so the step's loss is the mean
+        over the processes of their step losses (step_loss)."""
+        # DDP averages gradients during backward; on all but the last micro-step there is nothing to
+        # average yet (DDP decides at forward time, so no_sync wraps the forward too).
+        is_last_micro_step = micro_step == self.accum - 1
+        if self.fsdp:                      # FSDP's counterpart of no_sync: reduce only on the last micro-step
+            self.module.set_requires_gradient_sync(is_last_micro_step)
+        with self.wrapped.no_sync() if isinstance(self.wrapped, DDP) and not is_last_micro_step \
+                else nullcontext(), self.loss_context():
+            with autocast(self.device, self.dtype):
+                loss = self.wrapped(x, y, self.loss_chunk) * weight
+            scaler.scale(loss).backward()
+        return local_value(loss.detach()) if self.tp > 1 else loss.detach()
+
+    def step_loss(self, loss: torch.Tensor) -> float:
+        """The step's mean loss from this process's step loss (the sum of forward_backward's): the mean over
+        the processes (the tensor-parallel ranks of a replica hold the same loss). Reading it syncs with the
+        device."""
+        return all_ranks_mean(loss).item()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
+                       is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
+        """clip_and_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
+        Under tensor parallelism (which refuses float16, so no scaler): average the replicas' gradients, clip
+        by the norm of the whole model's gradient, every shard of every tensor counted once."""
+        if self.tp == 1:
+            return clip_and_step(self.module, optimizer, scaler, grad_clip, is_good)
+        params = [p for p in self.module.parameters() if p.grad is not None]   # the tied matrix once
+        lay_out_like_parameters(params)
+        if self.dp_group is not None:
+            average_gradients([local_value(p.grad) for p in params], self.dp_group)
+        grads = [p.grad for p in params]   # every process runs the whole model: dp x tp of them
+        grad_norm = clip_by_global_norm(grads, grads, dist.get_world_size(), grad_clip, self.device)
+        if is_good(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss, through the plain model (evaluation runs under no_grad: no DDP needed)."""
+        if self.tp == 1:
+            return self.module(x, y, self.loss_chunk)
+        with self.loss_context():
+            return local_value(self.module(x, y, self.loss_chunk))
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+        """Load a by-name optimizer state from a checkpoint (FSDP, TP: each process keeps its shards of it)."""
+        if not self.fsdp and self.tp == 1:
+            load_optimizer_state_by_name(self.named_parameters(), optimizer, saved)
+        elif saved["state"]:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            if self.tp > 1:   # the file holds c_attn's rows as one process orders them
+                saved = {**saved, "state": {name: {key: permute_qkv(t, self.tp) if is_qkv(name) and t.dim() else t
+                                                   for key, t in state.items()}
+                                            for name, state in saved["state"].items()}}
+            set_optimizer_state_dict(self.module, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        if self.tp > 1 and not self.fsdp:
+            use_single_tensor_adamw(optimizer)
+
+    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+        """The whole model's state dict and by-name optimizer state, on rank 0 (None elsewhere under FSDP or
+        TP, whose shards are gathered), so the checkpoint is the same file whatever the layout that wrote it."""
+        if not self.fsdp and self.tp == 1:
+            return self.module.state_dict(), optimizer_state_by_name(self.named_parameters(), optimizer)
+        # FSDP's full state dicts name the optimizer state by parameter, as ours does.
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.module, options=options)
+        # Before the first step AdamW has no state, and get_optimizer_state_dict would create it by taking
+        # a step with lr=0, which advances AdamW's step count and so changes every later update.
+        optimizer_state = get_optimizer_state_dict(self.module, optimizer, options=options) if optimizer.state \
+            else optimizer_state_by_name(self.named_parameters(), optimizer)
+        if dist.get_rank() != 0:
+            return None, None
+        if self.tp > 1:   # c_attn's rows back in one process's order (tensor_parallel reordered them)
+            def unpermute(name: str, t):
+                return permute_qkv(t, self.tp, inverse=True) if is_qkv(name) and t.dim() else t
+            weights = {name: unpermute(name, t) for name, t in weights.items()}
+            optimizer_state = {**optimizer_state, "state": {
+                name: {key: unpermute(name, t) for key, t in state.items()}
+                for name, state in optimizer_state["state"].items()}}
+        return weights, optimizer_state
