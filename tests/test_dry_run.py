@@ -11,7 +11,7 @@ from conftest import ROOT, run_script
 from model import GPTConfig
 import planner
 import train
-from train import PRESETS, apply_preset
+from presets import PRESETS, apply_preset
 
 GIB = 2 ** 30
 

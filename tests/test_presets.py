@@ -12,7 +12,7 @@ from conftest import ROOT, lr_at
 from model import GPT, GPTConfig, plan_stages, stage_costs
 import planner
 import train
-from train import PRESETS, apply_preset
+from presets import PRESETS, apply_preset
 
 
 def preset_config(name: str) -> GPTConfig:
