@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_gpt2 import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
+from gpt2_weights import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
 from checkpoints import load_checkpoint, model_from_checkpoint, write_atomically
 from flags import parse_args
 from processes import autocast, pick_device, pick_dtype

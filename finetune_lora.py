@@ -397,7 +397,7 @@ def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master
     adapter (path and sha256) and the tokenizer its checkpoint carries. GPT-2's weights first become a
     checkpoint of ours in out_dir/base.pt. A resumed run refuses a base that changed since it started."""
     if cfg.init_from != "resume":
-        from hf_gpt2 import is_hf_source, save_hf_as_checkpoint
+        from gpt2_weights import is_hf_source, save_hf_as_checkpoint
         if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
             base_path = os.path.join(cfg.out_dir, "base.pt")
             if is_master:                  # out_dir appears only once the weights have loaded

@@ -65,7 +65,7 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     if cfg.init_from and cfg.lora:
         sys.exit("error: an adapter carries its own base; give --lora or --init_from, not both")
     if cfg.init_from:
-        from hf_gpt2 import check_hf_source
+        from gpt2_weights import check_hf_source
         check_hf_source(cfg.init_from)
     if cfg.input and not cfg.instruction:
         sys.exit("error: --input is the context of an instruction; give --instruction too")
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_base_with_adapter(cfg.lora, base_path)
         model = merge_lora(model)
     elif cfg.init_from:
-        from hf_gpt2 import hf_tokenizer, load_hf_gpt2
+        from gpt2_weights import hf_tokenizer, load_hf_gpt2
         model, tokenizer = load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)
     else:
         checkpoint = load_checkpoint(ckpt_path)

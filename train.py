@@ -160,7 +160,7 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
     """Refuse values that cannot work on any number of processes, with the flag's name, before anything starts."""
     check_run_config(cfg, {**RUN_MINIMUMS, "keep_last": 0})
     if cfg.init_from not in ("scratch", "resume"):
-        from hf_gpt2 import check_hf_source
+        from gpt2_weights import check_hf_source
         check_hf_source(cfg.init_from, ("scratch", "resume"))
     refuse(config_refusals(cfg, model_cfg))
     if cfg.dry_run:
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 def initial_weights(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str]
                     ) -> tuple[GPTConfig, dict | None]:
     """The model config and the weights a run starts from other than random ones or its checkpoint's: GPT-2's,
-    through hf_gpt2.py, with --init_from=gpt2 (or a size, or a Hugging Face directory); else (model_cfg, None).
+    through gpt2_weights.py, with --init_from=gpt2 (or a size, or a Hugging Face directory); else (model_cfg, None).
     A new run never overwrites a checkpoint."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
@@ -339,7 +339,7 @@ def initial_weights(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, s
                  f"(nothing is overwritten)")
     if cfg.init_from in ("scratch", "resume"):
         return model_cfg, None
-    from hf_gpt2 import RUNTIME_FIELDS, init_from_hf
+    from gpt2_weights import RUNTIME_FIELDS, init_from_hf
     pretrained = init_from_hf(cfg.init_from, model_cfg, set(sources))
     # Variants GPT-2 was not trained with (sparse_topk, realformer) are honoured, and said so.
     plain = {name: value for name, value in dataclasses.asdict(GPTConfig()).items()
@@ -398,7 +398,7 @@ def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, r
     elif cfg.init_from == "scratch" and "vocab_size" not in given and "vocab_size" in meta:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=int(meta["vocab_size"]))
     elif cfg.init_from != "scratch":
-        from hf_gpt2 import hf_tokenizer
+        from gpt2_weights import hf_tokenizer
         weights_tokenizer = hf_tokenizer(cfg.init_from)
         weights_record = tokenizer_record(weights_tokenizer)
         if tokenizer_identity(weights_record["name"], weights_record["sha256"]) != \

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, import_extra, run_script
 from eval_lm import EvalConfig, default_output, make_adapter_class, rolling_windows, score_continuations
-from hf_gpt2 import go_offline_if_hub_unreachable
+from gpt2_weights import go_offline_if_hub_unreachable
 from checkpoints import save_checkpoint
 from tokenization import get_tokenizer
 from model import GPT, GPTConfig

@@ -14,7 +14,8 @@ from conftest import ROOT, import_extra, run_script
 transformers = import_extra("transformers")
 import_extra("safetensors")
 
-from hf_gpt2 import export_hf, gpt_config_from_hf, hf_config_from_gpt, load_hf_gpt2  # noqa: E402
+from gpt2_weights import gpt_config_from_hf, hf_config_from_gpt, load_hf_gpt2
+from hf_gpt2 import export_hf
 from checkpoints import load_checkpoint, save_checkpoint
 from tokenization import get_tokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import generate
+import gpt2_weights
 import hf_gpt2
 import prepare
 import train
@@ -293,8 +294,8 @@ def test_exported_bpe_gives_our_ids_in_transformers(bpe_data, tmp_path):
     assert theirs.decode(tokenizer.encode(TEXT)) == TEXT
     assert theirs.eos_token_id == tokenizer.eot_token == json.load(open(os.path.join(out, "config.json")))[
         "eos_token_id"]
-    assert hf_gpt2.hf_tokenizer(out).file == tokenizer.file
-    imported = hf_gpt2.load_hf_gpt2(out).state_dict()
+    assert gpt2_weights.hf_tokenizer(out).file == tokenizer.file
+    imported = gpt2_weights.load_hf_gpt2(out).state_dict()
     assert all(torch.equal(imported[name], tensor) for name, tensor in model.state_dict().items())
 
 
