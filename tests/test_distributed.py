@@ -186,7 +186,7 @@ def test_pipeline_runs_forward_under_autocast_and_backward_outside_it(tmp_path):
         block.register_forward_hook(lambda *_: autocast_on.update(forward=is_on()))
         block.register_full_backward_hook(lambda *_: autocast_on.update(backward=is_on()))
         x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
-        pipe.forward_backward(x, y, micro_step=0, scaler=None)   # as train.py's loop calls it
+        pipe.forward_backward(x, y, micro_step=0, scaler=None, weight=1.0)   # as the loop calls it (accum 1)
         assert autocast_on == {"forward": True, "backward": False}
     finally:
         dist.destroy_process_group()

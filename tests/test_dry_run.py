@@ -371,7 +371,7 @@ def test_layout_search_only_names_flags_that_a_run_accepts(name):
     named = suggestion(text)
     assert refusal_of_a_run([*flags, *named], world_size) is None, named
     gpu = next((f.split("=")[1] for f in flags if f.startswith("--dry_run_gpu=")), "H100")
-    assert fits(report(*flags, *named, "--dry_run"), 0.9 * train.GPU_MEMORY_GIB[gpu])
+    assert fits(report(*flags, *named, "--dry_run"), 0.9 * planner.GPU_MEMORY_GIB[gpu])
 
 
 @pytest.mark.parametrize("flags, refusal", [

@@ -15,7 +15,7 @@ Two models: WIDE (30M parameters, 128 tokens per micro-batch), where the weights
 moments at 16-20 bytes per parameter dwarf the activations, for the layouts that divide the parameters (DDP,
 FSDP, TP, PP); DEEP (5M parameters, 2048 tokens per micro-batch), whose activations dominate, for activation
 checkpointing and bf16. Measured (this 2-core Xeon, torch 2.13), peak / estimate: DDP 1.00, FSDP 1.05, TP
-1.10 (the embedding's gradient arrives whole on each rank before it is split, distributed.
+1.10 (the embedding's gradient arrives whole on each rank before it is split, parallel.
 lay_out_like_parameters; the estimate counts its 1/t share), PP 1.00 and 1.01 (stages 0 and 1),
 checkpointing 0.95, bf16 0.96. The estimate counts the gradients and the activations as held together, where
 backward frees the one as it fills the other: an upper bound, a little above the CPU's peak where the
@@ -44,7 +44,7 @@ import json, os, sys
 sys.path.insert(0, {root!r})
 # Everything the layouts import lazily, imported before the baseline is read.
 import numpy, torch, torch.distributed.fsdp, torch.distributed.pipelining, torch.distributed.tensor.parallel
-import distributed, train
+import parallel, planner, runtime, train
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -56,12 +56,12 @@ def reset_peak():
         f.write("5")                              # VmHWM back to the current RSS
 
 record = {{"baseline": status("VmRSS"), "peaks": [], "saves": []}}
-for runtime in (runtime.DataParallel, parallel.Pipeline):
-    def full_state(self, optimizer, original=runtime.full_state):
+for layout in (runtime.DataParallel, parallel.Pipeline):
+    def full_state(self, optimizer, original=layout.full_state):
         record["peaks"].append(status("VmHWM"))   # the peak since the last checkpoint
         reset_peak()
         return original(self, optimizer)
-    runtime.full_state = full_state
+    layout.full_state = full_state
 
 def save_on_rank0(*args, original=train.save_on_rank0):
     original(*args)
