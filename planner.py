@@ -469,8 +469,9 @@ def find_layout(cfg, model_cfg: GPTConfig, world_size: int, memory_gib: float
                 ) -> tuple[tuple[list[str], Layout, float] | None, tuple[list[str], str] | None]:
     """(found, refused). found: a layout of world_size GPUs that train.py accepts and whose plan fits
     FIT_FRACTION of memory_gib on every GPU, as the flags that give it (to add to the command), the Layout and
-    its largest GPU's GiB; None if none of the grid does. refused: when nothing is found, the flags of the first
-    layout that would fit and the refusal that rules it out (else None). The global batch (batch_size x
+    its largest GPU's GiB; None if none of the grid does. refused: when nothing is found but some layouts would
+    fit, the refusal that alone rules out the most of them and the flags of the first it rules out (else
+    None). The global batch (batch_size x
     gradient_accumulation_steps x data-parallel replicas) stays as it is. Whether a layout is accepted is asked
     of the run's own checks (config_refusals, layout_refusals), never decided here.
 
@@ -501,6 +502,7 @@ def find_layout(cfg, model_cfg: GPTConfig, world_size: int, memory_gib: float
                 candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro, sp))
     cuts, refused = {}, []                 # plan_stages' cuts, kept across the layouts of this model
     now = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
+    dtype = planned_dtype(cfg)
     for _, tp, pp, dp, fsdp, checkpointing, micro, sp in sorted(candidates):
         per_replica = sequences // dp
         m = per_replica // micro if pp > 1 else 1           # one pipeline flush per step: the smallest bubble
@@ -509,19 +511,19 @@ def find_layout(cfg, model_cfg: GPTConfig, world_size: int, memory_gib: float
                   "batch_size": per_replica if pp > 1 else micro,
                   "gradient_accumulation_steps": 1 if pp > 1 else per_replica // micro,
                   "n_microbatches": m if pp > 1 else cfg.n_microbatches}
-        flags = [f"--{name}" if value is True else f"--{name}={value}" for name, value in values.items()
-                 if value != now[name]]
-        run = dataclasses.replace(cfg, dry_run=False, **{k: v for k, v in values.items()
-                                                        if k != "activation_checkpointing"})
         config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
-        # The first refusal of each kind: those of the flags and those of the layout are independent checks.
-        refusals = {next(config_refusals(run, config), None),
-                    next(layout_refusals(run, world_size, planned_dtype(cfg)), None)} - {None}
         layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=sp,
                                      n_microbatches=m, micro_batch=micro)
         fullest = max(sum(estimate.values()) for _, _, estimate in plan_memory(config, layout, cuts)) / GIB
         if fullest > FIT_FRACTION * memory_gib:
             continue
+        flags = [f"--{name}" if value is True else f"--{name}={value}" for name, value in values.items()
+                 if value != now[name]]
+        run = dataclasses.replace(cfg, dry_run=False, **{k: v for k, v in values.items()
+                                                        if k != "activation_checkpointing"})
+        # The first refusal of each kind: those of the flags and those of the layout are independent checks.
+        refusals = {next(config_refusals(run, config), None), next(layout_refusals(run, world_size, dtype), None)}
+        refusals -= {None}
         if refusals:
             refused.append((flags, refusals))
             continue
@@ -540,8 +542,9 @@ def find_layout(cfg, model_cfg: GPTConfig, world_size: int, memory_gib: float
 
 def dry_run_report(cfg, model_cfg: GPTConfig) -> list[str]:
     """The plan of a run, as lines to print: the layout (pp x dp or fsdp x tp), parameters (total and per
-    pipeline stage), FLOPs per token, tokens per optimizer step, estimated memory per GPU (plan_memory) and time per step (step_seconds) on cfg.dry_run_gpu at cfg.dry_run_mfu, and when
-    the plan does not fit, a layout that does (find_layout). The parameters are counted on a block, the
+    pipeline stage), FLOPs per token, tokens per optimizer step, estimated memory per GPU (plan_memory) and
+    time per step (step_seconds) on cfg.dry_run_gpu at cfg.dry_run_mfu, and when the plan does not fit, a
+    layout that does (find_layout). The parameters are counted on a block, the
     embedding and the head built on the meta device: shapes without memory, seconds even for 175B parameters."""
     world_size = cfg.dry_run_world_size or cfg.pp * cfg.tp
     layout = dry_run_layout(cfg, world_size)
