@@ -28,14 +28,14 @@ import torch
 import torch.distributed as dist
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
-from runtime import DataParallel
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
 from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
-from runtime import evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, should_compile, train_loop
+from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 from processes import StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
 from runlog import RunLog, StepTimer, prepare_out_dir
+from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
+                     should_compile, train_loop)
 from tokenization import checkpoint_tokenizer, shakespeare_paths
-from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 
 
 # --- the run's flags ---
@@ -158,21 +158,24 @@ def collate(examples: list[tuple[list[int], int]], mask_input: bool) -> tuple[to
 
 
 def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: FinetuneConfig, rank: int,
-                       world_size: int, device: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int, int]:
-    """This process's micro-batches (x, y) for optimizer step `step`, the number of target tokens the step
-    counts on all processes (token_weights weighs each micro-batch by its share of them), and the
-    step's real tokens, padding left out (for the tokens/s). Every process computes the step's records
-    (step_examples); process `rank` takes its contiguous share."""
+                       world_size: int, device: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor, float]], int]:
+    """This process's micro-batches (x, y, weight) for optimizer step `step`, on device, each weighed by its
+    share of the target tokens the step counts on all processes (token_weights), and the step's real tokens,
+    padding left out (for the tokens/s). Every process computes the step's records (step_examples); process
+    `rank` takes its contiguous share."""
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     indices = step_examples(step, examples_per_step, len(examples), cfg.seed)
     share = len(indices) // world_size
     my_indices = indices[rank * share:(rank + 1) * share]
     micro_batches = [collate([examples[i] for i in my_indices[start:start + cfg.batch_size]], cfg.mask_input)
                      for start in range(0, share, cfg.batch_size)]
-    step_tokens = torch.tensor([sum(int((y != -1).sum()) for _, y in micro_batches)], device=device)
+    counts = [int((y != -1).sum()) for _, y in micro_batches]   # counted on the CPU: no device sync
+    step_tokens = torch.tensor([sum(counts)], device=device)
     if world_size > 1:
         dist.all_reduce(step_tokens)
-    return micro_batches, int(step_tokens.item()), sum(len(examples[i][0]) - 1 for i in indices)
+    weights = token_weights(counts, int(step_tokens.item()), world_size)
+    return ([(x.to(device), y.to(device), weight) for (x, y), weight in zip(micro_batches, weights)],
+            sum(len(examples[i][0]) - 1 for i in indices))
 
 
 def eval_example_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_input: bool, device: str,
@@ -541,11 +544,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         return finetune_flops(model.config, n_params, tokens_per_step, examples_per_step)
 
     def batches_of(step: int) -> tuple[list, int]:
-        """The step's micro-batches, each weighed by the response tokens it holds (token_weights)."""
-        micro_batches, step_tokens, tokens = step_micro_batches(splits["train"], step, cfg, rank, world_size,
-                                                                device)
-        weights = token_weights([int((y != -1).sum()) for _, y in micro_batches], step_tokens, world_size)
-        return [(x.to(device), y.to(device), w) for (x, y), w in zip(micro_batches, weights)], tokens
+        return step_micro_batches(splits["train"], step, cfg, rank, world_size, device)
     step, stop_signal, best_val_loss, timer = train_loop(
         cfg, parallel, optimizer, scaler, batches_of, evaluate_now, save, log, stop, start_step, best_val_loss,
         saved_at_start=start_step > 0, flops_of=step_flops, peak=peak_flops(device, cfg.peak_flops, world_size),
