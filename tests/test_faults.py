@@ -593,29 +593,23 @@ def test_sigterm_stops_finetuning_and_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
-def test_a_bad_write_delay_stops_with_one_line_and_writes_nothing(value, tmp_path, monkeypatch):
-    """GPT_TEST_WRITE_DELAY_S, the test hook that slows every file write, gave a traceback when it was not a
-    number (float('abc') inside write_atomically); now one line that names it, before any file is opened."""
-    from checkpoints import write_atomically
-    monkeypatch.setenv("GPT_TEST_WRITE_DELAY_S", value)
-    with pytest.raises(SystemExit) as stop:
-        write_atomically(str(tmp_path / "f.bin"), lambda f: f.write(b"data"))
-    assert str(stop.value.code) == (f"error: GPT_TEST_WRITE_DELAY_S={value} is not a number of seconds >= 0; it "
-                                    f"is a test hook that delays every file write: unset it, or give seconds "
-                                    f"such as 0.3")
-    assert os.listdir(tmp_path) == []
+# The test hooks of write_atomically read from the environment, so a value that cannot be read is a user's
+# mistake like any other: GPT_TEST_WRITE_DELAY_S that is not seconds (float('abc')) and GPT_TEST_KILL_AT=NAME#N
+# with an N that is not a whole number >= 1 (int('x')) gave tracebacks inside write_atomically.
+BAD_HOOKS = [("GPT_TEST_WRITE_DELAY_S", value, f"error: GPT_TEST_WRITE_DELAY_S={value} is not a number of seconds "
+              f">= 0; it is a test hook that delays every file write: unset it, or give seconds such as 0.3")
+             for value in ("abc", "-1", "nan", "inf")] + \
+            [("GPT_TEST_KILL_AT", value, f"error: GPT_TEST_KILL_AT={value}: the count after # must be a whole number "
+              f">= 1; it is a test hook that kills the process at a named point: unset it, or give NAME or NAME#N")
+             for value in ("written ckpt.pt#x", "written ckpt.pt#0", "written ckpt.pt#-2")]
 
 
-@pytest.mark.parametrize("value", ["written ckpt.pt#x", "written ckpt.pt#0", "written ckpt.pt#-2"])
-def test_a_bad_kill_point_count_stops_with_one_line_and_writes_nothing(value, tmp_path, monkeypatch):
-    """GPT_TEST_KILL_AT=NAME#N with an N that is not a whole number >= 1 gave a traceback (int('x') inside
-    write_atomically); now one line that names it, and the .tmp file it had begun is removed."""
+@pytest.mark.parametrize("variable, value, message", BAD_HOOKS)
+def test_a_bad_test_hook_stops_with_one_line_and_writes_nothing(variable, value, message, tmp_path, monkeypatch):
+    """One line that names the variable, and no file left behind (not even the .tmp one)."""
     from checkpoints import write_atomically
-    monkeypatch.setenv("GPT_TEST_KILL_AT", value)
+    monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as stop:
         write_atomically(str(tmp_path / "ckpt.pt"), lambda f: f.write(b"data"))
-    assert str(stop.value.code) == (f"error: GPT_TEST_KILL_AT={value}: the count after # must be a whole number "
-                                    f">= 1; it is a test hook that kills the process at a named point: unset it, "
-                                    f"or give NAME or NAME#N")
+    assert str(stop.value.code) == message
     assert os.listdir(tmp_path) == []

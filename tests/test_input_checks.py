@@ -186,8 +186,8 @@ def test_a_tokenizer_json_that_is_not_a_byte_level_bpe_is_refused(tmp_path):
         path = tmp_path / name
         path.write_text(tokenizer.to_str())
         flags = [f"--input={text}", f"--tokenizer={path}", f"--data_dir={tmp_path}/d"]
-        assert_one_line_error("prepare.py", flags, f"error: {path} is not a byte-level BPE (GPT-2 style: model BPE, ByteLevel "
-                              f"pre-tokenizer and decoder); train one with prepare.py --tokenizer=bpe:VOCAB")
+        assert_one_line_error("prepare.py", flags, f"error: {path} is not a byte-level BPE (GPT-2 style: model BPE, "
+                              f"ByteLevel pre-tokenizer and decoder); train one with prepare.py --tokenizer=bpe:VOCAB")
         assert not os.path.exists(tmp_path / "d")
 
 

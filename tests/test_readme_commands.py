@@ -197,8 +197,8 @@ def generate_problems(line: str, result: subprocess.CompletedProcess, folder: st
     prompt = open(os.path.join(folder, "prompt.txt"), encoding="utf-8").read()
     samples = result.stdout.split("\n" + "-" * 40 + "\n")
     problems = [] if len(samples) == 3 else [f"{len(samples)} samples printed, not 3"]
-    problems += [f"sample {i} does not continue the prompt file: {sample!r}"
-                 for i, sample in enumerate(samples) if not (sample.startswith(prompt) and len(sample.rstrip("\n")) > len(prompt))]
+    problems += [f"sample {i} does not continue the prompt file: {sample!r}" for i, sample in enumerate(samples)
+                 if not (sample.startswith(prompt) and len(sample.rstrip("\n")) > len(prompt))]
     base = [f"--out_dir={folder}/out", f"--prompt_file={folder}/prompt.txt", "--max_new_tokens=8"]
     if generated(*base, "--temperature=0.9") == generated(*base, "--temperature=0.9", "--top_p=0.95"):
         problems.append("--top_p=0.95 draws the same text as no --top_p with the same seed")

@@ -106,7 +106,7 @@ def test_a_ddp_checkpoint_resumed_under_tp_keeps_the_replicated_weights_equal(ti
     run_train(out_dir, tiny_data_dir, 2, "--dropout=0.1", "--max_iters=6", "--eval_interval=3", "--tp=2",
               "--init_from=resume", script=str(script))
     assert sorted(logged(out_dir)) == [1, 2, 3, 4, 5, 6]
-    ranks = [torch.load(os.path.join(out_dir, f"replicated-rank{rank}.pt")) for rank in (0, 1)]
+    ranks = [torch.load(os.path.join(out_dir, f"replicated-rank{rank}.pt"), weights_only=True) for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() >= {"transformer.wpe.weight", "transformer.ln_f.weight"}
     for name, tensor in ranks[0].items():
         assert torch.equal(tensor, ranks[1][name]), name
@@ -344,7 +344,7 @@ def test_tp2_with_dropout_keeps_replicas_equal_and_recomputation_changes_nothing
     for out_dir in runs.values():
         checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         assert checkpoint["model_config"]["dropout"] == 0.2
-        rank0, rank1 = (torch.load(os.path.join(out_dir, f"rank-{r}.pt")) for r in (0, 1))
+        rank0, rank1 = (torch.load(os.path.join(out_dir, f"rank-{r}.pt"), weights_only=True) for r in (0, 1))
         whole = [name for name, t in rank0.items() if t.shape == checkpoint["model"][name].shape]
         assert {"transformer.h.0.ln_1.weight", "transformer.h.1.attn.c_proj.bias",
                 "transformer.h.1.mlp_0.c_proj.bias", "transformer.ln_f.bias"} <= set(whole)
