@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from flags import flags_given, parse_args
+from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
+from planner import microbatches
+from presets import apply_preset
 from processes import autocast, dtype_name, peak_flops, pick_device, pick_dtype, sampling_dtype
 from tokenization import gpt2_bpe_dir
-from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
-from presets import apply_preset
 from train import TrainConfig, draw_windows, read_batch
-from planner import microbatches
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")

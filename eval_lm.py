@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2_weights import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
 from checkpoints import load_checkpoint, model_from_checkpoint, write_atomically
 from flags import parse_args
+from gpt2_weights import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
+from model import GPT, GPT2_SIZES, arg, generate
 from processes import autocast, pick_device, pick_dtype
 from tokenization import checkpoint_tokenizer
-from model import GPT, GPT2_SIZES, arg, generate
 
 
 @dataclass

@@ -17,10 +17,10 @@ import torch
 
 from checkpoints import load_checkpoint, model_from_checkpoint
 from flags import flags_given, parse_args
-from processes import autocast, pick_device, sampling_dtype
-from tokenization import checkpoint_tokenizer
 from lora import format_prompt, load_base_with_adapter, merge_lora
 from model import arg, generate
+from processes import autocast, pick_device, sampling_dtype
+from tokenization import checkpoint_tokenizer
 
 
 @dataclass

@@ -20,8 +20,8 @@ import urllib.request
 import torch
 
 from checkpoints import save_checkpoint
-from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, get_tokenizer, tokenizer_record
 from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig
+from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, get_tokenizer, tokenizer_record
 
 # The weights that OpenAI's Conv1D stores transposed: (C_in, C_out) there, (C_out, C_in) in nn.Linear.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

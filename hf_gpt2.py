@@ -21,8 +21,8 @@ import torch
 from checkpoints import load_checkpoint
 from flags import parse_args
 from gpt2_weights import hf_config_from_gpt, hf_generation_config_from_gpt, hf_state_dict_from_gpt, import_optional
-from tokenization import EOT_TEXT, EOT_TOKEN, bytes_to_unicode, get_tokenizer, load_tokenizer
 from model import GPTConfig, arg
+from tokenization import EOT_TEXT, EOT_TOKEN, bytes_to_unicode, get_tokenizer, load_tokenizer
 
 
 @dataclass

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from checkpoints import load_checkpoint, load_verified, model_from_checkpoint, save_verifiable, sha256_file
-from tokenization import checkpoint_tokenizer
 from model import GPT
+from tokenization import checkpoint_tokenizer
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names; mlp_0 is the first
 # half-step feed-forward of a Macaron block, --macaron). The default names them all: a layer the model does
