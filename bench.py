@@ -10,8 +10,8 @@
 Every measurement runs --repeats times and is reported as the median with its spread: one JSON line per
 figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so
 the figures are what a user gets (peak memory is that process's whole RSS, or torch's peak allocation on
-a GPU). Every TrainConfig and GPTConfig flag of train.py passes through to those runs (--preset too);
-without model flags the model is the one nanoGPT was measured with (docs/performance.md).
+a GPU). train.py's loop, layout and model flags (BenchRunConfig, GPTConfig) and --preset pass through to those
+runs; without model flags the model is the one nanoGPT was measured with (docs/performance.md).
 --baseline runs a nanoGPT checkout and this project alternately on the same model, so its ratios never divide
 by a figure from another machine or another day; --parts=limits measures the machine's matmul peak and memory
 bandwidth and gives the training and sampling figures as shares of them.
@@ -34,13 +34,13 @@ import torch
 
 import torch.nn.functional as F
 
-from flags import flags_given, parse_args
+from flags import RunConfig, flags_given, parse_args
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
-from planner import microbatches
-from presets import apply_preset
+from planner import LayoutConfig, microbatches
+from presets import PRESETS, apply_preset
 from processes import autocast, dtype_name, peak_flops, pick_device, pick_dtype, sampling_dtype
+from tokenfiles import draw_windows, read_batch, to_device
 from tokenization import gpt2_bpe_dir
-from train import TrainConfig, draw_windows, read_batch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")
@@ -51,6 +51,14 @@ COMPARISON_CONFIG = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_
 # The flags bench.py sets itself on its training runs (the bench flags in brackets control them).
 RUN_FLAGS = ("data_dir", "dataset", "out_dir", "init_from", "max_iters", "eval_interval", "eval_iters",
              "log_interval", "eval_only", "dry_run", "resume_from")
+
+
+@dataclass
+class BenchRunConfig(LayoutConfig, RunConfig):
+    """The flags of train.py that bench.py's runs take from its command line: the loop's, the layout's and the
+    preset (the model's are GPTConfig's); bench.py sets the data, the files and the schedule itself."""
+    preset: str | None = arg(None, "a named model and its published recipe (PRESETS in presets.py); flags given on "
+                                   "the command line win", choices=tuple(PRESETS))
 
 
 @dataclass
@@ -138,7 +146,7 @@ def bench_prepare(cfg: BenchConfig, work_dir: str) -> tuple[list[dict], str]:
             summarize("prepare_openwebtext_projection", "hours", owt_hours)], data_dir
 
 
-def bench_train(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, passthrough: list[str],
+def bench_train(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
                 data_dir: str, work_dir: str, device: str) -> list[dict]:
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
     max_iters = cfg.warmup_steps + cfg.train_steps
@@ -168,7 +176,7 @@ def bench_train(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, 
     return figures
 
 
-def data_loader_share(data_dir: str, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str,
+def data_loader_share(data_dir: str, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str,
                       step_ms: float, repeats: int = 50) -> list[float]:
     """Time train.py's batch reading (memmap windows -> tensors on the device) for one step's micro-batches,
     as a share of the median step time."""
@@ -180,10 +188,8 @@ def data_loader_share(data_dir: str, train_cfg: TrainConfig, model_cfg: GPTConfi
         start = time.perf_counter()
         for _ in range(train_cfg.gradient_accumulation_steps):
             offsets = draw_windows(n_tokens, model_cfg.block_size, train_cfg.batch_size, generator)
-            x, y = read_batch(path, offsets, model_cfg.block_size)
-            if device.startswith("cuda"):
-                x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-                torch.cuda.synchronize()
+            to_device(*read_batch(path, offsets, model_cfg.block_size), device)
+            synchronize(device)
         shares.append(100 * (time.perf_counter() - start) * 1000 / step_ms)
     return shares
 
@@ -202,7 +208,7 @@ def sample_stamps(model: GPT, batch_size: int, n_tokens: int, device: str, dtype
     return stamps
 
 
-def sampling_setup(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> tuple[GPT, torch.dtype, bool]:
+def sampling_setup(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> tuple[GPT, torch.dtype, bool]:
     """The model sampled from (fresh weights: the speed does not depend on them), its dtype, and whether
     its steps are compiled (generate.py's defaults)."""
     torch.manual_seed(train_cfg.seed)
@@ -211,7 +217,7 @@ def sampling_setup(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) ->
     return model, sampling_dtype(train_cfg.dtype, device), compile_steps
 
 
-def bench_sample(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
+def bench_sample(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
     """Tokens/s of generate() with the KV cache, as generate.py samples (temperature 0.8, top-k 200), and
     the time of single steps early (token 10) and late (the last token) to show no slowdown as it grows."""
     model, dtype, compile_steps = sampling_setup(train_cfg, model_cfg, device)
@@ -266,7 +272,7 @@ def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir
             summarize("soak_median_step", "ms", [median])]
 
 
-def bench_stages(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
+def bench_stages(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
     """Forward + backward time of each pipeline stage of the splitter's plan (--pp, --pp_balance) on one
     micro-batch, as a share of the total, next to the share the 'flops' cost model predicts."""
     plan = plan_stages(model_cfg, train_cfg.pp, train_cfg.pp_balance)
@@ -304,7 +310,7 @@ def bench_stages(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
     return figures
 
 
-def bench_pipeline(cfg: BenchConfig, train_cfg: TrainConfig, passthrough: list[str], data_dir: str,
+def bench_pipeline(cfg: BenchConfig, train_cfg: BenchRunConfig, passthrough: list[str], data_dir: str,
                    work_dir: str) -> list[dict]:
     """Step time of --pp stages under torchrun (one thread per process) against the ideal: the
     single-process, single-thread step time split over pp processes, stretched by the pipeline bubble
@@ -400,7 +406,7 @@ def seed_tiktoken_cache(cache_dir: str) -> dict:
     return {"TIKTOKEN_CACHE_DIR": cache_dir}
 
 
-def nanogpt_flags(train_cfg: TrainConfig, model_cfg: GPTConfig, device: str) -> list[str]:
+def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> list[str]:
     """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
     literal_evals each value and wants the type of its default, hence 0.0 for a float. Off CUDA nanoGPT
     trains and samples in fp32 whatever --dtype says, so its flag says float32 there."""
@@ -420,7 +426,7 @@ def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float
     return time.perf_counter() - start, usage["peak_rss_mib"]
 
 
-def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, passthrough: list[str],
+def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
                      baseline: str, data_dir: str, work_dir: str, device: str) -> list[dict]:
     """nanoGPT's train.py and sample.py against ours, alternately, --repeats rounds. A step's time is
     (wall(n2 steps) - wall(n1 steps)) / (n2 - n1), with n1 = --warmup_steps and n2 = n1 + --train_steps:
@@ -577,7 +583,7 @@ def bytes_read_per_token(model_cfg: GPTConfig, n_tokens: int) -> float:
     return 4 * matmul_weights + 4 * 2 * model_cfg.n_layer * model_cfg.n_embd * cached
 
 
-def bench_limits(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig, device: str,
+def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str,
                  cpu_flags: list[str]) -> tuple[list[dict], dict]:
     """The GEMM FLOP/s at each of the model's matmul shapes in fp32, in bf16 where the hardware has it, and in
     the run's dtype; each dtype's peak is its best shape. The memory bandwidth: a copy (read + write) and a
@@ -616,7 +622,7 @@ def bench_limits(cfg: BenchConfig, train_cfg: TrainConfig, model_cfg: GPTConfig,
     return figures, {"gemm_peak": peaks, "bandwidth": bandwidth}
 
 
-def shares_of_limits(figures: list[dict], limits: dict, cfg: BenchConfig, train_cfg: TrainConfig,
+def shares_of_limits(figures: list[dict], limits: dict, cfg: BenchConfig, train_cfg: BenchRunConfig,
                      model_cfg: GPTConfig, device: str) -> list[dict]:
     """Training GFLOP/s (flops_per_token x tokens/s) as a share of the fp32 GEMM peak and of the peak of the
     run's dtype, and sampling tokens/s at batch 1 as a share of the bandwidth bound, for each training and
@@ -655,7 +661,7 @@ def print_table(figures: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    cfg, train_cfg, model_cfg = parse_args(BenchConfig, TrainConfig, GPTConfig, argv=argv)
+    cfg, train_cfg, model_cfg = parse_args(BenchConfig, BenchRunConfig, GPTConfig, argv=argv)
     given = flags_given(argv)
     parts = cfg.parts.split(",") if cfg.baseline == "" or "parts" in given else ["vs_nanogpt", "limits"]
     if unknown := [p for p in parts if p not in PARTS]:
@@ -676,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
     defaults = {} if train_cfg.preset else {k: v for k, v in COMPARISON_CONFIG.items() if k not in given}
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in defaults.items() if hasattr(train_cfg, k)})
     model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in defaults.items() if hasattr(model_cfg, k)})
-    run_fields = {f.name for c in (TrainConfig, GPTConfig) for f in dataclasses.fields(c)} & (given | set(defaults))
+    run_fields = {f.name for c in (BenchRunConfig, GPTConfig) for f in dataclasses.fields(c)} & (given | set(defaults))
     passthrough = [f"--{name}={getattr(train_cfg if hasattr(train_cfg, name) else model_cfg, name)}"
                    for name in sorted(run_fields)]
     device = pick_device(train_cfg.device)

@@ -14,8 +14,45 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Block, GPTConfig, GPTStage, flops_per_token, plan_stages, stage_costs
+from model import Block, GPTConfig, GPTStage, arg, flops_per_token, plan_stages, stage_costs
 from processes import GPU_COMPUTE_CAPABILITY, PEAK_BF16_FLOPS, auto_dtype, dtype_name
+
+
+# --- the layout's flags ---
+
+@dataclass
+class LayoutConfig:
+    """How a run lays its processes out (under torchrun: world size = pp x data-parallel replicas x tp), and the
+    dry run that plans a layout without running it. train.py's TrainConfig extends it."""
+    fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state across the processes "
+                            "(FSDP2) instead of giving each a full copy (DDP)")
+    # pipeline parallelism
+    pp: int = arg(1, "pipeline stages: each process runs a contiguous slice of the blocks")
+    pp_schedule: str = arg("1f1b", "order of the micro-batches' forward and backward passes",
+                           choices=("gpipe", "1f1b", "interleaved_1f1b"))
+    pp_balance: str = arg("flops", "cost model the splitter balances the stages by",
+                          choices=("flops", "params", "uniform"))
+    n_microbatches: int | None = arg(None, "micro-batches each batch_size batch is cut into under --pp (default: "
+                                           "the fewest that give every stage work: >= --pp and dividing "
+                                           "--batch_size; more shrink the bubble and, under 1F1B, the activations "
+                                           "in flight)")
+    pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
+    # tensor parallelism
+    tp: int = arg(1, "tensor-parallel processes: each block's matrices, the embedding and the LM head split "
+                     "across them, attention by heads (Megatron-LM); keep them within a node. The loss is "
+                     "computed from the vocabulary-split logits (--loss_chunk does not apply)")
+    sequence_parallel: bool = arg(False, "with --tp, also split the LayerNorms, dropout and residual stream along "
+                                         "the sequence (Korthikanti et al. 2022): less activation memory")
+    # the dry run: plan a run without running it
+    dry_run: bool = arg(False, "build the model on the meta device, print parameters, FLOPs per token, tokens "
+                               "per step, memory per GPU and time per step, then exit (no data, no files, no "
+                               "torchrun)")
+    dry_run_gpu: str = arg("H100", "GPU the dry run plans for (peak FLOP/s and memory from processes.py and "
+                                   "planner.py)", choices=tuple(PEAK_BF16_FLOPS))
+    dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run assumes while the GPUs compute (the "
+                                  "pipeline bubble and recomputation come on top)")
+    dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp x --tp, "
+                                               "one data-parallel replica)")
 
 
 # --- the layouts a run can take: its checks ---

@@ -7,36 +7,35 @@
 Every field of TrainConfig and of model.GPTConfig is a flag (`--help` lists them with their defaults).
 """
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import keep_checkpoints, load_checkpoint, save_checkpoint, sha256_file
+from checkpoints import keep_checkpoints, load_checkpoint, save_checkpoint
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
 from model import GPT, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
 from parallel import Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
-from planner import config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
+from planner import LayoutConfig, config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
 from presets import PRESETS, apply_preset
 from processes import (PEAK_BF16_FLOPS, StopSignals, peak_flops, print0, run_main, setup_distributed,
                        teardown_distributed)
 from runlog import RunLog, prepare_out_dir
 from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
                      should_compile, train_loop)
+from tokenfiles import check_resume_data, describe_tokenizer, draw_windows, load_data_meta, read_batch, to_device
 from tokenization import dataset_tokenizer_record, tokenizer_identity, tokenizer_record
 
 
 # --- the run's flags ---
 
 @dataclass
-class TrainConfig(RunConfig):
-    """train.py's flags: flags.RunConfig's (the schedule, the batch, AdamW and the learning rate, the system)
-    and those of pre-training."""
+class TrainConfig(LayoutConfig, RunConfig):
+    """train.py's flags: flags.RunConfig's (the schedule, the batch, AdamW and the learning rate, the system),
+    planner.LayoutConfig's (the layout across processes, the dry run) and those of pre-training."""
     preset: str | None = arg(None, "a named model and its published recipe (PRESETS in presets.py); flags given on "
                                    "the command line win", choices=tuple(PRESETS))
     # data and files
@@ -46,25 +45,6 @@ class TrainConfig(RunConfig):
     init_from: str = arg("scratch", "scratch (random weights), resume (the run in --out_dir, exactly), or GPT-2's "
                                     "weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face directory")
     eval_only: bool = arg(False, "evaluate the checkpoint (or the initial weights) once and exit")
-    fsdp: bool = arg(False, "under torchrun, shard weights, gradients and AdamW state across the processes "
-                            "(FSDP2) instead of giving each a full copy (DDP)")
-    # pipeline parallelism (under torchrun; world size = pp x data-parallel replicas)
-    pp: int = arg(1, "pipeline stages: each process runs a contiguous slice of the blocks")
-    pp_schedule: str = arg("1f1b", "order of the micro-batches' forward and backward passes",
-                           choices=("gpipe", "1f1b", "interleaved_1f1b"))
-    pp_balance: str = arg("flops", "cost model the splitter balances the stages by",
-                          choices=("flops", "params", "uniform"))
-    n_microbatches: int | None = arg(None, "micro-batches each batch_size batch is cut into under --pp (default: "
-                                           "the fewest that give every stage work: >= --pp and dividing "
-                                           "--batch_size; more shrink the bubble and, under 1F1B, the activations "
-                                           "in flight)")
-    pp_virtual_stages: int = arg(2, "stages per process with --pp_schedule=interleaved_1f1b")
-    # tensor parallelism (under torchrun; world size = pp x data-parallel replicas x tp)
-    tp: int = arg(1, "tensor-parallel processes: each block's matrices, the embedding and the LM head split "
-                     "across them, attention by heads (Megatron-LM); keep them within a node. The loss is "
-                     "computed from the vocabulary-split logits (--loss_chunk does not apply)")
-    sequence_parallel: bool = arg(False, "with --tp, also split the LayerNorms, dropout and residual stream along "
-                                         "the sequence (Korthikanti et al. 2022): less activation memory")
     # checkpoints kept, and where a resumed run starts
     keep_last: int = arg(2, "also keep the checkpoints of the last N evaluations as ckpt-STEP.pt (hard links: "
                             "the newest shares ckpt.pt's disk space); 0 keeps ckpt.pt only")
@@ -75,16 +55,6 @@ class TrainConfig(RunConfig):
                                          "checkpoint was trained on (same tokenizer only)")
     verify_data: bool = arg(True, "check train.bin and val.bin against the sha256 in meta.json before training "
                                   "(reads them once)")
-    # the dry run: plan a run without running it
-    dry_run: bool = arg(False, "build the model on the meta device, print parameters, FLOPs per token, tokens "
-                               "per step, memory per GPU and time per step, then exit (no data, no files, no "
-                               "torchrun)")
-    dry_run_gpu: str = arg("H100", "GPU the dry run plans for (peak FLOP/s and memory from processes.py and "
-                                   "planner.py)", choices=tuple(PEAK_BF16_FLOPS))
-    dry_run_mfu: float = arg(0.4, "model FLOPs utilisation the dry run assumes while the GPUs compute (the "
-                                  "pipeline bubble and recomputation come on top)")
-    dry_run_world_size: int | None = arg(None, "GPUs (processes) the dry run plans for (default: --pp x --tp, "
-                                               "one data-parallel replica)")
 
 
 # TrainConfig fields that --init_from=resume takes from the command that resumes, never from the checkpoint:
@@ -92,34 +62,11 @@ class TrainConfig(RunConfig):
 # not carry over to later starts), the layout across processes (the checkpoint is the same full-model file
 # under any layout, and each launch picks its own: a run saved under --pp=2 resumes on one process), and the
 # dry run, which reads no checkpoint. Every other field continues the run as saved unless its flag is given.
-NOT_RESUMED = ("init_from", "resume_from", "out_dir", "eval_only", "allow_data_change", "verify_data", "fsdp", "pp",
-               "pp_schedule", "pp_balance", "n_microbatches", "pp_virtual_stages", "tp", "sequence_parallel",
-               "dry_run", "dry_run_gpu", "dry_run_mfu", "dry_run_world_size")
+NOT_RESUMED = ("init_from", "resume_from", "out_dir", "eval_only", "allow_data_change", "verify_data",
+               *(f.name for f in dataclasses.fields(LayoutConfig)))
 
 
 # --- batches ---
-
-def draw_windows(n_tokens: int, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Start offsets (count,) of random training windows: each window is block_size + 1 tokens (inputs plus
-    the next token as target), so the last valid start is n_tokens - block_size - 1."""
-    return torch.randint(n_tokens - block_size, (count,), generator=generator)
-
-
-def read_batch(bin_path: str, offsets: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x and targets y (B, T) for windows starting at offsets: y is x shifted by one token.
-    The memmap is opened per batch: a long-lived one lets the page cache count as our memory (RSS grows)."""
-    data = np.memmap(bin_path, dtype=np.uint16, mode="r")
-    windows = np.stack([data[i:i + block_size + 1] for i in offsets.tolist()]).astype(np.int64)
-    windows = torch.from_numpy(windows)                        # (B, T + 1)
-    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-
-
-def to_device(x: torch.Tensor, y: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x and y on the device; on CUDA through pinned memory, so the copy overlaps the work already queued."""
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
 
 def step_batches(bin_path: str, n_tokens: int, generator: torch.Generator, T: int, B: int, accum: int,
                  dp_rank: int, dp_size: int, device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,37 +118,6 @@ def check_config(cfg: TrainConfig, model_cfg: GPTConfig) -> None:
 def check_layout(cfg: TrainConfig, world_size: int, dtype: str | None = None) -> None:
     """Refuse process layouts that cannot work, before any work starts. dtype: what --dtype resolved to."""
     refuse(layout_refusals(cfg, world_size, dtype or cfg.dtype))
-
-
-def load_data_meta(cfg: TrainConfig, block_size: int) -> tuple[dict, dict[str, str]]:
-    """meta.json of the prepared dataset and the paths of its .bin files, after checking they are complete."""
-    folder = os.path.join(cfg.data_dir, cfg.dataset)
-    meta_path = os.path.join(folder, "meta.json")
-    prepare = f"`python prepare.py --dataset={cfg.dataset}`" if cfg.dataset == "shakespeare" else \
-        f"`python prepare.py --name={cfg.dataset} ...`"
-    if not os.path.isfile(meta_path):
-        sys.exit(f"error: dataset {folder} is not prepared (no meta.json); run {prepare} first")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        counts = {"train": int(meta["train_tokens"]), "val": int(meta["val_tokens"])}
-    except (ValueError, KeyError, TypeError) as e:
-        sys.exit(f"error: {meta_path} is damaged ({e!r}); run {prepare} --force")
-    if meta.get("dtype", "uint16") != "uint16":
-        sys.exit(f"error: {meta_path} says the tokens are {meta['dtype']}, but train.py reads uint16 token files "
-                 f"(vocabularies up to 65,536 ids); prepare the data with prepare.py")
-    paths = {split: os.path.join(folder, f"{split}.bin") for split in ("train", "val")}
-    for split, path in paths.items():
-        if not os.path.isfile(path) or os.path.getsize(path) != 2 * counts[split]:
-            sys.exit(f"error: {path} is missing or its size disagrees with meta.json; run {prepare} --force")
-        expected = meta["sha256"].get(f"{split}.bin") if isinstance(meta.get("sha256"), dict) else None
-        if cfg.verify_data and expected and sha256_file(path) != expected:
-            sys.exit(f"error: {path} does not match the sha256 in meta.json (changed or corrupted since it was "
-                     f"prepared); run {prepare} --force")
-        if counts[split] <= block_size:
-            sys.exit(f"error: --block_size={block_size} needs more than {block_size} tokens, but {path} holds "
-                     f"{counts[split]}; use a smaller --block_size or a larger dataset")
-    return meta, paths
 
 
 def flag_sources(given: set[str], preset: str | None) -> dict[str, str]:
@@ -270,34 +186,6 @@ def saved_layout(checkpoint: dict) -> dict | None:
         return None
     return {"pp": saved["pp"], "dp": len(checkpoint["rng"]) // (saved["pp"] * saved["tp"]), "tp": saved["tp"],
             "fsdp": saved["fsdp"]}
-
-
-def describe_tokenizer(meta: dict) -> str:
-    """A dataset's tokenizer as meta.json records it, e.g. 'bpe:22000 (vocabulary 22000, tokenizer.json sha256
-    5b4f2425...)'."""
-    sha256 = meta.get("tokenizer_sha256")
-    return (f"{meta.get('tokenizer')} (vocabulary {meta.get('vocab_size')}"
-            + (f", {meta.get('tokenizer_file')} sha256 {sha256[:12]}...)" if sha256 else ")"))
-
-
-def meta_tokenizer(meta: dict) -> tuple[str, int | None]:
-    """(tokenization.tokenizer_identity, vocabulary size) of the tokenizer a dataset's meta.json records."""
-    return tokenizer_identity(meta.get("tokenizer"), meta.get("tokenizer_sha256")), meta.get("vocab_size")
-
-
-def check_resume_data(saved: dict, meta: dict, allow_change: bool, path: str, folder: str) -> None:
-    """A resumed run goes on with the tokens it was trained on: another tokenizer (for a BPE, another file
-    content, whatever its name or path: two BPEs of one size trained on different text differ; for r50k_base,
-    another name) or vocabulary size is refused, other token files (their sha256 or counts in meta.json) need
-    --allow_data_change."""
-    if meta_tokenizer(saved) != meta_tokenizer(meta):
-        sys.exit(f"error: cannot resume {path}: it was trained on tokens of {describe_tokenizer(saved)}, but "
-                 f"{folder} holds tokens of {describe_tokenizer(meta)}; its embeddings only fit the tokenizer it "
-                 f"learned")
-    changed = [name for name in ("sha256", "train_tokens", "val_tokens") if saved.get(name) != meta.get(name)]
-    if changed and not allow_change:
-        sys.exit(f"error: cannot resume {path}: the dataset {folder} is not the one it was trained on "
-                 f"({', '.join(changed)} differ in meta.json); pass --allow_data_change to go on with it anyway")
 
 
 # --- the run ---
@@ -392,7 +280,7 @@ def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, r
     --vocab_size (or --preset) sets it; a resumed run's data must be its own (check_resume_data); GPT-2's
     weights need GPT-2's tokens; and the vocabulary must fit the model's (a larger one only pads)."""
     folder = os.path.join(cfg.data_dir, cfg.dataset)
-    meta, paths = load_data_meta(cfg, model_cfg.block_size)
+    meta, paths = load_data_meta(cfg.data_dir, cfg.dataset, model_cfg.block_size, cfg.verify_data)
     tokenizer = dataset_tokenizer_record(folder, meta)
     if checkpoint is not None:
         check_resume_data(checkpoint["data"], meta, cfg.allow_data_change, resume_path, folder)

@@ -27,7 +27,8 @@ README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 FLAGS = open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8").read()
 
 # Each script and the dataclasses whose fields are its flags, as docs/flags.md documents them under its
-# heading. bench.py also takes every flag of train.py (documented under train.py) and passes them through.
+# heading. bench.py also takes train.py's loop, layout and model flags (documented under train.py) and passes
+# them through.
 TABLES = {
     "prepare.py": (prepare.PrepareConfig,),
     "train.py": (train.TrainConfig, GPTConfig),
@@ -38,7 +39,7 @@ TABLES = {
     "plot.py": (plot.PlotConfig,),
     "bench.py": (bench.BenchConfig,),
 }
-HELP = {**TABLES, "bench.py": (bench.BenchConfig, train.TrainConfig, GPTConfig)}   # what each parser takes
+HELP = {**TABLES, "bench.py": (bench.BenchConfig, bench.BenchRunConfig, GPTConfig)}   # what each parser takes
 
 
 def table_row(f: dataclasses.Field) -> str:

@@ -14,6 +14,7 @@ import torch
 
 import finetune_lora as ft
 import lora
+import tokenfiles
 import train
 from conftest import TINY_MODEL_FLAGS, write_dataset
 from checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
@@ -174,7 +175,7 @@ def test_fuzzed_datasets_error_or_read_the_right_tokens(file_name, verified_data
             assert meta[f"{split}_tokens"] == len(tokens[split]), where
             assert np.array_equal(np.fromfile(paths[split], dtype=np.uint16), tokens[split]), where
     path = os.path.join(data_dir, "d", file_name)
-    counts, messages = fuzz_file(path, lambda: train.load_data_meta(cfg, 16), check_loaded,
+    counts, messages = fuzz_file(path, lambda: tokenfiles.load_data_meta(cfg.data_dir, cfg.dataset, 16, cfg.verify_data), check_loaded,
                                  seed=3 + len(file_name))
     assert counts["error"] > N_CASES // 4
     said = {message for _, message in messages}

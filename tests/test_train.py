@@ -11,6 +11,7 @@ import torch
 
 import checkpoints
 import processes
+import tokenfiles
 import train
 from conftest import TINY_MODEL_FLAGS, lr_at
 from checkpoints import load_checkpoint
@@ -61,7 +62,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_data_dir, tmp_path):
 def test_read_batch_targets_are_inputs_shifted_by_one(tiny_data_dir):
     path = os.path.join(tiny_data_dir, "tiny", "train.bin")
     offsets = torch.tensor([0, 5, 100])
-    x, y = train.read_batch(path, offsets, 16)
+    x, y = tokenfiles.read_batch(path, offsets, 16)
     data = torch.from_numpy(__import__("numpy").fromfile(path, dtype="uint16").astype("int64"))
     for row, start in enumerate(offsets.tolist()):
         assert torch.equal(x[row], data[start:start + 16]) and torch.equal(y[row], data[start + 1:start + 17])
@@ -389,7 +390,7 @@ def test_verify_data_false_reads_a_changed_train_bin_without_hashing_it(tiny_dat
     tokens = (data_dir / "tiny" / "train.bin").read_bytes()
     (data_dir / "tiny" / "train.bin").write_bytes(bytes([(tokens[0] + 1) % 64]) + tokens[1:])
     hashed = []
-    monkeypatch.setattr(train, "sha256_file", lambda path: (hashed.append(os.path.basename(path)),
+    monkeypatch.setattr(tokenfiles, "sha256_file", lambda path: (hashed.append(os.path.basename(path)),
                                                             checkpoints.sha256_file(path))[1])
     with pytest.raises(SystemExit) as stop:
         train.main(train_flags(str(data_dir), str(tmp_path / "verified"), "--max_iters=2", "--eval_interval=2",
