@@ -21,7 +21,7 @@ from model import GPT, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops
 from parallel import Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
 from planner import LayoutConfig, config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
 from presets import PRESETS, apply_preset
-from processes import (PEAK_BF16_FLOPS, StopSignals, peak_flops, print0, run_main, setup_distributed,
+from processes import (StopSignals, peak_flops, print0, run_main, setup_distributed,
                        teardown_distributed)
 from runlog import RunLog, prepare_out_dir
 from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
