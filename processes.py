@@ -219,24 +219,25 @@ class StopSignals:
             raise SystemExit("error: interrupted twice: stopped at once without saving; the last checkpoint "
                              "written is intact")
 
-    def agreed(self) -> signal.Signals | None:
-        """The signal that stops the run, on every process as soon as any one received it (an all-reduce of
-        one number per step), so all processes stop after the same step; None to go on."""
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of one number each process holds, on every process: an all-reduce over the CPU group.
+        Every process must call it at the same point, like any collective."""
         if self.group is None:
-            return self.received
-        flag = torch.tensor([0 if self.received is None else int(self.received)])
+            return value
+        flag = torch.tensor([value])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return signal.Signals(int(flag)) if flag.item() else None
+        return int(flag.item())
+
+    def agreed(self) -> signal.Signals | None:
+        """The signal that stops the run, on every process as soon as any one received it (one number per step),
+        so all processes stop after the same step; None to go on."""
+        code = self.max_over_ranks(0 if self.received is None else int(self.received))
+        return signal.Signals(code) if code else None
 
     def all_ranks_any(self, is_true: bool) -> bool:
-        """True on every process if is_true on any: the same all-reduce over the same CPU group, for a failure
-        every process must act on (a non-finite step, a checkpoint that could not be written). Every process
-        must call it at the same point, like any collective."""
-        if self.group is None:
-            return is_true
-        flag = torch.tensor([int(is_true)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        """True on every process if is_true on any: for a failure every process must act on (a non-finite
+        step, a checkpoint that could not be written)."""
+        return bool(self.max_over_ranks(int(is_true)))
 
     def uninstall(self) -> None:
         for s, handler in self.previous.items():

@@ -20,16 +20,9 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2, encoder.py):
     printable Latin-1 bytes map to themselves, the others to characters from U+0100 on, so every token's
     bytes can be written as a string (vocab.json, merges.txt, and a byte-level BPE's tokenizer.json)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))          # the next unused character, in byte order
+    return {b: chr(b) if b in printable else chr(next(others)) for b in range(256)}
 
 
 class R50kTokenizer:
