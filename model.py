@@ -127,14 +127,15 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(slopes)
 
 
-def alibi_bias(n_head: int, T_q: int, T_k: int, device=None) -> torch.Tensor:
-    """ALiBi's bias (H, T_q, T_k) on the attention scores: -m_h * (i - j) for query position i and key
-    position j (the queries are the last T_q of T_k positions, as in causal_mask). It only ever penalises
-    distance, so no position embedding is needed and the model runs on sequences longer than it saw."""
-    q_pos = torch.arange(T_k - T_q, T_k, device=device)[:, None]
-    k_pos = torch.arange(T_k, device=device)[None, :]
+def alibi_bias(slopes: torch.Tensor, T_q: int, T_k: int) -> torch.Tensor:
+    """ALiBi's bias (H, T_q, T_k) on the attention scores from the heads' slopes (H,): -m_h * (i - j) for query
+    position i and key position j (the queries are the last T_q of T_k positions, as in causal_mask). It only
+    ever penalises distance, so no position embedding is needed and the model runs on sequences longer than it
+    saw."""
+    q_pos = torch.arange(T_k - T_q, T_k, device=slopes.device)[:, None]
+    k_pos = torch.arange(T_k, device=slopes.device)[None, :]
     distance = (q_pos - k_pos).float()                                   # (T_q, T_k); negative: masked anyway
-    return -alibi_slopes(n_head).to(device)[:, None, None] * distance    # (H, T_q, T_k)
+    return -slopes[:, None, None] * distance                             # (H, T_q, T_k)
 
 
 def rope_rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -206,6 +207,8 @@ class CausalSelfAttention(nn.Module):
         # Tensor parallelism (parallel.tensor_parallel) gives each process a slice of the heads: this module
         # then computes heads first_head .. first_head + H' - 1 of n_head (ALiBi's slopes depend on the index).
         self.first_head = 0
+        if self.position == "alibi":   # a buffer: on the model's device, so no forward builds it on the host
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -230,7 +233,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)                 # (B, H, T_cached + T, D)
         dropout_p = self.dropout if self.training else 0.0
-        bias = alibi_bias(self.n_head, T, k.size(2), x.device)[self.first_head:self.first_head + H] \
+        bias = alibi_bias(self.alibi_slopes[self.first_head:self.first_head + H], T, k.size(2)) \
             if self.position == "alibi" else None                # (H', T, T_k): these heads' slopes
         scores = None
         if self.sparse_topk or self.realformer:                 # these need the (T, T_k) scores themselves

@@ -36,9 +36,9 @@ def test_alibi_slopes_and_bias_for_8_heads():
     assert alibi_slopes(8).tolist() == slopes
     T = 5
     expected = torch.tensor([[[-m * (i - j) for j in range(T)] for i in range(T)] for m in slopes])
-    torch.testing.assert_close(alibi_bias(8, T, T), expected, rtol=0, atol=0)
+    torch.testing.assert_close(alibi_bias(alibi_slopes(8), T, T), expected, rtol=0, atol=0)
     # The last 2 queries of 5 positions (the KV-cache case) sit at positions 3 and 4.
-    torch.testing.assert_close(alibi_bias(8, 2, T), expected[:, 3:], rtol=0, atol=0)
+    torch.testing.assert_close(alibi_bias(alibi_slopes(8), 2, T), expected[:, 3:], rtol=0, atol=0)
 
 
 def test_alibi_slopes_for_6_heads_interleave_the_next_power_of_two():
@@ -46,12 +46,26 @@ def test_alibi_slopes_for_6_heads_interleave_the_next_power_of_two():
     assert alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
 
 
+def test_alibi_forward_builds_no_tensor_from_host_values(monkeypatch):
+    """The slopes live on the model's device (a buffer, outside the state dict): a forward never builds them
+    from Python numbers, which on a GPU is a host-to-device copy in every block of every step."""
+    model = small_model(position="alibi")
+    assert "alibi_slopes" not in "".join(model.state_dict())
+    x = torch.randint(0, SMALL["vocab_size"], (2, 8))
+    expected = model(x)[0]
+
+    def no_host_tensors(*args, **kwargs):
+        raise AssertionError("torch.tensor called in the forward")
+    monkeypatch.setattr(torch, "tensor", no_host_tensors)
+    torch.testing.assert_close(model(x)[0], expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("T_q, T_k", [(6, 6), (1, 6), (3, 6)])
 def test_alibi_sdpa_matches_explicit_and_a_loop(T_q, T_k):
     torch.manual_seed(0)
     H, D = 8, 4
     q, k, v = torch.randn(1, H, T_q, D), torch.randn(1, H, T_k, D), torch.randn(1, H, T_k, D)
-    bias = alibi_bias(H, T_q, T_k)
+    bias = alibi_bias(alibi_slopes(H), T_q, T_k)
     reference = torch.zeros(1, H, T_q, D)
     for h in range(H):
         m = 2 ** (-(h + 1))
