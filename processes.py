@@ -2,6 +2,7 @@
 process groups under torchrun, printing once, and stopping cleanly on SIGTERM or Ctrl-C."""
 import functools
 import os
+import re
 import signal
 import sys
 import time
@@ -107,16 +108,28 @@ def autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity).
-# The first name contained in torch.cuda.get_device_name() wins, so the more specific names come first.
+# Peak dense bf16 tensor-core FLOP/s by GPU model (vendor data sheets, without sparsity); gpu_model() finds the
+# model in torch.cuda.get_device_name(). A model's variants come before it: the first that matches wins.
 PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,   # GH200 contains "H200"
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
     "A100": 312e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
     "V100": 125e12,   # V100 has no bf16: its fp16 tensor-core peak
 }
 # Compute capability of the same GPUs (NVIDIA's CUDA GPU list): what --dtype=auto resolves by (auto_dtype).
 GPU_COMPUTE_CAPABILITY = {"H100 PCIe": (9, 0), "H100 NVL": (9, 0), "H100": (9, 0), "H200": (9, 0), "A100": (8, 0),
                           "A10": (8, 6), "L40S": (8, 9), "L4": (8, 9), "V100": (7, 0)}
+
+
+def gpu_model(device_name: str) -> str | None:
+    """The key of PEAK_BF16_FLOPS that a CUDA device name is, by whole words: 'NVIDIA H100 80GB HBM3' is 'H100',
+    'NVIDIA H100 PCIe' 'H100 PCIe', 'Tesla V100-SXM2-16GB' 'V100'; 'NVIDIA L40' is not 'L4' nor 'NVIDIA RTX A1000'
+    'A100': None for a GPU the table does not list."""
+    words = [w.lower() for w in re.split(r"[\s-]+", device_name) if w.lower() not in ("nvidia", "tesla")]
+    for key in PEAK_BF16_FLOPS:
+        model, *variant = key.lower().split()
+        if words[:1] == [model] and all(v in words for v in variant):
+            return key
+    return None
 
 
 def peak_flops(device: str, given: float | None = None, world_size: int = 1) -> float | None:
@@ -126,8 +139,7 @@ def peak_flops(device: str, given: float | None = None, world_size: int = 1) -> 
     where we do not know it (CPU, MPS, unlisted GPU): then callers report achieved GFLOP/s rather than an
     invented MFU."""
     if given is None and device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-        given = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+        given = PEAK_BF16_FLOPS.get(gpu_model(torch.cuda.get_device_name(torch.device(device))))
     return world_size * given if given else None
 
 
@@ -137,10 +149,12 @@ def setup_distributed(requested_device: str = "auto") -> tuple[int, int, int, st
     """(rank, local_rank, world_size, device) of this process. Under torchrun (which sets RANK, LOCAL_RANK
     and WORLD_SIZE) this joins the process group: NCCL between GPUs, gloo on CPUs. A plain `python` run
     is rank 0 of 1 and starts no process group, so both run the same code."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1, pick_device(requested_device)
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = pick_device(requested_device)
+    if "RANK" not in os.environ:
+        if device.startswith("cuda:"):   # what torch.cuda's bf16 check, pinning and memory stats then read
+            torch.cuda.set_device(device)
+        return 0, 0, 1, device
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"             # one GPU per process
         torch.cuda.set_device(device)

@@ -5,8 +5,10 @@ import json
 import os
 
 import pytest
+import torch
 
 import flags
+import processes
 import train
 from conftest import TINY_MODEL_FLAGS, import_extra, run_script
 
@@ -152,3 +154,29 @@ def test_plot_x_step_draws_the_losses_against_the_step(tmp_path, monkeypatch):
     assert saved[0] == ("optimizer step", [(steps, train_losses), ([0, 10, 20], [6.0, 5.25, 4.5])])
     assert saved[1] == ("tokens seen", [([tokens[s] for s in steps], train_losses),
                                         ([0, 640, 1920], [6.0, 5.25, 4.5])])
+
+
+@pytest.mark.parametrize("device_name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("Tesla V100-SXM2-16GB", 125e12),
+    # Names that contain a listed one without being it: no MFU rather than a wrong one.
+    ("NVIDIA L40", None), ("NVIDIA RTX A1000", None), ("NVIDIA A10G", None), ("NVIDIA GH200 480GB", None),
+    ("Tesla T4", None)])
+def test_peak_flops_matches_whole_gpu_names(monkeypatch, device_name, peak):
+    """The MFU's denominator comes from the GPU's model, matched by whole words of the name CUDA reports
+    (torch.cuda.get_device_name): 'NVIDIA L40' is not an L4 (which would overstate its MFU 1.5x)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    assert processes.peak_flops("cuda") == peak
+    assert processes.peak_flops("cuda", world_size=8) == (8 * peak if peak else None)
+
+
+def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch):
+    """--device=cuda:1 without torchrun: GPU 1 becomes the current device, so what torch.cuda reads without a
+    device (bf16 support, pinned memory, memory statistics) is about GPU 1, not GPU 0."""
+    monkeypatch.delenv("RANK", raising=False)
+    current = []
+    monkeypatch.setattr(processes, "pick_device", lambda requested: requested)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert processes.setup_distributed("cuda:1") == (0, 0, 1, "cuda:1") and current == ["cuda:1"]
+    assert processes.setup_distributed("cpu") == (0, 0, 1, "cpu") and current == ["cuda:1"]
