@@ -299,24 +299,32 @@ def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.
 
 
 def rng_states(data_generator: torch.Generator) -> dict:
-    """Every random number generator the run touches, so a resumed run draws exactly the same numbers."""
+    """Every random number generator the run touches, so a resumed run draws exactly the same numbers. On a GPU
+    the state of this process's own device only (the current one): each process draws on its own GPU, and a
+    run resumed with fewer visible GPUs still finds the state it needs."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "data": data_generator.get_state(),
     }
 
 
 def restore_rng_states(states: dict, data_generator: torch.Generator) -> None:
+    """Set the generators to states (rng_states). A checkpoint written before rng_states kept one device's state
+    holds a list of every visible GPU's: this process's device takes its own entry, where there is one."""
     random.setstate(states["python"])
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states["cuda"]
+    if isinstance(cuda, list):
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and \
+            torch.cuda.current_device() < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     data_generator.set_state(states["data"])
 
 

@@ -613,3 +613,46 @@ def test_a_bad_test_hook_stops_with_one_line_and_writes_nothing(variable, value,
         write_atomically(str(tmp_path / "ckpt.pt"), lambda f: f.write(b"data"))
     assert str(stop.value.code) == message
     assert os.listdir(tmp_path) == []
+
+
+class FakeGPUs:
+    """torch.cuda as a process sees it with `visible` GPUs, `device` its own (current) one: each device's RNG
+    state is a distinct tensor, and a state set on a device that is not visible fails, as CUDA's does."""
+
+    def __init__(self, monkeypatch, visible: int, device: int):
+        self.visible, self.device, self.states = visible, device, {}
+        for name, value in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                            ("device_count", lambda: visible), ("current_device", lambda: device),
+                            ("get_rng_state", self.get), ("set_rng_state", self.set)):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def index(self, device) -> int:
+        index = self.device if device in (None, "cuda") else torch.device(device, 0).index \
+            if isinstance(device, str) else int(device)
+        if index >= self.visible:
+            raise IndexError(f"cuda:{index} is not visible")
+        return index
+
+    def get(self, device="cuda"):
+        return torch.full((4,), self.index(device), dtype=torch.uint8)
+
+    def set(self, state, device="cuda"):
+        self.states[self.index(device)] = state
+
+
+def test_cuda_rng_state_is_the_processs_own_device_and_resumes_on_fewer_gpus(monkeypatch):
+    """A checkpoint keeps the RNG state of each process's own GPU, not of every visible one, so a run saved
+    with 8 visible GPUs resumes with fewer (issue 27.3); a checkpoint in the older form (a list of every
+    visible GPU's states) restores this process's own entry."""
+    from checkpoints import restore_rng_states, rng_states
+    generator = torch.Generator()
+    FakeGPUs(monkeypatch, visible=8, device=3)
+    saved = rng_states(generator)
+    assert torch.equal(saved["cuda"], torch.full((4,), 3, dtype=torch.uint8))
+    older = {**saved, "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}
+    gpus = FakeGPUs(monkeypatch, visible=2, device=1)
+    restore_rng_states(saved, generator)
+    assert list(gpus.states) == [1] and torch.equal(gpus.states[1], saved["cuda"])
+    gpus.states.clear()
+    restore_rng_states(older, generator)
+    assert list(gpus.states) == [1] and torch.equal(gpus.states[1], older["cuda"][1])
