@@ -293,7 +293,10 @@ def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.
             name = aliases.get(names[id(p)], names[id(p)])
             if name in saved["state"]:
                 state[i] = saved["state"][name]
-    groups = [{**saved_group, "params": current_group["params"]}   # hyper-parameters saved, positions local
+    # The hyper-parameters are the saved ones, the positions and how this process computes the update (fused,
+    # foreach: a CPU-written state resumed on a GPU takes the fused kernel) this optimizer's.
+    groups = [{**saved_group, "params": current_group["params"],
+               **{key: current_group[key] for key in ("fused", "foreach", "capturable") if key in current_group}}
               for saved_group, current_group in zip(saved["param_groups"], current["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 

@@ -1,5 +1,6 @@
 """Runs that never lose work: SIGTERM/Ctrl-C stop cleanly, SIGKILL at random moments loses nothing, the last
 N checkpoints and the best one are kept, damaged checkpoints are named with the older ones beside them."""
+import copy
 import itertools
 import json
 import math
@@ -656,3 +657,30 @@ def test_cuda_rng_state_is_the_processs_own_device_and_resumes_on_fewer_gpus(mon
     gpus.states.clear()
     restore_rng_states(older, generator)
     assert list(gpus.states) == [1] and torch.equal(gpus.states[1], older["cuda"][1])
+
+
+def test_a_resumed_optimizer_keeps_its_own_kernel_choice():
+    """The saved param groups give the hyper-parameters, not the kernel: AdamW's state written by a CPU run
+    (foreach) and resumed where AdamW is fused (CUDA; the CPU has a fused AdamW too) stays fused, and its step
+    equals the unfused one's (issue 27.7)."""
+    from checkpoints import load_optimizer_state_by_name, optimizer_state_by_name
+    torch.manual_seed(0)
+    weights = {name: torch.nn.Parameter(torch.randn(4, 3)) for name in ("a", "b")}
+    written = torch.optim.AdamW(weights.values(), lr=1e-2, betas=(0.8, 0.9), foreach=True)
+    for p in weights.values():
+        p.grad = torch.randn_like(p)
+    written.step()
+    saved = optimizer_state_by_name(list(weights.items()), written)
+    steps = {}
+    for fused in (False, True):
+        copies = {name: torch.nn.Parameter(p.detach().clone()) for name, p in weights.items()}
+        resumed = torch.optim.AdamW(copies.values(), lr=1.0, fused=fused, foreach=None if fused else True)
+        load_optimizer_state_by_name(list(copies.items()), resumed, copy.deepcopy(saved))   # steps update it
+        group = resumed.param_groups[0]
+        assert (group["fused"], group["foreach"], group["lr"], group["betas"]) == \
+            (fused, None if fused else True, 1e-2, (0.8, 0.9))
+        for p in copies.values():
+            p.grad = torch.ones_like(p)
+        resumed.step()
+        steps[fused] = torch.cat([p.detach().flatten() for p in copies.values()])
+    torch.testing.assert_close(steps[True], steps[False])
