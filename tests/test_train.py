@@ -402,3 +402,12 @@ def test_verify_data_false_reads_a_changed_train_bin_without_hashing_it(tiny_dat
     train.main(train_flags(str(data_dir), str(tmp_path / "unverified"), "--max_iters=2", "--eval_interval=2",
                            "--dtype=float32", "--verify_data=False"))
     assert hashed == [] and load_checkpoint(str(tmp_path / "unverified" / "ckpt.pt"))["step"] == 2
+
+
+def test_the_header_says_compiled_only_where_the_steps_are():
+    """On CUDA the steps compile by default, but never under --tp or --pp: the run's header must not say
+    'compiled' there (issue 27.7)."""
+    assert train.is_compiled(train.TrainConfig(), "cuda") and not train.is_compiled(train.TrainConfig(), "cpu")
+    assert not train.is_compiled(train.TrainConfig(pp=2), "cuda")
+    assert not train.is_compiled(train.TrainConfig(tp=2), "cuda")
+    assert train.is_compiled(train.TrainConfig(compile=True), "cpu")
