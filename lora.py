@@ -71,8 +71,7 @@ def apply_lora(model: GPT, targets: list[str], rank: int, alpha: float, dropout:
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in targets):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, LoRALinear(module, rank, alpha, dropout))
+            model.set_submodule(name, LoRALinear(module, rank, alpha, dropout))
     return model
 
 
@@ -84,8 +83,7 @@ def merge_lora(model: GPT) -> GPT:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             module.base.weight.copy_(module.merged_weight())
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, module.base)
+            model.set_submodule(name, module.base)
     return model
 
 
@@ -138,15 +136,6 @@ def load_adapter(path: str) -> dict:
                          "write one with `python finetune_lora.py --out_dir=...`")
 
 
-def check_base(adapter: dict, adapter_path: str, base_path: str, base_sha256: str) -> None:
-    """Refuse to apply an adapter to any base but the exact checkpoint it was trained on."""
-    expected = adapter["base"]
-    if base_sha256 != expected["sha256"]:
-        sys.exit(f"error: adapter {adapter_path} belongs to the base checkpoint {expected['path']} (sha256 "
-                 f"{expected['sha256'][:12]}...), but {base_path} has sha256 {base_sha256[:12]}...; "
-                 f"apply it to the checkpoint it was trained on")
-
-
 def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
     """Wrap the model's layers as the adapter says and load its A and B tensors. Returns the model."""
     lora = adapter["lora"]
@@ -156,10 +145,7 @@ def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
     if expected != found:
         sys.exit(f"error: the tensors in {adapter_path} do not fit the model ({len(found)} tensors, expected "
                  f"{len(expected)}); the file is damaged or was written by other code")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in found:
-                p.copy_(adapter["tensors"][name])
+    model.load_state_dict(adapter["tensors"], strict=False)   # the adapters' tensors: the base's are in place
     return model
 
 
@@ -172,7 +158,11 @@ def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> t
     if not os.path.isfile(base_path):
         sys.exit(f"error: base checkpoint {base_path} of adapter {adapter_path} not found; name the base's "
                  f"directory with --out_dir")
-    check_base(adapter, adapter_path, base_path, sha256_file(base_path))
+    expected, base_sha256 = adapter["base"], sha256_file(base_path)
+    if base_sha256 != expected["sha256"]:   # an adapter fits only the exact checkpoint it was trained on
+        sys.exit(f"error: adapter {adapter_path} belongs to the base checkpoint {expected['path']} (sha256 "
+                 f"{expected['sha256'][:12]}...), but {base_path} has sha256 {base_sha256[:12]}...; "
+                 f"apply it to the checkpoint it was trained on")
     checkpoint = load_checkpoint(base_path)
     model = model_from_checkpoint(checkpoint, dropout=0.0)
     return attach_adapter(model, adapter, adapter_path), checkpoint_tokenizer(checkpoint)
