@@ -76,8 +76,8 @@ def score_continuations(model: GPT, pairs: list[tuple[list[int], list[int]]]) ->
     """For each (context ids, continuation ids): (log p(continuation | context), True if greedy decoding
     would write the continuation), all pairs in one right-padded batch. A sequence longer than the context
     window keeps its last block_size + 1 tokens (and a continuation longer than that, its last block_size
-    tokens). Only the continuation's positions go through the LM head,
-    so a batch never holds (B, T, V) logits. Reference: log_softmax(model(ids)) summed at those positions."""
+    tokens). Only the continuation's positions go through the LM head, so a batch never holds (B, T, V)
+    logits. Reference: log_softmax(model(ids)) summed at those positions."""
     block_size = model.config.block_size
     rows = [(context + continuation)[-(block_size + 1):] for context, continuation in pairs]
     T = max(len(row) for row in rows) - 1
@@ -130,16 +130,15 @@ def default_output(cfg: EvalConfig) -> str:
     tasks, shot counts, limits or files do not overwrite each other: out_dir/eval-hellaswag+arc_easy-5shot.json,
     out_dir/eval-perplexity-val.bin.json; with --init_from, ./eval-gpt2-hellaswag.json (the model named too)."""
     if cfg.perplexity:
-        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity)) + \
-            (f"-limit{cfg.limit}" if cfg.limit is not None else "")
+        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity))
     else:
         tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
         name = "+".join(tasks)
         if len(name) > 80:   # a long list: the first task, the count, and a hash of the whole list
             digest = hashlib.sha256(",".join(tasks).encode()).hexdigest()[:8]
             name = f"{tasks[0]}+{len(tasks) - 1}_more-{digest}"
-        name += (f"-{cfg.num_fewshot}shot" if cfg.num_fewshot is not None else "") + \
-            (f"-limit{cfg.limit}" if cfg.limit is not None else "")
+        name += f"-{cfg.num_fewshot}shot" if cfg.num_fewshot is not None else ""
+    name += f"-limit{cfg.limit}" if cfg.limit is not None else ""
     if cfg.init_from:
         name = os.path.basename(os.path.normpath(cfg.init_from)) + "-" + name
     name = re.sub(r"[^\w.+-]", "_", name)     # a file name, whatever the task or model is called
@@ -275,8 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: --batch_size and --limit must be >= 1")
     # Without a network, fail (or read the cache) at once instead of after ~25 s of retries per request;
     # this has to come before huggingface_hub and datasets are imported.
-    needs_hub = cfg.tasks or cfg.init_from in GPT2_SIZES
-    hub_unreachable = go_offline_if_hub_unreachable() if needs_hub else None
+    hub_unreachable = go_offline_if_hub_unreachable() if cfg.tasks or cfg.init_from in GPT2_SIZES else None
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model, tokenizer = load_model(cfg)
@@ -298,8 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
               f"perplexity {math.exp(nll):.2f}")
     else:
-        # one line if lm_eval is missing
-        evaluated = run_tasks(cfg, model, tokenizer, device, dtype, hub_unreachable)
+        evaluated = run_tasks(cfg, model, tokenizer, device, dtype, hub_unreachable)   # one line if no lm_eval
         from lm_eval.utils import handle_non_serializable, make_table
         results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
         results = json.loads(json.dumps(results, default=handle_non_serializable))

@@ -39,16 +39,12 @@ def bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byte
     the adjacent pair with the lowest rank (Sennrich et al. 2016). For a token of rank r and max_rank=r this
     stops one merge short, at the two parts whose merge created the token."""
     parts = [bytes([b]) for b in token]
-    while True:
-        best = None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best is None or rank < best[0]):
-                best = (rank, i)
-        if best is None:
+    while True:   # (rank, position) of the best pair; a pair that no allowed merge joins ranks max_rank
+        rank, i = min(((ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)),
+                      default=(max_rank, 0))
+        if rank >= max_rank:
             return parts
-        i = best[1]
-        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
 
 
 def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
@@ -69,9 +65,10 @@ def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str | dict) -> None:
+    """Write text to path; a dict is written as indented JSON."""
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(json.dumps(text, indent=2) + "\n" if isinstance(text, dict) else text)
 
 
 def current_umask() -> int:
@@ -99,24 +96,21 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, token
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
-        write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
-        write_text(os.path.join(tmp, "generation_config.json"),
-                   json.dumps(hf_generation_config_from_gpt(config, eot_token), indent=2) + "\n")
+        write_text(os.path.join(tmp, "config.json"), hf_config)
+        write_text(os.path.join(tmp, "generation_config.json"), hf_generation_config_from_gpt(config, eot_token))
         save_file(hf_state_dict_from_gpt(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        special = {"model_max_length": config.block_size, "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
+                   "unk_token": EOT_TEXT}
         if tokenizer is not None:   # our BPE: transformers' generic fast tokenizer runs its tokenizer.json as is
             write_text(os.path.join(tmp, "tokenizer.json"), tokenizer.file)
-            write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
-                "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT},
-                indent=2) + "\n")
+            write_text(os.path.join(tmp, "tokenizer_config.json"),
+                       {"tokenizer_class": "PreTrainedTokenizerFast", **special, "pad_token": EOT_TEXT})
         elif config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
             vocab, merges = gpt2_tokenizer_files(get_tokenizer().encoding)
             write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
             write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
-            write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
-                "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
-                "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "add_prefix_space": False}, indent=2) + "\n")
+            write_text(os.path.join(tmp, "tokenizer_config.json"),
+                       {"tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False})
         mask = current_umask()
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
