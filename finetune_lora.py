@@ -7,11 +7,9 @@
     python generate.py --lora=out-lora/adapter.pt --instruction="Who speaks this line in Hamlet?" \\
         --input="To be, or not to be: that is the question:"
 
-LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes every weight W of the
-base model and learns, for chosen linear layers, a low-rank update: W x + (alpha / R) * B A x, with A (R, C_in)
-and B (C_out, R). Only A and B train, so the result is a small adapter file that belongs to one base
-checkpoint; `--merge` folds B A into W and writes an ordinary full checkpoint. The adapter layer and its file
-are lora.py; this script is the training run around them.
+LoRA (Hu et al. 2021) learns, for chosen linear layers of the frozen base, a low-rank update B A of each weight
+W (the adapter layer and its file are lora.py; this script is the training run around them). The result is a
+small adapter file that belongs to one base checkpoint; `--merge` folds B A into W and writes a full checkpoint.
 
 Every field of FinetuneConfig is a flag (`--help` lists them with their defaults).
 """
@@ -20,6 +18,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -289,9 +288,7 @@ def shakespeare_speaker_records(min_speeches: int = 50, min_words: int = 4) -> l
             elif speaker and is_first_line and line and not line.startswith(("#", "_")):
                 speeches.append((speaker, line))
                 is_first_line = False
-        counts = {}
-        for speaker, _ in speeches:
-            counts[speaker] = counts.get(speaker, 0) + 1
+        counts = Counter(speaker for speaker, _ in speeches)
         records += [{"instruction": f"Who speaks this line in {title}?", "input": line, "output": speaker}
                     for speaker, line in speeches
                     if counts[speaker] >= min_speeches and len(line.split()) >= min_words]
@@ -488,9 +485,8 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         # A state older than the layout's record was written by DDP too, on one process per RNG state.
-        older_layout = {**layout, "dp": len(state["rng"])}
         start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, device, layout,
-                                                       cfg.seed + rank, older_layout)
+                                                       cfg.seed + rank, {**layout, "dp": len(state["rng"])})
         print0(f"resuming {state_path} at step {start_step}")
     parallel = lay_out(model, cfg, device, dtype, local_rank, world_size)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())

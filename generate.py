@@ -93,9 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     # The model, and the tokenizer its checkpoint carries (r50k_base for GPT-2's weights and older checkpoints).
     if cfg.lora:
         # The adapter on its base, then folded in: sampling then costs what the base model costs.
-        base_path = ckpt_path if "out_dir" in flags_given(argv) else None
-        model, tokenizer = load_base_with_adapter(cfg.lora, base_path)
-        model = merge_lora(model)
+        model, tokenizer = load_base_with_adapter(cfg.lora, ckpt_path if "out_dir" in flags_given(argv) else None)
+        merge_lora(model)
     elif cfg.init_from:
         from gpt2_weights import hf_tokenizer, load_hf_gpt2
         model, tokenizer = load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)

@@ -77,7 +77,7 @@ def gpt_config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
                      tie_embeddings=True, **overrides)
 
 
-def gpt_state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def gpt_state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our GPT's state dict from a GPT2LMHeadModel's (or GPT2Model's, whose keys lack 'transformer.').
     Conv1D weights are transposed; the causal-mask buffers of older transformers versions are dropped."""
     ours = {}
@@ -201,8 +201,7 @@ def load_hf_gpt2(source: str, **overrides) -> GPT:
         hf_state = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     else:
         sys.exit(f"error: {source} has no model.safetensors (or pytorch_model.bin)")
-    model = GPT(config)
-    state = gpt_state_dict_from_hf(hf_state, config)
+    model, state = GPT(config), gpt_state_dict_from_hf(hf_state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -71,14 +71,6 @@ def write_text(path: str, text: str | dict) -> None:
         f.write(json.dumps(text, indent=2) + "\n" if isinstance(text, dict) else text)
 
 
-def current_umask() -> int:
-    """The process's umask (the permission bits new files do not get). os.umask can only read it by
-    setting another, so the old one is set back at once."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, tokenizer=None) -> None:
     """Write a Hugging Face GPT-2 directory at out, with the tokenizer's files (tokenizer: a BPE of ours, as
     tokenizer.json; None: r50k_base, as GPT-2's vocab.json and merges.txt when the vocabulary is GPT-2's),
@@ -111,7 +103,8 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, token
             write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
             write_text(os.path.join(tmp, "tokenizer_config.json"),
                        {"tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False})
-        mask = current_umask()
+        mask = os.umask(0o022)   # the umask: os.umask can only read it by setting another, so set it back at once
+        os.umask(mask)
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)

@@ -108,9 +108,7 @@ PROMPT_NO_INPUT = (
 
 def format_prompt(instruction: str, input: str = "") -> str:
     """The text the model sees before its response: the same in fine-tuning and in generate.py."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+    return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
 
 
 # --- adapter files ---

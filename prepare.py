@@ -259,12 +259,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
     may stream a corpus of any size. Word counts do not depend on the order of the texts or the threads, and
     ties between equally frequent pairs go to the lower pair of ids: the same texts give the same file."""
     hf = import_tokenizers()
-    decoders, models, pre_tokenizers, trainers = hf.decoders, hf.models, hf.pre_tokenizers, hf.trainers
-    tokenizer = hf.Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)   # as GPT-2: no space added
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())   # all 256 bytes
+    tokenizer = hf.Tokenizer(hf.models.BPE())
+    tokenizer.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)   # as GPT-2: no space added
+    tokenizer.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())   # all 256 bytes
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer.to_str(pretty=True)
 
