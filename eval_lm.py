@@ -24,12 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint, model_from_checkpoint, write_atomically
+from checkpoints import write_atomically
 from flags import parse_args
-from gpt2_weights import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
+from gpt2_weights import go_offline_if_hub_unreachable, load_model
 from model import GPT, GPT2_SIZES, arg, generate
 from processes import autocast, pick_device, pick_dtype
-from tokenization import checkpoint_tokenizer
 
 
 @dataclass
@@ -211,16 +210,7 @@ def make_adapter_class():
     return GPTAdapter
 
 
-# --- side effects: the model, the files, the harness ---
-
-def load_model(cfg: EvalConfig) -> tuple[GPT, object]:
-    """The model and the tokenizer it reads: its checkpoint's (r50k_base for GPT-2's weights and older ones)."""
-    if cfg.init_from:
-        check_hf_source(cfg.init_from)
-        return load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)
-    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    return model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
-
+# --- side effects: the files, the harness ---
 
 def read_tokens(path: str, tokenizer) -> np.ndarray:
     """A token stream: a prepare.py .bin file (uint16 ids) as it is, a text file encoded, both starting after
@@ -277,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     hub_unreachable = go_offline_if_hub_unreachable() if cfg.tasks or cfg.init_from in GPT2_SIZES else None
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    model, tokenizer = load_model(cfg)
+    model, tokenizer = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.init_from)
     model.to(device).eval()
     output = cfg.output or default_output(cfg)
     source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")

@@ -26,16 +26,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
+from checkpoints import load_checkpoint, save_checkpoint, sha256_file
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
-from gpt2_weights import is_hf_source, save_hf_as_checkpoint
+from gpt2_weights import is_hf_source, load_model, save_hf_as_checkpoint
 from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
 from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 from processes import StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
 from runlog import RunLog, StepTimer, prepare_out_dir
 from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
                      should_compile, train_loop)
-from tokenization import checkpoint_tokenizer, shakespeare_paths
+from tokenization import shakespeare_paths
 
 
 # --- the run's flags ---
@@ -395,8 +395,7 @@ def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master
             save_hf_as_checkpoint(cfg.init_from, base_path)
         if dist.is_initialized():
             dist.barrier()
-    checkpoint = load_checkpoint(base_path)
-    model, tokenizer = model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
+    model, tokenizer = load_model(base_path)
     base = {"path": base_path, "sha256": sha256_file(base_path)}
     if state is not None and base["sha256"] != state["base"]["sha256"]:
         sys.exit(f"error: the base checkpoint {base_path} changed since this run started (sha256 differs); "

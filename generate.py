@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoints import load_checkpoint, model_from_checkpoint
 from flags import flags_given, parse_args
+from gpt2_weights import check_hf_source, load_model
 from lora import format_prompt, load_base_with_adapter, merge_lora
 from model import arg, generate
 from processes import autocast, pick_device, sampling_dtype
-from tokenization import checkpoint_tokenizer
 
 
 @dataclass
@@ -65,7 +64,6 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     if cfg.init_from and cfg.lora:
         sys.exit("error: an adapter carries its own base; give --lora or --init_from, not both")
     if cfg.init_from:
-        from gpt2_weights import check_hf_source
         check_hf_source(cfg.init_from)
     if cfg.input and not cfg.instruction:
         sys.exit("error: --input is the context of an instruction; give --instruction too")
@@ -95,13 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         # The adapter on its base, then folded in: sampling then costs what the base model costs.
         model, tokenizer = load_base_with_adapter(cfg.lora, ckpt_path if "out_dir" in flags_given(argv) else None)
         merge_lora(model)
-    elif cfg.init_from:
-        from gpt2_weights import hf_tokenizer, load_hf_gpt2
-        model, tokenizer = load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)
     else:
-        checkpoint = load_checkpoint(ckpt_path)
-        model, tokenizer = model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
-        del checkpoint
+        model, tokenizer = load_model(ckpt_path, cfg.init_from)
     model.to(device).eval()
 
     prompt_ids = tokenizer.encode(prompt_text) or [tokenizer.eot_token]

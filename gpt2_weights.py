@@ -19,9 +19,9 @@ import urllib.request
 
 import torch
 
-from checkpoints import save_checkpoint
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig
-from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, get_tokenizer, tokenizer_record
+from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, checkpoint_tokenizer, get_tokenizer, tokenizer_record
 
 # The weights that OpenAI's Conv1D stores transposed: (C_in, C_out) there, (C_out, C_in) in nn.Linear.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -246,6 +246,17 @@ def hf_tokenizer(source: str):
         file = f.read()
     check_bpe_file(file, path)
     return BPETokenizer(os.path.abspath(path), file)
+
+
+def load_model(checkpoint_path: str, init_from: str = "") -> tuple[GPT, object]:
+    """The model to sample, evaluate or fine-tune (on the CPU, dropout off) and the tokenizer it reads: GPT-2's
+    weights when init_from names them (hf_tokenizer), else the checkpoint at checkpoint_path and the tokenizer
+    it carries (r50k_base for older checkpoints)."""
+    if init_from:
+        check_hf_source(init_from)
+        return load_hf_gpt2(init_from), hf_tokenizer(init_from)
+    checkpoint = load_checkpoint(checkpoint_path)
+    return model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
 
 
 def save_hf_as_checkpoint(source: str, path: str) -> None:
