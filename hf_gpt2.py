@@ -56,12 +56,8 @@ def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
     ranks = {b: i for i, b in enumerate(token_bytes)}
     vocab = {as_text(b): i for i, b in enumerate(token_bytes)}
     vocab.update({name: tokenizer.encode_single_token(name) for name in tokenizer.special_tokens_set})
-    merges = []
-    for rank, token in enumerate(token_bytes):
-        if len(token) < 2:
-            continue
-        left, right = bpe_parts(ranks, token, rank)    # the two halves this rank's merge joined
-        merges.append(f"{as_text(left)} {as_text(right)}")
+    merges = [" ".join(map(as_text, bpe_parts(ranks, token, rank)))   # the two halves this rank's merge joined
+              for rank, token in enumerate(token_bytes) if len(token) >= 2]
     return vocab, merges
 
 
@@ -74,10 +70,10 @@ def write_text(path: str, text: str | dict) -> None:
 def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, tokenizer=None) -> None:
     """Write a Hugging Face GPT-2 directory at out, with the tokenizer's files (tokenizer: a BPE of ours, as
     tokenizer.json; None: r50k_base, as GPT-2's vocab.json and merges.txt when the vocabulary is GPT-2's),
-    atomically: the files go into a temporary directory
-    beside it, which is renamed to out once complete, so out is either absent or whole. The directory and
-    its files get the modes that os.mkdir and open would give them (0777 and 0666 less the umask), not the
-    temporary directory's private 0700 (tempfile.mkdtemp) or safetensors' 0600 for model.safetensors."""
+    atomically: the files go into a temporary directory beside it, which is renamed to out once complete, so
+    out is either absent or whole. The directory and its files get the modes that os.mkdir and open would give
+    them (0777 and 0666 less the umask), not the temporary directory's private 0700 (tempfile.mkdtemp) or
+    safetensors' 0600 for model.safetensors."""
     hf_config = hf_config_from_gpt(config)     # refuses unexpressible configs before anything is written
     eot_token = tokenizer.eot_token if tokenizer is not None else EOT_TOKEN
     hf_config.update(bos_token_id=eot_token, eos_token_id=eot_token)
@@ -120,10 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     config = GPTConfig(**checkpoint["model_config"])
     tokenizer = load_tokenizer(checkpoint["tokenizer"]) if checkpoint.get("tokenizer", {}).get("file") else None
     export_hf(checkpoint["model"], config, cfg.out, tokenizer)
-    print(f"wrote {cfg.out}: config.json, generation_config.json, model.safetensors"
-          + (", tokenizer.json, tokenizer_config.json" if tokenizer is not None else
-             ", vocab.json, merges.txt, tokenizer_config.json" if config.vocab_size >= EOT_TOKEN + 1 else
-             f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
+    files = sorted(os.listdir(cfg.out))
+    print(f"wrote {cfg.out}: {', '.join(files)}" + ("" if "tokenizer_config.json" in files else
+          f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.out!r})")
 
 

@@ -1,10 +1,9 @@
 """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): the adapter layer, attaching
 and merging adapters, the adapter file, and the instruction prompt they are trained on.
 
-LoRA freezes every weight W of a base model and learns, for chosen linear layers, a low-rank update:
-W x + (alpha / R) * B A x, with A (R, C_in) and B (C_out, R). Only A and B train, so the result is a small
-adapter file that belongs to one base checkpoint. finetune_lora.py trains adapters; generate.py applies
-them, which needs this file only, not the training code.
+Only the low-rank update B A of each chosen weight trains (LoRALinear), so the result is a small adapter file
+that belongs to one base checkpoint. finetune_lora.py trains adapters; generate.py applies them, which needs
+this file only, not the training code.
 """
 import dataclasses
 import math

@@ -134,12 +134,6 @@ def read_documents(path: str, text_column: str) -> Iterator[str]:
             yield decode_utf8(f.read(), path)
 
 
-def hf_documents(dataset, text_column: str) -> Iterator[str]:
-    """Documents of a Hugging Face dataset, fetched 1024 rows at a time, reading only the text column."""
-    for batch in dataset.select_columns([text_column]).iter(batch_size=1024):
-        yield from (text or "" for text in batch[text_column])
-
-
 def batched(pieces: Iterable[tuple[bool, str]], max_pieces: int = 1024, max_chars: int = 4_000_000
             ) -> Iterator[list[tuple[bool, str]]]:
     """Consecutive lists of (starts a document, text) pieces, small enough to hold in memory and large enough
@@ -405,8 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     total = count_documents(paths) if dataset is None else None if cfg.streaming else len(dataset)
 
     def documents() -> Iterator[str]:
-        if dataset is not None:
-            return hf_documents(dataset, cfg.text_column)
+        if dataset is not None:   # fetched 1024 rows at a time, reading only the text column
+            return (text or "" for batch in dataset.select_columns([cfg.text_column]).iter(batch_size=1024)
+                    for text in batch[cfg.text_column])
         return (text for path in paths for text in read_documents(path, cfg.text_column))
     if bpe_vocab:
         progress = Progress(total)
