@@ -45,12 +45,10 @@ class EvalConfig:
                               "a text file")
     batch_size: int = arg(16, "sequences per forward pass")
     output: str = arg("", "JSON file for the results (default: named after the tasks or the perplexity "
-                          "file, e.g. eval-hellaswag.json, in --out_dir, or with --init_from in the current "
-                          "directory)")
+                          "file, e.g. eval-hellaswag.json, in --out_dir, or with --init_from in the current directory)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: as in train.py (on a CPU bfloat16 where a probe at start finds its matmuls "
-                             "at least 1.5x as fast as float32's)",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+                             "at least 1.5x as fast as float32's)", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 # --- the math: log-likelihoods of continuations, and of long token streams ---
@@ -166,13 +164,12 @@ def make_adapter_class():
             the sequences in a batch have similar lengths and little padding."""
             pairs = [encode_pair(self.tokenizer, *request.args) for request in requests]
             order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-            results = [None] * len(pairs)
+            results = {}
             with autocast(self.device_name, self.dtype):
                 for first in range(0, len(order), self.batch_size):
                     batch = order[first:first + self.batch_size]
-                    for i, result in zip(batch, score_continuations(self.model, [pairs[i] for i in batch])):
-                        results[i] = result
-            return results
+                    results.update(zip(batch, score_continuations(self.model, [pairs[i] for i in batch])))
+            return [results[i] for i in range(len(pairs))]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             """Log-likelihood of whole documents (perplexity tasks such as wikitext), window by window."""
@@ -248,12 +245,10 @@ def run_tasks(cfg: EvalConfig, model: GPT, tokenizer, device: str, dtype: torch.
                                        task_manager=task_manager, log_samples=False)
     except ConnectionError as e:   # datasets' "Couldn't reach '<id>' on the Hub", offline mode's refusal
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if hub_unreachable:
-            sys.exit(f"error: --tasks={cfg.tasks}: the Hugging Face Hub ({hub_unreachable}) is unreachable and a "
-                     f"task's data is not in the local cache ({reason}); run once with network access, or "
-                     f"evaluate a local task (--include_path)")
-        sys.exit(f"error: --tasks={cfg.tasks}: a task's data could not be loaded ({reason}); check the network "
-                 f"(and HF_HUB_OFFLINE), or evaluate a local task (--include_path)")
+        cause = f"the Hugging Face Hub ({hub_unreachable}) is unreachable and a task's data is not in the local " \
+            f"cache ({reason}); run once with network access" if hub_unreachable else \
+            f"a task's data could not be loaded ({reason}); check the network (and HF_HUB_OFFLINE)"
+        sys.exit(f"error: --tasks={cfg.tasks}: {cause}, or evaluate a local task (--include_path)")
 
 
 def main(argv: list[str] | None = None) -> None:

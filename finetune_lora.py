@@ -328,8 +328,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
     if not 0 < cfg.val_fraction < 1:
         sys.exit(f"error: --val_fraction={cfg.val_fraction} must be in (0, 1)")
     targets = parse_targets(cfg.lora_targets)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
+    if not targets or any(t not in LORA_TARGETS for t in targets):
         sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
     if cfg.init_from != "resume" and not cfg.data:
         sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
@@ -351,12 +350,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfig, dict | None, str]:
-    """(config, saved state, base checkpoint path) of the run: a new one on a base checkpoint (no state), or
-    the one in out_dir, resumed with its base. A new run never overwrites another's files.
-
-    A resumed run's config is the saved one with the flags given now on top, and one line for each value that
-    changes (as train.py prints them). Flags that would change what the run learns are refused, all at once.
-    A field newer than the saved state takes its default."""
+    """(config, saved state, base checkpoint path) of the run: a new one on a base checkpoint (no state), which
+    never overwrites another run's files, or the one in out_dir, resumed with its base. A resumed run's config is
+    the saved one (a field newer than it takes its default) with the flags given now on top, and one line for
+    each value that changes (as train.py prints them); flags that would change what it learns are refused, all
+    at once."""
     state_path = os.path.join(cfg.out_dir, "state.pt")
     if cfg.init_from != "resume":
         if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
@@ -384,8 +382,7 @@ def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfi
     return cfg, state, state["base"]["path"]
 
 
-def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool
-              ) -> tuple[GPT, dict, object]:
+def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool) -> tuple[GPT, dict, object]:
     """The base model (dropout off: only the adapters' dropout regularizes fine-tuning), its record for the
     adapter (path and sha256) and the tokenizer its checkpoint carries. GPT-2's weights first become a
     checkpoint of ours in out_dir/base.pt. A resumed run refuses a base that changed since it started."""

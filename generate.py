@@ -43,8 +43,7 @@ class GenerateConfig:
     seed: int = arg(1337, "seed of the sampling generator: the same seed gives the same text")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that compute it natively (compute capability 8.0+), "
-                             "float16 on older GPUs, float32 on CPU (one token at a time, bfloat16 is no faster "
-                             "there)",
+                             "float16 on older GPUs, float32 on CPU (one token at a time, bfloat16 is no faster there)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = arg(None, "torch.compile each sampling step (default: on for CUDA, where it fuses "
                                      "the step's many small kernels; off elsewhere, where it does not pay)")
@@ -88,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = sampling_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    # The model, and the tokenizer its checkpoint carries (r50k_base for GPT-2's weights and older checkpoints).
-    if cfg.lora:
-        # The adapter on its base, then folded in: sampling then costs what the base model costs.
+    if cfg.lora:   # the adapter on its base, then folded in: sampling then costs what the base model costs
         model, tokenizer = load_base_with_adapter(cfg.lora, ckpt_path if "out_dir" in flags_given(argv) else None)
         merge_lora(model)
     else:

@@ -41,8 +41,7 @@ def import_optional(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError:
-        sys.exit(f"error: {purpose} needs the package {module.split('.')[0]}; "
-                 f"`pip install -r requirements-extra.txt`")
+        sys.exit(f"error: {purpose} needs the package {module.split('.')[0]}; `pip install -r requirements-extra.txt`")
 
 
 # --- the mapping, both ways: pure functions on configs and state dicts ---
@@ -95,11 +94,9 @@ def hf_config_from_gpt(config: GPTConfig) -> dict:
     class cannot express. A field this exporter does not know (a variant added to GPTConfig later: ALiBi,
     top-k attention, ReZero, ...) exports only at its default value, which is plain GPT-2."""
     if not config.bias:
-        sys.exit("error: cannot export bias=False: GPT-2's class always has biases in its Linear and LayerNorm "
-                 "layers")
+        sys.exit("error: cannot export bias=False: GPT-2's class always has biases in its Linear and LayerNorm layers")
     if not config.tie_embeddings:
-        sys.exit("error: cannot export tie_embeddings=False: GPT-2's class ties the LM head to the token "
-                 "embedding")
+        sys.exit("error: cannot export tie_embeddings=False: GPT-2's class ties the LM head to the token embedding")
     known = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings", *RUNTIME_FIELDS}
     for f in dataclasses.fields(GPTConfig):
         if f.name not in known and getattr(config, f.name) != f.default:
@@ -111,8 +108,7 @@ def hf_config_from_gpt(config: GPTConfig) -> dict:
             "layer_norm_epsilon": 1e-5, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
             "attn_pdrop": config.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
-            "torch_dtype": "float32"}
+            "tie_word_embeddings": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "torch_dtype": "float32"}
 
 
 def hf_generation_config_from_gpt(config: GPTConfig, eot_token: int = EOT_TOKEN) -> dict:
@@ -226,8 +222,7 @@ def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
               if name in given and getattr(flags, name) != getattr(pretrained, name)
               and not (name == "block_size" and flags.block_size < pretrained.block_size)]
     if differ:
-        sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ)
-                 + "; drop these flags")
+        sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ) + "; drop these flags")
     if "block_size" in given and flags.block_size < pretrained.block_size:
         state = model.state_dict()
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:flags.block_size]   # (T, C)

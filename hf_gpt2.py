@@ -27,8 +27,7 @@ from tokenization import EOT_TEXT, EOT_TOKEN, bytes_to_unicode, get_tokenizer, l
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = arg("out/ckpt.pt", "checkpoint of ours to export (train.py's, or finetune_lora.py's "
-                                         "merged one)")
+    checkpoint: str = arg("out/ckpt.pt", "checkpoint of ours to export (train.py's, or finetune_lora.py's merged one)")
     out: str = arg("hf-out", "new directory for the Hugging Face files (an existing one is not overwritten)")
 
 
@@ -61,9 +60,9 @@ def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
     return vocab, merges
 
 
-def write_text(path: str, text: str | dict) -> None:
-    """Write text to path; a dict is written as indented JSON."""
-    with open(path, "w", encoding="utf-8") as f:
+def write_text(folder: str, name: str, text: str | dict) -> None:
+    """Write text to the file name in folder; a dict is written as indented JSON."""
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
         f.write(json.dumps(text, indent=2) + "\n" if isinstance(text, dict) else text)
 
 
@@ -84,20 +83,20 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, token
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
-        write_text(os.path.join(tmp, "config.json"), hf_config)
-        write_text(os.path.join(tmp, "generation_config.json"), hf_generation_config_from_gpt(config, eot_token))
+        write_text(tmp, "config.json", hf_config)
+        write_text(tmp, "generation_config.json", hf_generation_config_from_gpt(config, eot_token))
         save_file(hf_state_dict_from_gpt(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         special = {"model_max_length": config.block_size, "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
                    "unk_token": EOT_TEXT}
         if tokenizer is not None:   # our BPE: transformers' generic fast tokenizer runs its tokenizer.json as is
-            write_text(os.path.join(tmp, "tokenizer.json"), tokenizer.file)
-            write_text(os.path.join(tmp, "tokenizer_config.json"),
+            write_text(tmp, "tokenizer.json", tokenizer.file)
+            write_text(tmp, "tokenizer_config.json",
                        {"tokenizer_class": "PreTrainedTokenizerFast", **special, "pad_token": EOT_TEXT})
         elif config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
             vocab, merges = gpt2_tokenizer_files(get_tokenizer().encoding)
-            write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
-            write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
-            write_text(os.path.join(tmp, "tokenizer_config.json"),
+            write_text(tmp, "vocab.json", json.dumps(vocab, ensure_ascii=False))
+            write_text(tmp, "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+            write_text(tmp, "tokenizer_config.json",
                        {"tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False})
         mask = os.umask(0o022)   # the umask: os.umask can only read it by setting another, so set it back at once
         os.umask(mask)

@@ -89,8 +89,7 @@ def merge_lora(model: GPT) -> GPT:
 def adapter_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """The adapters' A and B matrices by parameter name (e.g. 'transformer.h.0.attn.c_attn.lora_A'): all that
     an adapter file has to store, since everything else is the base checkpoint."""
-    return {name: p.detach().cpu() for name, p in model.named_parameters()
-            if name.endswith((".lora_A", ".lora_B"))}
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
 
 
 # --- the prompt template ---
@@ -119,11 +118,9 @@ ADAPTER_VERSION = 2                    # 2: the contents carry their sha256
 def save_adapter(model: GPT, settings: dict, base: dict, step: int, val_loss: float, path: str) -> None:
     """Write the adapter-only file atomically: the A and B tensors, the LoRA settings that rebuild the layers
     (rank, alpha, dropout, targets), and the base checkpoint it belongs to (path and sha256 of its bytes)."""
-    adapter = {
-        "lora": settings, "base": base, "model_config": dataclasses.asdict(model.config), "step": step,
-        "val_loss": val_loss, "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
-        "tensors": adapter_tensors(model),
-    }
+    adapter = {"lora": settings, "base": base, "model_config": dataclasses.asdict(model.config), "step": step,
+               "val_loss": val_loss, "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
+               "tensors": adapter_tensors(model)}
     save_verifiable(adapter, path, ADAPTER_FORMAT, ADAPTER_VERSION)
 
 

@@ -221,8 +221,7 @@ class Progress:
         self.width = 0
 
 
-def document_pieces(documents: Iterable[str], progress: Progress, size: int = 1 << 20
-                    ) -> Iterator[tuple[bool, str]]:
+def document_pieces(documents: Iterable[str], progress: Progress, size: int = 1 << 20) -> Iterator[tuple[bool, str]]:
     """(starts a document, text) for the pieces (split_text) of every document that is not empty or blank,
     counting in progress what was read."""
     for text in documents:
@@ -262,8 +261,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
     return tokenizer.to_str(pretty=True)
 
 
-def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int,
-                     progress: Progress) -> tuple[int, int, int]:
+def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int, progress: Progress) -> tuple[int, int, int]:
     """Encode documents in batches and append their ids to f as uint16, <|endoftext|> between documents.
     Only one document and one batch of ids are in memory at a time (a long document is encoded in pieces,
     split_text), so a corpus of billions of tokens streams through. Returns (tokens written, documents
@@ -272,10 +270,9 @@ def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int,
     for batch in batched(document_pieces(documents, progress)):
         ids, texts = [], [piece for _, piece in batch]
         for (starts_document, _), tokens in zip(batch, enc.encode_ordinary_batch(texts, num_proc)):
-            if starts_document:
-                if n_docs > 0:
-                    ids.append(enc.eot_token)   # a separator, not a terminator: none after the last document
-                n_docs += 1
+            if starts_document and n_docs > 0:
+                ids.append(enc.eot_token)   # a separator, not a terminator: none after the last document
+            n_docs += starts_document
             ids.extend(tokens)
         array = np.array(ids, dtype=np.int64)
         assert array.size == 0 or (array.min() >= 0 and array.max() < 2**16), "token id does not fit uint16"
@@ -436,11 +433,10 @@ def main(argv: list[str] | None = None) -> None:
             os.remove(os.path.join(out_dir, "meta.json"))
         os.replace(train_bin + ".tmp", train_bin)
         os.replace(val_bin + ".tmp", val_bin)
-        meta = {
-            "format": FORMAT, "tokenizer": enc.name, "vocab_size": enc.vocab_size, "eot_token": enc.eot_token,
-            "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_total - n_train, "documents": n_docs,
-            "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction, "source": source,
-            "sha256": digests}
+        meta = {"format": FORMAT, "tokenizer": enc.name, "vocab_size": enc.vocab_size, "eot_token": enc.eot_token,
+                "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_total - n_train, "documents": n_docs,
+                "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction, "source": source,
+                "sha256": digests}
         tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
         if enc.file:   # the BPE the ids belong to, which train.py puts into every checkpoint
             write_atomically(tokenizer_path, lambda f: f.write(enc.file.encode()))
