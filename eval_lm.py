@@ -24,12 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint, model_from_checkpoint, write_atomically
+from checkpoints import write_atomically
 from flags import parse_args
-from gpt2_weights import check_hf_source, go_offline_if_hub_unreachable, hf_tokenizer, load_hf_gpt2
+from gpt2_weights import go_offline_if_hub_unreachable, load_model
 from model import GPT, GPT2_SIZES, arg, generate
 from processes import autocast, pick_device, pick_dtype
-from tokenization import checkpoint_tokenizer
 
 
 @dataclass
@@ -46,12 +45,10 @@ class EvalConfig:
                               "a text file")
     batch_size: int = arg(16, "sequences per forward pass")
     output: str = arg("", "JSON file for the results (default: named after the tasks or the perplexity "
-                          "file, e.g. eval-hellaswag.json, in --out_dir, or with --init_from in the current "
-                          "directory)")
+                          "file, e.g. eval-hellaswag.json, in --out_dir, or with --init_from in the current directory)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: as in train.py (on a CPU bfloat16 where a probe at start finds its matmuls "
-                             "at least 1.5x as fast as float32's)",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+                             "at least 1.5x as fast as float32's)", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 # --- the math: log-likelihoods of continuations, and of long token streams ---
@@ -76,8 +73,8 @@ def score_continuations(model: GPT, pairs: list[tuple[list[int], list[int]]]) ->
     """For each (context ids, continuation ids): (log p(continuation | context), True if greedy decoding
     would write the continuation), all pairs in one right-padded batch. A sequence longer than the context
     window keeps its last block_size + 1 tokens (and a continuation longer than that, its last block_size
-    tokens). Only the continuation's positions go through the LM head,
-    so a batch never holds (B, T, V) logits. Reference: log_softmax(model(ids)) summed at those positions."""
+    tokens). Only the continuation's positions go through the LM head, so a batch never holds (B, T, V)
+    logits. Reference: log_softmax(model(ids)) summed at those positions."""
     block_size = model.config.block_size
     rows = [(context + continuation)[-(block_size + 1):] for context, continuation in pairs]
     T = max(len(row) for row in rows) - 1
@@ -130,16 +127,15 @@ def default_output(cfg: EvalConfig) -> str:
     tasks, shot counts, limits or files do not overwrite each other: out_dir/eval-hellaswag+arc_easy-5shot.json,
     out_dir/eval-perplexity-val.bin.json; with --init_from, ./eval-gpt2-hellaswag.json (the model named too)."""
     if cfg.perplexity:
-        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity)) + \
-            (f"-limit{cfg.limit}" if cfg.limit is not None else "")
+        name = "perplexity-" + os.path.basename(os.path.normpath(cfg.perplexity))
     else:
         tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
         name = "+".join(tasks)
         if len(name) > 80:   # a long list: the first task, the count, and a hash of the whole list
             digest = hashlib.sha256(",".join(tasks).encode()).hexdigest()[:8]
             name = f"{tasks[0]}+{len(tasks) - 1}_more-{digest}"
-        name += (f"-{cfg.num_fewshot}shot" if cfg.num_fewshot is not None else "") + \
-            (f"-limit{cfg.limit}" if cfg.limit is not None else "")
+        name += f"-{cfg.num_fewshot}shot" if cfg.num_fewshot is not None else ""
+    name += f"-limit{cfg.limit}" if cfg.limit is not None else ""
     if cfg.init_from:
         name = os.path.basename(os.path.normpath(cfg.init_from)) + "-" + name
     name = re.sub(r"[^\w.+-]", "_", name)     # a file name, whatever the task or model is called
@@ -168,13 +164,12 @@ def make_adapter_class():
             the sequences in a batch have similar lengths and little padding."""
             pairs = [encode_pair(self.tokenizer, *request.args) for request in requests]
             order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-            results = [None] * len(pairs)
+            results = {}
             with autocast(self.device_name, self.dtype):
                 for first in range(0, len(order), self.batch_size):
                     batch = order[first:first + self.batch_size]
-                    for i, result in zip(batch, score_continuations(self.model, [pairs[i] for i in batch])):
-                        results[i] = result
-            return results
+                    results.update(zip(batch, score_continuations(self.model, [pairs[i] for i in batch])))
+            return [results[i] for i in range(len(pairs))]
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             """Log-likelihood of whole documents (perplexity tasks such as wikitext), window by window."""
@@ -212,16 +207,7 @@ def make_adapter_class():
     return GPTAdapter
 
 
-# --- side effects: the model, the files, the harness ---
-
-def load_model(cfg: EvalConfig) -> tuple[GPT, object]:
-    """The model and the tokenizer it reads: its checkpoint's (r50k_base for GPT-2's weights and older ones)."""
-    if cfg.init_from:
-        check_hf_source(cfg.init_from)
-        return load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)
-    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    return model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
-
+# --- side effects: the files, the harness ---
 
 def read_tokens(path: str, tokenizer) -> np.ndarray:
     """A token stream: a prepare.py .bin file (uint16 ids) as it is, a text file encoded, both starting after
@@ -259,12 +245,10 @@ def run_tasks(cfg: EvalConfig, model: GPT, tokenizer, device: str, dtype: torch.
                                        task_manager=task_manager, log_samples=False)
     except ConnectionError as e:   # datasets' "Couldn't reach '<id>' on the Hub", offline mode's refusal
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if hub_unreachable:
-            sys.exit(f"error: --tasks={cfg.tasks}: the Hugging Face Hub ({hub_unreachable}) is unreachable and a "
-                     f"task's data is not in the local cache ({reason}); run once with network access, or "
-                     f"evaluate a local task (--include_path)")
-        sys.exit(f"error: --tasks={cfg.tasks}: a task's data could not be loaded ({reason}); check the network "
-                 f"(and HF_HUB_OFFLINE), or evaluate a local task (--include_path)")
+        cause = f"the Hugging Face Hub ({hub_unreachable}) is unreachable and a task's data is not in the local " \
+            f"cache ({reason}); run once with network access" if hub_unreachable else \
+            f"a task's data could not be loaded ({reason}); check the network (and HF_HUB_OFFLINE)"
+        sys.exit(f"error: --tasks={cfg.tasks}: {cause}, or evaluate a local task (--include_path)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -275,11 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: --batch_size and --limit must be >= 1")
     # Without a network, fail (or read the cache) at once instead of after ~25 s of retries per request;
     # this has to come before huggingface_hub and datasets are imported.
-    needs_hub = cfg.tasks or cfg.init_from in GPT2_SIZES
-    hub_unreachable = go_offline_if_hub_unreachable() if needs_hub else None
+    hub_unreachable = go_offline_if_hub_unreachable() if cfg.tasks or cfg.init_from in GPT2_SIZES else None
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    model, tokenizer = load_model(cfg)
+    model, tokenizer = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.init_from)
     model.to(device).eval()
     output = cfg.output or default_output(cfg)
     source = cfg.init_from or os.path.join(cfg.out_dir, "ckpt.pt")
@@ -298,8 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
               f"perplexity {math.exp(nll):.2f}")
     else:
-        # one line if lm_eval is missing
-        evaluated = run_tasks(cfg, model, tokenizer, device, dtype, hub_unreachable)
+        evaluated = run_tasks(cfg, model, tokenizer, device, dtype, hub_unreachable)   # one line if no lm_eval
         from lm_eval.utils import handle_non_serializable, make_table
         results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
         results = json.loads(json.dumps(results, default=handle_non_serializable))

@@ -7,11 +7,9 @@
     python generate.py --lora=out-lora/adapter.pt --instruction="Who speaks this line in Hamlet?" \\
         --input="To be, or not to be: that is the question:"
 
-LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes every weight W of the
-base model and learns, for chosen linear layers, a low-rank update: W x + (alpha / R) * B A x, with A (R, C_in)
-and B (C_out, R). Only A and B train, so the result is a small adapter file that belongs to one base
-checkpoint; `--merge` folds B A into W and writes an ordinary full checkpoint. The adapter layer and its file
-are lora.py; this script is the training run around them.
+LoRA (Hu et al. 2021) learns, for chosen linear layers of the frozen base, a low-rank update B A of each weight
+W (the adapter layer and its file are lora.py; this script is the training run around them). The result is a
+small adapter file that belongs to one base checkpoint; `--merge` folds B A into W and writes a full checkpoint.
 
 Every field of FinetuneConfig is a flag (`--help` lists them with their defaults).
 """
@@ -20,6 +18,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,15 +26,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
+from checkpoints import load_checkpoint, save_checkpoint, sha256_file
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
+from gpt2_weights import is_hf_source, load_model, save_hf_as_checkpoint
 from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
 from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
 from processes import StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
 from runlog import RunLog, StepTimer, prepare_out_dir
 from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
                      should_compile, train_loop)
-from tokenization import checkpoint_tokenizer, shakespeare_paths
+from tokenization import shakespeare_paths
 
 
 # --- the run's flags ---
@@ -230,6 +230,14 @@ def check_record(record, where: str) -> dict:
     return {"instruction": record["instruction"], "input": record.get("input") or "", "output": record["output"]}
 
 
+def parse_json(text: str, path: str, first_line: int = 1):
+    """The JSON value of text, which starts at line first_line of path; invalid JSON stops with one line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} line {first_line + e.lineno - 1}: not valid JSON ({e.msg} at column {e.colno})")
+
+
 def read_json_records(path: str) -> list[dict]:
     """Records from a .json file (one list of objects) or a .jsonl file (one object per line)."""
     try:
@@ -238,20 +246,9 @@ def read_json_records(path: str) -> list[dict]:
     except UnicodeDecodeError as e:
         sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8")
     if path.endswith(".jsonl"):
-        records = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"error: {path} line {line_number}: not valid JSON ({e.msg} at column {e.colno})")
-            records.append(check_record(record, f"{path} line {line_number}"))
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        sys.exit(f"error: {path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})")
+        return [check_record(parse_json(line, path, line_number), f"{path} line {line_number}")
+                for line_number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    records = parse_json(text, path)
     if not isinstance(records, list):
         sys.exit(f"error: {path}: a .json file must hold a list of records, not a {type(records).__name__}; "
                  f"or write one record per line to a .jsonl file")
@@ -291,9 +288,7 @@ def shakespeare_speaker_records(min_speeches: int = 50, min_words: int = 4) -> l
             elif speaker and is_first_line and line and not line.startswith(("#", "_")):
                 speeches.append((speaker, line))
                 is_first_line = False
-        counts = {}
-        for speaker, _ in speeches:
-            counts[speaker] = counts.get(speaker, 0) + 1
+        counts = Counter(speaker for speaker, _ in speeches)
         records += [{"instruction": f"Who speaks this line in {title}?", "input": line, "output": speaker}
                     for speaker, line in speeches
                     if counts[speaker] >= min_speeches and len(line.split()) >= min_words]
@@ -333,29 +328,11 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
     if not 0 < cfg.val_fraction < 1:
         sys.exit(f"error: --val_fraction={cfg.val_fraction} must be in (0, 1)")
     targets = parse_targets(cfg.lora_targets)
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown or not targets:
+    if not targets or any(t not in LORA_TARGETS for t in targets):
         sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
     if cfg.init_from != "resume" and not cfg.data:
         sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
                  "id, or shakespeare")
-
-
-def resume_config(cfg: FinetuneConfig, saved: dict, given: set[str], state_path: str
-                  ) -> tuple[FinetuneConfig, list[str]]:
-    """The resumed run's config: the saved one, with the flags given now on top, and one line for each value
-    that changes (as train.py prints them). Flags that would change what the run learns are refused, all at
-    once. A field newer than the saved state takes its default."""
-    fields = dataclasses.asdict(FinetuneConfig())
-    saved = {**fields, **{name: value for name, value in saved.items() if name in fields}}
-    differ = [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
-              if name in given and getattr(cfg, name) != saved[name]]
-    if differ:
-        sys.exit(f"error: cannot resume {state_path} with a different " + ", ".join(differ)
-                 + "; drop these flags or start a new --out_dir")
-    now = {name: getattr(cfg, name) for name in given if name not in ("init_from", "out_dir")}
-    report = config_changes("resume", saved, now, {name: "command line" for name in now})
-    return FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir}), report
 
 
 # --- the run ---
@@ -373,42 +350,49 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfig, dict | None, str]:
-    """(config, saved state, base checkpoint path) of the run: a new one on a base checkpoint (no state), or
-    the one in out_dir, resumed with its base. A new run never overwrites another's files."""
-    adapter_path, state_path = os.path.join(cfg.out_dir, "adapter.pt"), os.path.join(cfg.out_dir, "state.pt")
-    if cfg.init_from == "resume":
-        if not os.path.isfile(state_path):
-            sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} "
-                     f"to resume")
-        state = load_checkpoint(state_path)
-        cfg, report = resume_config(cfg, state["finetune_config"], given, state_path)
-        for line in report:
-            print0(line)
-        return cfg, state, state["base"]["path"]
-    if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
-        sys.exit(f"error: --out_dir={cfg.out_dir} is the base's directory; pick another --out_dir")
-    existing = [p for p in (adapter_path, state_path, os.path.join(cfg.out_dir, "ckpt.pt")) if os.path.exists(p)]
-    if existing:
-        sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
-                 f"--out_dir (nothing is overwritten)")
-    return cfg, None, os.path.join(cfg.init_from, "ckpt.pt")
+    """(config, saved state, base checkpoint path) of the run: a new one on a base checkpoint (no state), which
+    never overwrites another run's files, or the one in out_dir, resumed with its base. A resumed run's config is
+    the saved one (a field newer than it takes its default) with the flags given now on top, and one line for
+    each value that changes (as train.py prints them); flags that would change what it learns are refused, all
+    at once."""
+    state_path = os.path.join(cfg.out_dir, "state.pt")
+    if cfg.init_from != "resume":
+        if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
+            sys.exit(f"error: --out_dir={cfg.out_dir} is the base's directory; pick another --out_dir")
+        existing = [path for name in ("adapter.pt", "state.pt", "ckpt.pt")
+                    if os.path.exists(path := os.path.join(cfg.out_dir, name))]
+        if existing:
+            sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
+                     f"--out_dir (nothing is overwritten)")
+        return cfg, None, os.path.join(cfg.init_from, "ckpt.pt")
+    if not os.path.isfile(state_path):
+        sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} to resume")
+    state = load_checkpoint(state_path)
+    fields = dataclasses.asdict(FinetuneConfig())
+    saved = {**fields, **{name: value for name, value in state["finetune_config"].items() if name in fields}}
+    differ = [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
+              if name in given and getattr(cfg, name) != saved[name]]
+    if differ:
+        sys.exit(f"error: cannot resume {state_path} with a different " + ", ".join(differ)
+                 + "; drop these flags or start a new --out_dir")
+    now = {name: getattr(cfg, name) for name in given if name not in ("init_from", "out_dir")}
+    for line in config_changes("resume", saved, now, {name: "command line" for name in now}):
+        print0(line)
+    cfg = FinetuneConfig(**{**saved, **now, "init_from": "resume", "out_dir": cfg.out_dir})
+    return cfg, state, state["base"]["path"]
 
 
-def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool
-              ) -> tuple[GPT, dict, object]:
+def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool) -> tuple[GPT, dict, object]:
     """The base model (dropout off: only the adapters' dropout regularizes fine-tuning), its record for the
     adapter (path and sha256) and the tokenizer its checkpoint carries. GPT-2's weights first become a
     checkpoint of ours in out_dir/base.pt. A resumed run refuses a base that changed since it started."""
-    if cfg.init_from != "resume":
-        from gpt2_weights import is_hf_source, save_hf_as_checkpoint
-        if is_hf_source(cfg.init_from):    # GPT-2's weights become a checkpoint of ours: the adapter's base
-            base_path = os.path.join(cfg.out_dir, "base.pt")
-            if is_master:                  # out_dir appears only once the weights have loaded
-                save_hf_as_checkpoint(cfg.init_from, base_path)
-            if dist.is_initialized():
-                dist.barrier()
-    checkpoint = load_checkpoint(base_path)
-    model, tokenizer = model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
+    if state is None and is_hf_source(cfg.init_from):
+        base_path = os.path.join(cfg.out_dir, "base.pt")
+        if is_master:                      # out_dir appears only once the weights have loaded
+            save_hf_as_checkpoint(cfg.init_from, base_path)
+        if dist.is_initialized():
+            dist.barrier()
+    model, tokenizer = load_model(base_path)
     base = {"path": base_path, "sha256": sha256_file(base_path)}
     if state is not None and base["sha256"] != state["base"]["sha256"]:
         sys.exit(f"error: the base checkpoint {base_path} changed since this run started (sha256 differs); "
@@ -446,10 +430,7 @@ def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict |
     torch.manual_seed(cfg.seed)            # the same initial A on every process
     apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if state is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in state["tensors"]:
-                    p.copy_(state["tensors"][name])
+        model.load_state_dict(state["tensors"], strict=False)   # the adapters' tensors: the base's are in place
     return present
 
 
@@ -500,9 +481,8 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         # A state older than the layout's record was written by DDP too, on one process per RNG state.
-        older_layout = {**layout, "dp": len(state["rng"])}
         start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, device, layout,
-                                                       cfg.seed + rank, older_layout)
+                                                       cfg.seed + rank, {**layout, "dp": len(state["rng"])})
         print0(f"resuming {state_path} at step {start_step}")
     parallel = lay_out(model, cfg, device, dtype, local_rank, world_size)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
@@ -540,15 +520,12 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                 save_adapter(model, lora_settings(cfg), base, step, val_loss, adapter_path)
         save_on_rank0(write, stop)
 
-    def step_flops(tokens_per_step: float) -> float:
-        return finetune_flops(model.config, n_params, tokens_per_step, examples_per_step)
-
-    def batches_of(step: int) -> tuple[list, int]:
-        return step_micro_batches(splits["train"], step, cfg, rank, world_size, device)
     step, stop_signal, best_val_loss, timer = train_loop(
-        cfg, parallel, optimizer, scaler, batches_of, evaluate_now, save, log, stop, start_step, best_val_loss,
-        saved_at_start=start_step > 0, flops_of=step_flops, peak=peak_flops(device, cfg.peak_flops, world_size),
-        tokens_before=None, state_path=state_path)
+        cfg, parallel, optimizer, scaler,
+        lambda step: step_micro_batches(splits["train"], step, cfg, rank, world_size, device),
+        evaluate_now, save, log, stop, start_step, best_val_loss, saved_at_start=start_step > 0,
+        flops_of=lambda tokens: finetune_flops(model.config, n_params, tokens, examples_per_step),
+        peak=peak_flops(device, cfg.peak_flops, world_size), tokens_before=None, state_path=state_path)
     log.close()
     if stop_signal and step < cfg.max_iters:
         print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with "

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoints import load_checkpoint, model_from_checkpoint
 from flags import flags_given, parse_args
+from gpt2_weights import check_hf_source, load_model
 from lora import format_prompt, load_base_with_adapter, merge_lora
 from model import arg, generate
 from processes import autocast, pick_device, sampling_dtype
-from tokenization import checkpoint_tokenizer
 
 
 @dataclass
@@ -44,8 +43,7 @@ class GenerateConfig:
     seed: int = arg(1337, "seed of the sampling generator: the same seed gives the same text")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = arg("auto", "auto: bfloat16 on GPUs that compute it natively (compute capability 8.0+), "
-                             "float16 on older GPUs, float32 on CPU (one token at a time, bfloat16 is no faster "
-                             "there)",
+                             "float16 on older GPUs, float32 on CPU (one token at a time, bfloat16 is no faster there)",
                      choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = arg(None, "torch.compile each sampling step (default: on for CUDA, where it fuses "
                                      "the step's many small kernels; off elsewhere, where it does not pay)")
@@ -65,7 +63,6 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     if cfg.init_from and cfg.lora:
         sys.exit("error: an adapter carries its own base; give --lora or --init_from, not both")
     if cfg.init_from:
-        from gpt2_weights import check_hf_source
         check_hf_source(cfg.init_from)
     if cfg.input and not cfg.instruction:
         sys.exit("error: --input is the context of an instruction; give --instruction too")
@@ -90,19 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = sampling_dtype(cfg.dtype, device)
     prompt_text = read_prompt(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    # The model, and the tokenizer its checkpoint carries (r50k_base for GPT-2's weights and older checkpoints).
-    if cfg.lora:
-        # The adapter on its base, then folded in: sampling then costs what the base model costs.
-        base_path = ckpt_path if "out_dir" in flags_given(argv) else None
-        model, tokenizer = load_base_with_adapter(cfg.lora, base_path)
-        model = merge_lora(model)
-    elif cfg.init_from:
-        from gpt2_weights import hf_tokenizer, load_hf_gpt2
-        model, tokenizer = load_hf_gpt2(cfg.init_from), hf_tokenizer(cfg.init_from)
+    if cfg.lora:   # the adapter on its base, then folded in: sampling then costs what the base model costs
+        model, tokenizer = load_base_with_adapter(cfg.lora, ckpt_path if "out_dir" in flags_given(argv) else None)
+        merge_lora(model)
     else:
-        checkpoint = load_checkpoint(ckpt_path)
-        model, tokenizer = model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
-        del checkpoint
+        model, tokenizer = load_model(ckpt_path, cfg.init_from)
     model.to(device).eval()
 
     prompt_ids = tokenizer.encode(prompt_text) or [tokenizer.eot_token]

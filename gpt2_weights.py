@@ -19,9 +19,9 @@ import urllib.request
 
 import torch
 
-from checkpoints import save_checkpoint
+from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig
-from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, get_tokenizer, tokenizer_record
+from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, checkpoint_tokenizer, get_tokenizer, tokenizer_record
 
 # The weights that OpenAI's Conv1D stores transposed: (C_in, C_out) there, (C_out, C_in) in nn.Linear.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -41,8 +41,7 @@ def import_optional(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError:
-        sys.exit(f"error: {purpose} needs the package {module.split('.')[0]}; "
-                 f"`pip install -r requirements-extra.txt`")
+        sys.exit(f"error: {purpose} needs the package {module.split('.')[0]}; `pip install -r requirements-extra.txt`")
 
 
 # --- the mapping, both ways: pure functions on configs and state dicts ---
@@ -77,7 +76,7 @@ def gpt_config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
                      tie_embeddings=True, **overrides)
 
 
-def gpt_state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def gpt_state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our GPT's state dict from a GPT2LMHeadModel's (or GPT2Model's, whose keys lack 'transformer.').
     Conv1D weights are transposed; the causal-mask buffers of older transformers versions are dropped."""
     ours = {}
@@ -95,11 +94,9 @@ def hf_config_from_gpt(config: GPTConfig) -> dict:
     class cannot express. A field this exporter does not know (a variant added to GPTConfig later: ALiBi,
     top-k attention, ReZero, ...) exports only at its default value, which is plain GPT-2."""
     if not config.bias:
-        sys.exit("error: cannot export bias=False: GPT-2's class always has biases in its Linear and LayerNorm "
-                 "layers")
+        sys.exit("error: cannot export bias=False: GPT-2's class always has biases in its Linear and LayerNorm layers")
     if not config.tie_embeddings:
-        sys.exit("error: cannot export tie_embeddings=False: GPT-2's class ties the LM head to the token "
-                 "embedding")
+        sys.exit("error: cannot export tie_embeddings=False: GPT-2's class ties the LM head to the token embedding")
     known = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "tie_embeddings", *RUNTIME_FIELDS}
     for f in dataclasses.fields(GPTConfig):
         if f.name not in known and getattr(config, f.name) != f.default:
@@ -111,8 +108,7 @@ def hf_config_from_gpt(config: GPTConfig) -> dict:
             "layer_norm_epsilon": 1e-5, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
             "attn_pdrop": config.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
-            "torch_dtype": "float32"}
+            "tie_word_embeddings": True, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "torch_dtype": "float32"}
 
 
 def hf_generation_config_from_gpt(config: GPTConfig, eot_token: int = EOT_TOKEN) -> dict:
@@ -201,8 +197,7 @@ def load_hf_gpt2(source: str, **overrides) -> GPT:
         hf_state = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     else:
         sys.exit(f"error: {source} has no model.safetensors (or pytorch_model.bin)")
-    model = GPT(config)
-    state = gpt_state_dict_from_hf(hf_state, config)
+    model, state = GPT(config), gpt_state_dict_from_hf(hf_state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -227,8 +222,7 @@ def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
               if name in given and getattr(flags, name) != getattr(pretrained, name)
               and not (name == "block_size" and flags.block_size < pretrained.block_size)]
     if differ:
-        sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ)
-                 + "; drop these flags")
+        sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ) + "; drop these flags")
     if "block_size" in given and flags.block_size < pretrained.block_size:
         state = model.state_dict()
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:flags.block_size]   # (T, C)
@@ -247,6 +241,17 @@ def hf_tokenizer(source: str):
         file = f.read()
     check_bpe_file(file, path)
     return BPETokenizer(os.path.abspath(path), file)
+
+
+def load_model(checkpoint_path: str, init_from: str = "") -> tuple[GPT, object]:
+    """The model to sample, evaluate or fine-tune (on the CPU, dropout off) and the tokenizer it reads: GPT-2's
+    weights when init_from names them (hf_tokenizer), else the checkpoint at checkpoint_path and the tokenizer
+    it carries (r50k_base for older checkpoints)."""
+    if init_from:
+        check_hf_source(init_from)
+        return load_hf_gpt2(init_from), hf_tokenizer(init_from)
+    checkpoint = load_checkpoint(checkpoint_path)
+    return model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
 
 
 def save_hf_as_checkpoint(source: str, path: str) -> None:

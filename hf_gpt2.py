@@ -27,8 +27,7 @@ from tokenization import EOT_TEXT, EOT_TOKEN, bytes_to_unicode, get_tokenizer, l
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = arg("out/ckpt.pt", "checkpoint of ours to export (train.py's, or finetune_lora.py's "
-                                         "merged one)")
+    checkpoint: str = arg("out/ckpt.pt", "checkpoint of ours to export (train.py's, or finetune_lora.py's merged one)")
     out: str = arg("hf-out", "new directory for the Hugging Face files (an existing one is not overwritten)")
 
 
@@ -39,16 +38,12 @@ def bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byte
     the adjacent pair with the lowest rank (Sennrich et al. 2016). For a token of rank r and max_rank=r this
     stops one merge short, at the two parts whose merge created the token."""
     parts = [bytes([b]) for b in token]
-    while True:
-        best = None
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < max_rank and (best is None or rank < best[0]):
-                best = (rank, i)
-        if best is None:
+    while True:   # (rank, position) of the best pair; a pair that no allowed merge joins ranks max_rank
+        rank, i = min(((ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)),
+                      default=(max_rank, 0))
+        if rank >= max_rank:
             return parts
-        i = best[1]
-        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
 
 
 def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
@@ -60,35 +55,24 @@ def gpt2_tokenizer_files(tokenizer) -> tuple[dict[str, int], list[str]]:
     ranks = {b: i for i, b in enumerate(token_bytes)}
     vocab = {as_text(b): i for i, b in enumerate(token_bytes)}
     vocab.update({name: tokenizer.encode_single_token(name) for name in tokenizer.special_tokens_set})
-    merges = []
-    for rank, token in enumerate(token_bytes):
-        if len(token) < 2:
-            continue
-        left, right = bpe_parts(ranks, token, rank)    # the two halves this rank's merge joined
-        merges.append(f"{as_text(left)} {as_text(right)}")
+    merges = [" ".join(map(as_text, bpe_parts(ranks, token, rank)))   # the two halves this rank's merge joined
+              for rank, token in enumerate(token_bytes) if len(token) >= 2]
     return vocab, merges
 
 
-def write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def current_umask() -> int:
-    """The process's umask (the permission bits new files do not get). os.umask can only read it by
-    setting another, so the old one is set back at once."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def write_text(folder: str, name: str, text: str | dict) -> None:
+    """Write text to the file name in folder; a dict is written as indented JSON."""
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+        f.write(json.dumps(text, indent=2) + "\n" if isinstance(text, dict) else text)
 
 
 def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, tokenizer=None) -> None:
     """Write a Hugging Face GPT-2 directory at out, with the tokenizer's files (tokenizer: a BPE of ours, as
     tokenizer.json; None: r50k_base, as GPT-2's vocab.json and merges.txt when the vocabulary is GPT-2's),
-    atomically: the files go into a temporary directory
-    beside it, which is renamed to out once complete, so out is either absent or whole. The directory and
-    its files get the modes that os.mkdir and open would give them (0777 and 0666 less the umask), not the
-    temporary directory's private 0700 (tempfile.mkdtemp) or safetensors' 0600 for model.safetensors."""
+    atomically: the files go into a temporary directory beside it, which is renamed to out once complete, so
+    out is either absent or whole. The directory and its files get the modes that os.mkdir and open would give
+    them (0777 and 0666 less the umask), not the temporary directory's private 0700 (tempfile.mkdtemp) or
+    safetensors' 0600 for model.safetensors."""
     hf_config = hf_config_from_gpt(config)     # refuses unexpressible configs before anything is written
     eot_token = tokenizer.eot_token if tokenizer is not None else EOT_TOKEN
     hf_config.update(bos_token_id=eot_token, eos_token_id=eot_token)
@@ -99,25 +83,23 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, token
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
-        write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
-        write_text(os.path.join(tmp, "generation_config.json"),
-                   json.dumps(hf_generation_config_from_gpt(config, eot_token), indent=2) + "\n")
+        write_text(tmp, "config.json", hf_config)
+        write_text(tmp, "generation_config.json", hf_generation_config_from_gpt(config, eot_token))
         save_file(hf_state_dict_from_gpt(state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        special = {"model_max_length": config.block_size, "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
+                   "unk_token": EOT_TEXT}
         if tokenizer is not None:   # our BPE: transformers' generic fast tokenizer runs its tokenizer.json as is
-            write_text(os.path.join(tmp, "tokenizer.json"), tokenizer.file)
-            write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
-                "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT},
-                indent=2) + "\n")
+            write_text(tmp, "tokenizer.json", tokenizer.file)
+            write_text(tmp, "tokenizer_config.json",
+                       {"tokenizer_class": "PreTrainedTokenizerFast", **special, "pad_token": EOT_TEXT})
         elif config.vocab_size >= EOT_TOKEN + 1:   # a model on GPT-2 tokens gets GPT-2's tokenizer
             vocab, merges = gpt2_tokenizer_files(get_tokenizer().encoding)
-            write_text(os.path.join(tmp, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
-            write_text(os.path.join(tmp, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
-            write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps({
-                "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
-                "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "add_prefix_space": False}, indent=2) + "\n")
-        mask = current_umask()
+            write_text(tmp, "vocab.json", json.dumps(vocab, ensure_ascii=False))
+            write_text(tmp, "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+            write_text(tmp, "tokenizer_config.json",
+                       {"tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False})
+        mask = os.umask(0o022)   # the umask: os.umask can only read it by setting another, so set it back at once
+        os.umask(mask)
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)
@@ -133,10 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     config = GPTConfig(**checkpoint["model_config"])
     tokenizer = load_tokenizer(checkpoint["tokenizer"]) if checkpoint.get("tokenizer", {}).get("file") else None
     export_hf(checkpoint["model"], config, cfg.out, tokenizer)
-    print(f"wrote {cfg.out}: config.json, generation_config.json, model.safetensors"
-          + (", tokenizer.json, tokenizer_config.json" if tokenizer is not None else
-             ", vocab.json, merges.txt, tokenizer_config.json" if config.vocab_size >= EOT_TOKEN + 1 else
-             f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
+    files = sorted(os.listdir(cfg.out))
+    print(f"wrote {cfg.out}: {', '.join(files)}" + ("" if "tokenizer_config.json" in files else
+          f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({cfg.out!r})")
 
 

@@ -1,10 +1,9 @@
 """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): the adapter layer, attaching
 and merging adapters, the adapter file, and the instruction prompt they are trained on.
 
-LoRA freezes every weight W of a base model and learns, for chosen linear layers, a low-rank update:
-W x + (alpha / R) * B A x, with A (R, C_in) and B (C_out, R). Only A and B train, so the result is a small
-adapter file that belongs to one base checkpoint. finetune_lora.py trains adapters; generate.py applies
-them, which needs this file only, not the training code.
+Only the low-rank update B A of each chosen weight trains (LoRALinear), so the result is a small adapter file
+that belongs to one base checkpoint. finetune_lora.py trains adapters; generate.py applies them, which needs
+this file only, not the training code.
 """
 import dataclasses
 import math
@@ -71,8 +70,7 @@ def apply_lora(model: GPT, targets: list[str], rank: int, alpha: float, dropout:
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in targets):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, LoRALinear(module, rank, alpha, dropout))
+            model.set_submodule(name, LoRALinear(module, rank, alpha, dropout))
     return model
 
 
@@ -84,16 +82,14 @@ def merge_lora(model: GPT) -> GPT:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             module.base.weight.copy_(module.merged_weight())
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, module.base)
+            model.set_submodule(name, module.base)
     return model
 
 
 def adapter_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """The adapters' A and B matrices by parameter name (e.g. 'transformer.h.0.attn.c_attn.lora_A'): all that
     an adapter file has to store, since everything else is the base checkpoint."""
-    return {name: p.detach().cpu() for name, p in model.named_parameters()
-            if name.endswith((".lora_A", ".lora_B"))}
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
 
 
 # --- the prompt template ---
@@ -110,9 +106,7 @@ PROMPT_NO_INPUT = (
 
 def format_prompt(instruction: str, input: str = "") -> str:
     """The text the model sees before its response: the same in fine-tuning and in generate.py."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+    return (PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT).format(instruction=instruction, input=input)
 
 
 # --- adapter files ---
@@ -124,11 +118,9 @@ ADAPTER_VERSION = 2                    # 2: the contents carry their sha256
 def save_adapter(model: GPT, settings: dict, base: dict, step: int, val_loss: float, path: str) -> None:
     """Write the adapter-only file atomically: the A and B tensors, the LoRA settings that rebuild the layers
     (rank, alpha, dropout, targets), and the base checkpoint it belongs to (path and sha256 of its bytes)."""
-    adapter = {
-        "lora": settings, "base": base, "model_config": dataclasses.asdict(model.config), "step": step,
-        "val_loss": val_loss, "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
-        "tensors": adapter_tensors(model),
-    }
+    adapter = {"lora": settings, "base": base, "model_config": dataclasses.asdict(model.config), "step": step,
+               "val_loss": val_loss, "prompt_template": {"with_input": PROMPT_WITH_INPUT, "no_input": PROMPT_NO_INPUT},
+               "tensors": adapter_tensors(model)}
     save_verifiable(adapter, path, ADAPTER_FORMAT, ADAPTER_VERSION)
 
 
@@ -136,15 +128,6 @@ def load_adapter(path: str) -> dict:
     """Read an adapter file written by save_adapter (weights_only: the file cannot run code)."""
     return load_verified(path, "adapter file", ADAPTER_FORMAT, ADAPTER_VERSION, "finetune_lora.py",
                          "write one with `python finetune_lora.py --out_dir=...`")
-
-
-def check_base(adapter: dict, adapter_path: str, base_path: str, base_sha256: str) -> None:
-    """Refuse to apply an adapter to any base but the exact checkpoint it was trained on."""
-    expected = adapter["base"]
-    if base_sha256 != expected["sha256"]:
-        sys.exit(f"error: adapter {adapter_path} belongs to the base checkpoint {expected['path']} (sha256 "
-                 f"{expected['sha256'][:12]}...), but {base_path} has sha256 {base_sha256[:12]}...; "
-                 f"apply it to the checkpoint it was trained on")
 
 
 def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
@@ -156,10 +139,7 @@ def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
     if expected != found:
         sys.exit(f"error: the tensors in {adapter_path} do not fit the model ({len(found)} tensors, expected "
                  f"{len(expected)}); the file is damaged or was written by other code")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in found:
-                p.copy_(adapter["tensors"][name])
+    model.load_state_dict(adapter["tensors"], strict=False)   # the adapters' tensors: the base's are in place
     return model
 
 
@@ -172,7 +152,11 @@ def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> t
     if not os.path.isfile(base_path):
         sys.exit(f"error: base checkpoint {base_path} of adapter {adapter_path} not found; name the base's "
                  f"directory with --out_dir")
-    check_base(adapter, adapter_path, base_path, sha256_file(base_path))
+    expected, base_sha256 = adapter["base"], sha256_file(base_path)
+    if base_sha256 != expected["sha256"]:   # an adapter fits only the exact checkpoint it was trained on
+        sys.exit(f"error: adapter {adapter_path} belongs to the base checkpoint {expected['path']} (sha256 "
+                 f"{expected['sha256'][:12]}...), but {base_path} has sha256 {base_sha256[:12]}...; "
+                 f"apply it to the checkpoint it was trained on")
     checkpoint = load_checkpoint(base_path)
     model = model_from_checkpoint(checkpoint, dropout=0.0)
     return attach_adapter(model, adapter, adapter_path), checkpoint_tokenizer(checkpoint)

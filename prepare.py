@@ -76,21 +76,6 @@ def default_name(cfg: PrepareConfig, paths: list[str]) -> str:
     return cfg.dataset.rstrip("/").split("/")[-1] + (f"-{cfg.hf_config}" if cfg.hf_config else "")
 
 
-def parse_tokenizer(spec: str) -> tuple[str, int | None]:
-    """(kind, VOCAB) of a --tokenizer value: ("r50k_base", None), ("bpe", VOCAB) or ("file", None)."""
-    if spec == "r50k_base":
-        return "r50k_base", None
-    if spec.startswith("bpe:"):
-        vocab = spec.removeprefix("bpe:").replace(",", "").replace("_", "")
-        if not vocab.isdigit() or not MIN_BPE_VOCAB <= int(vocab) <= MAX_VOCAB:
-            sys.exit(f"error: --tokenizer={spec}: VOCAB must be a whole number from {MIN_BPE_VOCAB} "
-                     f"(<|endoftext|> and the 256 bytes) to {MAX_VOCAB:,} (ids stored as uint16)")
-        return "bpe", int(vocab)
-    if not os.path.isfile(spec):
-        sys.exit(f"error: --tokenizer={spec} is neither r50k_base, bpe:VOCAB nor an existing tokenizer.json")
-    return "file", None
-
-
 # Where a text can be cut so that encoding the pieces gives the ids of the whole: a newline between two
 # non-space characters. GPT-2's pre-tokenizer regex (tiktoken's r50k_base and tokenizers' ByteLevel alike)
 # ends every match that holds such a newline at the newline, and matches nothing across it; a newline next
@@ -147,12 +132,6 @@ def read_documents(path: str, text_column: str) -> Iterator[str]:
     else:
         with open(path, "rb") as f:   # bytes, so no newline translation: the text is stored exactly
             yield decode_utf8(f.read(), path)
-
-
-def hf_documents(dataset, text_column: str) -> Iterator[str]:
-    """Documents of a Hugging Face dataset, fetched 1024 rows at a time, reading only the text column."""
-    for batch in dataset.select_columns([text_column]).iter(batch_size=1024):
-        yield from (text or "" for text in batch[text_column])
 
 
 def batched(pieces: Iterable[tuple[bool, str]], max_pieces: int = 1024, max_chars: int = 4_000_000
@@ -216,21 +195,23 @@ def count_documents(paths: list[str]) -> int | None:
 
 class Progress:
     """One line on stderr, redrawn in place with \\r at most 4 times a second. Runs shorter than 0.5 s stay
-    quiet, so a small job's only stderr output is an error, if any."""
+    quiet, so a small job's only stderr output is an error, if any. document_pieces keeps its counts of the
+    documents read (docs; empty: those empty or blank) and of their UTF-8 bytes (n_bytes)."""
 
     def __init__(self, total_docs: int | None):
         self.total, self.start, self.shown, self.width = total_docs, time.time(), 0.0, 0
+        self.docs = self.empty = self.n_bytes = 0
 
-    def update(self, docs: int, tokens: int | None, n_bytes: int, final: bool = False) -> None:
+    def update(self, tokens: int | None, final: bool = False) -> None:
         """tokens None: the documents are being read for something else than encoding (training a BPE)."""
         now = time.time()
         if now - self.start < 0.5 or (now - self.shown < 0.25 and not final):
             return
         self.shown, seconds = now, now - self.start
-        done = f"{docs:,}/{self.total:,}" if self.total is not None else f"{docs:,}"
+        done = f"{self.docs:,}/{self.total:,}" if self.total is not None else f"{self.docs:,}"
         rate = f"{tokens:,} tokens | {tokens / seconds:,.0f} tokens/s" if tokens is not None else \
-            f"{n_bytes / 1e6 / seconds:,.1f} MB/s"
-        line = f"documents {done} | {rate} | {n_bytes / 1e6:,.1f} MB read | {seconds:.1f} s"
+            f"{self.n_bytes / 1e6 / seconds:,.1f} MB/s"
+        line = f"documents {done} | {rate} | {self.n_bytes / 1e6:,.1f} MB read | {seconds:.1f} s"
         self.width = max(self.width, len(line))
         print("\r" + line.ljust(self.width), end="", file=sys.stderr, flush=True)
 
@@ -240,17 +221,26 @@ class Progress:
         self.width = 0
 
 
-def training_texts(documents: Iterable[str], progress: Progress) -> Iterator[str]:
-    """The non-empty documents in pieces of about 64K characters (split_text), the stream a BPE is trained on,
-    with progress. Small pieces, because the trainer pulls texts from Python a few hundred at a time."""
-    n_seen = n_bytes = 0
+def document_pieces(documents: Iterable[str], progress: Progress, size: int = 1 << 20) -> Iterator[tuple[bool, str]]:
+    """(starts a document, text) for the pieces (split_text) of every document that is not empty or blank,
+    counting in progress what was read."""
     for text in documents:
-        for piece in split_text(text, size=1 << 16) if text and not text.isspace() else []:
-            n_bytes += len(piece.encode("utf-8"))
-            yield piece
-        n_seen += 1
-        progress.update(n_seen, None, n_bytes)
-    progress.update(n_seen, None, n_bytes, final=True)
+        progress.docs += 1
+        if not text or text.isspace():
+            progress.empty, progress.n_bytes = progress.empty + 1, progress.n_bytes + len(text.encode("utf-8"))
+            continue
+        for i, piece in enumerate(split_text(text, size)):
+            progress.n_bytes += len(piece.encode("utf-8"))
+            yield i == 0, piece
+
+
+def training_texts(documents: Iterable[str], progress: Progress) -> Iterator[str]:
+    """The non-empty documents in pieces of about 64K characters, the stream a BPE is trained on, with
+    progress. Small pieces, because the trainer pulls texts from Python a few hundred at a time."""
+    for _, piece in document_pieces(documents, progress, size=1 << 16):
+        yield piece
+        progress.update(None)
+    progress.update(None, final=True)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
@@ -262,51 +252,35 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
     may stream a corpus of any size. Word counts do not depend on the order of the texts or the threads, and
     ties between equally frequent pairs go to the lower pair of ids: the same texts give the same file."""
     hf = import_tokenizers()
-    decoders, models, pre_tokenizers, trainers = hf.decoders, hf.models, hf.pre_tokenizers, hf.trainers
-    tokenizer = hf.Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)   # as GPT-2: no space added
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())   # all 256 bytes
+    tokenizer = hf.Tokenizer(hf.models.BPE())
+    tokenizer.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)   # as GPT-2: no space added
+    tokenizer.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())   # all 256 bytes
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer.to_str(pretty=True)
 
 
-def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int,
-                     progress: Progress) -> tuple[int, int, int]:
+def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int, progress: Progress) -> tuple[int, int, int]:
     """Encode documents in batches and append their ids to f as uint16, <|endoftext|> between documents.
     Only one document and one batch of ids are in memory at a time (a long document is encoded in pieces,
     split_text), so a corpus of billions of tokens streams through. Returns (tokens written, documents
     written, empty documents skipped)."""
-    n_tokens = n_docs = n_empty = n_seen = n_bytes = 0
-
-    def pieces() -> Iterator[tuple[bool, str]]:
-        """(starts a document, text) for the pieces of every non-empty document, counting what was read."""
-        nonlocal n_seen, n_bytes, n_empty
-        for text in documents:
-            n_seen += 1
-            if not text or text.isspace():
-                n_empty, n_bytes = n_empty + 1, n_bytes + len(text.encode("utf-8"))
-                continue
-            for i, piece in enumerate(split_text(text)):
-                n_bytes += len(piece.encode("utf-8"))
-                yield i == 0, piece
-
-    for batch in batched(pieces()):
+    n_tokens = n_docs = 0
+    for batch in batched(document_pieces(documents, progress)):
         ids, texts = [], [piece for _, piece in batch]
         for (starts_document, _), tokens in zip(batch, enc.encode_ordinary_batch(texts, num_proc)):
-            if starts_document:
-                if n_docs > 0:
-                    ids.append(enc.eot_token)   # a separator, not a terminator: none after the last document
-                n_docs += 1
+            if starts_document and n_docs > 0:
+                ids.append(enc.eot_token)   # a separator, not a terminator: none after the last document
+            n_docs += starts_document
             ids.extend(tokens)
         array = np.array(ids, dtype=np.int64)
         assert array.size == 0 or (array.min() >= 0 and array.max() < 2**16), "token id does not fit uint16"
         array.astype(np.uint16).tofile(f)
         n_tokens += array.size
-        progress.update(n_seen, n_tokens, n_bytes)
-    progress.update(n_seen, n_tokens, n_bytes, final=True)
-    return n_tokens, n_docs, n_empty
+        progress.update(n_tokens)
+    progress.update(n_tokens, final=True)
+    return n_tokens, n_docs, progress.empty
 
 
 def split_tail(train_tmp: str, val_tmp: str, n_train: int) -> None:
@@ -361,16 +335,24 @@ def describe_inputs(cfg: PrepareConfig) -> tuple[list[str], dict]:
 
 # --- the story ---
 
-def read_tokenizer_flag(flag: str) -> tuple[str, int, str, str]:
-    """(kind, BPE size to train, name for meta.json, tokenizer.json text) of --tokenizer: r50k_base and a BPE
-    to train have no file yet; a given tokenizer.json is read and checked now, and named by its path."""
-    kind, bpe_vocab = parse_tokenizer(flag)
-    if kind != "file":
-        return kind, bpe_vocab, flag, ""
+def read_tokenizer_flag(flag: str) -> tuple[int | None, str, str]:
+    """(BPE size to train or None, name for meta.json, tokenizer.json text) of --tokenizer: r50k_base and
+    bpe:VOCAB (a BPE to train) have no file yet; a given tokenizer.json is read and checked now, and named by
+    its path."""
+    if flag == "r50k_base":
+        return None, flag, ""
+    if flag.startswith("bpe:"):
+        vocab = flag.removeprefix("bpe:").replace(",", "").replace("_", "")
+        if not vocab.isdigit() or not MIN_BPE_VOCAB <= int(vocab) <= MAX_VOCAB:
+            sys.exit(f"error: --tokenizer={flag}: VOCAB must be a whole number from {MIN_BPE_VOCAB} "
+                     f"(<|endoftext|> and the 256 bytes) to {MAX_VOCAB:,} (ids stored as uint16)")
+        return int(vocab), flag, ""
+    if not os.path.isfile(flag):
+        sys.exit(f"error: --tokenizer={flag} is neither r50k_base, bpe:VOCAB nor an existing tokenizer.json")
     with open(flag, "rb") as f:
         tokenizer_json = decode_utf8(f.read(), flag)
     check_bpe_file(tokenizer_json, flag)
-    return kind, bpe_vocab, os.path.abspath(flag), tokenizer_json
+    return None, os.path.abspath(flag), tokenizer_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -387,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     # prepared?" is instant. A given tokenizer.json is checked now; a BPE to train is named by its size.
     paths, source = describe_inputs(cfg)
     out_dir = os.path.join(cfg.data_dir, cfg.name or default_name(cfg, paths))
-    kind, bpe_vocab, tokenizer_name, tokenizer_json = read_tokenizer_flag(cfg.tokenizer)
+    bpe_vocab, tokenizer_name, tokenizer_json = read_tokenizer_flag(cfg.tokenizer)
     given_sha256 = hashlib.sha256(tokenizer_json.encode()).hexdigest() if tokenizer_json else None
 
     # 2. Same inputs and complete files: nothing to do. Other inputs: never overwrite them unasked.
@@ -397,10 +379,10 @@ def main(argv: list[str] | None = None) -> None:
         # path it is read from; a BPE still to train, if it is of the same size (the same inputs train the same).
         other_tokenizer = tokenizer_identity(tokenizer_name, given_sha256) != \
             tokenizer_identity(meta.get("tokenizer"), meta.get("tokenizer_sha256") if given_sha256 else None)
-        if meta.get("source") != source or meta.get("val_fraction") != cfg.val_fraction or other_tokenizer:
-            what = "other inputs" if meta.get("source") != source else \
-                f"val_fraction={meta.get('val_fraction')}" if meta.get("val_fraction") != cfg.val_fraction else \
-                f"another tokenizer ({meta.get('tokenizer')})"
+        what = "other inputs" if meta.get("source") != source else \
+            f"val_fraction={meta.get('val_fraction')}" if meta.get("val_fraction") != cfg.val_fraction else \
+            f"another tokenizer ({meta.get('tokenizer')})" if other_tokenizer else None
+        if what:
             sys.exit(f"error: {out_dir} holds a dataset prepared from {what}; "
                      "pass --force to rebuild it or choose another --name")
         if is_complete(out_dir, meta):
@@ -414,16 +396,17 @@ def main(argv: list[str] | None = None) -> None:
     total = count_documents(paths) if dataset is None else None if cfg.streaming else len(dataset)
 
     def documents() -> Iterator[str]:
-        if dataset is not None:
-            return hf_documents(dataset, cfg.text_column)
+        if dataset is not None:   # fetched 1024 rows at a time, reading only the text column
+            return (text or "" for batch in dataset.select_columns([cfg.text_column]).iter(batch_size=1024)
+                    for text in batch[cfg.text_column])
         return (text for path in paths for text in read_documents(path, cfg.text_column))
-    if kind == "bpe":
-        start, progress = time.time(), Progress(total)
+    if bpe_vocab:
+        progress = Progress(total)
         try:
             tokenizer_json = train_bpe(training_texts(documents(), progress), bpe_vocab)
         finally:
             progress.close()
-        print(f"trained a byte-level BPE of {bpe_vocab:,} ids in {time.time() - start:.1f} s")
+        print(f"trained a byte-level BPE of {bpe_vocab:,} ids in {time.time() - progress.start:.1f} s")
     enc = BPETokenizer(tokenizer_name, tokenizer_json) if tokenizer_json else get_tokenizer()
 
     # 4. Tokenize into train.bin.tmp, then move the tail into val.bin.tmp. Until the renames in step 5,
@@ -431,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     is_new_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     train_bin, val_bin = os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin")
-    start, progress = time.time(), Progress(total)
+    progress = Progress(total)
     try:
         with open(train_bin + ".tmp", "wb") as f:
             n_total, n_docs, n_empty = tokenize_to_file(documents(), enc, f, num_threads, progress)
@@ -450,11 +433,10 @@ def main(argv: list[str] | None = None) -> None:
             os.remove(os.path.join(out_dir, "meta.json"))
         os.replace(train_bin + ".tmp", train_bin)
         os.replace(val_bin + ".tmp", val_bin)
-        meta = {
-            "format": FORMAT, "tokenizer": enc.name, "vocab_size": enc.vocab_size, "eot_token": enc.eot_token,
-            "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_total - n_train, "documents": n_docs,
-            "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction, "source": source,
-            "sha256": digests}
+        meta = {"format": FORMAT, "tokenizer": enc.name, "vocab_size": enc.vocab_size, "eot_token": enc.eot_token,
+                "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_total - n_train, "documents": n_docs,
+                "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction, "source": source,
+                "sha256": digests}
         tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
         if enc.file:   # the BPE the ids belong to, which train.py puts into every checkpoint
             write_atomically(tokenizer_path, lambda f: f.write(enc.file.encode()))
@@ -472,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         if is_new_dir and not os.listdir(out_dir):
             os.rmdir(out_dir)
 
-    seconds = time.time() - start
+    seconds = time.time() - progress.start
     print(f"wrote {out_dir}: {n_train:,} train / {n_total - n_train:,} val tokens of {enc.name} "
           f"({enc.vocab_size:,} ids) from {n_docs:,} documents "
           f"({n_empty:,} empty skipped) in {seconds:.1f} s, {n_total / seconds:,.0f} tokens/s")
