@@ -88,16 +88,16 @@ def summarize(name: str, unit: str, runs: list[float]) -> dict:
             "max": max(runs), "runs": runs}
 
 
-def steady_step_ms(metrics_path: str, warmup_steps: int) -> list[float]:
+def steady_step_ms(out_dir: str, warmup_steps: int) -> list[float]:
     """ms of each timed step from a run's metrics.jsonl (train.py logs every step with --log_interval=1)."""
-    with open(metrics_path) as f:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > warmup_steps]
 
 
 # --- running the project's scripts as a user would ---
 
-def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, dict]:
+def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, float]:
     """Run a Python command line to completion; return its output and its peak RSS in MiB (Linux reports
     ru_maxrss in KiB). watch(line, pid) sees each output line as it comes."""
     proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -112,7 +112,14 @@ def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -
     output = "".join(lines)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(argv[:2])} failed (exit {proc.returncode}):\n{output[-2000:]}")
-    return output, {"peak_rss_mib": usage.ru_maxrss / 1024}
+    return output, usage.ru_maxrss / 1024
+
+
+def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one process run to completion."""
+    start = time.perf_counter()
+    _, rss = run_script(argv, cwd=cwd, env=env)
+    return time.perf_counter() - start, rss
 
 
 # train.py's main() in a fresh interpreter, reporting torch's peak GPU allocation when it is done.
@@ -120,60 +127,64 @@ TRAIN_RUNNER = ("import sys, torch, train; train.main(sys.argv[1:]); "
                 "print('peak_cuda_bytes', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
 
 
-def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: int,
-               eval_interval: int | None = None) -> list[str]:
+def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: int, eval_interval: int | None = None,
+               launcher: tuple[str, ...] = ("-c", TRAIN_RUNNER)) -> list[str]:
     """train.py's flags for a timed run: every step logged; evaluation (one batch) and checkpoint at the start
     and the end, or every eval_interval steps."""
-    return ["-c", TRAIN_RUNNER, *passthrough, f"--data_dir={data_dir}", "--dataset=shakespeare",
+    return [*launcher, *passthrough, f"--data_dir={data_dir}", "--dataset=shakespeare",
             f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--eval_interval={eval_interval or max_iters}",
             "--eval_iters=1", "--log_interval=1"]
 
 
 def bench_prepare(cfg: BenchConfig, work_dir: str) -> tuple[list[dict], str]:
     """Tokenize the built-in Shakespeare sample end to end with prepare.py; returns the last data_dir."""
-    seconds, tokens = [], 0
+    seconds = []
     for repeat in range(cfg.repeats):
         data_dir = os.path.join(work_dir, f"data-{repeat}")
-        start = time.perf_counter()
-        run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
-        seconds.append(time.perf_counter() - start)
-        with open(os.path.join(data_dir, "shakespeare", "meta.json")) as f:
-            meta = json.load(f)
-        tokens = meta["train_tokens"] + meta["val_tokens"]
-    rates = [tokens / s for s in seconds]
+        seconds.append(timed_run([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)[0])
+    with open(os.path.join(data_dir, "shakespeare", "meta.json")) as f:
+        meta = json.load(f)
+    rates = [(meta["train_tokens"] + meta["val_tokens"]) / s for s in seconds]
     owt_hours = [9e9 / r / 3600 for r in rates]     # OpenWebText: ~9B tokens
     return [summarize("prepare_seconds", "s", seconds), summarize("prepare_tokens_per_s", "tokens/s", rates),
             summarize("prepare_openwebtext_projection", "hours", owt_hours)], data_dir
 
 
+def model_flops_per_token(model_cfg: GPTConfig, seq_len: int) -> float:
+    """flops_per_token of the model, its parameters counted on the meta device (no weights are allocated)."""
+    with torch.device("meta"):
+        return flops_per_token(model_cfg, GPT(model_cfg).num_params(), seq_len)
+
+
 def bench_train(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
                 data_dir: str, work_dir: str, device: str) -> list[dict]:
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
-    max_iters = cfg.warmup_steps + cfg.train_steps
     step_ms, rss, cuda_peak = [], [], []
     for repeat in range(cfg.repeats):
         out_dir = os.path.join(work_dir, f"train-{repeat}")
-        output, usage = run_script(train_argv(passthrough, data_dir, out_dir, max_iters), cwd=ROOT)
-        step_ms.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"),
-                                                        cfg.warmup_steps)))
-        rss.append(usage["peak_rss_mib"])
+        output, peak_rss = run_script(train_argv(passthrough, data_dir, out_dir, cfg.warmup_steps + cfg.train_steps),
+                                      cwd=ROOT)
+        step_ms.append(statistics.median(steady_step_ms(out_dir, cfg.warmup_steps)))
+        rss.append(peak_rss)
         cuda_peak.append(int(re.search(r"peak_cuda_bytes (\d+)", output).group(1)) / 2**20)
         shutil.rmtree(out_dir)
-    with torch.device("meta"):
-        n_params = GPT(model_cfg).num_params()
-    flops_per_step = flops_per_token(model_cfg, n_params, model_cfg.block_size) * tokens_per_step
-    figures = [summarize("train_ms_per_step", "ms", step_ms),
-               summarize("train_tokens_per_s", "tokens/s", [tokens_per_step / (ms / 1000) for ms in step_ms])]
+    flops_per_step = model_flops_per_token(model_cfg, model_cfg.block_size) * tokens_per_step
     peak = peak_flops(device)
-    if peak:
-        figures.append(summarize("train_mfu", "%", [100 * flops_per_step / (ms / 1000) / peak for ms in step_ms]))
-        figures.append(summarize("train_peak_memory", "MiB (max_memory_allocated)", cuda_peak))
-    else:
-        figures.append(summarize("train_gflops", "GFLOP/s", [flops_per_step / (ms / 1000) / 1e9 for ms in step_ms]))
-    figures.append(summarize("train_peak_rss", "MiB", rss))
-    figures.append(summarize("train_data_loader_share", "% of step",
-                             data_loader_share(data_dir, train_cfg, model_cfg, device, statistics.median(step_ms))))
-    return figures
+    return [summarize("train_ms_per_step", "ms", step_ms),
+            summarize("train_tokens_per_s", "tokens/s", [tokens_per_step / (ms / 1000) for ms in step_ms]),
+            *([summarize("train_mfu", "%", [100 * flops_per_step / (ms / 1000) / peak for ms in step_ms]),
+               summarize("train_peak_memory", "MiB (max_memory_allocated)", cuda_peak)] if peak else
+              [summarize("train_gflops", "GFLOP/s", [flops_per_step / (ms / 1000) / 1e9 for ms in step_ms])]),
+            summarize("train_peak_rss", "MiB", rss),
+            summarize("train_data_loader_share", "% of step",
+                      data_loader_share(data_dir, train_cfg, model_cfg, device, statistics.median(step_ms)))]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
 def data_loader_share(data_dir: str, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str,
@@ -255,7 +266,7 @@ def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir
 
     run_script(train_argv(passthrough, data_dir, out_dir, cfg.soak_steps, eval_interval=100), cwd=ROOT,
                watch=watch)
-    step_ms = steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), 0)
+    step_ms = steady_step_ms(out_dir, 0)
     reference = min(100, cfg.soak_steps)
     rss_at, files_at = by_step[reference]
     later = [v for step, v in sorted(by_step.items()) if step > reference] or [by_step[reference]]
@@ -297,8 +308,7 @@ def bench_stages(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
             else:
                 loss = (out * torch.ones_like(out)).sum()   # a gradient of ones arriving from the next stage
             loss.backward()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(device)
             runs.append(1000 * (time.perf_counter() - start))
         measured.append(statistics.median(runs[1:]))
     figures = []
@@ -318,18 +328,16 @@ def bench_pipeline(cfg: BenchConfig, train_cfg: BenchRunConfig, passthrough: lis
     p, m = train_cfg.pp, microbatches(train_cfg)
     if p < 2:
         sys.exit("error: --parts=pipeline compares --pp stages with one process; give --pp=2 or more")
-    max_iters, one_thread = cfg.warmup_steps + cfg.train_steps, {"OMP_NUM_THREADS": "1"}
+    torchrun = ("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p}", os.path.join(ROOT, "train.py"))
     single, piped = [], []
+    runs = ((single, "single", [a for a in passthrough if not a.startswith("--pp=")], ("-c", TRAIN_RUNNER)),
+            (piped, "pipeline", passthrough, torchrun))
     for repeat in range(cfg.repeats):
-        out_dir = os.path.join(work_dir, f"single-{repeat}")
-        argv = [a for a in passthrough if not a.startswith("--pp=")]
-        run_script(train_argv(argv, data_dir, out_dir, max_iters), cwd=ROOT, env=one_thread)
-        single.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), cfg.warmup_steps)))
-        out_dir = os.path.join(work_dir, f"pipeline-{repeat}")
-        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p}",
-                    os.path.join(ROOT, "train.py")]
-        run_script(torchrun + train_argv(passthrough, data_dir, out_dir, max_iters)[2:], cwd=ROOT, env=one_thread)
-        piped.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), cfg.warmup_steps)))
+        for step_ms, name, flags, launcher in runs:
+            out_dir = os.path.join(work_dir, f"{name}-{repeat}")
+            run_script(train_argv(flags, data_dir, out_dir, cfg.warmup_steps + cfg.train_steps, launcher=launcher),
+                       cwd=ROOT, env={"OMP_NUM_THREADS": "1"})
+            step_ms.append(statistics.median(steady_step_ms(out_dir, cfg.warmup_steps)))
     ideal = [t / p * (m + p - 1) / m for t in single]
     return [summarize("pipeline_single_process_ms_per_step", "ms", single),
             summarize(f"pipeline_pp{p}_{train_cfg.pp_schedule}_ms_per_step", "ms", piped),
@@ -406,24 +414,16 @@ def seed_tiktoken_cache(cache_dir: str) -> dict:
     return {"TIKTOKEN_CACHE_DIR": cache_dir}
 
 
-def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> list[str]:
+def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str, compile_model: bool) -> list[str]:
     """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
     literal_evals each value and wants the type of its default, hence 0.0 for a float. Off CUDA nanoGPT
     trains and samples in fp32 whatever --dtype says, so its flag says float32 there."""
     dtype = dtype_name(pick_dtype(train_cfg.dtype, device)) if device.startswith("cuda") else "float32"
-    compile_model = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
     return [f"--device={device}", f"--dtype={dtype}", f"--compile={compile_model}",
             f"--n_layer={model_cfg.n_layer}", f"--n_head={model_cfg.n_head}", f"--n_embd={model_cfg.n_embd}",
             f"--block_size={model_cfg.block_size}", f"--bias={model_cfg.bias}",
             f"--dropout={float(model_cfg.dropout)!r}", f"--batch_size={train_cfg.batch_size}",
             f"--gradient_accumulation_steps={train_cfg.gradient_accumulation_steps}"]
-
-
-def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one process run to completion."""
-    start = time.perf_counter()
-    _, usage = run_script(argv, cwd=cwd, env=env)
-    return time.perf_counter() - start, usage["peak_rss_mib"]
 
 
 def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
@@ -439,33 +439,33 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
     # Python writes the bytecode of nanoGPT's model.py elsewhere than the user's tree.
     env = {"PYTHONPYCACHEPREFIX": os.path.join(work_dir, "pycache"),
            **seed_tiktoken_cache(os.path.join(work_dir, "tiktoken-cache"))}
-    flags = nanogpt_flags(train_cfg, model_cfg, device)
-    n1, n2 = cfg.warmup_steps, cfg.warmup_steps + cfg.train_steps
-    print(f"vs_nanogpt: nanoGPT's train.py {' '.join(flags)} --dataset=shakespeare | ours: train.py "
-          f"{' '.join(passthrough)} | step time (wall({n2}) - wall({n1})) / {n2 - n1}", file=sys.stderr)
     model, dtype, compile_steps = sampling_setup(train_cfg, model_cfg, device)
+    flags = nanogpt_flags(train_cfg, model_cfg, device, compile_steps)
+    n1, n2 = cfg.warmup_steps, cfg.warmup_steps + cfg.train_steps
+    method = f"(wall({n2}) - wall({n1})) / {n2 - n1}"
+    print(f"vs_nanogpt: nanoGPT's train.py {' '.join(flags)} --dataset=shakespeare | ours: train.py "
+          f"{' '.join(passthrough)} | step time {method}", file=sys.stderr)
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
-    ms = {"nanogpt": [], "ours": []}
-    rss = {"nanogpt": [], "ours": []}
-    sample_rate = {"nanogpt": [], "ours": []}
+    runs = {side: {"train_ms_per_step": [], "train_tokens_per_s": [], "peak_rss": [], "sample_tokens_per_s": []}
+            for side in ("nanogpt", "ours")}
     system_flags = [f for f in flags if f.startswith(("--device=", "--dtype=", "--compile="))]
+    ng_out, our_out = os.path.join(work_dir, "nanogpt-out"), os.path.join(work_dir, "ours-out")
     for repeat in range(cfg.repeats):
-        wall = {}
-        ng_out, our_out = os.path.join(work_dir, "nanogpt-out"), os.path.join(work_dir, "ours-out")
-        for n in (n1, n2):
+        wall, rss = {}, {}
+        for n in (n1, n2):           # the peak RSS kept is the longer run's, the last of the loop
             for out_dir in (ng_out, our_out):
                 shutil.rmtree(out_dir, ignore_errors=True)
-            wall["nanogpt", n], ng_rss = timed_run(
+            wall["nanogpt", n], rss["nanogpt"] = timed_run(
                 ["train.py", *flags, "--dataset=shakespeare", f"--out_dir={ng_out}", f"--max_iters={n}",
                  f"--eval_interval={n}", "--eval_iters=1", "--log_interval=1"], cwd=folder, env=env)
-            wall["ours", n], our_rss = timed_run(train_argv(passthrough, data_dir, our_out, n), cwd=ROOT)
-        rss["nanogpt"].append(ng_rss)            # of the longer runs, the last of the loop
-        rss["ours"].append(our_rss)
-        for side in ms:
+            wall["ours", n], rss["ours"] = timed_run(train_argv(passthrough, data_dir, our_out, n), cwd=ROOT)
+        for side, side_runs in runs.items():
             seconds = (wall[side, n2] - wall[side, n1]) / (n2 - n1)
             if seconds <= 0:
                 sys.exit(f"error: the {n2 - n1} timed steps took no measurable time; raise --train_steps")
-            ms[side].append(1000 * seconds)
+            side_runs["train_ms_per_step"].append(1000 * seconds)
+            side_runs["train_tokens_per_s"].append(tokens_per_step / seconds)
+            side_runs["peak_rss"].append(rss[side])
         # nanoGPT saved a checkpoint at its last evaluation (step n2): sample.py samples from it, twice.
         output, _ = run_script(["-c", NANOGPT_SAMPLE_RUNNER, f"--out_dir={ng_out}", *system_flags,
                                 "--num_samples=2", f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0.8",
@@ -475,29 +475,19 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
             sys.exit(f"error: nanoGPT's sample.py made {len(calls)} timed generate() calls, not 2; is "
                      f"--baseline={baseline} nanoGPT?")
         seconds, new_tokens = float(calls[1][0]), int(calls[1][1])
-        sample_rate["nanogpt"].append(new_tokens / seconds)
+        runs["nanogpt"]["sample_tokens_per_s"].append(new_tokens / seconds)
         sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=0)     # the warm-up
         stamps = sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=1)
-        sample_rate["ours"].append(cfg.sample_tokens / (stamps[-1] - stamps[0]))
+        runs["ours"]["sample_tokens_per_s"].append(cfg.sample_tokens / (stamps[-1] - stamps[0]))
     for out_dir in (ng_out, our_out):
         shutil.rmtree(out_dir, ignore_errors=True)
-    method = f"(wall({n2}) - wall({n1})) / {n2 - n1}"
-    figures = []
-    for side in ("nanogpt", "ours"):
-        figures += [summarize(f"vs_nanogpt_{side}_train_ms_per_step", f"ms, {method}", ms[side]),
-                    summarize(f"vs_nanogpt_{side}_train_tokens_per_s", "tokens/s",
-                              [tokens_per_step / (t / 1000) for t in ms[side]]),
-                    summarize(f"vs_nanogpt_{side}_peak_rss", "MiB", rss[side]),
-                    summarize(f"vs_nanogpt_{side}_sample_tokens_per_s", f"tokens/s, batch 1, {cfg.sample_tokens} "
-                                                                        f"new tokens", sample_rate[side])]
-    ratio = "x, ours / nanoGPT within each round"
-    figures += [summarize("vs_nanogpt_train_tokens_per_s_ratio", ratio,
-                          [a / b for a, b in zip(ms["nanogpt"], ms["ours"])]),
-                summarize("vs_nanogpt_peak_rss_ratio", ratio,
-                          [a / b for a, b in zip(rss["ours"], rss["nanogpt"])]),
-                summarize("vs_nanogpt_sample_tokens_per_s_ratio", ratio,
-                          [a / b for a, b in zip(sample_rate["ours"], sample_rate["nanogpt"])])]
-    return figures
+    units = {"train_ms_per_step": f"ms, {method}", "train_tokens_per_s": "tokens/s", "peak_rss": "MiB",
+             "sample_tokens_per_s": f"tokens/s, batch 1, {cfg.sample_tokens} new tokens"}
+    figures = [summarize(f"vs_nanogpt_{side}_{name}", unit, runs[side][name]) for side in runs
+               for name, unit in units.items()]
+    return figures + [summarize(f"vs_nanogpt_{name}_ratio", "x, ours / nanoGPT within each round",
+                                [a / b for a, b in zip(runs["ours"][name], runs["nanogpt"][name])])
+                      for name in ("train_tokens_per_s", "peak_rss", "sample_tokens_per_s")]
 
 
 # --- the machine's limits: its matmul peak and its memory bandwidth ---
@@ -535,13 +525,6 @@ def model_matmul_shapes(model_cfg: GPTConfig, rows: int) -> dict[str, tuple[int,
             "attn_c_attn": (rows, C, 3 * C)}
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
-
-
 def seconds_per_call(call, device: str, repeats: int, min_seconds: float = 0.05) -> list[float]:
     """Seconds one call takes, `repeats` times, after a warm-up call. Each timing loops calls until min_seconds
     have passed, so the clock's resolution and the launch of a short call do not count. The clock is read
@@ -576,9 +559,7 @@ def bytes_read_per_token(model_cfg: GPTConfig, n_tokens: int) -> float:
     """Bytes one sampling step at batch 1 reads from memory: every fp32 weight a token meets in a matmul
     (the weights of flops_per_token's 6N; the position embedding is a one-row lookup) and the KV cache,
     2 x L x C fp32 values per cached position, n_tokens / 2 positions on average."""
-    with torch.device("meta"):
-        n_params = GPT(model_cfg).num_params()
-    matmul_weights = flops_per_token(model_cfg, n_params, 0) / 6     # seq_len 0 leaves just the 6N term
+    matmul_weights = model_flops_per_token(model_cfg, 0) / 6     # seq_len 0 leaves just the 6N term
     cached = min(n_tokens / 2, model_cfg.block_size)
     return 4 * matmul_weights + 4 * 2 * model_cfg.n_layer * model_cfg.n_embd * cached
 
@@ -589,17 +570,14 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     the run's dtype; each dtype's peak is its best shape. The memory bandwidth: a copy (read + write) and a
     sum (read) of --bandwidth_mib, the better of the two. Returns the figures and {'gemm_peak': {dtype: FLOP/s},
     'bandwidth': bytes/s}."""
-    run_dtype = pick_dtype(train_cfg.dtype, device)
-    dtypes = [torch.float32] + ([torch.bfloat16] if has_native_bf16(device, cpu_flags) else [])
-    dtypes += [run_dtype] if run_dtype not in dtypes else []
-    rows = train_cfg.batch_size * model_cfg.block_size
+    bf16 = [torch.bfloat16] if has_native_bf16(device, cpu_flags) else []
+    shapes = model_matmul_shapes(model_cfg, train_cfg.batch_size * model_cfg.block_size)
     figures, peaks = [], {}
-    for dtype in dtypes:
+    for dtype in dict.fromkeys([torch.float32, *bf16, pick_dtype(train_cfg.dtype, device)]):
         name = dtype_name(dtype)
-        by_shape = {}
-        for shape, (M, K, N) in model_matmul_shapes(model_cfg, rows).items():
-            by_shape[shape] = summarize(f"limits_gemm_{name}_{shape}", f"GFLOP/s, ({M}, {K}) x ({K}, {N})",
-                                        [f / 1e9 for f in matmul_flops(M, K, N, dtype, device, cfg.repeats)])
+        by_shape = {shape: summarize(f"limits_gemm_{name}_{shape}", f"GFLOP/s, ({M}, {K}) x ({K}, {N})",
+                                     [f / 1e9 for f in matmul_flops(M, K, N, dtype, device, cfg.repeats)])
+                    for shape, (M, K, N) in shapes.items()}
         best = max(by_shape, key=lambda shape: by_shape[shape]["median"])
         peaks[name] = by_shape[best]["median"] * 1e9
         figures += [*by_shape.values(), {**by_shape[best], "figure": f"limits_gemm_peak_{name}",
@@ -612,7 +590,6 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
                                                                     cfg.repeats)])
     read = summarize("limits_bandwidth_read", f"GB/s, sum of {cfg.bandwidth_mib} MiB",
                      [4 * n / s / 1e9 for s in seconds_per_call(lambda: source.sum(), device, cfg.repeats)])
-    del source, target
     best = max((copy, read), key=lambda f: f["median"])
     bandwidth = best["median"] * 1e9
     per_token = bytes_read_per_token(model_cfg, cfg.sample_tokens)
@@ -627,27 +604,22 @@ def shares_of_limits(figures: list[dict], limits: dict, cfg: BenchConfig, train_
     """Training GFLOP/s (flops_per_token x tokens/s) as a share of the fp32 GEMM peak and of the peak of the
     run's dtype, and sampling tokens/s at batch 1 as a share of the bandwidth bound, for each training and
     sampling figure this run measured."""
-    by_name = {f["figure"]: f for f in figures}
-    with torch.device("meta"):
-        n_params = GPT(model_cfg).num_params()
-    per_token = flops_per_token(model_cfg, n_params, model_cfg.block_size)
+    runs = {f["figure"]: f["runs"] for f in figures}
+    per_token = model_flops_per_token(model_cfg, model_cfg.block_size)
     run_dtype = dtype_name(pick_dtype(train_cfg.dtype, device))               # bench_limits measured it
     bound = limits["bandwidth"] / bytes_read_per_token(model_cfg, cfg.sample_tokens)
     shares = []
-    for source, name in (("train_tokens_per_s", "train"),
-                         ("vs_nanogpt_ours_train_tokens_per_s", "vs_nanogpt_ours_train")):
+    for name in [name for name in ("train", "vs_nanogpt_ours_train") if f"{name}_tokens_per_s" in runs]:
         for dtype in dict.fromkeys(("float32", run_dtype)):
             peak = limits["gemm_peak"][dtype]
-            if source in by_name:
-                shares.append(summarize(f"{name}_share_of_{dtype}_gemm_peak",
-                                        f"% of the {dtype} GEMM peak ({peak / 1e9:,.0f} GFLOP/s)",
-                                        [100 * per_token * r / peak for r in by_name[source]["runs"]]))
-    for source, name in (("sample_tokens_per_s_batch1", "sample_batch1"),
-                         ("vs_nanogpt_ours_sample_tokens_per_s", "vs_nanogpt_ours_sample")):
-        if source in by_name:
-            shares.append(summarize(f"{name}_share_of_bandwidth_bound", f"% of {bound:,.0f} tokens/s",
-                                    [100 * r / bound for r in by_name[source]["runs"]]))
-    return shares
+            shares.append(summarize(f"{name}_share_of_{dtype}_gemm_peak",
+                                    f"% of the {dtype} GEMM peak ({peak / 1e9:,.0f} GFLOP/s)",
+                                    [100 * per_token * r / peak for r in runs[f"{name}_tokens_per_s"]]))
+    return shares + [summarize(f"{name}_share_of_bandwidth_bound", f"% of {bound:,.0f} tokens/s",
+                               [100 * r / bound for r in runs[source]])
+                     for source, name in (("sample_tokens_per_s_batch1", "sample_batch1"),
+                                          ("vs_nanogpt_ours_sample_tokens_per_s", "vs_nanogpt_ours_sample"))
+                     if source in runs]
 
 
 # --- the report ---
@@ -724,8 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         if not cfg.bench_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
     context = {"device": device, "cpus": os.cpu_count(), "cpu": cpu, "cpu_flags": cpu_flags,
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "model": dataclasses.asdict(model_cfg),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "model": dataclasses.asdict(model_cfg),
                "batch_size": train_cfg.batch_size}
     lines = [json.dumps({**f, **context}) for f in figures]
     print("\n".join(lines))
