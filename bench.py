@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 import torch.nn.functional as F
 
 from flags import RunConfig, flags_given, parse_args
@@ -235,10 +234,9 @@ def bench_sample(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     figures = []
     for batch_size in [int(b) for b in cfg.sample_batch_sizes.split(",")]:
         rates, early_ms, late_ms = [], [], []
-        for repeat in range(cfg.repeats + 1):            # the first run warms up and is not counted
+        sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, 0)   # a warm-up, not counted
+        for repeat in range(1, cfg.repeats + 1):
             stamps = sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, repeat)
-            if repeat == 0:
-                continue
             rates.append(batch_size * cfg.sample_tokens / (stamps[-1] - stamps[0]))
             early_ms.append(1000 * (stamps[min(10, cfg.sample_tokens)] - stamps[min(9, cfg.sample_tokens - 1)]))
             late_ms.append(1000 * (stamps[-1] - stamps[-2]))
@@ -303,10 +301,8 @@ def bench_stages(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
                                                        requires_grad=True)
             start = time.perf_counter()
             out = stage(x)
-            if s == len(plan) - 1:
-                loss = F.cross_entropy(out.flatten(0, 1).float(), ids[:, 1:].flatten())
-            else:
-                loss = (out * torch.ones_like(out)).sum()   # a gradient of ones arriving from the next stage
+            loss = (F.cross_entropy(out.flatten(0, 1).float(), ids[:, 1:].flatten()) if s == len(plan) - 1
+                    else (out * torch.ones_like(out)).sum())   # a gradient of ones arriving from the next stage
             loss.backward()
             synchronize(device)
             runs.append(1000 * (time.perf_counter() - start))
@@ -499,30 +495,15 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
 def cpu_description() -> tuple[str, list[str]]:
     """The CPU's model name and the flags that decide its matmul speed, AVX-512 (avx512*) and AMX (amx*), from
     /proc/cpuinfo (Linux); elsewhere platform.processor() and no flags."""
-    fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
     except OSError:
-        return fallback, []
+        info = ""
     name = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
     flags = re.search(r"^flags\s*:\s*(.+)$", info, flags=re.M)
     relevant = sorted({f for f in flags.group(1).split() if f.startswith(("avx512", "amx"))}) if flags else []
-    return (name.group(1).strip() if name else fallback), relevant
-
-
-def has_native_bf16(device: str, cpu_flags: list[str]) -> bool:
-    """bf16 matmuls in hardware: every CUDA GPU we run on; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere torch
-    emulates bf16 through fp32, so its 'peak' would say nothing about the machine."""
-    return device.startswith("cuda") or bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags))
-
-
-def model_matmul_shapes(model_cfg: GPTConfig, rows: int) -> dict[str, tuple[int, int, int]]:
-    """(M, K, N) of the model's forward matmuls on a batch of `rows` = B*T token positions: (B*T, C) x (C, N)
-    for the LM head (N = V), the MLP's up-projection (4C) and attention's qkv projection (3C)."""
-    C = model_cfg.n_embd
-    return {"lm_head": (rows, C, model_cfg.vocab_size), "mlp_c_fc": (rows, C, 4 * C),
-            "attn_c_attn": (rows, C, 3 * C)}
+    return (name.group(1).strip() if name else platform.processor() or platform.machine()), relevant
 
 
 def seconds_per_call(call, device: str, repeats: int, min_seconds: float = 0.05) -> list[float]:
@@ -569,11 +550,17 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     """The GEMM FLOP/s at each of the model's matmul shapes in fp32, in bf16 where the hardware has it, and in
     the run's dtype; each dtype's peak is its best shape. The memory bandwidth: a copy (read + write) and a
     sum (read) of --bandwidth_mib, the better of the two. Returns the figures and {'gemm_peak': {dtype: FLOP/s},
-    'bandwidth': bytes/s}."""
-    bf16 = [torch.bfloat16] if has_native_bf16(device, cpu_flags) else []
-    shapes = model_matmul_shapes(model_cfg, train_cfg.batch_size * model_cfg.block_size)
+    'run_dtype': its name, 'sample_bound': tokens/s at batch 1}."""
+    # (M, K, N) of the forward matmuls on B*T token positions, (B*T, C) x (C, N): the LM head (N = V), the MLP's
+    # up-projection (4C) and attention's qkv projection (3C).
+    rows, C = train_cfg.batch_size * model_cfg.block_size, model_cfg.n_embd
+    shapes = {"lm_head": (rows, C, model_cfg.vocab_size), "mlp_c_fc": (rows, C, 4 * C), "attn_c_attn": (rows, C, 3 * C)}
+    # bf16 matmuls in hardware: every CUDA GPU we run on; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere torch
+    # emulates bf16 through fp32, so its 'peak' would say nothing about the machine.
+    bf16 = [torch.bfloat16] if device.startswith("cuda") or {"avx512_bf16", "amx_bf16"} & set(cpu_flags) else []
+    run_dtype = pick_dtype(train_cfg.dtype, device)
     figures, peaks = [], {}
-    for dtype in dict.fromkeys([torch.float32, *bf16, pick_dtype(train_cfg.dtype, device)]):
+    for dtype in dict.fromkeys([torch.float32, *bf16, run_dtype]):
         name = dtype_name(dtype)
         by_shape = {shape: summarize(f"limits_gemm_{name}_{shape}", f"GFLOP/s, ({M}, {K}) x ({K}, {N})",
                                      [f / 1e9 for f in matmul_flops(M, K, N, dtype, device, cfg.repeats)])
@@ -596,21 +583,18 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     figures += [copy, read, {**best, "figure": "limits_bandwidth", "unit": "GB/s, the better of copy and sum"},
                 summarize("limits_sample_bound_batch1", f"tokens/s, bandwidth / {per_token / 1e6:.1f} MB read per "
                                                         f"token", [bandwidth / per_token])]
-    return figures, {"gemm_peak": peaks, "bandwidth": bandwidth}
+    return figures, {"gemm_peak": peaks, "run_dtype": dtype_name(run_dtype), "sample_bound": bandwidth / per_token}
 
 
-def shares_of_limits(figures: list[dict], limits: dict, cfg: BenchConfig, train_cfg: BenchRunConfig,
-                     model_cfg: GPTConfig, device: str) -> list[dict]:
+def shares_of_limits(figures: list[dict], limits: dict, model_cfg: GPTConfig) -> list[dict]:
     """Training GFLOP/s (flops_per_token x tokens/s) as a share of the fp32 GEMM peak and of the peak of the
     run's dtype, and sampling tokens/s at batch 1 as a share of the bandwidth bound, for each training and
     sampling figure this run measured."""
     runs = {f["figure"]: f["runs"] for f in figures}
-    per_token = model_flops_per_token(model_cfg, model_cfg.block_size)
-    run_dtype = dtype_name(pick_dtype(train_cfg.dtype, device))               # bench_limits measured it
-    bound = limits["bandwidth"] / bytes_read_per_token(model_cfg, cfg.sample_tokens)
+    per_token, bound = model_flops_per_token(model_cfg, model_cfg.block_size), limits["sample_bound"]
     shares = []
     for name in [name for name in ("train", "vs_nanogpt_ours_train") if f"{name}_tokens_per_s" in runs]:
-        for dtype in dict.fromkeys(("float32", run_dtype)):
+        for dtype in dict.fromkeys(("float32", limits["run_dtype"])):
             peak = limits["gemm_peak"][dtype]
             shares.append(summarize(f"{name}_share_of_{dtype}_gemm_peak",
                                     f"% of the {dtype} GEMM peak ({peak / 1e9:,.0f} GFLOP/s)",
@@ -676,22 +660,18 @@ def main(argv: list[str] | None = None) -> None:
         elif {"train", "soak", "pipeline", "vs_nanogpt"} & set(parts) and \
                 not os.path.exists(os.path.join(data_dir, "shakespeare")):
             run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
-        if "train" in parts:
-            figures += bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device)
-        if "sample" in parts:
-            figures += bench_sample(cfg, train_cfg, model_cfg, device)
-        if "soak" in parts:
-            figures += bench_soak(cfg, passthrough, data_dir, work_dir)
-        if "stages" in parts:
-            figures += bench_stages(cfg, train_cfg, model_cfg, device)
-        if "pipeline" in parts:
-            figures += bench_pipeline(cfg, train_cfg, passthrough, data_dir, work_dir)
-        if "vs_nanogpt" in parts:
-            figures += bench_vs_nanogpt(cfg, train_cfg, model_cfg, passthrough, baseline, data_dir, work_dir,
-                                        device)
+        measure = {"train": lambda: bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device),
+                   "sample": lambda: bench_sample(cfg, train_cfg, model_cfg, device),
+                   "soak": lambda: bench_soak(cfg, passthrough, data_dir, work_dir),
+                   "stages": lambda: bench_stages(cfg, train_cfg, model_cfg, device),
+                   "pipeline": lambda: bench_pipeline(cfg, train_cfg, passthrough, data_dir, work_dir),
+                   "vs_nanogpt": lambda: bench_vs_nanogpt(cfg, train_cfg, model_cfg, passthrough, baseline, data_dir,
+                                                          work_dir, device)}
+        for part in [part for part in measure if part in parts]:
+            figures += measure[part]()
         if "limits" in parts:        # last: the shares need the other parts' figures
             limit_figures, limits = bench_limits(cfg, train_cfg, model_cfg, device, cpu_flags)
-            figures += limit_figures + shares_of_limits(figures, limits, cfg, train_cfg, model_cfg, device)
+            figures += limit_figures + shares_of_limits(figures, limits, model_cfg)
     finally:
         if not cfg.bench_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
