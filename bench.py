@@ -18,11 +18,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from flags import RunConfig, flags_given, parse_args
+from measure import (cpu_description, matmul_flops, print_table, run_script, seconds_per_call, summarize,
+                     synchronize, timed_run)
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
 from planner import LayoutConfig, microbatches
 from presets import PRESETS, apply_preset
@@ -79,12 +79,6 @@ class BenchConfig:
 
 # --- the statistics of repeated measurements ---
 
-def summarize(name: str, unit: str, runs: list[float]) -> dict:
-    """Median and spread of one figure's runs: a shared machine is noisy from run to run."""
-    return {"figure": name, "unit": unit, "median": statistics.median(runs), "min": min(runs),
-            "max": max(runs), "runs": runs}
-
-
 def steady_step_ms(out_dir: str, warmup_steps: int) -> list[float]:
     """ms of each timed step from a run's metrics.jsonl (train.py logs every step with --log_interval=1)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -93,31 +87,6 @@ def steady_step_ms(out_dir: str, warmup_steps: int) -> list[float]:
 
 
 # --- running the project's scripts as a user would ---
-
-def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, float]:
-    """Run a Python command line to completion; return its output and its peak RSS in MiB (Linux reports
-    ru_maxrss in KiB). watch(line, pid) sees each output line as it comes."""
-    proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **(env or {})})
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if watch:
-            watch(line, proc.pid)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    output = "".join(lines)
-    if proc.returncode != 0:
-        sys.exit(f"error: {' '.join(argv[:2])} failed (exit {proc.returncode}):\n{output[-2000:]}")
-    return output, usage.ru_maxrss / 1024
-
-
-def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one process run to completion."""
-    start = time.perf_counter()
-    _, rss = run_script(argv, cwd=cwd, env=env)
-    return time.perf_counter() - start, rss
-
 
 # train.py's main() in a fresh interpreter, reporting torch's peak GPU allocation when it is done.
 TRAIN_RUNNER = ("import sys, torch, train; train.main(sys.argv[1:]); "
@@ -177,13 +146,6 @@ def bench_train(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfi
             summarize("train_peak_rss", "MiB", rss),
             summarize("train_data_loader_share", "% of step",
                       data_loader_share(data_dir, train_cfg, model_cfg, device, statistics.median(step_ms)))]
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
 
 
 def data_loader_share(data_dir: str, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str,
@@ -491,50 +453,6 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
 # is matmuls, so its ceiling is the GEMM peak at the model's own shapes; sampling one sequence reads every
 # weight once per token, so its ceiling is the memory bandwidth over the bytes read per token.
 
-def cpu_description() -> tuple[str, list[str]]:
-    """The CPU's model name and the flags that decide its matmul speed, AVX-512 (avx512*) and AMX (amx*), from
-    /proc/cpuinfo (Linux); elsewhere platform.processor() and no flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        info = ""
-    name = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, flags=re.M)
-    relevant = sorted({f for f in flags.group(1).split() if f.startswith(("avx512", "amx"))}) if flags else []
-    return (name.group(1).strip() if name else platform.processor() or platform.machine()), relevant
-
-
-def seconds_per_call(call, device: str, repeats: int, min_seconds: float = 0.05) -> list[float]:
-    """Seconds one call takes, `repeats` times, after a warm-up call. Each timing loops calls until min_seconds
-    have passed, so the clock's resolution and the launch of a short call do not count. The clock is read
-    after every call on a CPU, where a busy neighbour can make calls 100x slower at any moment (a loop
-    sized from earlier calls could then run for minutes); a GPU's queue is drained only every 2^k calls."""
-    def timed_loop() -> float:
-        calls, start = 0, time.perf_counter()
-        while True:
-            call()
-            calls += 1
-            if device == "cpu" or calls & (calls - 1) == 0:
-                synchronize(device)
-                if (elapsed := time.perf_counter() - start) >= min_seconds:
-                    return elapsed / calls
-
-    call()
-    synchronize(device)
-    return [timed_loop() for _ in range(repeats)]
-
-
-def matmul_flops(M: int, K: int, N: int, dtype: torch.dtype, device: str, repeats: int) -> list[float]:
-    """FLOP/s (2MKN per product) of x @ W^T into a preallocated output, W stored (N, K) as nn.Linear keeps it,
-    so BLAS sees the layout the model's F.linear gives it."""
-    x = torch.randn(M, K, dtype=dtype, device=device)
-    weight = torch.randn(N, K, dtype=dtype, device=device)
-    out = torch.empty(M, N, dtype=dtype, device=device)
-    return [2 * M * K * N / s for s in seconds_per_call(lambda: torch.matmul(x, weight.t(), out=out), device,
-                                                          repeats)]
-
-
 def bytes_read_per_token(model_cfg: GPTConfig, n_tokens: int) -> float:
     """Bytes one sampling step at batch 1 reads from memory: every fp32 weight a token meets in a matmul
     (the weights of flops_per_token's 6N; the position embedding is a one-row lookup) and the KV cache,
@@ -603,15 +521,6 @@ def shares_of_limits(figures: list[dict], limits: dict, model_cfg: GPTConfig) ->
                      for source, name in (("sample_tokens_per_s_batch1", "sample_batch1"),
                                           ("vs_nanogpt_ours_sample_tokens_per_s", "vs_nanogpt_ours_sample"))
                      if source in runs]
-
-
-# --- the report ---
-
-def print_table(figures: list[dict]) -> None:
-    width = max([40] + [len(f["figure"]) for f in figures])
-    print(f"\n{'figure':<{width}} {'median':>12} {'min':>12} {'max':>12}  unit")
-    for f in figures:
-        print(f"{f['figure']:<{width}} {f['median']:>12,.2f} {f['min']:>12,.2f} {f['max']:>12,.2f}  {f['unit']}")
 
 
 def main(argv: list[str] | None = None) -> None:
