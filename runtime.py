@@ -24,8 +24,8 @@ from checkpoints import (load_optimizer_state_by_name, optimizer_state_by_name, 
                          restore_rng_states, rng_states)
 from flags import RunConfig
 from model import GPT, get_lr
-from parallel import (average_gradients, clip_by_global_norm, is_qkv, lay_out_like_parameters, local_value,
-                      permute_qkv, tensor_parallel, use_single_tensor_adamw)
+from parallel import (local_value, map_optimizer_state, permute_qkv_entry, reduce_clip_and_step, tensor_parallel,
+                      tp_loss_context, use_single_tensor_adamw)
 from processes import StopSignals, all_ranks_mean, autocast, choose_dtype, dtype_name, gather_to_rank0, print0
 from runlog import RunLog, StepTimer
 
@@ -286,13 +286,7 @@ class DataParallel:
         return list(self.module.named_parameters())
 
     def loss_context(self):
-        """Where the loss is computed, forward and backward: under tensor parallelism, loss_parallel, whose
-        cross-entropy takes the logits split by vocabulary (each process's log-sum-exp over its V / tp
-        logits, one all-reduce to combine them); else nothing."""
-        if self.tp == 1:
-            return nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-        return loss_parallel()
+        return tp_loss_context(self.tp)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
                          weight: float) -> torch.Tensor:
@@ -322,28 +316,18 @@ class DataParallel:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-        """clip_and_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
-        Under tensor parallelism (which refuses float16, so no scaler): average the replicas' gradients, clip
-        by the norm of the whole model's gradient, every shard of every tensor counted once."""
+        """clip_and_step on the model: clip, step unless is_good(norm) says no, clear; the norm. Under tensor
+        parallelism, reduce_clip_and_step: every process (dp x tp of them) runs the whole model."""
         if self.tp == 1:
             return clip_and_step(self.module, optimizer, scaler, grad_clip, is_good)
-        params = [p for p in self.module.parameters() if p.grad is not None]   # the tied matrix once
-        lay_out_like_parameters(params)
-        if self.dp_group is not None:
-            average_gradients([local_value(p.grad) for p in params], self.dp_group)
-        grads = [p.grad for p in params]   # every process runs the whole model: dp x tp of them
-        grad_norm = clip_by_global_norm(grads, grads, dist.get_world_size(), grad_clip, self.device)
-        if is_good(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return reduce_clip_and_step(list(self.module.parameters()), optimizer, grad_clip, is_good,
+                                    dist.get_world_size(), self.device, self.dp_group)
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch's mean loss, through the plain model (evaluation runs under no_grad: no DDP needed)."""
-        if self.tp == 1:
-            return self.module(x, y, self.loss_chunk)
         with self.loss_context():
-            return local_value(self.module(x, y, self.loss_chunk))
+            loss = self.module(x, y, self.loss_chunk)
+        return local_value(loss) if self.tp > 1 else loss
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
         """Load a by-name optimizer state from a checkpoint (FSDP, TP: each process keeps its shards of it)."""
@@ -352,9 +336,7 @@ class DataParallel:
         elif saved["state"]:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             if self.tp > 1:   # the file holds c_attn's rows as one process orders them
-                saved = {**saved, "state": {name: {key: permute_qkv(t, self.tp) if is_qkv(name) and t.dim() else t
-                                                   for key, t in state.items()}
-                                            for name, state in saved["state"].items()}}
+                saved = map_optimizer_state(lambda name, t: permute_qkv_entry(name, t, self.tp), saved)
             set_optimizer_state_dict(self.module, optimizer, saved, options=StateDictOptions(full_state_dict=True))
         if self.tp > 1 and not self.fsdp:
             use_single_tensor_adamw(optimizer)
@@ -376,10 +358,7 @@ class DataParallel:
         if dist.get_rank() != 0:
             return None, None
         if self.tp > 1:   # c_attn's rows back in one process's order (tensor_parallel reordered them)
-            def unpermute(name: str, t):
-                return permute_qkv(t, self.tp, inverse=True) if is_qkv(name) and t.dim() else t
-            weights = {name: unpermute(name, t) for name, t in weights.items()}
-            optimizer_state = {**optimizer_state, "state": {
-                name: {key: unpermute(name, t) for key, t in state.items()}
-                for name, state in optimizer_state["state"].items()}}
+            weights = {name: permute_qkv_entry(name, t, self.tp, inverse=True) for name, t in weights.items()}
+            optimizer_state = map_optimizer_state(lambda name, t: permute_qkv_entry(name, t, self.tp, inverse=True),
+                                                  optimizer_state)
         return weights, optimizer_state
