@@ -64,7 +64,6 @@ class BadSteps:
                      f"ones: resume with a lower --learning_rate, or look for bad data" if is_rank0 else 1)
 
 
-
 def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunConfig]:
     """(dtype, the header's words for it, cfg with --dtype set to it). The checkpoint records the dtype chosen,
     so a resumed run computes in it whatever a new probe of --dtype=auto would say."""
@@ -77,13 +76,6 @@ def should_compile(cfg: RunConfig, device: str) -> bool:
     return cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
 
-def resumed_seed(seed: int, step: int) -> int:
-    """The seed of a dropout stream that starts afresh at optimizer step `step` of a resumed run, given the seed a
-    run from scratch gives that stream: the two mixed through SHA-256, so the resumed run does not replay the
-    masks its first steps drew (as `seed` alone would), nor those of a neighbouring seed."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") >> 1   # < 2**63
-
-
 def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator: torch.Generator, rank: int,
                        device: str, layout: dict, seed: int, older_layout: dict | None = None) -> tuple[int, float]:
     """Put back what loop_state saved, and return (step, best val loss) to go on from. layout is how this run
@@ -94,8 +86,8 @@ def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator
     stream belongs to another place in the grid (two DDP replicas' streams given to the two tensor-parallel
     ranks of one replica would draw two masks on the activations they must keep equal, and their replicated
     weights would drift apart), so every process takes rank 0's generators (the batch order is one stream for
-    the whole run), then seeds its dropout stream as a run from scratch would, mixed with the step
-    (resumed_seed); the CPU threads stay at their default (the sums differ anyway)."""
+    the whole run), then seeds its dropout stream as a run from scratch would, mixed with the step; the CPU
+    threads stay at their default (the sums differ anyway)."""
     scaler.load_state_dict(state["scaler"])
     saved_rng = state["rng"]           # one entry per process of the run that saved it
     if state.get("layout", older_layout) == layout:
@@ -105,15 +97,11 @@ def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator
             print0(threads_line)
     else:
         restore_rng_states(saved_rng[0], data_generator)
-        torch.manual_seed(resumed_seed(seed, state["step"]))   # CPU and CUDA generators
+        # The two mixed through SHA-256, so the resumed run does not replay the masks its first steps drew (as
+        # `seed` alone would), nor those of a neighbouring seed. Seeds the CPU and CUDA generators, < 2**63.
+        mixed = hashlib.sha256(f"{seed}:{state['step']}".encode()).digest()[:8]
+        torch.manual_seed(int.from_bytes(mixed, "little") >> 1)
     return state["step"], state["best_val_loss"]
-
-
-def is_evaluation_step(step: int, start_step: int, cfg: RunConfig) -> bool:
-    """Whether the loop evaluates and saves before step `step`: every eval_interval steps and at the end,
-    except where a resumed run starts (that evaluation was made just before its checkpoint was written)."""
-    is_resumed_start = step == start_step and start_step > 0
-    return (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start
 
 
 @torch.no_grad()
@@ -164,14 +152,6 @@ def save_on_rank0(write: Callable[[], None], stop: StopSignals) -> None:
         raise failure or SystemExit(1)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: RunConfig) -> float:
-    """Give every parameter group the learning rate of `step` on cfg's schedule (model.get_lr); return it."""
-    lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
 # --- the training loop ---
 
 def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -197,7 +177,8 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
         # run skips its first evaluation: it was done just before the state was saved. A SIGTERM or Ctrl-C on
         # any process since the last step: all save here and stop, without evaluating.
         stop_signal = stop.agreed()
-        if is_evaluation_step(step, start_step, cfg):
+        is_resumed_start = step == start_step and start_step > 0
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
             losses = evaluate_now()
             is_best = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
@@ -209,7 +190,9 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
         if step == cfg.max_iters or stop_signal:
             break
 
-        lr = set_lr(optimizer, step, cfg)
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         micro_batches, step_tokens = batches_of(step)
         loss = torch.zeros((), device=parallel.device)
         for micro_step, (x, y, weight) in enumerate(micro_batches):
