@@ -296,10 +296,8 @@ def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) ->
 # stages), DDP records each parameter twice and stops at its next forward with an internal assert
 # ("rebuilt parameter indices size is not same as original model parameters size", torch 2.13): GPipe,
 # interleaved 1F1B, and 1F1B with as many micro-batches as stages.
-# With --fsdp, the D processes of a stage shard it instead (FSDP2 over the dp dim of the mesh, shard_stage), and
-# the pipelining stage drives FSDP itself: gathered weights through the step, one reduce-scatter at its end.
-# With --tp=N, each stage is first split across N processes (tensor_parallel); each runs the schedule in its
-# own pipeline, so the pipelines are the pp dim of the (pp, dp, tp) mesh, one per (dp, tp) index.
+# With --fsdp, the D processes of a stage shard it instead (shard_stage); with --tp, each stage is split
+# across tp processes, each in its own pipeline (build_pipeline).
 
 def scaled_cross_entropy(scale: float):
     """The pipeline's loss function: each micro-batch's mean loss times scale = 1 / (micro-batches per
@@ -512,11 +510,9 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
               for m, i in zip(wrapped, stage_ids)]
     loss_fn = scaled_cross_entropy(1 / (n_microbatches * accum))
     # scale_grads=False: the loss is already scaled, and gradients accumulate over several step() calls.
-    if schedule == "interleaved_1f1b":
-        pipeline_schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn, scale_grads=False)
-    else:
-        schedule_class = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-        pipeline_schedule = schedule_class(stages[0], n_microbatches, loss_fn, scale_grads=False)
+    schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+    pipeline_schedule = schedule_class[schedule](stages if schedule == "interleaved_1f1b" else stages[0],
+                                                 n_microbatches, loss_fn, scale_grads=False)
     # Every process creates every group, in the same order (a rule of torch.distributed.new_group).
     tie_group = None
     if model_cfg.tie_embeddings:
