@@ -59,8 +59,7 @@ class LayoutConfig:
 
 # Each check below is a generator of refusals, one line each, most basic first: a check runs only once those
 # before it passed, and whoever asks takes the first. A run stops on it (train.py's check_config and
-# check_layout); the dry run's layout search asks the same generators of every layout it considers, so it
-# never suggests flags that a run would refuse.
+# check_layout); find_layout asks them of every layout it considers, so it never suggests flags a run refuses.
 def config_refusals(cfg, model_cfg: GPTConfig) -> Iterator[str]:
     """Why these flags cannot run, whatever the number of processes."""
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -261,11 +260,10 @@ def param_counts(config: GPTConfig, tp: int) -> ParamCounts:
     RealFormer adds no parameters (it hands scores between blocks), and a GPTStage cannot carry it: the stages
     are built without it."""
     config = dataclasses.replace(config, realformer=False)
-    with torch.device("meta"):
-        first = GPTStage(config, range(0), is_first=True, is_last=False)
-        last = GPTStage(config, range(0), is_first=False, is_last=True)
-        block = Block(config)
-    return ParamCounts(count_params(block, tp), count_params(first, tp), count_params(last, tp))
+    with torch.device("meta"):   # a block; the first stage's embedding; the last stage's head
+        parts = (Block(config), GPTStage(config, range(0), is_first=True, is_last=False),
+                 GPTStage(config, range(0), is_first=False, is_last=True))
+    return ParamCounts(*(count_params(part, tp) for part in parts))
 
 
 def rank_params(config: GPTConfig, counts: ParamCounts, n_blocks: int, holds_first: bool,
@@ -483,9 +481,8 @@ def dry_run_layout(cfg, world_size: int) -> Layout:
 def describe_layout(layout: Layout) -> str:
     """'pp=P (schedule, m micro-batches) x dp=D x tp=T': the three dims of the device mesh; fsdp=D when the
     data-parallel ranks shard the weights."""
-    return (f"pp={layout.pp}" + (f" ({layout.schedule}, {layout.n_microbatches} micro-batches)" if layout.pp > 1
-                                 else "")
-            + f" x {'fsdp' if layout.fsdp else 'dp'}={layout.dp} x tp={layout.tp}"
+    schedule = f" ({layout.schedule}, {layout.n_microbatches} micro-batches)" if layout.pp > 1 else ""
+    return (f"pp={layout.pp}{schedule} x {'fsdp' if layout.fsdp else 'dp'}={layout.dp} x tp={layout.tp}"
             + (" (sequence parallel)" if layout.sequence_parallel else ""))
 
 
@@ -569,11 +566,10 @@ def dry_run_report(cfg, model_cfg: GPTConfig) -> list[str]:
     on the meta device: shapes without memory, seconds even for 175B parameters."""
     world_size = cfg.dry_run_world_size or cfg.pp * cfg.tp
     layout = dry_run_layout(cfg, world_size)
-    T = model_cfg.block_size
+    T, gpu = model_cfg.block_size, cfg.dry_run_gpu
     n_params = rank_params(model_cfg, param_counts(model_cfg, 1), model_cfg.n_layer, True, True)[0]
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * layout.dp * T
     flops_token = flops_per_token(model_cfg, n_params, T)
-    gpu = cfg.dry_run_gpu
     peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
     lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
              f"TFLOP/s at 16 bits) | {describe_layout(layout)} | "
