@@ -72,6 +72,39 @@ def clip_by_global_norm(counted: list[torch.Tensor], scaled: list[torch.Tensor],
     return grad_norm
 
 
+def lay_out_like_parameters(params: list[torch.nn.Parameter]) -> None:
+    """Give each DTensor gradient its parameter's placements. A tensor-parallel embedding's gradient comes back
+    whole on every process (Replicate), while the head's is split by vocabulary like its weight: the tied
+    copies' gradients must be split alike before their pieces are summed. (From whole to split is a slice,
+    no communication; AdamW would redistribute the gradient the same way.)"""
+    from torch.distributed.tensor import DTensor
+    for p in params:
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+
+def reduce_clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float,
+                         is_good: Callable[[torch.Tensor], bool], stage_processes: int, device: str, dp_group=None,
+                         tie_group=None, tied: torch.nn.Parameter | None = None,
+                         count_tied: bool = True) -> torch.Tensor:
+    """The optimizer step of tensor parallelism and pipelines (no gradient scaler: they refuse float16) on this
+    process's params: average the gradients over dp_group's replicas (None: one, or FSDP reduced them), sum
+    the tied copies' over tie_group (tied: this process's copy, left out of the norm unless count_tied), clip
+    by the whole model's norm (clip_by_global_norm), step unless is_good(norm) says no, clear; the norm."""
+    params = [p for p in params if p.grad is not None]
+    lay_out_like_parameters(params)
+    if dp_group is not None:    # every replica holds the same parameters, in the same order
+        average_gradients([local_value(p.grad) for p in params], dp_group)
+    if tie_group is not None:   # grad(embedding) + grad(head): the copies are laid out alike, so the pieces match
+        dist.all_reduce(local_value(tied.grad), group=tie_group)
+    counted = [p.grad for p in params if count_tied or p is not tied]
+    grad_norm = clip_by_global_norm(counted, [p.grad for p in params], stage_processes, grad_clip, device)
+    if is_good(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def use_single_tensor_adamw(optimizer: torch.optim.Optimizer) -> None:
     """Let AdamW update one tensor at a time: its multi-tensor (foreach) kernels refuse a list that mixes
     DTensors and plain tensors, as tensor parallelism without FSDP leaves them (replicated LayerNorms,
@@ -163,15 +196,32 @@ def permute_qkv(weight: torch.Tensor, tp: int, inverse: bool = False) -> torch.T
     v_{tp-1}], where q_r holds rows r C/tp .. (r+1) C/tp - 1 of q: the heads of tensor-parallel rank r. Then a
     plain split of the rows into tp equal blocks gives each rank its own heads' q, k and v, which it splits
     by thirds (model.CausalSelfAttention). inverse: the other way back. The identity when tp = 1."""
-    rest = weight.shape[1:]
-    if inverse:                                                   # (tp, 3, C/tp, ...) -> (3, tp, C/tp, ...)
-        return weight.reshape(tp, 3, -1, *rest).transpose(0, 1).reshape(weight.shape)
-    return weight.reshape(3, tp, -1, *rest).transpose(0, 1).reshape(weight.shape)   # (3, tp, ...) -> (tp, 3, ...)
+    blocks = (tp, 3) if inverse else (3, tp)          # (3, tp, C/tp, ...) -> (tp, 3, C/tp, ...), or back
+    return weight.reshape(*blocks, -1, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
 
 
-def is_qkv(name: str) -> bool:
-    """Whether a state-dict entry is c_attn's weight or bias, whose rows permute_qkv reorders."""
-    return name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias")
+def permute_qkv_entry(name: str, t: torch.Tensor, tp: int, inverse: bool = False) -> torch.Tensor:
+    """permute_qkv of t, a state-dict or optimizer-state entry of parameter `name`, when that is c_attn's
+    weight or bias and t is not a scalar (AdamW's step count); t itself otherwise."""
+    is_qkv = name.endswith(("attn.c_attn.weight", "attn.c_attn.bias"))
+    return permute_qkv(t, tp, inverse) if is_qkv and t.dim() else t
+
+
+def map_optimizer_state(fn: Callable[[str, torch.Tensor], torch.Tensor], saved: dict) -> dict:
+    """A by-name optimizer state (checkpoints.optimizer_state_by_name) with each entry t of parameter name's
+    state replaced by fn(name, t)."""
+    return {**saved, "state": {name: {key: fn(name, t) for key, t in state.items()}
+                               for name, state in saved["state"].items()}}
+
+
+def tp_loss_context(tp: int):
+    """Where the loss is computed, forward and backward: under tensor parallelism (tp > 1), loss_parallel,
+    whose cross-entropy takes the logits split by vocabulary (each process's log-sum-exp over its V / tp
+    logits, one all-reduce to combine them); else nothing."""
+    if tp == 1:
+        return nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+    return loss_parallel()
 
 
 def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) -> None:
@@ -246,10 +296,8 @@ def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) ->
 # stages), DDP records each parameter twice and stops at its next forward with an internal assert
 # ("rebuilt parameter indices size is not same as original model parameters size", torch 2.13): GPipe,
 # interleaved 1F1B, and 1F1B with as many micro-batches as stages.
-# With --fsdp, the D processes of a stage shard it instead (FSDP2 over the dp dim of the mesh, shard_stage), and
-# the pipelining stage drives FSDP itself: gathered weights through the step, one reduce-scatter at its end.
-# With --tp=N, each stage is first split across N processes (tensor_parallel); each runs the schedule in its
-# own pipeline, so the pipelines are the pp dim of the (pp, dp, tp) mesh, one per (dp, tp) index.
+# With --fsdp, the D processes of a stage shard it instead (shard_stage); with --tp, each stage is split
+# across tp processes, each in its own pipeline (build_pipeline).
 
 def scaled_cross_entropy(scale: float):
     """The pipeline's loss function: each micro-batch's mean loss times scale = 1 / (micro-batches per
@@ -283,17 +331,6 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def lay_out_like_parameters(params: list[torch.nn.Parameter]) -> None:
-    """Give each DTensor gradient its parameter's placements. A tensor-parallel embedding's gradient comes back
-    whole on every process (Replicate), while the head's is split by vocabulary like its weight: the tied
-    copies' gradients must be split alike before their pieces are summed. (From whole to split is a slice,
-    no communication; AdamW would redistribute the gradient the same way.)"""
-    from torch.distributed.tensor import DTensor
-    for p in params:
-        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
-            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
-
-
 @dataclass
 class Pipeline:
     """What one process holds of the pipeline, and the steps of training through it. The processes form one
@@ -318,10 +355,6 @@ class Pipeline:
     def named_parameters(self) -> list:
         return [(name, p) for stage in self.module for name, p in stage.named_parameters()]
 
-    def tied_copy(self) -> torch.nn.Parameter:
-        """This process's copy of the tied embedding matrix: wte on the first stage, lm_head on the last."""
-        return self.module[0].transformer.wte.weight if self.holds_first else self.module[-1].lm_head.weight
-
     def run(self, x: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
         """Run one batch through the pipeline (forward and backward when train) and return the sum of the
         micro-batch losses the schedule computed: non-zero on the last stage only. Call it outside autocast:
@@ -335,13 +368,7 @@ class Pipeline:
         return local_value(torch.stack(losses).sum().detach())   # under loss_parallel, a replicated DTensor
 
     def loss_context(self):
-        """Where the schedule runs, forward and backward: under tensor parallelism, loss_parallel, whose
-        cross-entropy takes the last stage's logits split by vocabulary (DataParallel.loss_context); else
-        nothing."""
-        if self.tp_size == 1:
-            return nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-        return loss_parallel()
+        return tp_loss_context(self.tp_size)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
                          weight: float) -> torch.Tensor:
@@ -362,24 +389,13 @@ class Pipeline:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-        """Average the gradients over the data-parallel replicas (FSDP has reduce-scattered them already), sum
-        the tied copies' gradients, clip by the norm of the whole model's gradient (all stages, shards and
-        tensor-parallel slices, the tied matrix counted once), step unless is_good(norm) says no, clear.
-        Returns the norm before clipping, the same on every process."""
-        named_params = self.named_parameters()
-        lay_out_like_parameters([p for _, p in named_params])
-        if self.dp_group is not None:   # every replica's stages hold the same parameters, in the same order
-            average_gradients([local_value(p.grad) for _, p in named_params if p.grad is not None], self.dp_group)
-        if self.tie_group is not None:  # grad(embedding) + grad(head): the copies are laid out alike, so
-            dist.all_reduce(local_value(self.tied_copy().grad), group=self.tie_group)   # the pieces match
-        counted = [p.grad for name, p in named_params if p.grad is not None
-                   and not (self.tie_group is not None and name == "lm_head.weight")]
-        grad_norm = clip_by_global_norm(counted, [p.grad for _, p in named_params if p.grad is not None],
-                                        self.stage_processes, grad_clip, self.device)
-        if is_good(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        """reduce_clip_and_step on this process's stages: the norm is the whole model's (all stages, shards and
+        tensor-parallel slices, the tied matrix counted once: wte on the first stage, not lm_head on the last)."""
+        tied = None if self.tie_group is None else \
+            self.module[0].transformer.wte.weight if self.holds_first else self.module[-1].lm_head.weight
+        return reduce_clip_and_step([p for _, p in self.named_parameters()], optimizer, grad_clip, is_good,
+                                    self.stage_processes, self.device, self.dp_group, self.tie_group, tied,
+                                    count_tied=self.holds_first)
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch's mean loss, computed on the last stage and shared with the others."""
@@ -397,10 +413,9 @@ class Pipeline:
             state = saved["state"].get(aliases.get(name, name))
             if state is not None and isinstance(p, DTensor):   # every process holds the full tensor: no sends
                 # c_attn's rows in tensor_parallel's order (the file holds them in one process's)
-                state = {key: permute_qkv(v, self.tp_size) if is_qkv(name) and key != "step" else v
-                         for key, v in state.items()}
-                state = {key: distribute_tensor(v.to(self.device), p.device_mesh, p.placements, src_data_rank=None)
-                         if key != "step" else v for key, v in state.items()}
+                state = {key: v if key == "step" else
+                         distribute_tensor(permute_qkv_entry(name, v, self.tp_size).to(self.device), p.device_mesh,
+                                           p.placements, src_data_rank=None) for key, v in state.items()}
             if state is not None:
                 pieces[name] = state
         load_optimizer_state_by_name(self.named_parameters(), optimizer,
@@ -413,12 +428,9 @@ class Pipeline:
         sharded tensors gathered whole, then the stages of the first (dp, tp) index sent to rank 0 and merged,
         so the checkpoint is the same file as one process writes."""
         def whole(name: str, t: torch.Tensor) -> torch.Tensor:   # c_attn's rows back in one process's order
-            t = full(t).cpu()
-            return permute_qkv(t, self.tp_size, inverse=True) if is_qkv(name) and t.dim() else t
+            return permute_qkv_entry(name, full(t).cpu(), self.tp_size, inverse=True)
         weights = {name: whole(name, t) for stage in self.module for name, t in stage.state_dict().items()}
-        optimizer_state = optimizer_state_by_name(self.named_parameters(), optimizer)
-        optimizer_state["state"] = {name: {key: whole(name, v) for key, v in state.items()}
-                                    for name, state in optimizer_state["state"].items()}
+        optimizer_state = map_optimizer_state(whole, optimizer_state_by_name(self.named_parameters(), optimizer))
         if self.tie_group is not None and self.holds_last:   # the copy's state equals wte's on the first stage
             optimizer_state["state"].pop("lm_head.weight", None)
             for group in optimizer_state["param_groups"]:
@@ -428,9 +440,9 @@ class Pipeline:
         if dist.get_rank() != 0:
             return None, None
         shards = [shard for shard in shards if shard is not None]
-        weights = {name: t for shard_weights, _ in shards for name, t in shard_weights.items()}
-        merged = {"state": {}, "param_groups": [dict(g, params=[]) for g in shards[0][1]["param_groups"]]}
-        for _, shard_state in shards:
+        weights, merged = {}, {"state": {}, "param_groups": [dict(g, params=[]) for g in shards[0][1]["param_groups"]]}
+        for shard_weights, shard_state in shards:
+            weights.update(shard_weights)
             merged["state"].update(shard_state["state"])
             for group, shard_group in zip(merged["param_groups"], shard_state["param_groups"]):
                 group["params"] += shard_group["params"]
@@ -498,11 +510,9 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
               for m, i in zip(wrapped, stage_ids)]
     loss_fn = scaled_cross_entropy(1 / (n_microbatches * accum))
     # scale_grads=False: the loss is already scaled, and gradients accumulate over several step() calls.
-    if schedule == "interleaved_1f1b":
-        pipeline_schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn, scale_grads=False)
-    else:
-        schedule_class = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-        pipeline_schedule = schedule_class(stages[0], n_microbatches, loss_fn, scale_grads=False)
+    schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+    pipeline_schedule = schedule_class[schedule](stages if schedule == "interleaved_1f1b" else stages[0],
+                                                 n_microbatches, loss_fn, scale_grads=False)
     # Every process creates every group, in the same order (a rule of torch.distributed.new_group).
     tie_group = None
     if model_cfg.tie_embeddings:

@@ -59,8 +59,7 @@ class LayoutConfig:
 
 # Each check below is a generator of refusals, one line each, most basic first: a check runs only once those
 # before it passed, and whoever asks takes the first. A run stops on it (train.py's check_config and
-# check_layout); the dry run's layout search asks the same generators of every layout it considers, so it
-# never suggests flags that a run would refuse.
+# check_layout); find_layout asks them of every layout it considers, so it never suggests flags a run refuses.
 def config_refusals(cfg, model_cfg: GPTConfig) -> Iterator[str]:
     """Why these flags cannot run, whatever the number of processes."""
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -261,11 +260,10 @@ def param_counts(config: GPTConfig, tp: int) -> ParamCounts:
     RealFormer adds no parameters (it hands scores between blocks), and a GPTStage cannot carry it: the stages
     are built without it."""
     config = dataclasses.replace(config, realformer=False)
-    with torch.device("meta"):
-        first = GPTStage(config, range(0), is_first=True, is_last=False)
-        last = GPTStage(config, range(0), is_first=False, is_last=True)
-        block = Block(config)
-    return ParamCounts(count_params(block, tp), count_params(first, tp), count_params(last, tp))
+    with torch.device("meta"):   # a block; the first stage's embedding; the last stage's head
+        parts = (Block(config), GPTStage(config, range(0), is_first=True, is_last=False),
+                 GPTStage(config, range(0), is_first=False, is_last=True))
+    return ParamCounts(*(count_params(part, tp) for part in parts))
 
 
 def rank_params(config: GPTConfig, counts: ParamCounts, n_blocks: int, holds_first: bool,
@@ -327,13 +325,14 @@ def head_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, los
     tensor parallelism the head is vocabulary-parallel (Shoeybi et al. 2019, section 3): every (.., V) tensor
     divides by t; ln_f's input divides by t with sequence parallelism, and the head's gathered input does
     not."""
-    C, V, a, t = config.n_embd, config.vocab_size, act_bytes, tp
-    btc, btv = b * T * C, b * T * (-(-V // t))
+    C, a, t = config.n_embd, act_bytes, tp
+    vt = -(-config.vocab_size // t)                      # V / t: the vocabulary on one rank, rounded up
+    btc, btv = b * T * C, b * T * vt
     ln_input = 4 * btc // (t if sequence_parallel else 1)
     if loss_chunk > 0:
         rows, chunks_held = min(loss_chunk, b * T), 2 if b * T > loss_chunk else 1
         per_logit = 4 + (a if a < 4 else 0)            # fp32 logits, and the 16-bit copies under autocast
-        return ln_input + 4 * btc + 4 * (-(-V // t)) * C + chunks_held * per_logit * rows * (-(-V // t))
+        return ln_input + 4 * btc + 4 * vt * C + chunks_held * per_logit * rows * vt
     return ln_input + a * btc + 12 * btv
 
 
@@ -409,36 +408,34 @@ class Layout:
     def world_size(self) -> int:
         return self.pp * self.dp * self.tp
 
+    @property
+    def chunks(self) -> int:
+        """Stages per pipeline rank: virtual_stages under interleaved 1F1B, else 1."""
+        return self.virtual_stages if self.pp > 1 and self.schedule == "interleaved_1f1b" else 1
+
 
 def plan_memory(config: GPTConfig, layout: Layout, plans: dict | None = None
                 ) -> list[tuple[str, int, dict[str, float]]]:
     """(name, parameters, memory_estimate) for each pipeline rank of the layout (one row when pp == 1): what
     one GPU of that rank holds. Stages come from model.plan_stages, as the real run cuts them (plans: a dict
     that keeps the cuts for the next call, for a search that plans many layouts of one model)."""
-    counts, L = param_counts(config, layout.tp), layout
-    shards = L.dp if L.fsdp else 1
-    replicated = L.dp > 1 and not L.fsdp
-    if L.pp == 1:
-        params = rank_params(config, counts, config.n_layer, True, True)[0]
-        return [("each GPU", params, memory_estimate(
-            config, counts, config.n_layer, 1, True, True, L.micro_batch, 1, 1, L.act_bytes, L.loss_chunk, shards,
-            replicated, L.tp, L.sequence_parallel))]
-    n_virtual = L.virtual_stages if L.schedule == "interleaved_1f1b" else 1
-    key = (L.pp * n_virtual, L.balance, config.vocab_size)
-    plans = {} if plans is None else plans
+    counts, L, pipelined = param_counts(config, layout.tp), layout, layout.pp > 1
+    shards, replicated = L.dp if L.fsdp else 1, L.dp > 1 and not L.fsdp
+    key, plans = (L.pp * L.chunks, L.balance, config.vocab_size), {} if plans is None else plans
     if key not in plans:
-        plans[key] = plan_stages(config, L.pp * n_virtual, L.balance)
+        plans[key] = plan_stages(config, L.pp * L.chunks, L.balance) if pipelined else [range(config.n_layer)]
     plan, rows = plans[key], []
     for rank in range(L.pp):
-        ids = [rank + v * L.pp for v in range(n_virtual)]     # interleaved: stages p, p + P, p + 2P, ...
+        ids = [rank + v * L.pp for v in range(L.chunks)]     # interleaved: stages p, p + P, p + 2P, ...
         n_blocks = sum(len(plan[i]) for i in ids)
         holds_first, holds_last = 0 in ids, len(plan) - 1 in ids
-        in_flight = microbatches_in_flight(L.schedule, L.pp, L.n_microbatches, L.virtual_stages, rank)
-        estimate = memory_estimate(config, counts, n_blocks, n_virtual, holds_first, holds_last, L.micro_batch,
+        in_flight = microbatches_in_flight(L.schedule, L.pp, L.n_microbatches, L.virtual_stages, rank) \
+            if pipelined else 1
+        estimate = memory_estimate(config, counts, n_blocks, L.chunks, holds_first, holds_last, L.micro_batch,
                                    in_flight, in_flight if L.schedule == "gpipe" else 1, L.act_bytes, L.loss_chunk,
-                                   shards, replicated, L.tp, L.sequence_parallel, pipelined=True)
+                                   shards, replicated, L.tp, L.sequence_parallel, pipelined)
         blocks = ", ".join(f"{plan[i].start}-{plan[i].stop - 1}" if plan[i] else "none" for i in ids)
-        rows.append((f"stage {rank} (blocks {blocks})",
+        rows.append((f"stage {rank} (blocks {blocks})" if pipelined else "each GPU",
                      rank_params(config, counts, n_blocks, holds_first, holds_last)[0], estimate))
     return rows
 
@@ -458,10 +455,7 @@ def step_seconds(config: GPTConfig, flops_per_step: float, layout: Layout, peak:
     block, _, head = stage_costs(config, "flops")
     blocks_share = config.n_layer * block / (config.n_layer * block + head)
     recompute = compute * blocks_share / 3 if config.activation_checkpointing else 0.0
-    bubble = 0.0
-    if layout.pp > 1:
-        v = layout.virtual_stages if layout.schedule == "interleaved_1f1b" else 1
-        bubble = (compute + recompute) * (layout.pp - 1) / (v * layout.n_microbatches)
+    bubble = (compute + recompute) * (layout.pp - 1) / (layout.chunks * layout.n_microbatches)   # 0 for pp = 1
     return {"compute": compute, "recompute": recompute, "bubble": bubble}
 
 
@@ -477,28 +471,22 @@ def planned_dtype(cfg) -> str:
 
 def dry_run_layout(cfg, world_size: int) -> Layout:
     """The Layout a run with these flags takes on world_size GPUs."""
-    pp = cfg.pp
-    return Layout(pp=pp, dp=world_size // (pp * cfg.tp), tp=cfg.tp, fsdp=cfg.fsdp,
-                  sequence_parallel=cfg.sequence_parallel and cfg.tp > 1, schedule=cfg.pp_schedule,
-                  n_microbatches=microbatches(cfg) if pp > 1 else 1, virtual_stages=cfg.pp_virtual_stages,
-                  balance=cfg.pp_balance,
-                  micro_batch=cfg.batch_size // microbatches(cfg) if pp > 1 else cfg.batch_size,
-                  act_bytes=4 if planned_dtype(cfg) == "float32" else 2,
-                  loss_chunk=cfg.loss_chunk if cfg.loss_chunk is not None else 0)   # the CUDA default
+    m = microbatches(cfg) if cfg.pp > 1 else 1
+    return Layout(pp=cfg.pp, dp=world_size // (cfg.pp * cfg.tp), tp=cfg.tp, fsdp=cfg.fsdp,
+                  sequence_parallel=cfg.sequence_parallel and cfg.tp > 1, schedule=cfg.pp_schedule, n_microbatches=m,
+                  virtual_stages=cfg.pp_virtual_stages, balance=cfg.pp_balance, micro_batch=cfg.batch_size // m,
+                  act_bytes=4 if planned_dtype(cfg) == "float32" else 2, loss_chunk=cfg.loss_chunk or 0)   # CUDA's
 
 
 def describe_layout(layout: Layout) -> str:
     """'pp=P (schedule, m micro-batches) x dp=D x tp=T': the three dims of the device mesh; fsdp=D when the
     data-parallel ranks shard the weights."""
-    return (f"pp={layout.pp}" + (f" ({layout.schedule}, {layout.n_microbatches} micro-batches)" if layout.pp > 1
-                                 else "")
-            + f" x {'fsdp' if layout.fsdp else 'dp'}={layout.dp} x tp={layout.tp}"
+    schedule = f" ({layout.schedule}, {layout.n_microbatches} micro-batches)" if layout.pp > 1 else ""
+    return (f"pp={layout.pp}{schedule} x {'fsdp' if layout.fsdp else 'dp'}={layout.dp} x tp={layout.tp}"
             + (" (sequence parallel)" if layout.sequence_parallel else ""))
 
 
-# The search leaves this share of each GPU to what the memory model does not count: the CUDA context,
-# kernels' workspaces, the allocator's fragmentation.
-FIT_FRACTION = 0.9
+FIT_FRACTION = 0.9       # of each GPU the search fills: the rest for what the memory model does not count
 TP_SIZES = (1, 2, 4, 8)                    # tensor parallelism stays within a node of 8 GPUs (NVLink)
 
 
@@ -508,9 +496,9 @@ def find_layout(cfg, model_cfg: GPTConfig, world_size: int, memory_gib: float
     FIT_FRACTION of memory_gib on every GPU, as the flags that give it (to add to the command), the Layout and
     its largest GPU's GiB; None if none of the grid does. refused: when nothing is found but some layouts would
     fit, the refusal that alone rules out the most of them and the flags of the first it rules out (else
-    None). The global batch (batch_size x
-    gradient_accumulation_steps x data-parallel replicas) stays as it is. Whether a layout is accepted is asked
-    of the run's own checks (config_refusals, layout_refusals), never decided here.
+    None). The global batch (batch_size x gradient_accumulation_steps x data-parallel replicas) stays as it
+    is. Whether a layout is accepted is asked of the run's own checks (config_refusals, layout_refusals),
+    never decided here.
 
     The grid: tp in 1, 2, 4, 8 (with sequence parallelism or without), pp dividing world_size / tp, FSDP or
     not, activation checkpointing or not, micro-batches of the run's size or smaller. The first that fits, in
@@ -524,29 +512,22 @@ def find_layout(cfg, model_cfg: GPTConfig, world_size: int, memory_gib: float
     micro_sizes = [current.micro_batch // 2 ** i for i in range(current.micro_batch.bit_length())
                    if current.micro_batch % 2 ** i == 0] + [1]
     candidates = []
-    for tp in TP_SIZES:
-        if world_size % tp:
+    for tp, pp, fsdp, checkpointing, micro, sp in itertools.product(TP_SIZES, range(1, world_size + 1), (False, True),
+                                                                    (False, True), set(micro_sizes), (True, False)):
+        dp = world_size // (tp * pp)
+        if (world_size % (tp * pp) or sequences % dp or (sequences // dp) % micro
+                or fsdp and dp == 1 or sp and tp == 1):   # FSDP over one replica, SP over one rank: nothing split
             continue
-        for pp in range(1, world_size // tp + 1):
-            dp = world_size // (tp * pp)
-            if (world_size // tp) % pp or sequences % dp:
-                continue
-            for fsdp, checkpointing, micro, sp in itertools.product((False, True), (False, True), set(micro_sizes),
-                                                                    (True, False) if tp > 1 else (False,)):
-                if fsdp and dp == 1 or (sequences // dp) % micro:   # FSDP over one replica divides nothing
-                    continue
-                cost = (checkpointing, fsdp, tp * pp, -tp, -micro, not sp)    # the order of preference
-                candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro, sp))
+        cost = (checkpointing, fsdp, tp * pp, -tp, -micro, not sp)    # the order of preference
+        candidates.append((cost, tp, pp, dp, fsdp, checkpointing, micro, sp))
     cuts, refused = {}, []                 # plan_stages' cuts, kept across the layouts of this model
     now = {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}
     dtype = planned_dtype(cfg)
     for _, tp, pp, dp, fsdp, checkpointing, micro, sp in sorted(candidates):
         per_replica = sequences // dp
         m = per_replica // micro if pp > 1 else 1           # one pipeline flush per step: the smallest bubble
-        values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": sp,
-                  "activation_checkpointing": checkpointing,
-                  "batch_size": per_replica if pp > 1 else micro,
-                  "gradient_accumulation_steps": 1 if pp > 1 else per_replica // micro,
+        values = {"pp": pp, "tp": tp, "fsdp": fsdp, "sequence_parallel": sp, "activation_checkpointing": checkpointing,
+                  "batch_size": m * micro, "gradient_accumulation_steps": per_replica // (m * micro),
                   "n_microbatches": m if pp > 1 else cfg.n_microbatches}
         config = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
         layout = dataclasses.replace(current, pp=pp, dp=dp, tp=tp, fsdp=fsdp, sequence_parallel=sp,
@@ -559,8 +540,8 @@ def find_layout(cfg, model_cfg: GPTConfig, world_size: int, memory_gib: float
         run = dataclasses.replace(cfg, dry_run=False, **{k: v for k, v in values.items()
                                                         if k != "activation_checkpointing"})
         # The first refusal of each kind: those of the flags and those of the layout are independent checks.
-        refusals = {next(config_refusals(run, config), None), next(layout_refusals(run, world_size, dtype), None)}
-        refusals -= {None}
+        refusals = {next(config_refusals(run, config), None),
+                    next(layout_refusals(run, world_size, dtype), None)} - {None}
         if refusals:
             refused.append((flags, refusals))
             continue
@@ -581,15 +562,14 @@ def dry_run_report(cfg, model_cfg: GPTConfig) -> list[str]:
     """The plan of a run, as lines to print: the layout (pp x dp or fsdp x tp), parameters (total and per
     pipeline stage), FLOPs per token, tokens per optimizer step, estimated memory per GPU (plan_memory) and
     time per step (step_seconds) on cfg.dry_run_gpu at cfg.dry_run_mfu, and when the plan does not fit, a
-    layout that does (find_layout). The parameters are counted on a block, the
-    embedding and the head built on the meta device: shapes without memory, seconds even for 175B parameters."""
+    layout that does (find_layout). The parameters are counted on a block, the embedding and the head built
+    on the meta device: shapes without memory, seconds even for 175B parameters."""
     world_size = cfg.dry_run_world_size or cfg.pp * cfg.tp
     layout = dry_run_layout(cfg, world_size)
-    T = model_cfg.block_size
+    T, gpu = model_cfg.block_size, cfg.dry_run_gpu
     n_params = rank_params(model_cfg, param_counts(model_cfg, 1), model_cfg.n_layer, True, True)[0]
     tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * layout.dp * T
     flops_token = flops_per_token(model_cfg, n_params, T)
-    gpu = cfg.dry_run_gpu
     peak, memory = PEAK_BF16_FLOPS[gpu], GPU_MEMORY_GIB[gpu]
     lines = [f"dry run: {cfg.preset or 'custom model'} on {world_size} x {gpu} ({memory} GiB, {peak / 1e12:.0f} "
              f"TFLOP/s at 16 bits) | {describe_layout(layout)} | "
@@ -616,9 +596,8 @@ def dry_run_report(cfg, model_cfg: GPTConfig) -> list[str]:
     if seconds["recompute"]:
         parts += f" + recompute {seconds['recompute']:.2f} s (activation checkpointing)"
     if seconds["bubble"]:
-        v = layout.virtual_stages if layout.schedule == "interleaved_1f1b" else 1
-        parts += (f" + pipeline bubble {seconds['bubble']:.2f} s ((p-1)/{'vm' if v > 1 else 'm'} = "
-                  f"{layout.pp - 1}/{v * layout.n_microbatches})")
+        parts += (f" + pipeline bubble {seconds['bubble']:.2f} s ((p-1)/{'vm' if layout.chunks > 1 else 'm'} = "
+                  f"{layout.pp - 1}/{layout.chunks * layout.n_microbatches})")
     overall = cfg.dry_run_mfu * seconds["compute"] / total
     lines.append(f"time per step: {total:.2f} s at {cfg.dry_run_mfu:.0%} MFU on {world_size} x {gpu} while "
                  f"computing ({tokens_per_step / total:,.0f} tokens/s, {overall:.0%} MFU overall) = {parts}; "

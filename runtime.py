@@ -24,8 +24,8 @@ from checkpoints import (load_optimizer_state_by_name, optimizer_state_by_name, 
                          restore_rng_states, rng_states)
 from flags import RunConfig
 from model import GPT, get_lr
-from parallel import (average_gradients, clip_by_global_norm, is_qkv, lay_out_like_parameters, local_value,
-                      permute_qkv, tensor_parallel, use_single_tensor_adamw)
+from parallel import (local_value, map_optimizer_state, permute_qkv_entry, reduce_clip_and_step, tensor_parallel,
+                      tp_loss_context, use_single_tensor_adamw)
 from processes import StopSignals, all_ranks_mean, autocast, choose_dtype, dtype_name, gather_to_rank0, print0
 from runlog import RunLog, StepTimer
 
@@ -64,7 +64,6 @@ class BadSteps:
                      f"ones: resume with a lower --learning_rate, or look for bad data" if is_rank0 else 1)
 
 
-
 def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunConfig]:
     """(dtype, the header's words for it, cfg with --dtype set to it). The checkpoint records the dtype chosen,
     so a resumed run computes in it whatever a new probe of --dtype=auto would say."""
@@ -77,13 +76,6 @@ def should_compile(cfg: RunConfig, device: str) -> bool:
     return cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
 
-def resumed_seed(seed: int, step: int) -> int:
-    """The seed of a dropout stream that starts afresh at optimizer step `step` of a resumed run, given the seed a
-    run from scratch gives that stream: the two mixed through SHA-256, so the resumed run does not replay the
-    masks its first steps drew (as `seed` alone would), nor those of a neighbouring seed."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") >> 1   # < 2**63
-
-
 def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator: torch.Generator, rank: int,
                        device: str, layout: dict, seed: int, older_layout: dict | None = None) -> tuple[int, float]:
     """Put back what loop_state saved, and return (step, best val loss) to go on from. layout is how this run
@@ -94,8 +86,8 @@ def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator
     stream belongs to another place in the grid (two DDP replicas' streams given to the two tensor-parallel
     ranks of one replica would draw two masks on the activations they must keep equal, and their replicated
     weights would drift apart), so every process takes rank 0's generators (the batch order is one stream for
-    the whole run), then seeds its dropout stream as a run from scratch would, mixed with the step
-    (resumed_seed); the CPU threads stay at their default (the sums differ anyway)."""
+    the whole run), then seeds its dropout stream as a run from scratch would, mixed with the step; the CPU
+    threads stay at their default (the sums differ anyway)."""
     scaler.load_state_dict(state["scaler"])
     saved_rng = state["rng"]           # one entry per process of the run that saved it
     if state.get("layout", older_layout) == layout:
@@ -105,15 +97,11 @@ def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator
             print0(threads_line)
     else:
         restore_rng_states(saved_rng[0], data_generator)
-        torch.manual_seed(resumed_seed(seed, state["step"]))   # CPU and CUDA generators
+        # The two mixed through SHA-256, so the resumed run does not replay the masks its first steps drew (as
+        # `seed` alone would), nor those of a neighbouring seed. Seeds the CPU and CUDA generators, < 2**63.
+        mixed = hashlib.sha256(f"{seed}:{state['step']}".encode()).digest()[:8]
+        torch.manual_seed(int.from_bytes(mixed, "little") >> 1)
     return state["step"], state["best_val_loss"]
-
-
-def is_evaluation_step(step: int, start_step: int, cfg: RunConfig) -> bool:
-    """Whether the loop evaluates and saves before step `step`: every eval_interval steps and at the end,
-    except where a resumed run starts (that evaluation was made just before its checkpoint was written)."""
-    is_resumed_start = step == start_step and start_step > 0
-    return (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start
 
 
 @torch.no_grad()
@@ -164,14 +152,6 @@ def save_on_rank0(write: Callable[[], None], stop: StopSignals) -> None:
         raise failure or SystemExit(1)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: RunConfig) -> float:
-    """Give every parameter group the learning rate of `step` on cfg's schedule (model.get_lr); return it."""
-    lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
 # --- the training loop ---
 
 def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -197,7 +177,8 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
         # run skips its first evaluation: it was done just before the state was saved. A SIGTERM or Ctrl-C on
         # any process since the last step: all save here and stop, without evaluating.
         stop_signal = stop.agreed()
-        if is_evaluation_step(step, start_step, cfg):
+        is_resumed_start = step == start_step and start_step > 0
+        if (step % cfg.eval_interval == 0 or step == cfg.max_iters) and not is_resumed_start:
             losses = evaluate_now()
             is_best = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
@@ -209,7 +190,9 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
         if step == cfg.max_iters or stop_signal:
             break
 
-        lr = set_lr(optimizer, step, cfg)
+        lr = get_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.decay_iters, cfg.decay_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         micro_batches, step_tokens = batches_of(step)
         loss = torch.zeros((), device=parallel.device)
         for micro_step, (x, y, weight) in enumerate(micro_batches):
@@ -286,13 +269,7 @@ class DataParallel:
         return list(self.module.named_parameters())
 
     def loss_context(self):
-        """Where the loss is computed, forward and backward: under tensor parallelism, loss_parallel, whose
-        cross-entropy takes the logits split by vocabulary (each process's log-sum-exp over its V / tp
-        logits, one all-reduce to combine them); else nothing."""
-        if self.tp == 1:
-            return nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-        return loss_parallel()
+        return tp_loss_context(self.tp)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
                          weight: float) -> torch.Tensor:
@@ -322,28 +299,18 @@ class DataParallel:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
-        """clip_and_step on the model: clip, step unless is_good(norm) says no, clear; the norm.
-        Under tensor parallelism (which refuses float16, so no scaler): average the replicas' gradients, clip
-        by the norm of the whole model's gradient, every shard of every tensor counted once."""
+        """clip_and_step on the model: clip, step unless is_good(norm) says no, clear; the norm. Under tensor
+        parallelism, reduce_clip_and_step: every process (dp x tp of them) runs the whole model."""
         if self.tp == 1:
             return clip_and_step(self.module, optimizer, scaler, grad_clip, is_good)
-        params = [p for p in self.module.parameters() if p.grad is not None]   # the tied matrix once
-        lay_out_like_parameters(params)
-        if self.dp_group is not None:
-            average_gradients([local_value(p.grad) for p in params], self.dp_group)
-        grads = [p.grad for p in params]   # every process runs the whole model: dp x tp of them
-        grad_norm = clip_by_global_norm(grads, grads, dist.get_world_size(), grad_clip, self.device)
-        if is_good(grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return reduce_clip_and_step(list(self.module.parameters()), optimizer, grad_clip, is_good,
+                                    dist.get_world_size(), self.device, self.dp_group)
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch's mean loss, through the plain model (evaluation runs under no_grad: no DDP needed)."""
-        if self.tp == 1:
-            return self.module(x, y, self.loss_chunk)
         with self.loss_context():
-            return local_value(self.module(x, y, self.loss_chunk))
+            loss = self.module(x, y, self.loss_chunk)
+        return local_value(loss) if self.tp > 1 else loss
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
         """Load a by-name optimizer state from a checkpoint (FSDP, TP: each process keeps its shards of it)."""
@@ -352,9 +319,7 @@ class DataParallel:
         elif saved["state"]:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             if self.tp > 1:   # the file holds c_attn's rows as one process orders them
-                saved = {**saved, "state": {name: {key: permute_qkv(t, self.tp) if is_qkv(name) and t.dim() else t
-                                                   for key, t in state.items()}
-                                            for name, state in saved["state"].items()}}
+                saved = map_optimizer_state(lambda name, t: permute_qkv_entry(name, t, self.tp), saved)
             set_optimizer_state_dict(self.module, optimizer, saved, options=StateDictOptions(full_state_dict=True))
         if self.tp > 1 and not self.fsdp:
             use_single_tensor_adamw(optimizer)
@@ -376,10 +341,7 @@ class DataParallel:
         if dist.get_rank() != 0:
             return None, None
         if self.tp > 1:   # c_attn's rows back in one process's order (tensor_parallel reordered them)
-            def unpermute(name: str, t):
-                return permute_qkv(t, self.tp, inverse=True) if is_qkv(name) and t.dim() else t
-            weights = {name: unpermute(name, t) for name, t in weights.items()}
-            optimizer_state = {**optimizer_state, "state": {
-                name: {key: unpermute(name, t) for key, t in state.items()}
-                for name, state in optimizer_state["state"].items()}}
+            weights = {name: permute_qkv_entry(name, t, self.tp, inverse=True) for name, t in weights.items()}
+            optimizer_state = map_optimizer_state(lambda name, t: permute_qkv_entry(name, t, self.tp, inverse=True),
+                                                  optimizer_state)
         return weights, optimizer_state
