@@ -261,8 +261,10 @@ class DataParallel:
             for block in model.transformer.h:
                 fully_shard(block, **shard_over)
             fully_shard(model, **shard_over)   # the rest: embeddings, ln_f and the (tied) head
-        wrapped = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None) \
-            if world_size > 1 and not fsdp and self.tp == 1 else model
+        self.ddp = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None) \
+            if world_size > 1 and not fsdp and self.tp == 1 else None
+        wrapped = model if self.ddp is None else self.ddp
+        # Compiled, the DDP wrapper hides inside torch.compile's: forward_backward asks self.ddp for no_sync.
         self.wrapped = torch.compile(wrapped) if compile else wrapped
 
     def named_parameters(self) -> list:
@@ -284,8 +286,8 @@ class DataParallel:
         is_last_micro_step = micro_step == self.accum - 1
         if self.fsdp:                      # FSDP's counterpart of no_sync: reduce only on the last micro-step
             self.module.set_requires_gradient_sync(is_last_micro_step)
-        with self.wrapped.no_sync() if isinstance(self.wrapped, DDP) and not is_last_micro_step \
-                else nullcontext(), self.loss_context():
+        with self.ddp.no_sync() if self.ddp is not None and not is_last_micro_step else nullcontext(), \
+                self.loss_context():
             with autocast(self.device, self.dtype):
                 loss = self.wrapped(x, y, self.loss_chunk) * weight
             scaler.scale(loss).backward()

@@ -275,3 +275,41 @@ def test_an_error_that_another_rank_alone_hits_still_prints(monkeypatch):
     with pytest.raises(SystemExit, match="^error: only rank 1 sees this$"):
         run_main(lambda: sys.exit("error: only rank 1 sees this"), grace_s=0)
     run_main(lambda: None)                                 # a run that ends well is untouched
+
+
+COUNT_ALLREDUCES = """\
+import atexit, os, sys
+sys.path.insert(0, {root!r})
+import runtime
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+calls = [0]
+class CountingDDP(runtime.DDP):   # DDP whose gradient all-reduces (one per bucket) are counted by a comm hook
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        def hook(state, bucket):
+            calls[0] += 1
+            return allreduce_hook(state, bucket)
+        self.register_comm_hook(self.process_group, hook)
+runtime.DDP = CountingDDP
+out_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--out_dir="))
+atexit.register(lambda: open(os.path.join(out_dir, "allreduces-" + os.environ["RANK"]), "w").write(str(calls[0])))
+import train
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", [False, True])
+def test_ddp_all_reduces_once_per_step_whatever_the_accumulation(compile, tiny_data_dir, tmp_path):
+    """Under DDP the micro-steps before the last run in no_sync: 3 optimizer steps of 4 micro-batches
+    all-reduce the gradients as often as 3 steps of 1 (once per bucket per step), compiled or not (issue 27.2:
+    compiled, the accumulation code saw torch.compile's wrapper, not DDP, and all-reduced on every micro-step)."""
+    script = tmp_path / "count_allreduces.py"
+    script.write_text(COUNT_ALLREDUCES.format(root=ROOT))
+    counts = {}
+    for accum in (1, 4):
+        out_dir = str(tmp_path / f"accum{accum}")
+        run_train(out_dir, tiny_data_dir, 2, "--max_iters=3", "--eval_interval=3", f"--compile={compile}",
+                  f"--gradient_accumulation_steps={accum}", script=str(script))
+        counts[accum] = [int(open(os.path.join(out_dir, f"allreduces-{rank}")).read()) for rank in (0, 1)]
+    assert counts[1][0] >= 3 and counts[4] == counts[1]
