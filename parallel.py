@@ -106,11 +106,11 @@ def reduce_clip_and_step(params: list[torch.nn.Parameter], optimizer: torch.opti
 
 
 def use_single_tensor_adamw(optimizer: torch.optim.Optimizer) -> None:
-    """Let AdamW update one tensor at a time: its multi-tensor (foreach) kernels refuse a list that mixes
-    DTensors and plain tensors, as tensor parallelism without FSDP leaves them (replicated LayerNorms,
-    biases and the position embedding stay plain)."""
+    """Let AdamW update one tensor at a time: its multi-tensor kernels, fused (CUDA's default here, and PyTorch
+    takes it before foreach) and foreach alike, refuse a list that mixes DTensors and plain tensors, as tensor
+    parallelism without FSDP leaves them (replicated LayerNorms, biases and the position embedding stay plain)."""
     for group in optimizer.param_groups:
-        group["foreach"] = False
+        group["fused"], group["foreach"] = False, False
 
 
 # --- one device mesh for every layout ---

@@ -2,6 +2,8 @@
 process, checkpoints that move between those layouts, and the layouts refused with one line."""
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -351,3 +353,34 @@ def test_tp2_with_dropout_keeps_replicas_equal_and_recomputation_changes_nothing
         assert "transformer.h.0.attn.c_attn.weight" not in whole
         for name in whole:
             assert torch.equal(rank0[name], rank1[name]), name
+
+
+FUSED_ADAMW_ON_DTENSORS = """\
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from parallel import use_single_tensor_adamw
+dist.init_process_group("gloo", rank=0, world_size=1, init_method={store!r})
+mesh = init_device_mesh("cpu", (1,))
+params = [torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)])),   # a split matrix
+          torch.nn.Parameter(torch.randn(4))]                                            # a plain bias
+optimizer = torch.optim.AdamW(params, fused=True, foreach=None)   # what configure_optimizers gives on CUDA
+use_single_tensor_adamw(optimizer)
+for p in params:
+    p.grad = torch.ones_like(p)
+optimizer.step()
+print("stepped", [p.grad is not None for p in params], optimizer.state[params[0]]["step"].item())
+dist.destroy_process_group()
+"""
+
+
+def test_tensor_parallel_adamw_steps_a_mix_of_dtensors_and_plain_tensors_where_fused(tmp_path):
+    """On CUDA configure_optimizers asks for the fused AdamW kernel, which PyTorch takes before foreach and
+    which refuses DTensor weights mixed with plain ones (tensor parallelism without FSDP leaves both):
+    use_single_tensor_adamw turns off both multi-tensor kernels, so the first step runs (issue 27.1). Fused
+    AdamW runs on the CPU too, so this checks it here with one process's DTensors."""
+    script = tmp_path / "fused.py"
+    script.write_text(FUSED_ADAMW_ON_DTENSORS.format(root=ROOT, store=f"file://{tmp_path / 'store'}"))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "stepped [True, True] 1.0" in result.stdout, result.stderr[-2000:]
