@@ -382,16 +382,14 @@ def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfi
     return cfg, state, state["base"]["path"]
 
 
-def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, is_master: bool) -> tuple[GPT, dict, object]:
+def load_base(cfg: FinetuneConfig, base_path: str, state: dict | None, stop: StopSignals) -> tuple[GPT, dict, object]:
     """The base model (dropout off: only the adapters' dropout regularizes fine-tuning), its record for the
     adapter (path and sha256) and the tokenizer its checkpoint carries. GPT-2's weights first become a
-    checkpoint of ours in out_dir/base.pt. A resumed run refuses a base that changed since it started."""
+    checkpoint of ours in out_dir/base.pt, written by rank 0 while the others wait on the CPU group (a barrier
+    of NCCL's group would give up after its 10 minutes). A resumed run refuses a base that changed since."""
     if state is None and is_hf_source(cfg.init_from):
-        base_path = os.path.join(cfg.out_dir, "base.pt")
-        if is_master:                      # out_dir appears only once the weights have loaded
-            save_hf_as_checkpoint(cfg.init_from, base_path)
-        if dist.is_initialized():
-            dist.barrier()
+        base_path = os.path.join(cfg.out_dir, "base.pt")   # out_dir appears only once the weights have loaded
+        save_on_rank0(lambda: save_hf_as_checkpoint(cfg.init_from, base_path), stop)
     model, tokenizer = load_model(base_path)
     base = {"path": base_path, "sha256": sha256_file(base_path)}
     if state is not None and base["sha256"] != state["base"]["sha256"]:
@@ -459,7 +457,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     cfg, state, base_path = start_or_resume(cfg, given)
     dtype, precision, cfg = resolve_dtype(cfg, device)
     records = read_records(cfg.data)   # before the slow steps, so a bad file stops the run at once
-    model, base, tokenizer = load_base(cfg, base_path, state, is_master)
+    model, base, tokenizer = load_base(cfg, base_path, state, stop)
     if model.config.vocab_size < tokenizer.vocab_size:
         sys.exit(f"error: the base's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
                  f"({tokenizer.name}: {tokenizer.vocab_size}); instruction text needs a model trained on its "

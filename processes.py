@@ -1,5 +1,6 @@
 """The processes a run is made of and what they run on: the device and the dtype (with --dtype=auto's probe),
 process groups under torchrun, printing once, and stopping cleanly on SIGTERM or Ctrl-C."""
+import datetime
 import functools
 import os
 import re
@@ -212,6 +213,8 @@ def gather_to_rank0(obj):
 
 # --- stopping cleanly ---
 
+RANK0_WORK_TIMEOUT = datetime.timedelta(hours=2)   # the longest the other processes wait for rank 0's work
+
 class StopSignals:
     """SIGTERM (what slurm, torchrun and `kill` send) and SIGINT (Ctrl-C) become a request to stop: the loop
     finishes its step, saves a checkpoint and exits. A second Ctrl-C exits at once; the checkpoint on disk
@@ -222,8 +225,10 @@ class StopSignals:
     def __init__(self):
         self.received: signal.Signals | None = None
         self.received_at = 0.0
-        # The flag travels over gloo on the CPU, so checking it costs no GPU synchronization.
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # The flag travels over gloo on the CPU, so checking it costs no GPU synchronization. The group also
+        # carries the waits for what rank 0 does alone (runtime.save_on_rank0: a whole model's checkpoint, GPT-2's
+        # weights downloaded and converted), so its timeout leaves time for that (gloo's default: 30 minutes).
+        self.group = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT) if dist.is_initialized() else None
         self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def on_signal(self, signum: int, frame) -> None:

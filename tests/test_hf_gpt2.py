@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import stat
+import subprocess
+import sys
 from importlib.resources import files
 
 import pytest
@@ -292,3 +294,40 @@ def test_generate_from_hf_directory_is_transformers_greedy_decoding(hf_dir):
                         "--max_new_tokens=8", "--device=cpu")
     assert result.returncode == 0, result.stderr
     assert result.stdout == prompt + expected + "\n"
+
+
+NO_DEFAULT_GROUP_BARRIER = """\
+import runpy, sys
+import torch.distributed as dist
+barrier = dist.barrier
+def refuse_the_default_group(group=None, **kwargs):   # NCCL's barrier times out after 10 minutes on a GPU
+    assert group is not None, "a barrier on the default group while rank 0 converts GPT-2's weights"
+    return barrier(group=group, **kwargs)
+dist.barrier = refuse_the_default_group
+sys.argv = sys.argv[1:]
+sys.path.insert(0, {root!r})
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_finetuning_from_hf_under_torchrun_waits_for_rank0_on_the_cpu_group(hf_dir, tmp_path):
+    """Under torchrun, rank 0 alone downloads and converts GPT-2's weights into base.pt while the other ranks wait:
+    on the gloo group of the stop signals (runtime.save_on_rank0), never on a barrier of the default group,
+    which on GPUs is NCCL's with its 10-minute timeout (issue 27.5); then every rank trains from base.pt."""
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"instruction": f"Say {w}.", "output": w} for w in
+                                   ("yes", "no", "maybe", "never", "always", "soon", "later", "now")]))
+    wrapper = tmp_path / "no_default_barrier.py"
+    wrapper.write_text(NO_DEFAULT_GROUP_BARRIER.format(root=ROOT))
+    out = tmp_path / "lora"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(wrapper), os.path.join(ROOT, "finetune_lora.py"), f"--init_from={hf_dir}",
+                             f"--data={records}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                             "--eval_iters=1", "--batch_size=2", "--val_fraction=0.25"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = load_hf_gpt2(hf_dir).state_dict()
+    base = load_checkpoint(str(out / "base.pt"))["model"]
+    assert all(torch.equal(base[name], reference[name]) for name in reference)
