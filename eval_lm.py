@@ -77,22 +77,22 @@ def score_continuations(model: GPT, pairs: list[tuple[list[int], list[int]]]) ->
     logits. Reference: log_softmax(model(ids)) summed at those positions."""
     block_size = model.config.block_size
     rows = [(context + continuation)[-(block_size + 1):] for context, continuation in pairs]
+    counts = [min(len(continuation), len(row) - 1) for row, (_, continuation) in zip(rows, pairs)]
     T = max(len(row) for row in rows) - 1
     device = model.transformer.wte.weight.device
-    idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)          # (B, T); padding on the right
+    # Built on the host and copied once each: a copy per row would wait for the device every time.
+    idx = torch.zeros(len(rows), T, dtype=torch.long)                         # (B, T); padding on the right
     for i, row in enumerate(rows):
         idx[i, :len(row) - 1] = torch.tensor(row[:-1])
-    hidden = model.hidden_states(idx)                                        # (B, T, C)
-    results = []
-    for i, (row, (_, continuation)) in enumerate(zip(rows, pairs)):
-        n = min(len(continuation), len(row) - 1)
-        positions = torch.arange(len(row) - 1 - n, len(row) - 1, device=device)   # predict the continuation
-        logits = model.lm_head(hidden[i, positions]).float()                  # (n, V)
-        log_probs = F.log_softmax(logits, dim=-1)
-        targets = torch.tensor(continuation[-n:], device=device)
-        results.append((log_probs.gather(1, targets[:, None]).sum().item(),
-                        bool((logits.argmax(dim=-1) == targets).all())))
-    return results
+    targets = torch.tensor([t for (_, c), n in zip(pairs, counts) for t in c[-n:]]).to(device)   # (sum of n,)
+    hidden = model.hidden_states(idx.to(device))                             # (B, T, C)
+    log_p, greedy, start = [], [], 0
+    for i, (row, n) in enumerate(zip(rows, counts)):
+        logits = model.lm_head(hidden[i, len(row) - 1 - n:len(row) - 1]).float()   # (n, V): predict the continuation
+        row_targets, start = targets[start:start + n], start + n
+        log_p.append(F.log_softmax(logits, dim=-1).gather(1, row_targets[:, None]).sum())
+        greedy.append((logits.argmax(dim=-1) == row_targets).all())
+    return list(zip(torch.stack(log_p).tolist(), torch.stack(greedy).tolist()))   # one wait for the device
 
 
 def rolling_windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:

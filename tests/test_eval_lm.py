@@ -79,6 +79,25 @@ def test_score_continuations_matches_full_forward_passes():
         assert log_p == pytest.approx(expected, rel=1e-5, abs=1e-4)
 
 
+def test_score_continuations_waits_for_the_device_once(monkeypatch):
+    """The scores of a batch come back to the host together: no .item() per row and one .tolist() per result
+    (each is a wait for the GPU), and the greedy flags are those of an argmax computed here."""
+    model = random_gpt(1)
+    pairs = [([1, 2, 3], [4, 5]), ([7], [8]), ([9, 10], [11, 12, 13])]
+    with torch.no_grad():
+        logits = [model(torch.tensor([c + t[:-1]]))[0, -len(t):] for c, t in pairs]
+    expected_greedy = [bool((row.argmax(-1) == torch.tensor(t)).all()) for row, (_, t) in zip(logits, pairs)]
+    calls = {"item": 0, "tolist": 0}
+    item, tolist = torch.Tensor.item, torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: (calls.__setitem__("item", calls["item"] + 1), item(t))[1])
+    monkeypatch.setattr(torch.Tensor, "tolist",
+                        lambda t: (calls.__setitem__("tolist", calls["tolist"] + 1), tolist(t))[1])
+    with torch.no_grad():
+        scored = score_continuations(model, pairs)
+    assert calls == {"item": 0, "tolist": 2}
+    assert [greedy for _, greedy in scored] == expected_greedy
+
+
 def test_rolling_windows_predict_every_token_once():
     for n_tokens, block_size in ((2, 4), (9, 4), (10, 4), (11, 4), (100, 7)):
         predicted = [t for start, end in rolling_windows(n_tokens, block_size) for t in range(start + 1, end)]
