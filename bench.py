@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from flags import RunConfig, flags_given, parse_args
-from measure import (cpu_description, matmul_flops, print_table, run_script, seconds_per_call, summarize,
-                     synchronize, timed_run)
+from measure import (cpu_description, matmul_flops, peak_cuda_mib, print_table, run_script, seconds_per_call,
+                     summarize, synchronize, timed_run)
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
 from planner import LayoutConfig, microbatches
 from presets import PRESETS, apply_preset
@@ -40,7 +41,7 @@ from tokenfiles import draw_windows, read_batch, to_device
 from tokenization import gpt2_bpe_dir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PARTS = ("prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")
+PARTS = ("gpu_tests", "prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")
 
 # nanoGPT's measured configuration (its train.py flags): the defaults here unless flags say otherwise.
 COMPARISON_CONFIG = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=8,
@@ -102,6 +103,17 @@ def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: i
             "--eval_iters=1", "--log_interval=1"]
 
 
+def bench_gpu_tests() -> list[dict]:
+    """The GPU tests (tests/test_gpu.py, marker gpu) in a fresh process: how many passed, failed and were skipped
+    (all, with the reason, without CUDA). A failure's lines go to stderr; the other parts still run."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfs", "-p", "no:cacheprovider",
+                             os.path.join(ROOT, "tests")], capture_output=True, text=True, cwd=ROOT)
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", result.stdout)}
+    if result.returncode != 0:
+        print(result.stdout[-4000:], result.stderr[-2000:], file=sys.stderr)
+    return [summarize(f"gpu_tests_{kind}", "tests", [counts.get(kind, 0)]) for kind in ("passed", "failed", "skipped")]
+
+
 def bench_prepare(cfg: BenchConfig, work_dir: str) -> tuple[list[dict], str]:
     """Tokenize the built-in Shakespeare sample end to end with prepare.py; returns the last data_dir."""
     seconds = []
@@ -134,15 +146,16 @@ def bench_train(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfi
                                       cwd=ROOT)
         step_ms.append(statistics.median(steady_step_ms(out_dir, cfg.warmup_steps)))
         rss.append(peak_rss)
-        cuda_peak.append(int(re.search(r"peak_cuda_bytes (\d+)", output).group(1)) / 2**20)
+        cuda_peak.append(peak_cuda_mib(output))
         shutil.rmtree(out_dir)
     flops_per_step = model_flops_per_token(model_cfg, model_cfg.block_size) * tokens_per_step
     peak = peak_flops(device)
     return [summarize("train_ms_per_step", "ms", step_ms),
             summarize("train_tokens_per_s", "tokens/s", [tokens_per_step / (ms / 1000) for ms in step_ms]),
-            *([summarize("train_mfu", "%", [100 * flops_per_step / (ms / 1000) / peak for ms in step_ms]),
-               summarize("train_peak_memory", "MiB (max_memory_allocated)", cuda_peak)] if peak else
-              [summarize("train_gflops", "GFLOP/s", [flops_per_step / (ms / 1000) / 1e9 for ms in step_ms])]),
+            summarize("train_mfu", "%", [100 * flops_per_step / (ms / 1000) / peak for ms in step_ms]) if peak else
+            summarize("train_gflops", "GFLOP/s", [flops_per_step / (ms / 1000) / 1e9 for ms in step_ms]),
+            *([summarize("train_peak_memory", "MiB (max_memory_allocated)", cuda_peak)] if device.startswith("cuda")
+              else []),   # on every GPU, listed in processes.PEAK_BF16_FLOPS or not
             summarize("train_peak_rss", "MiB", rss),
             summarize("train_data_loader_share", "% of step",
                       data_loader_share(data_dir, train_cfg, model_cfg, device, statistics.median(step_ms)))]
@@ -316,6 +329,7 @@ NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "sample.py")
 # the original with the same arguments and only prints how long each call took and how many tokens it added.
 NANOGPT_SAMPLE_RUNNER = """\
 import runpy, sys, time
+import torch
 import model
 generate = model.GPT.generate
 def timed_generate(self, idx, max_new_tokens, *args, **kwargs):
@@ -326,7 +340,12 @@ def timed_generate(self, idx, max_new_tokens, *args, **kwargs):
 model.GPT.generate = timed_generate
 sys.argv = ["sample.py", *sys.argv[1:]]
 runpy.run_path("sample.py", run_name="__main__")
+print("peak_cuda_bytes", torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
 """
+# nanoGPT's unmodified train.py, which then prints torch's peak GPU allocation, as TRAIN_RUNNER does for ours.
+NANOGPT_TRAIN_RUNNER = ("import runpy, sys, torch; sys.argv = ['train.py', *sys.argv[1:]]; "
+                        "runpy.run_path('train.py', run_name='__main__'); print('peak_cuda_bytes', "
+                        "torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
 
 # Where tiktoken.get_encoding("gpt2") downloads GPT-2's BPE files from (tiktoken_ext/openai_public.py); it caches
 # each under the sha1 of its address and checks the file's sha256 before use.
@@ -403,19 +422,22 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
     print(f"vs_nanogpt: nanoGPT's train.py {' '.join(flags)} --dataset=shakespeare | ours: train.py "
           f"{' '.join(passthrough)} | step time {method}", file=sys.stderr)
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
-    runs = {side: {"train_ms_per_step": [], "train_tokens_per_s": [], "peak_rss": [], "sample_tokens_per_s": []}
+    on_gpu = device.startswith("cuda")   # then also torch's peak GPU allocation of each side's training and sampling
+    runs = {side: {"train_ms_per_step": [], "train_tokens_per_s": [], "peak_rss": [], "sample_tokens_per_s": [],
+                   **({"train_peak_gpu_memory": [], "sample_peak_gpu_memory": []} if on_gpu else {})}
             for side in ("nanogpt", "ours")}
     system_flags = [f for f in flags if f.startswith(("--device=", "--dtype=", "--compile="))]
     ng_out, our_out = os.path.join(work_dir, "nanogpt-out"), os.path.join(work_dir, "ours-out")
     for repeat in range(cfg.repeats):
-        wall, rss = {}, {}
-        for n in (n1, n2):           # the peak RSS kept is the longer run's, the last of the loop
+        wall, rss, output = {}, {}, {}
+        for n in (n1, n2):           # the peak memory kept is the longer run's, the last of the loop
             for out_dir in (ng_out, our_out):
                 shutil.rmtree(out_dir, ignore_errors=True)
-            wall["nanogpt", n], rss["nanogpt"] = timed_run(
-                ["train.py", *flags, "--dataset=shakespeare", f"--out_dir={ng_out}", f"--max_iters={n}",
-                 f"--eval_interval={n}", "--eval_iters=1", "--log_interval=1"], cwd=folder, env=env)
-            wall["ours", n], rss["ours"] = timed_run(train_argv(passthrough, data_dir, our_out, n), cwd=ROOT)
+            wall["nanogpt", n], rss["nanogpt"], output["nanogpt"] = timed_run(
+                ["-c", NANOGPT_TRAIN_RUNNER, *flags, "--dataset=shakespeare", f"--out_dir={ng_out}",
+                 f"--max_iters={n}", f"--eval_interval={n}", "--eval_iters=1", "--log_interval=1"], cwd=folder, env=env)
+            wall["ours", n], rss["ours"], output["ours"] = timed_run(train_argv(passthrough, data_dir, our_out, n),
+                                                                     cwd=ROOT)
         for side, side_runs in runs.items():
             seconds = (wall[side, n2] - wall[side, n1]) / (n2 - n1)
             if seconds <= 0:
@@ -423,6 +445,8 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
             side_runs["train_ms_per_step"].append(1000 * seconds)
             side_runs["train_tokens_per_s"].append(tokens_per_step / seconds)
             side_runs["peak_rss"].append(rss[side])
+            if on_gpu:
+                side_runs["train_peak_gpu_memory"].append(peak_cuda_mib(output[side]))
         # nanoGPT saved a checkpoint at its last evaluation (step n2): sample.py samples from it, twice.
         output, _ = run_script(["-c", NANOGPT_SAMPLE_RUNNER, f"--out_dir={ng_out}", *system_flags,
                                 "--num_samples=2", f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0.8",
@@ -434,14 +458,20 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
         seconds, new_tokens = float(calls[1][0]), int(calls[1][1])
         runs["nanogpt"]["sample_tokens_per_s"].append(new_tokens / seconds)
         sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=0)     # the warm-up
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
         stamps = sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=1)
         runs["ours"]["sample_tokens_per_s"].append(cfg.sample_tokens / (stamps[-1] - stamps[0]))
+        if on_gpu:
+            runs["nanogpt"]["sample_peak_gpu_memory"].append(peak_cuda_mib(output))
+            runs["ours"]["sample_peak_gpu_memory"].append(torch.cuda.max_memory_allocated(device) / 2**20)
     for out_dir in (ng_out, our_out):
         shutil.rmtree(out_dir, ignore_errors=True)
     units = {"train_ms_per_step": f"ms, {method}", "train_tokens_per_s": "tokens/s", "peak_rss": "MiB",
-             "sample_tokens_per_s": f"tokens/s, batch 1, {cfg.sample_tokens} new tokens"}
-    figures = [summarize(f"vs_nanogpt_{side}_{name}", unit, runs[side][name]) for side in runs
-               for name, unit in units.items()]
+             "sample_tokens_per_s": f"tokens/s, batch 1, {cfg.sample_tokens} new tokens",
+             "train_peak_gpu_memory": "MiB (max_memory_allocated)", "sample_peak_gpu_memory": "MiB (the same)"}
+    figures = [summarize(f"vs_nanogpt_{side}_{name}", units[name], values) for side in runs
+               for name, values in runs[side].items()]
     return figures + [summarize(f"vs_nanogpt_{name}_ratio", "x, ours / nanoGPT within each round",
                                 [a / b for a, b in zip(runs["ours"][name], runs["nanogpt"][name])])
                       for name in ("train_tokens_per_s", "peak_rss", "sample_tokens_per_s")]
@@ -567,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
         elif {"train", "soak", "pipeline", "vs_nanogpt"} & set(parts) and \
                 not os.path.exists(os.path.join(data_dir, "shakespeare")):
             run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)
-        measure = {"train": lambda: bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device),
+        measure = {"gpu_tests": bench_gpu_tests,
+                   "train": lambda: bench_train(cfg, train_cfg, model_cfg, passthrough, data_dir, work_dir, device),
                    "sample": lambda: bench_sample(cfg, train_cfg, model_cfg, device),
                    "soak": lambda: bench_soak(cfg, passthrough, data_dir, work_dir),
                    "stages": lambda: bench_stages(cfg, train_cfg, model_cfg, device),

@@ -46,11 +46,17 @@ def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -
     return output, usage.ru_maxrss / 1024
 
 
-def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one process run to completion."""
+def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MiB, output) of one process run to completion."""
     start = time.perf_counter()
-    _, rss = run_script(argv, cwd=cwd, env=env)
-    return time.perf_counter() - start, rss
+    output, rss = run_script(argv, cwd=cwd, env=env)
+    return time.perf_counter() - start, rss, output
+
+
+def peak_cuda_mib(output: str) -> float:
+    """The 'peak_cuda_bytes N' line a runner printed (torch.cuda.max_memory_allocated), in MiB; 0 without."""
+    match = re.search(r"^peak_cuda_bytes (\d+)", output, flags=re.M)
+    return int(match.group(1)) / 2**20 if match else 0.0
 
 
 # --- calls timed on a device, and the machine they run on ---
