@@ -15,7 +15,6 @@ pass through to those runs; without model flags the model is the one nanoGPT was
 training and sampling figures as shares of the machine's matmul peak and memory bandwidth.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -32,13 +31,13 @@ import torch.nn.functional as F
 
 from flags import RunConfig, flags_given, parse_args
 from measure import (cpu_description, matmul_flops, peak_cuda_mib, print_table, run_script, seconds_per_call,
-                     summarize, synchronize, timed_run)
+                     steady_step_ms, summarize, synchronize, timed_run)
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
 from planner import LayoutConfig, microbatches
 from presets import PRESETS, apply_preset
 from processes import autocast, dtype_name, peak_flops, pick_device, pick_dtype, sampling_dtype
 from tokenfiles import draw_windows, read_batch, to_device
-from tokenization import gpt2_bpe_dir
+from tokenization import seed_tiktoken_cache
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PARTS = ("gpu_tests", "prepare", "train", "sample", "soak", "stages", "pipeline", "vs_nanogpt", "limits")
@@ -79,13 +78,6 @@ class BenchConfig:
 
 
 # --- the statistics of repeated measurements ---
-
-def steady_step_ms(out_dir: str, warmup_steps: int) -> list[float]:
-    """ms of each timed step from a run's metrics.jsonl (train.py logs every step with --log_interval=1)."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > warmup_steps]
-
 
 # --- running the project's scripts as a user would ---
 
@@ -347,12 +339,6 @@ NANOGPT_TRAIN_RUNNER = ("import runpy, sys, torch; sys.argv = ['train.py', *sys.
                         "runpy.run_path('train.py', run_name='__main__'); print('peak_cuda_bytes', "
                         "torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
 
-# Where tiktoken.get_encoding("gpt2") downloads GPT-2's BPE files from (tiktoken_ext/openai_public.py); it caches
-# each under the sha1 of its address and checks the file's sha256 before use.
-GPT2_BPE_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-                 "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
-
-
 def check_baseline(path: str) -> str:
     """The absolute path of a nanoGPT source tree, or one error line."""
     missing = [name for name in NANOGPT_FILES if not os.path.isfile(os.path.join(path, name))]
@@ -374,20 +360,6 @@ def nanogpt_folder(baseline: str, data_dir: str, work_dir: str) -> str:
     for name in ("train.bin", "val.bin"):
         os.symlink(os.path.join(data_dir, "shakespeare", name), os.path.join(folder, "data", "shakespeare", name))
     return folder
-
-
-def seed_tiktoken_cache(cache_dir: str) -> dict:
-    """The environment that lets sample.py's tiktoken.get_encoding("gpt2") work offline: a tiktoken cache seeded
-    with the local GPT-2 BPE files of tokenization.gpt2_bpe_dir() (tiktoken checks their sha256: they are the files
-    it would download). Without local files, nothing: tiktoken downloads as usual."""
-    directory = gpt2_bpe_dir()
-    if not directory or not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
-        return {}
-    os.makedirs(cache_dir, exist_ok=True)
-    for name, url in GPT2_BPE_URLS.items():
-        cache_key = hashlib.sha1(url.encode()).hexdigest()
-        shutil.copyfile(os.path.join(directory, name), os.path.join(cache_dir, cache_key))
-    return {"TIKTOKEN_CACHE_DIR": cache_dir}
 
 
 def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str, compile_model: bool) -> list[str]:

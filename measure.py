@@ -1,5 +1,6 @@
 """How bench.py measures: medians and spreads of repeated runs, a command run to completion with its peak
 memory, calls timed on a device, the CPU's model and flags, and the matmul FLOP/s of one shape."""
+import json
 import os
 import platform
 import re
@@ -17,6 +18,13 @@ def summarize(name: str, unit: str, runs: list[float]) -> dict:
     """Median and spread of one figure's runs: a shared machine is noisy from run to run."""
     return {"figure": name, "unit": unit, "median": statistics.median(runs), "min": min(runs),
             "max": max(runs), "runs": runs}
+
+
+def steady_step_ms(out_dir: str, warmup_steps: int) -> list[float]:
+    """ms of each timed step from a run's metrics.jsonl (train.py logs every step with --log_interval=1)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r["ms_per_step"] for r in records if "ms_per_step" in r and r["step"] > warmup_steps]
 
 
 def print_table(figures: list[dict]) -> None:

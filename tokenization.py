@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 
@@ -152,6 +153,26 @@ def gpt2_bpe_dir() -> str:
         except ModuleNotFoundError:
             directory = ""
     return directory
+
+
+# Where tiktoken.get_encoding("gpt2") downloads GPT-2's BPE files from (tiktoken_ext/openai_public.py); it caches
+# each under the sha1 of its address and checks the file's sha256 before use.
+GPT2_BPE_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                 "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
+
+
+def seed_tiktoken_cache(cache_dir: str) -> dict:
+    """The environment that lets another program's tiktoken.get_encoding("gpt2") (nanoGPT's sample.py, run by
+    bench.py) work offline: a tiktoken cache seeded with the local GPT-2 BPE files of gpt2_bpe_dir() (tiktoken
+    checks their sha256: they are the files it would download). Without local files, nothing."""
+    directory = gpt2_bpe_dir()
+    if not directory or not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
+        return {}
+    os.makedirs(cache_dir, exist_ok=True)
+    for name, url in GPT2_BPE_URLS.items():
+        cache_key = hashlib.sha1(url.encode()).hexdigest()
+        shutil.copyfile(os.path.join(directory, name), os.path.join(cache_dir, cache_key))
+    return {"TIKTOKEN_CACHE_DIR": cache_dir}
 
 
 @functools.cache
