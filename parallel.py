@@ -346,7 +346,7 @@ class Pipeline:
     dp_rank: int                          # which data-parallel replica (or FSDP shard) this process belongs to
     dp_group: object | None               # the data-parallel replicas of these stages, when averaged here
     tp_rank: int                          # which tensor-parallel slice of the stages this process runs
-    tp_size: int                          # processes each stage's matrices are split across
+    tp: int                               # processes each stage's matrices are split across
     fsdp: bool                            # the stages are sharded over dp
     stage_processes: int                  # processes running each stage: dp x tp
     accum: int                            # schedule steps (each of n_microbatches micro-batches) per update
@@ -368,7 +368,7 @@ class Pipeline:
         return local_value(torch.stack(losses).sum().detach())   # under loss_parallel, a replicated DTensor
 
     def loss_context(self):
-        return tp_loss_context(self.tp_size)
+        return tp_loss_context(self.tp)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
                          weight: float) -> torch.Tensor:
@@ -414,13 +414,13 @@ class Pipeline:
             if state is not None and isinstance(p, DTensor):   # every process holds the full tensor: no sends
                 # c_attn's rows in tensor_parallel's order (the file holds them in one process's)
                 state = {key: v if key == "step" else
-                         distribute_tensor(permute_qkv_entry(name, v, self.tp_size).to(self.device), p.device_mesh,
+                         distribute_tensor(permute_qkv_entry(name, v, self.tp).to(self.device), p.device_mesh,
                                            p.placements, src_data_rank=None) for key, v in state.items()}
             if state is not None:
                 pieces[name] = state
         load_optimizer_state_by_name(self.named_parameters(), optimizer,
                                      {"state": pieces, "param_groups": saved["param_groups"]})
-        if self.tp_size > 1 and not self.fsdp:   # as train.py set it: the saved groups say foreach
+        if self.tp > 1 and not self.fsdp:   # as train.py set it: the saved groups say foreach
             use_single_tensor_adamw(optimizer)
 
     def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
@@ -428,7 +428,7 @@ class Pipeline:
         sharded tensors gathered whole, then the stages of the first (dp, tp) index sent to rank 0 and merged,
         so the checkpoint is the same file as one process writes."""
         def whole(name: str, t: torch.Tensor) -> torch.Tensor:   # c_attn's rows back in one process's order
-            return permute_qkv_entry(name, full(t).cpu(), self.tp_size, inverse=True)
+            return permute_qkv_entry(name, full(t).cpu(), self.tp, inverse=True)
         weights = {name: whole(name, t) for stage in self.module for name, t in stage.state_dict().items()}
         optimizer_state = map_optimizer_state(whole, optimizer_state_by_name(self.named_parameters(), optimizer))
         if self.tie_group is not None and self.holds_last:   # the copy's state equals wte's on the first stage
@@ -491,7 +491,7 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
             if self.reduce_grads:
                 super().perform_reduce_grad(grad_scale_factor)
 
-    pp, dp_size, tp_size = mesh.size(0), mesh.size(1), mesh.size(2)
+    pp, dp, tp = mesh.size(0), mesh.size(1), mesh.size(2)
     pp_rank, dp_rank, tp_rank = (mesh.get_local_rank(dim) for dim in ("pp", "dp", "tp"))
     n_virtual = virtual_stages if schedule == "interleaved_1f1b" else 1
     plan = plan_stages(model_cfg, pp * n_virtual, balance)
@@ -499,7 +499,7 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
         print("\n".join(describe_plan(model_cfg, plan, balance)))
     stage_ids = [pp_rank + v * pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
     modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
-    if tp_size > 1:   # before FSDP, which then shards each process's tensor-parallel slices over dp
+    if tp > 1:   # before FSDP, which then shards each process's tensor-parallel slices over dp
         for module in modules:
             tensor_parallel(module, mesh["tp"], sequence_parallel)
     wrapped = [AutocastForward(m, device, dtype) for m in modules]
@@ -516,13 +516,13 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
     # Every process creates every group, in the same order (a rule of torch.distributed.new_group).
     tie_group = None
     if model_cfg.tie_embeddings:
-        for d in range(dp_size):
-            for t in range(tp_size):   # global rank = (pp_rank * dp + dp_rank) * tp + tp_rank
-                group = dist.new_group([d * tp_size + t, ((pp - 1) * dp_size + d) * tp_size + t])
+        for d in range(dp):
+            for t in range(tp):   # global rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+                group = dist.new_group([d * tp + t, ((pp - 1) * dp + d) * tp + t])
                 if (dp_rank, tp_rank) == (d, t) and pp_rank in (0, pp - 1):
                     tie_group = group
     return Pipeline(torch.nn.ModuleList(modules), stages, pipeline_schedule, holds_first=pp_rank == 0,
                     holds_last=pp_rank == pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group,
-                    dp_rank=dp_rank, dp_group=mesh.get_group("dp") if dp_size > 1 and not fsdp else None,
-                    tp_rank=tp_rank, tp_size=tp_size, fsdp=fsdp, stage_processes=dp_size * tp_size, accum=accum,
+                    dp_rank=dp_rank, dp_group=mesh.get_group("dp") if dp > 1 and not fsdp else None,
+                    tp_rank=tp_rank, tp=tp, fsdp=fsdp, stage_processes=dp * tp, accum=accum,
                     device=device)
