@@ -35,7 +35,7 @@ from measure import (cpu_description, matmul_flops, peak_cuda_mib, print_table, 
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
 from planner import LayoutConfig, microbatches
 from presets import PRESETS, apply_preset
-from processes import autocast, dtype_name, peak_flops, pick_device, pick_dtype, sampling_dtype
+from processes import autocast, dtype_name, peak_flops, pick_device, pick_dtype, sampling_dtype, should_compile
 from tokenfiles import draw_windows, read_batch, to_device
 from tokenization import seed_tiktoken_cache
 
@@ -190,7 +190,7 @@ def sampling_setup(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str)
     its steps are compiled (generate.py's defaults)."""
     torch.manual_seed(train_cfg.seed)
     model = GPT(dataclasses.replace(model_cfg, dropout=0.0)).to(device).eval()
-    compile_steps = train_cfg.compile if train_cfg.compile is not None else device.startswith("cuda")
+    compile_steps = should_compile(train_cfg.compile, device)
     return model, sampling_dtype(train_cfg.dtype, device), compile_steps
 
 

@@ -31,10 +31,10 @@ from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, fla
 from gpt2_weights import is_hf_source, load_model, save_hf_as_checkpoint
 from lora import LORA_TARGETS, adapter_tensors, apply_lora, format_prompt, merge_lora, parse_targets, save_adapter
 from model import GPT, GPTConfig, arg, configure_optimizers, flops_per_token
-from processes import StopSignals, peak_flops, print0, run_main, setup_distributed, teardown_distributed
+from processes import (StopSignals, peak_flops, print0, run_main, setup_distributed, should_compile,
+                       teardown_distributed)
 from runlog import RunLog, StepTimer, prepare_out_dir
-from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
-                     should_compile, train_loop)
+from runtime import DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, train_loop
 from tokenization import shakespeare_paths
 
 
@@ -441,7 +441,7 @@ def lay_out(model: GPT, cfg: FinetuneConfig, device: str, dtype: torch.dtype, lo
     # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
     # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
     # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
-    compile_model = should_compile(cfg, device)
+    compile_model = should_compile(cfg.compile, device)
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
         (0 if device.startswith("cuda") or compile_model else 1024)
     return DataParallel(model, device, dtype, local_rank, world_size, fsdp=False, compile=compile_model,
@@ -487,7 +487,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base['path']} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
-    print0(f"{world_size} x {device}, {precision}{', compiled' if should_compile(cfg, device) else ''} | "
+    print0(f"{world_size} x {device}, {precision}{', compiled' if should_compile(cfg.compile, device) else ''} | "
            f"{examples_per_step} records per step | loss on "
            f"{'response tokens only' if cfg.mask_input else 'every token'}")
 

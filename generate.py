@@ -19,7 +19,7 @@ from flags import flags_given, parse_args
 from gpt2_weights import check_hf_source, load_model
 from lora import format_prompt, load_base_with_adapter, merge_lora
 from model import arg, generate
-from processes import autocast, pick_device, sampling_dtype
+from processes import autocast, pick_device, sampling_dtype, should_compile
 
 
 @dataclass
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(GenerateConfig, argv=argv)
     check_generate_config(cfg)
     device = pick_device(cfg.device)
-    dtype = sampling_dtype(cfg.dtype, device)
+    dtype, compile_steps = sampling_dtype(cfg.dtype, device), should_compile(cfg.compile, device)
     prompt_text = read_prompt(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.lora:   # the adapter on its base, then folded in: sampling then costs what the base model costs
@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)   # (1, T0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stop_token = tokenizer.eot_token if cfg.stop_at_eot else None
-    compile_steps = cfg.compile if cfg.compile is not None else device.startswith("cuda")
 
     new_tokens, seconds = 0, 0.0
     for sample in range(cfg.num_samples):

@@ -4,6 +4,7 @@ import datetime
 import functools
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -95,6 +96,18 @@ def sampling_dtype(requested: str, device: str) -> torch.dtype:
     multiplies one row by each weight, which bf16 autocast would first cast, every step
     (docs/performance.md)."""
     return torch.float32 if requested == "auto" and device == "cpu" else pick_dtype(requested, device)
+
+
+def should_compile(requested: bool | None, device: str) -> bool:
+    """--compile: what was asked, by default on CUDA only. Off CUDA torch.compile writes C++ kernels, so asking
+    for it where no C++ compiler is found ($CXX, g++, clang++ or c++) stops with one line, not at the first step
+    with a traceback from inside the compiler."""
+    compile = requested if requested is not None else device.startswith("cuda")
+    if compile and not device.startswith("cuda") and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):
+        sys.exit(f"error: --compile on {device} needs a C++ compiler (torch.compile builds C++ kernels there) and "
+                 f"none was found; install g++ (or set CXX), or drop --compile")
+    return compile
 
 
 def dtype_name(dtype: torch.dtype) -> str:

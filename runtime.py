@@ -71,11 +71,6 @@ def resolve_dtype(cfg: RunConfig, device: str) -> tuple[torch.dtype, str, RunCon
     return dtype, words, dataclasses.replace(cfg, dtype=dtype_name(dtype))
 
 
-def should_compile(cfg: RunConfig, device: str) -> bool:
-    """--compile, or by default on CUDA only."""
-    return cfg.compile if cfg.compile is not None else device.startswith("cuda")
-
-
 def restore_loop_state(state: dict, scaler: torch.amp.GradScaler, data_generator: torch.Generator, rank: int,
                        device: str, layout: dict, seed: int, older_layout: dict | None = None) -> tuple[int, float]:
     """Put back what loop_state saved, and return (step, best val loss) to go on from. layout is how this run

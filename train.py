@@ -21,11 +21,10 @@ from model import GPT, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops
 from parallel import Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
 from planner import LayoutConfig, config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
 from presets import PRESETS, apply_preset
-from processes import (StopSignals, peak_flops, print0, run_main, setup_distributed,
+from processes import (StopSignals, peak_flops, print0, run_main, setup_distributed, should_compile,
                        teardown_distributed)
 from runlog import RunLog, prepare_out_dir
-from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0,
-                     should_compile, train_loop)
+from runtime import DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, train_loop
 from tokenfiles import check_resume_data, describe_tokenizer, draw_windows, load_data_meta, read_batch, to_device
 from tokenization import dataset_tokenizer_record, tokenizer_identity, tokenizer_record
 
@@ -243,7 +242,7 @@ def is_compiled(cfg: TrainConfig, device: str) -> bool:
     """Whether the training steps run through torch.compile: --compile (by default on CUDA), except under --tp and
     --pp, where it is refused when asked for and off by default (not yet tested with DTensor and the pipeline's
     schedules here)."""
-    return should_compile(cfg, device) and cfg.tp == 1 and cfg.pp == 1
+    return should_compile(cfg.compile, device) and cfg.tp == 1 and cfg.pp == 1
 
 
 def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, rank: int, local_rank: int,

@@ -1,10 +1,12 @@
 """Bad input stops each script with one clear line on stderr, and never overwrites a file."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL_FLAGS, run_script, write_dataset
+from conftest import ROOT, TINY_MODEL_FLAGS, run_script, write_dataset
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -109,3 +111,19 @@ def test_generate_streams_seeded_text(trained_run):
     assert "tokens/s" in first.stderr and "tokens/s" not in first.stdout
     out_of_vocabulary = run_script("generate.py", f"--out_dir={trained_run}", "--prompt=Hello")
     assert_one_line_error(out_of_vocabulary, "vocabulary has only 64")
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_compile_without_a_cpp_compiler_stops_with_one_line(script, trained_run, tiny_data_dir, tmp_path):
+    """torch.compile on a CPU builds C++ kernels: asked for where no C++ compiler is on the PATH (and no CXX),
+    the run stops before it starts, in one line that names the remedy, not at its first step with a traceback
+    from inside the compiler."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    flags = [f"--out_dir={trained_run}"] if script == "generate.py" else \
+        [f"--data_dir={tiny_data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'run'}", *TINY_MODEL_FLAGS]
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--device=cpu", "--compile=True"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "PATH": str(empty)})
+    assert_one_line_error(result, "--compile on cpu needs a C++ compiler", "install g++")
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
