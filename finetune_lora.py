@@ -80,7 +80,7 @@ FIXED_ON_RESUME = ("data", "val_fraction", "overlong", "mask_input", "lora_rank"
 
 
 def lora_settings(cfg: FinetuneConfig) -> dict:
-    """The LoRA settings an adapter file records, to rebuild its layers (lora.attach_adapter)."""
+    """The LoRA settings an adapter file records, to rebuild its layers (lora.load_base_with_adapter)."""
     return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
             "targets": parse_targets(cfg.lora_targets)}
 

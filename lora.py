@@ -13,9 +13,9 @@ import sys
 import torch
 import torch.nn as nn
 
-from checkpoints import load_checkpoint, load_verified, model_from_checkpoint, save_verifiable, sha256_file
+from checkpoints import load_verified, save_verifiable, sha256_file
+from gpt2_weights import load_model
 from model import GPT
-from tokenization import checkpoint_tokenizer
 
 # The linear layers of a transformer block that may carry an adapter (GPT-2's names; mlp_0 is the first
 # half-step feed-forward of a Macaron block, --macaron). The default names them all: a layer the model does
@@ -130,19 +130,6 @@ def load_adapter(path: str) -> dict:
                          "write one with `python finetune_lora.py --out_dir=...`")
 
 
-def attach_adapter(model: GPT, adapter: dict, adapter_path: str) -> GPT:
-    """Wrap the model's layers as the adapter says and load its A and B tensors. Returns the model."""
-    lora = adapter["lora"]
-    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
-    expected = {name: p.shape for name, p in adapter_tensors(model).items()}
-    found = {name: t.shape for name, t in adapter["tensors"].items()}
-    if expected != found:
-        sys.exit(f"error: the tensors in {adapter_path} do not fit the model ({len(found)} tensors, expected "
-                 f"{len(expected)}); the file is damaged or was written by other code")
-    model.load_state_dict(adapter["tensors"], strict=False)   # the adapters' tensors: the base's are in place
-    return model
-
-
 def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> tuple[GPT, object]:
     """The base model (on the CPU, dropout off) with the adapter at adapter_path applied, not merged, and the
     base's tokenizer. The base is base_path, or the checkpoint the adapter records; either way its sha256 must
@@ -157,6 +144,14 @@ def load_base_with_adapter(adapter_path: str, base_path: str | None = None) -> t
         sys.exit(f"error: adapter {adapter_path} belongs to the base checkpoint {expected['path']} (sha256 "
                  f"{expected['sha256'][:12]}...), but {base_path} has sha256 {base_sha256[:12]}...; "
                  f"apply it to the checkpoint it was trained on")
-    checkpoint = load_checkpoint(base_path)
-    model = model_from_checkpoint(checkpoint, dropout=0.0)
-    return attach_adapter(model, adapter, adapter_path), checkpoint_tokenizer(checkpoint)
+    model, tokenizer = load_model(base_path)
+    # The layers wrapped as the adapter says, then its A and B tensors loaded (the base's are in place).
+    lora = adapter["lora"]
+    apply_lora(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
+    needed = {name: p.shape for name, p in adapter_tensors(model).items()}
+    found = {name: t.shape for name, t in adapter["tensors"].items()}
+    if needed != found:
+        sys.exit(f"error: the tensors in {adapter_path} do not fit the model ({len(found)} tensors, expected "
+                 f"{len(needed)}); the file is damaged or was written by other code")
+    model.load_state_dict(adapter["tensors"], strict=False)
+    return model, tokenizer
