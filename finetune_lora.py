@@ -255,18 +255,6 @@ def read_json_records(path: str) -> list[dict]:
     return [check_record(record, f"{path} record {i}") for i, record in enumerate(records, start=1)]
 
 
-def read_hf_records(dataset_id: str) -> list[dict]:
-    """Records from the train split of a Hugging Face dataset with instruction/input/output columns."""
-    import datasets
-    try:
-        dataset = datasets.load_dataset(dataset_id, split="train")
-    except Exception as e:   # no network, unknown id: one line, not a traceback
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        sys.exit(f"error: could not load dataset '{dataset_id}' from the Hugging Face Hub ({reason}); check the "
-                 f"id and your network, or pass a local .json/.jsonl file with --data")
-    return [check_record(record, f"{dataset_id} record {i}") for i, record in enumerate(dataset, start=1)]
-
-
 def shakespeare_speaker_records(min_speeches: int = 50, min_words: int = 4) -> list[dict]:
     """'Who speaks this line?' records built from the 38 plays of the Shakespeare sample, offline.
 
@@ -280,14 +268,14 @@ def shakespeare_speaker_records(min_speeches: int = 50, min_words: int = 4) -> l
             lines = [line.strip() for line in f]
         stem = os.path.splitext(os.path.basename(path))[0]
         title = lines[0][2:] if lines[0].startswith("# ") else stem.replace("-", " ").title()
-        speeches, speaker, is_first_line = [], None, False
+        speeches, speaker = [], None   # speaker: of the speech whose first line is still to come
         for line in lines:
             bold = re.fullmatch(r"\*\*(.+)\*\*", line)
             if bold:
-                speaker, is_first_line = bold.group(1), True
-            elif speaker and is_first_line and line and not line.startswith(("#", "_")):
+                speaker = bold.group(1)
+            elif speaker and line and not line.startswith(("#", "_")):
                 speeches.append((speaker, line))
-                is_first_line = False
+                speaker = None
         counts = Counter(speaker for speaker, _ in speeches)
         records += [{"instruction": f"Who speaks this line in {title}?", "input": line, "output": speaker}
                     for speaker, line in speeches
@@ -308,8 +296,15 @@ def read_records(source: str) -> list[dict]:
         sys.exit(f"error: --data={source} is not a file; name a .json or .jsonl file")
     elif source.endswith((".json", ".jsonl")):
         sys.exit(f"error: --data={source}: file not found")
-    else:
-        records = read_hf_records(source)
+    else:   # the train split of a Hugging Face dataset with instruction/input/output columns
+        import datasets
+        try:
+            dataset = datasets.load_dataset(source, split="train")
+        except Exception as e:   # no network, unknown id: one line, not a traceback
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            sys.exit(f"error: could not load dataset '{source}' from the Hugging Face Hub ({reason}); check the "
+                     f"id and your network, or pass a local .json/.jsonl file with --data")
+        records = [check_record(record, f"{source} record {i}") for i, record in enumerate(dataset, start=1)]
     if len(records) < 2:
         sys.exit(f"error: --data={source} holds {len(records)} record(s); fine-tuning needs at least 2 "
                  f"(one for training, one for validation)")

@@ -7,6 +7,7 @@ one difference: OpenAI wrote the four projections as Conv1D, which stores its we
 use nn.Linear, which stores (C_out, C_in). Those four weights are transposed on the way in and out. Needs the
 optional packages safetensors (both ways) and huggingface_hub (Hub names); see requirements-extra.txt.
 """
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -153,12 +154,10 @@ def go_offline_if_hub_unreachable(timeout_s: float = 10.0) -> str | None:
     reached = threading.Event()
 
     def connect() -> None:
-        try:
+        with contextlib.suppress(OSError):     # no route, no name server, refused, timed out
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                      timeout=timeout_s / 2).close()
             reached.set()
-        except OSError:     # no route, no name server, refused, timed out
-            pass
 
     # In a thread, because a name lookup has no timeout of its own (a silent DNS server takes ~10 s or more).
     probe = threading.Thread(target=connect, daemon=True)
@@ -235,7 +234,7 @@ def hf_tokenizer(source: str):
     """The tokenizer of a Hugging Face GPT-2 source: the tokenizer.json of a directory that this script exported
     from a BPE model (one with tokenizer.json and no vocab.json), else r50k_base, GPT-2's own."""
     path = os.path.join(source, "tokenizer.json")
-    if not os.path.isdir(source) or not os.path.isfile(path) or os.path.isfile(os.path.join(source, "vocab.json")):
+    if not os.path.isfile(path) or os.path.isfile(os.path.join(source, "vocab.json")):
         return get_tokenizer()
     with open(path, encoding="utf-8") as f:
         file = f.read()

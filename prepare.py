@@ -218,7 +218,6 @@ class Progress:
     def close(self) -> None:
         if self.width:
             print(file=sys.stderr)   # end the line, so what follows starts on its own
-        self.width = 0
 
 
 def document_pieces(documents: Iterable[str], progress: Progress, size: int = 1 << 20) -> Iterator[tuple[bool, str]]:
