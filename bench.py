@@ -77,8 +77,6 @@ class BenchConfig:
     json_out: str = arg("", "also append the JSON lines to this file")
 
 
-# --- the statistics of repeated measurements ---
-
 # --- running the project's scripts as a user would ---
 
 # train.py's main() in a fresh interpreter, reporting torch's peak GPU allocation when it is done.
@@ -190,8 +188,7 @@ def sampling_setup(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str)
     its steps are compiled (generate.py's defaults)."""
     torch.manual_seed(train_cfg.seed)
     model = GPT(dataclasses.replace(model_cfg, dropout=0.0)).to(device).eval()
-    compile_steps = should_compile(train_cfg.compile, device)
-    return model, sampling_dtype(train_cfg.dtype, device), compile_steps
+    return model, sampling_dtype(train_cfg.dtype, device), should_compile(train_cfg.compile, device)
 
 
 def bench_sample(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
@@ -223,8 +220,7 @@ def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir
     by_step = {}
 
     def watch(line: str, pid: int) -> None:
-        match = re.match(r"step (\d+)/", line)
-        if match:
+        if match := re.match(r"step (\d+)/", line):
             with open(f"/proc/{pid}/status") as f:
                 rss_kib = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
             by_step[int(match.group(1))] = (rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd")))
@@ -341,8 +337,7 @@ NANOGPT_TRAIN_RUNNER = ("import runpy, sys, torch; sys.argv = ['train.py', *sys.
 
 def check_baseline(path: str) -> str:
     """The absolute path of a nanoGPT source tree, or one error line."""
-    missing = [name for name in NANOGPT_FILES if not os.path.isfile(os.path.join(path, name))]
-    if missing:
+    if missing := [name for name in NANOGPT_FILES if not os.path.isfile(os.path.join(path, name))]:
         sys.exit(f"error: --baseline={path} is not a nanoGPT source tree (no {', '.join(missing)}); give the "
                  f"folder of a karpathy/nanoGPT checkout")
     return os.path.abspath(path)
