@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from checkpoints import write_atomically
 from flags import parse_args
@@ -78,18 +79,14 @@ def score_continuations(model: GPT, pairs: list[tuple[list[int], list[int]]]) ->
     block_size = model.config.block_size
     rows = [(context + continuation)[-(block_size + 1):] for context, continuation in pairs]
     counts = [min(len(continuation), len(row) - 1) for row, (_, continuation) in zip(rows, pairs)]
-    T = max(len(row) for row in rows) - 1
     device = model.transformer.wte.weight.device
     # Built on the host and copied once each: a copy per row would wait for the device every time.
-    idx = torch.zeros(len(rows), T, dtype=torch.long)                         # (B, T); padding on the right
-    for i, row in enumerate(rows):
-        idx[i, :len(row) - 1] = torch.tensor(row[:-1])
+    idx = pad_sequence([torch.tensor(row[:-1], dtype=torch.long) for row in rows], batch_first=True)   # (B, T), padded
     targets = torch.tensor([t for (_, c), n in zip(pairs, counts) for t in c[-n:]]).to(device)   # (sum of n,)
     hidden = model.hidden_states(idx.to(device))                             # (B, T, C)
-    log_p, greedy, start = [], [], 0
-    for i, (row, n) in enumerate(zip(rows, counts)):
+    log_p, greedy = [], []
+    for i, (row, n, row_targets) in enumerate(zip(rows, counts, targets.split(counts))):
         logits = model.lm_head(hidden[i, len(row) - 1 - n:len(row) - 1]).float()   # (n, V): predict the continuation
-        row_targets, start = targets[start:start + n], start + n
         log_p.append(F.log_softmax(logits, dim=-1).gather(1, row_targets[:, None]).sum())
         greedy.append((logits.argmax(dim=-1) == row_targets).all())
     return list(zip(torch.stack(log_p).tolist(), torch.stack(greedy).tolist()))   # one wait for the device
