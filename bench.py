@@ -521,7 +521,6 @@ def shares_of_limits(figures: list[dict], limits: dict, model_cfg: GPTConfig) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     cfg, train_cfg, model_cfg = parse_args(BenchConfig, BenchRunConfig, GPTConfig, argv=argv)
     given = flags_given(argv)
     parts = cfg.parts.split(",") if cfg.baseline == "" or "parts" in given else ["vs_nanogpt", "limits"]
