@@ -64,10 +64,8 @@ def peak_cuda_mib(output: str) -> float:
 # --- calls timed on a device, and the machine they run on ---
 
 def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
+    if device != "cpu":
+        torch.accelerator.synchronize()   # CUDA's or MPS's queue, whichever device is current
 
 
 def cpu_description() -> tuple[str, list[str]]:
