@@ -113,12 +113,6 @@ def stream_log_likelihood(model: GPT, tokens: np.ndarray, batch_size: int) -> fl
     return total
 
 
-def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """(text cut before the first stop sequence in it, whether one was found)."""
-    cuts = [text.index(stop) for stop in stops if stop and stop in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
-
-
 def default_output(cfg: EvalConfig) -> str:
     """The results file of a run without --output, named after what the run evaluates, so that runs on other
     tasks, shot counts, limits or files do not overwrite each other: out_dir/eval-hellaswag+arc_easy-5shot.json,
@@ -195,8 +189,8 @@ def make_adapter_class():
                         if token.item() == eot:
                             break
                         text += utf8.decode(self.tokenizer.decode_bytes([token.item()]))
-                        text, stopped = truncate_at_stop(text, stops)
-                        if stopped:
+                        if cuts := [text.index(stop) for stop in stops if stop and stop in text]:
+                            text = text[:min(cuts)]   # cut before the first stop sequence
                             break
                 outputs.append(text)
             return outputs
