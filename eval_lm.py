@@ -61,9 +61,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     context becomes <|endoftext|>, the token every document starts after."""
     if not context:
         return [tokenizer.eot_token], tokenizer.encode(continuation)
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tokenizer.encode(context + continuation)
     n_context = len(tokenizer.encode(context))
     return whole[:n_context], whole[n_context:]
@@ -227,8 +226,7 @@ def run_tasks(cfg: EvalConfig, model: GPT, tokenizer, device: str, dtype: torch.
         sys.exit(f"error: --include_path={cfg.include_path} is not a directory of task YAML files")
     task_manager = TaskManager(include_path=cfg.include_path or None)
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in task_manager.all_tasks]
-    if unknown:
+    if unknown := [t for t in tasks if t not in task_manager.all_tasks]:
         sys.exit(f"error: lm-evaluation-harness has no task {unknown[0]!r}; `lm_eval ls tasks` lists them "
                  f"(or add a YAML file to --include_path)")
     try:
