@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from flags import RunConfig, flags_given, parse_args
 from measure import (cpu_description, matmul_flops, peak_cuda_mib, print_table, run_script, seconds_per_call,
-                     steady_step_ms, summarize, synchronize, timed_run)
+                     steady_step_ms, summarize, synchronize)
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
 from planner import LayoutConfig, microbatches
 from presets import PRESETS, apply_preset
@@ -77,8 +77,6 @@ class BenchConfig:
     json_out: str = arg("", "also append the JSON lines to this file")
 
 
-# --- the statistics of repeated measurements ---
-
 # --- running the project's scripts as a user would ---
 
 # train.py's main() in a fresh interpreter, reporting torch's peak GPU allocation when it is done.
@@ -111,7 +109,7 @@ def bench_prepare(cfg: BenchConfig, work_dir: str) -> tuple[list[dict], str]:
     seconds = []
     for repeat in range(cfg.repeats):
         data_dir = os.path.join(work_dir, f"data-{repeat}")
-        seconds.append(timed_run([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)[0])
+        seconds.append(run_script([os.path.join(ROOT, "prepare.py"), f"--data_dir={data_dir}"], cwd=work_dir)[2])
     with open(os.path.join(data_dir, "shakespeare", "meta.json")) as f:
         meta = json.load(f)
     rates = [(meta["train_tokens"] + meta["val_tokens"]) / s for s in seconds]
@@ -134,8 +132,8 @@ def bench_train(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfi
     step_ms, rss, cuda_peak = [], [], []
     for repeat in range(cfg.repeats):
         out_dir = os.path.join(work_dir, f"train-{repeat}")
-        output, peak_rss = run_script(train_argv(passthrough, data_dir, out_dir, cfg.warmup_steps + cfg.train_steps),
-                                      cwd=ROOT)
+        output, peak_rss, _ = run_script(train_argv(passthrough, data_dir, out_dir,
+                                                    cfg.warmup_steps + cfg.train_steps), cwd=ROOT)
         step_ms.append(statistics.median(steady_step_ms(out_dir, cfg.warmup_steps)))
         rss.append(peak_rss)
         cuda_peak.append(peak_cuda_mib(output))
@@ -190,8 +188,7 @@ def sampling_setup(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str)
     its steps are compiled (generate.py's defaults)."""
     torch.manual_seed(train_cfg.seed)
     model = GPT(dataclasses.replace(model_cfg, dropout=0.0)).to(device).eval()
-    compile_steps = should_compile(train_cfg.compile, device)
-    return model, sampling_dtype(train_cfg.dtype, device), compile_steps
+    return model, sampling_dtype(train_cfg.dtype, device), should_compile(train_cfg.compile, device)
 
 
 def bench_sample(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str) -> list[dict]:
@@ -223,8 +220,7 @@ def bench_soak(cfg: BenchConfig, passthrough: list[str], data_dir: str, work_dir
     by_step = {}
 
     def watch(line: str, pid: int) -> None:
-        match = re.match(r"step (\d+)/", line)
-        if match:
+        if match := re.match(r"step (\d+)/", line):
             with open(f"/proc/{pid}/status") as f:
                 rss_kib = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
             by_step[int(match.group(1))] = (rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd")))
@@ -341,8 +337,7 @@ NANOGPT_TRAIN_RUNNER = ("import runpy, sys, torch; sys.argv = ['train.py', *sys.
 
 def check_baseline(path: str) -> str:
     """The absolute path of a nanoGPT source tree, or one error line."""
-    missing = [name for name in NANOGPT_FILES if not os.path.isfile(os.path.join(path, name))]
-    if missing:
+    if missing := [name for name in NANOGPT_FILES if not os.path.isfile(os.path.join(path, name))]:
         sys.exit(f"error: --baseline={path} is not a nanoGPT source tree (no {', '.join(missing)}); give the "
                  f"folder of a karpathy/nanoGPT checkout")
     return os.path.abspath(path)
@@ -405,11 +400,11 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
         for n in (n1, n2):           # the peak memory kept is the longer run's, the last of the loop
             for out_dir in (ng_out, our_out):
                 shutil.rmtree(out_dir, ignore_errors=True)
-            wall["nanogpt", n], rss["nanogpt"], output["nanogpt"] = timed_run(
+            output["nanogpt"], rss["nanogpt"], wall["nanogpt", n] = run_script(
                 ["-c", NANOGPT_TRAIN_RUNNER, *flags, "--dataset=shakespeare", f"--out_dir={ng_out}",
                  f"--max_iters={n}", f"--eval_interval={n}", "--eval_iters=1", "--log_interval=1"], cwd=folder, env=env)
-            wall["ours", n], rss["ours"], output["ours"] = timed_run(train_argv(passthrough, data_dir, our_out, n),
-                                                                     cwd=ROOT)
+            output["ours"], rss["ours"], wall["ours", n] = run_script(train_argv(passthrough, data_dir, our_out, n),
+                                                                      cwd=ROOT)
         for side, side_runs in runs.items():
             seconds = (wall[side, n2] - wall[side, n1]) / (n2 - n1)
             if seconds <= 0:
@@ -420,9 +415,9 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
             if on_gpu:
                 side_runs["train_peak_gpu_memory"].append(peak_cuda_mib(output[side]))
         # nanoGPT saved a checkpoint at its last evaluation (step n2): sample.py samples from it, twice.
-        output, _ = run_script(["-c", NANOGPT_SAMPLE_RUNNER, f"--out_dir={ng_out}", *system_flags,
-                                "--num_samples=2", f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0.8",
-                                "--top_k=200"], cwd=folder, env=env)
+        output, _, _ = run_script(["-c", NANOGPT_SAMPLE_RUNNER, f"--out_dir={ng_out}", *system_flags,
+                                   "--num_samples=2", f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0.8",
+                                   "--top_k=200"], cwd=folder, env=env)
         calls = [line.split()[1:] for line in output.splitlines() if line.startswith("nanogpt_generate ")]
         if len(calls) != 2:
             sys.exit(f"error: nanoGPT's sample.py made {len(calls)} timed generate() calls, not 2; is "
@@ -526,7 +521,6 @@ def shares_of_limits(figures: list[dict], limits: dict, model_cfg: GPTConfig) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     cfg, train_cfg, model_cfg = parse_args(BenchConfig, BenchRunConfig, GPTConfig, argv=argv)
     given = flags_given(argv)
     parts = cfg.parts.split(",") if cfg.baseline == "" or "parts" in given else ["vs_nanogpt", "limits"]

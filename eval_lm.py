@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from checkpoints import write_atomically
 from flags import parse_args
@@ -60,9 +61,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     context becomes <|endoftext|>, the token every document starts after."""
     if not context:
         return [tokenizer.eot_token], tokenizer.encode(continuation)
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tokenizer.encode(context + continuation)
     n_context = len(tokenizer.encode(context))
     return whole[:n_context], whole[n_context:]
@@ -78,18 +78,14 @@ def score_continuations(model: GPT, pairs: list[tuple[list[int], list[int]]]) ->
     block_size = model.config.block_size
     rows = [(context + continuation)[-(block_size + 1):] for context, continuation in pairs]
     counts = [min(len(continuation), len(row) - 1) for row, (_, continuation) in zip(rows, pairs)]
-    T = max(len(row) for row in rows) - 1
     device = model.transformer.wte.weight.device
     # Built on the host and copied once each: a copy per row would wait for the device every time.
-    idx = torch.zeros(len(rows), T, dtype=torch.long)                         # (B, T); padding on the right
-    for i, row in enumerate(rows):
-        idx[i, :len(row) - 1] = torch.tensor(row[:-1])
+    idx = pad_sequence([torch.tensor(row[:-1], dtype=torch.long) for row in rows], batch_first=True)   # (B, T), padded
     targets = torch.tensor([t for (_, c), n in zip(pairs, counts) for t in c[-n:]]).to(device)   # (sum of n,)
     hidden = model.hidden_states(idx.to(device))                             # (B, T, C)
-    log_p, greedy, start = [], [], 0
-    for i, (row, n) in enumerate(zip(rows, counts)):
+    log_p, greedy = [], []
+    for i, (row, n, row_targets) in enumerate(zip(rows, counts, targets.split(counts))):
         logits = model.lm_head(hidden[i, len(row) - 1 - n:len(row) - 1]).float()   # (n, V): predict the continuation
-        row_targets, start = targets[start:start + n], start + n
         log_p.append(F.log_softmax(logits, dim=-1).gather(1, row_targets[:, None]).sum())
         greedy.append((logits.argmax(dim=-1) == row_targets).all())
     return list(zip(torch.stack(log_p).tolist(), torch.stack(greedy).tolist()))   # one wait for the device
@@ -114,12 +110,6 @@ def stream_log_likelihood(model: GPT, tokens: np.ndarray, batch_size: int) -> fl
                  for start, end in windows[first:first + batch_size]]
         total += sum(log_p for log_p, _ in score_continuations(model, pairs))
     return total
-
-
-def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """(text cut before the first stop sequence in it, whether one was found)."""
-    cuts = [text.index(stop) for stop in stops if stop and stop in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
 
 
 def default_output(cfg: EvalConfig) -> str:
@@ -198,8 +188,8 @@ def make_adapter_class():
                         if token.item() == eot:
                             break
                         text += utf8.decode(self.tokenizer.decode_bytes([token.item()]))
-                        text, stopped = truncate_at_stop(text, stops)
-                        if stopped:
+                        if cuts := [text.index(stop) for stop in stops if stop and stop in text]:
+                            text = text[:min(cuts)]   # cut before the first stop sequence
                             break
                 outputs.append(text)
             return outputs
@@ -236,8 +226,7 @@ def run_tasks(cfg: EvalConfig, model: GPT, tokenizer, device: str, dtype: torch.
         sys.exit(f"error: --include_path={cfg.include_path} is not a directory of task YAML files")
     task_manager = TaskManager(include_path=cfg.include_path or None)
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in task_manager.all_tasks]
-    if unknown:
+    if unknown := [t for t in tasks if t not in task_manager.all_tasks]:
         sys.exit(f"error: lm-evaluation-harness has no task {unknown[0]!r}; `lm_eval ls tasks` lists them "
                  f"(or add a YAML file to --include_path)")
     try:

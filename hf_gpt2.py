@@ -105,8 +105,7 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, token
         os.chmod(tmp, 0o777 & ~mask)
         os.rename(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)   # gone once renamed; a failed export's partial files
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """How bench.py measures: medians and spreads of repeated runs, a command run to completion with its peak
-memory, calls timed on a device, the CPU's model and flags, and the matmul FLOP/s of one shape."""
+memory and wall time, calls timed on a device, the CPU's model and flags, and the matmul FLOP/s of one shape."""
 import json
 import os
 import platform
@@ -36,9 +36,10 @@ def print_table(figures: list[dict]) -> None:
 
 # --- processes run to completion ---
 
-def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, float]:
-    """Run a Python command line to completion; return its output and its peak RSS in MiB (Linux reports
-    ru_maxrss in KiB). watch(line, pid) sees each output line as it comes."""
+def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -> tuple[str, float, float]:
+    """Run a Python command line to completion; return its output, its peak RSS in MiB (Linux reports
+    ru_maxrss in KiB) and its wall seconds. watch(line, pid) sees each output line as it comes."""
+    start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, **(env or {})})
     lines = []
@@ -51,14 +52,7 @@ def run_script(argv: list[str], cwd: str, watch=None, env: dict | None = None) -
     output = "".join(lines)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(argv[:2])} failed (exit {proc.returncode}):\n{output[-2000:]}")
-    return output, usage.ru_maxrss / 1024
-
-
-def timed_run(argv: list[str], cwd: str, env: dict | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MiB, output) of one process run to completion."""
-    start = time.perf_counter()
-    output, rss = run_script(argv, cwd=cwd, env=env)
-    return time.perf_counter() - start, rss, output
+    return output, usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
 def peak_cuda_mib(output: str) -> float:
@@ -70,10 +64,8 @@ def peak_cuda_mib(output: str) -> float:
 # --- calls timed on a device, and the machine they run on ---
 
 def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
+    if device != "cpu":
+        torch.accelerator.synchronize()   # CUDA's or MPS's queue, whichever device is current
 
 
 def cpu_description() -> tuple[str, list[str]]:

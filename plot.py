@@ -46,9 +46,8 @@ def loss_curves(records: list[dict], x: str) -> dict[str, tuple[list, list]]:
     twice; the later record wins."""
     curves = {}
     for split, key in (("train", "loss"), ("val", "val_loss")):
-        points = {r[x]: r[key] for r in records if r.get(key) is not None and x in r}
-        xs = sorted(points)
-        curves[split] = (xs, [points[v] for v in xs])
+        points = dict(sorted({r[x]: r[key] for r in records if r.get(key) is not None and x in r}.items()))
+        curves[split] = (list(points), list(points.values()))
     return curves
 
 
