@@ -1,6 +1,7 @@
 """Files that are never half-written (written to .tmp, fsynced, renamed, verified on reading), and the
 checkpoints written through them: the weights, AdamW's state by parameter name, and every random generator."""
 import collections
+import contextlib
 import hashlib
 import os
 import pickle
@@ -107,12 +108,9 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
         previous = "the previous version is untouched" if os.path.exists(path) else "nothing was written"
         sys.exit(f"error: cannot write {path} ({e.strerror or e}); {previous}. Free disk space or make "
                  f"{os.path.dirname(os.path.abspath(path))} writable, then run again")
-    finally:
-        if os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass   # the folder became unwritable; the .tmp name never shadows a complete file
+    finally:   # an unwritable folder may keep the .tmp file: its name never shadows a complete file
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def link_atomically(source: str, path: str) -> None:

@@ -3,7 +3,6 @@ finetune_lora.py share (RunConfig), and the checks of their values."""
 import argparse
 import dataclasses
 import difflib
-import importlib.metadata
 import importlib.util
 import sys
 import types

@@ -222,10 +222,8 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)                                    # (B, T, 3C'), C' = H' D
         C, D = qkv.size(-1) // 3, self.head_size
         H = C // D
-        q, k, v = qkv.split(C, dim=2)                           # 3 x (B, T, C')
-        q = q.view(B, T, H, D).transpose(1, 2)                  # (B, H, T, D): heads act as a batch dimension
-        k = k.view(B, T, H, D).transpose(1, 2)
-        v = v.view(B, T, H, D).transpose(1, 2)
+        # 3 x (B, T, C') -> 3 x (B, H, T, D): the heads act as a batch dimension
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(C, dim=2))
         start = kv_cache.length if kv_cache is not None else 0  # absolute position of the first query
         if self.position == "rope":                             # rotate before caching: keys keep their angle
             positions = torch.arange(start, start + T, device=x.device)
@@ -235,15 +233,10 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         bias = alibi_bias(self.alibi_slopes[self.first_head:self.first_head + H], T, k.size(2)) \
             if self.position == "alibi" else None                # (H', T, T_k): these heads' slopes
-        scores = None
-        if self.sparse_topk or self.realformer:                 # these need the (T, T_k) scores themselves
+        if self.sparse_topk or self.realformer or (bias is not None and not self.sdpa):   # these need the scores
             y, scores = scored_attention(q, k, v, dropout_p, bias, self.sparse_topk, prev_scores)
-        elif bias is not None:
-            y = sdpa_attention(q, k, v, dropout_p, bias) if self.sdpa else scored_attention(q, k, v, dropout_p,
-                                                                                            bias)[0]
         else:
-            attend = sdpa_attention if self.sdpa else explicit_attention
-            y = attend(q, k, v, dropout_p)                      # (B, H, T, D)
+            y = sdpa_attention(q, k, v, dropout_p, bias) if self.sdpa else explicit_attention(q, k, v, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)        # heads side by side again: (B, T, C')
         y = self.resid_dropout(self.c_proj(y))
         return (y, scores) if self.realformer else y
@@ -683,15 +676,13 @@ def plan_stages(config: GPTConfig, n_stages: int, balance: str = "flops") -> lis
 
 def describe_plan(config: GPTConfig, plan: list[range], balance: str) -> list[str]:
     """Readable lines: blocks, parameters and estimated cost of each stage, and the max/mean imbalance."""
-    flops_block, flops_first, flops_last = stage_costs(config, "flops")
-    params_block, params_first, params_last = stage_costs(config, "params")
     lines, costs = [], []
     for s, blocks in enumerate(plan):
         is_first, is_last = s == 0, s == len(plan) - 1
-        params = len(blocks) * params_block + is_first * params_first + is_last * params_last
-        flops = len(blocks) * flops_block + is_first * flops_first + is_last * flops_last
-        costs.append(stage_costs(config, balance)[0] * len(blocks) + is_first * stage_costs(config, balance)[1]
-                     + is_last * stage_costs(config, balance)[2])
+        # stage_costs' (block, first, last) dotted with (blocks held, holds the first end, holds the last)
+        params, flops, cost = (sum(c * n for c, n in zip(stage_costs(config, kind), (len(blocks), is_first, is_last)))
+                               for kind in ("params", "flops", balance))
+        costs.append(cost)
         parts = (["embedding"] if is_first else []) + ([f"blocks {blocks.start}-{blocks.stop - 1}"] if blocks
                                                        else []) + (["ln_f + head"] if is_last else [])
         lines.append(f"stage {s}: {', '.join(parts)} | {params / 1e6:.1f}M params | "

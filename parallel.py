@@ -238,9 +238,7 @@ def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) ->
     # under sequence parallelism; the row-parallel projections that write into it sum their partial
     # outputs onto that layout (all-reduce, or reduce-scatter).
     stream = Shard(1) if sequence_parallel else Replicate()
-    blocks = model.transformer.h.values() if isinstance(model.transformer.h, torch.nn.ModuleDict) \
-        else model.transformer.h
-    for block in blocks:
+    for block in model.transformer.h.children():   # a GPT's ModuleList, a GPTStage's ModuleDict
         attn = block.attn
         with torch.no_grad():
             attn.c_attn.weight.copy_(permute_qkv(attn.c_attn.weight, tp))

@@ -8,6 +8,7 @@ import shutil
 import signal
 import sys
 import time
+import timeit
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -43,12 +44,7 @@ def cpu_bf16_speedup() -> float:
     def best_seconds(dtype: torch.dtype) -> float:
         x, y = a.to(dtype), b.to(dtype)
         x @ y                                           # the first call picks and builds the kernel
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(timeit.repeat(lambda: x @ y, number=1, repeat=5))
     return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
 
 

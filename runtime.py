@@ -49,8 +49,8 @@ class BadSteps:
         self.is_good = not self.stop.all_ranks_any(not is_finite)
         return self.is_good
 
-    def record(self, step: int, log: RunLog, checkpoint: str) -> None:
-        """Record how step `step` (counted from 1, as logged) went: a good step ends a run of skips; a step
+    def tally(self, step: int, log: RunLog, checkpoint: str) -> None:
+        """Tally how step `step` (counted from 1, as logged) went: a good step ends a run of skips; a step
         check() refused is printed and logged, and the max_in_a_row-th in a row stops the run with one line
         naming the checkpoint that holds the last good weights."""
         self.in_a_row = 0 if self.is_good else self.in_a_row + 1
@@ -196,7 +196,7 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
         # AdamW's moments stay as they were).
         is_good = lambda norm: bad_steps.check(loss, norm)   # noqa: E731
         grad_norm = parallel.optimizer_step(optimizer, scaler, cfg.grad_clip, is_good)
-        bad_steps.record(step + 1, log, state_path)
+        bad_steps.tally(step + 1, log, state_path)
 
         timer.tick(step_tokens)
         if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters:

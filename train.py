@@ -83,10 +83,8 @@ def eval_batches(bin_path: str, offsets: torch.Tensor, B: int, T: int, device: s
     Sharded weights are gathered by all processes together, so every process runs the same number of
     forward passes: a process one batch short repeats a batch with weight 0."""
     batches = offsets.split(B)
-    mine = list(batches[dp_rank::dp_size])
-    n_rounds = -(-len(batches) // dp_size)
-    weights = [1] * len(mine) + [0] * (n_rounds - len(mine))
-    for batch, weight in zip(mine + [batches[0]] * (n_rounds - len(mine)), weights):
+    for i in range(dp_rank, -(-len(batches) // dp_size) * dp_size, dp_size):   # as many rounds on every process
+        batch, weight = (batches[i], 1) if i < len(batches) else (batches[0], 0)
         x, y = (t.to(device) for t in read_batch(bin_path, batch, T))
         yield x, y, len(batch), weight
 
@@ -372,18 +370,18 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
             keep_checkpoints(ckpt_path, start_step, resumed_is_best, cfg.keep_last, cfg.keep_best)
     log = RunLog(cfg, cfg.out_dir, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}, is_master)
 
-    def save(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
+    def save_run(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
         """Checkpoint the whole training state before step `step` (every process takes part); val_loss, of
         the evaluation just made, is in metrics.jsonl already."""
         state = loop_state(step, best_val_loss, scaler, data_generator, layout)
         weights, optimizer_state = parallel.full_state(optimizer)
 
-        def write() -> None:
+        def write_checkpoint() -> None:
             save_checkpoint({"model": weights, "optimizer": optimizer_state, **state, "is_best": is_best,
                              "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
                              "data": meta, "tokenizer": tokenizer}, ckpt_path)
             keep_checkpoints(ckpt_path, step, is_best, cfg.keep_last, cfg.keep_best)
-        save_on_rank0(write, stop)
+        save_on_rank0(write_checkpoint, stop)
 
     def batches_of(step: int) -> tuple[Iterator, int]:
         """The step's micro-batches, each weighed 1/accum, drawn lazily from the run's one stream of windows."""
@@ -391,7 +389,7 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
                                      dp_size, device)
         return ((x, y, 1 / accum) for x, y in micro_batches), tokens_per_step
     step, stop_signal, best_val_loss, timer = train_loop(
-        cfg, parallel, optimizer, scaler, batches_of, evaluate_now, save, log, stop, start_step, best_val_loss,
+        cfg, parallel, optimizer, scaler, batches_of, evaluate_now, save_run, log, stop, start_step, best_val_loss,
         saved_at_start=start_step > 0 and not cfg.resume_from, flops_of=lambda tokens: token_flops * tokens,
         peak=peak, tokens_before=lambda step: step * tokens_per_step, state_path=ckpt_path)
     log.close()
