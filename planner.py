@@ -196,10 +196,8 @@ def microbatches(cfg) -> int:
     """Micro-batches per batch under --pp: --n_microbatches, or by default the fewest that work
     (microbatch_choices), which follows --pp. No choice at all (batch_size < pp): pp, which check_config
     refuses with a batch size that works."""
-    if cfg.n_microbatches is not None:
-        return cfg.n_microbatches
-    choices = microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)
-    return choices[0] if choices else cfg.pp
+    return cfg.n_microbatches if cfg.n_microbatches is not None else \
+        next(iter(microbatch_choices(cfg.batch_size, cfg.pp, cfg.pp_schedule)), cfg.pp)
 
 
 # --- the memory model: what one GPU holds ---
