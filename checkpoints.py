@@ -270,9 +270,8 @@ def optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optim
     named_parameters: (name, parameter) pairs covering the optimizer's parameters."""
     names = {id(p): name for name, p in named_parameters}
     saved = optimizer.state_dict()
-    index_to_name = {}
-    for saved_group, group in zip(saved["param_groups"], optimizer.param_groups):
-        index_to_name.update({i: names[id(p)] for i, p in zip(saved_group["params"], group["params"])})
+    index_to_name = {i: names[id(p)] for saved_group, group in zip(saved["param_groups"], optimizer.param_groups)
+                     for i, p in zip(saved_group["params"], group["params"])}
     return {"state": {index_to_name[i]: state for i, state in saved["state"].items()},
             "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
                              for g in saved["param_groups"]]}
@@ -285,12 +284,10 @@ def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.
     aliases = aliases or {}
     names = {id(p): name for name, p in named_parameters}
     current = optimizer.state_dict()
-    state = {}
-    for current_group, group in zip(current["param_groups"], optimizer.param_groups):
-        for i, p in zip(current_group["params"], group["params"]):
-            name = aliases.get(names[id(p)], names[id(p)])
-            if name in saved["state"]:
-                state[i] = saved["state"][name]
+    saved_names = {i: aliases.get(names[id(p)], names[id(p)])     # position in this optimizer -> saved name
+                   for current_group, group in zip(current["param_groups"], optimizer.param_groups)
+                   for i, p in zip(current_group["params"], group["params"])}
+    state = {i: saved["state"][name] for i, name in saved_names.items() if name in saved["state"]}
     # The hyper-parameters are the saved ones, the positions and how this process computes the update (fused,
     # foreach: a CPU-written state resumed on a GPU takes the fused kernel) this optimizer's.
     groups = [{**saved_group, "params": current_group["params"],

@@ -517,9 +517,8 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 def head_blocks(device: torch.device, dtype: torch.dtype) -> int:
     """Blocks of the vocabulary for decode_logits: for fp32 on a CPU, one per thread (at least 2); otherwise 1
     (a plain F.linear)."""
-    if device.type != "cpu" or dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
-        return 1
-    return max(2, torch.get_num_threads())
+    is_cpu_fp32 = device.type == "cpu" and dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return max(2, torch.get_num_threads()) if is_cpu_fp32 else 1
 
 
 def decode_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:

@@ -462,9 +462,7 @@ def step_seconds(config: GPTConfig, flops_per_step: float, layout: Layout, peak:
 def planned_dtype(cfg) -> str:
     """The dtype a run with these flags computes in on the dry run's GPU: --dtype=auto resolved as the run
     would resolve it there (processes.auto_dtype of the GPU's compute capability)."""
-    if cfg.dtype != "auto":
-        return cfg.dtype
-    return dtype_name(auto_dtype(GPU_COMPUTE_CAPABILITY[cfg.dry_run_gpu]))
+    return cfg.dtype if cfg.dtype != "auto" else dtype_name(auto_dtype(GPU_COMPUTE_CAPABILITY[cfg.dry_run_gpu]))
 
 
 def dry_run_layout(cfg, world_size: int) -> Layout:

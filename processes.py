@@ -21,9 +21,7 @@ import torch.distributed as dist
 def pick_device(requested: str = "auto") -> str:
     """'auto' picks cuda, then mps, then cpu; anything else is checked and returned."""
     if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = requested.partition(":")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if kind not in available or (index and not (kind == "cuda" and index.isdigit())):
@@ -113,9 +111,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def autocast(device: str, dtype: torch.dtype):
     """Mixed precision: matmuls in dtype, weights and reductions in fp32. A no-op for fp32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
 # Peak dense bf16 tensor-core FLOP/s by GPU model (vendor data sheets, without sparsity); gpu_model() finds the
@@ -135,11 +131,8 @@ def gpu_model(device_name: str) -> str | None:
     'NVIDIA H100 PCIe' 'H100 PCIe', 'Tesla V100-SXM2-16GB' 'V100'; 'NVIDIA L40' is not 'L4' nor 'NVIDIA RTX A1000'
     'A100': None for a GPU the table does not list."""
     words = [w.lower() for w in re.split(r"[\s-]+", device_name) if w.lower() not in ("nvidia", "tesla")]
-    for key in PEAK_BF16_FLOPS:
-        model, *variant = key.lower().split()
-        if words[:1] == [model] and all(v in words for v in variant):
-            return key
-    return None
+    return next((key for key in PEAK_BF16_FLOPS if words[:1] == key.lower().split()[:1]   # the model, then
+                 and all(v in words for v in key.lower().split()[1:])), None)              # its variant's words
 
 
 def peak_flops(device: str, given: float | None = None, world_size: int = 1) -> float | None:

@@ -266,9 +266,8 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, ra
         return pipe, pipe.dp_rank, mesh.get_group("dp"), n_params
     parallel = DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp, is_compiled(cfg, device),
                             cfg.gradient_accumulation_steps, loss_chunk, mesh, cfg.sequence_parallel)
-    if mesh is None:
-        return parallel, rank, None, n_params
-    return parallel, mesh.get_local_rank("dp"), mesh.get_group("dp"), n_params
+    return (parallel, rank, None, n_params) if mesh is None else \
+        (parallel, mesh.get_local_rank("dp"), mesh.get_group("dp"), n_params)
 
 
 def load_data(cfg: TrainConfig, model_cfg: GPTConfig, checkpoint: dict | None, resume_path: str, given: set[str]
