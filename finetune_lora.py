@@ -35,7 +35,7 @@ from processes import (StopSignals, peak_flops, print0, run_main, setup_distribu
                        teardown_distributed)
 from runlog import RunLog, StepTimer, prepare_out_dir
 from runtime import DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, train_loop
-from tokenization import shakespeare_paths
+from tokenization import decode_utf8, shakespeare_paths
 
 
 # --- the run's flags ---
@@ -240,11 +240,8 @@ def parse_json(text: str, path: str, first_line: int = 1):
 
 def read_json_records(path: str) -> list[dict]:
     """Records from a .json file (one list of objects) or a .jsonl file (one object per line)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8")
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
     if path.endswith(".jsonl"):
         return [check_record(parse_json(line, path, line_number), f"{path} line {line_number}")
                 for line_number, line in enumerate(text.splitlines(), start=1) if line.strip()]

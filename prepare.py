@@ -29,8 +29,8 @@ import numpy as np
 
 from checkpoints import sha256_file, write_atomically
 from flags import parse_args
-from tokenization import (BPETokenizer, EOT_TEXT, MAX_VOCAB, check_bpe_file, get_tokenizer, import_tokenizers,
-                          shakespeare_paths, tokenizer_identity)
+from tokenization import (BPETokenizer, EOT_TEXT, MAX_VOCAB, check_bpe_file, decode_utf8, get_tokenizer,
+                          import_tokenizers, shakespeare_paths, tokenizer_identity)
 from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
@@ -94,13 +94,6 @@ def split_text(text: str, size: int = 1 << 20) -> Iterator[str]:
         yield text[start:match.end()]
         start = match.end()
     yield text[start:]
-
-
-def decode_utf8(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        sys.exit(f"error: {where} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8")
 
 
 def read_documents(path: str, text_column: str) -> Iterator[str]:

@@ -17,6 +17,14 @@ EOT_TOKEN = 50256            # its id in r50k_base
 MAX_VOCAB = 2**16            # token files store uint16 ids
 
 
+def decode_utf8(data: bytes, where: str, remedy: str = "re-encode it as UTF-8") -> str:
+    """The text of data read from a user's file, or one line naming where its first bad byte is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {where} is not valid UTF-8 (bad byte at offset {e.start}); {remedy}")
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2, encoder.py):
     printable Latin-1 bytes map to themselves, the others to characters from U+0100 on, so every token's
@@ -241,11 +249,7 @@ def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
     if hashlib.sha256(data).hexdigest() != meta.get("tokenizer_sha256"):
         sys.exit(f"error: {path} does not match the tokenizer_sha256 in meta.json; prepare it again with "
                  f"prepare.py --force")
-    try:
-        file = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); prepare the dataset again with "
-                 f"prepare.py --force")
+    file = decode_utf8(data, path, "prepare the dataset again with prepare.py --force")
     check_bpe_file(file, path)   # before it goes into checkpoints, where the samplers would load it
     return {"name": meta.get("tokenizer", "bpe"), "file": file, "sha256": meta["tokenizer_sha256"]}
 
