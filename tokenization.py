@@ -107,8 +107,7 @@ class BPETokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return b"".join(self.token_bytes[i] for i in ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+    decode = R50kTokenizer.decode   # the bytes of decode_bytes as text
 
 
 def check_bpe_file(file: str, where: str) -> None:
