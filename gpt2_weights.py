@@ -198,11 +198,9 @@ def load_hf_gpt2(source: str, **overrides) -> GPT:
         sys.exit(f"error: {source} has no model.safetensors (or pytorch_model.bin)")
     model, state = GPT(config), gpt_state_dict_from_hf(hf_state)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
+    if missing := sorted(set(expected) - set(state)):
         sys.exit(f"error: {source} lacks {len(missing)} GPT-2 weights, e.g. {missing[0]}")
-    wrong = [n for n in expected if state[n].shape != expected[n].shape]
-    if wrong:
+    if wrong := [n for n in expected if state[n].shape != expected[n].shape]:
         sys.exit(f"error: {source}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config.json implies "
                  f"{tuple(expected[wrong[0]].shape)}")
     model.load_state_dict({n: state[n] for n in expected})

@@ -138,12 +138,10 @@ def check_bpe_file(file: str, where: str) -> None:
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         sys.exit(f"error: {where} does not load as a tokenizer ({reason}); {remedy}")
-    missing = [b for b, char in bytes_to_unicode().items() if char not in vocab]
-    if missing:
+    if missing := [b for b, char in bytes_to_unicode().items() if char not in vocab]:
         sys.exit(f"error: {where} has no token for {len(missing)} of the 256 bytes (e.g. 0x{missing[0]:02x}), so "
                  f"text holding them would be lost; {remedy}")
-    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
-    if top >= MAX_VOCAB:
+    if (top := max(tokenizer.get_vocab(with_added_tokens=True).values())) >= MAX_VOCAB:
         sys.exit(f"error: {where} has token ids up to {top:,}; token files store uint16 ids, so at most "
                  f"{MAX_VOCAB:,} ids fit")
     if EOT_TEXT not in (t.content for t in tokenizer.get_added_tokens_decoder().values()):
