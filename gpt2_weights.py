@@ -22,7 +22,7 @@ import torch
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig
-from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, checkpoint_tokenizer, get_tokenizer, tokenizer_record
+from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, get_tokenizer, load_tokenizer, tokenizer_record
 
 # The weights that OpenAI's Conv1D stores transposed: (C_in, C_out) there, (C_out, C_in) in nn.Linear.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -248,7 +248,7 @@ def load_model(checkpoint_path: str, init_from: str = "") -> tuple[GPT, object]:
         check_hf_source(init_from)
         return load_hf_gpt2(init_from), hf_tokenizer(init_from)
     checkpoint = load_checkpoint(checkpoint_path)
-    return model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
+    return model_from_checkpoint(checkpoint, dropout=0.0), load_tokenizer(checkpoint.get("tokenizer"))
 
 
 def save_hf_as_checkpoint(source: str, path: str) -> None:

@@ -217,13 +217,7 @@ def tokenizer_identity(name: str | None, sha256: str | None) -> str:
 def load_tokenizer(record: dict | None):
     """The tokenizer of a checkpoint's record (tokenizer_record); None, from a checkpoint older than the
     record, or written from GPT-2's weights, is r50k_base."""
-    if not record or not record.get("file"):
-        return get_tokenizer()
-    return BPETokenizer(record["name"], record["file"])
-
-
-def checkpoint_tokenizer(checkpoint: dict):
-    return load_tokenizer(checkpoint.get("tokenizer"))
+    return BPETokenizer(record["name"], record["file"]) if record and record.get("file") else get_tokenizer()
 
 
 def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
