@@ -424,22 +424,6 @@ def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict |
     return present
 
 
-def lay_out(model: GPT, cfg: FinetuneConfig, device: str, dtype: torch.dtype, local_rank: int, world_size: int
-            ) -> DataParallel:
-    """The base with its adapters laid out for training as pre-training lays out a model
-    (runtime.DataParallel): DDP over the adapters (Li et al. 2020), every process holding the whole model
-    and training on its share of each step's records; backward averages the adapters' gradients (the frozen
-    weights have none)."""
-    # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
-    # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
-    # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
-    compile_model = should_compile(cfg.compile, device)
-    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
-        (0 if device.startswith("cuda") or compile_model else 1024)
-    return DataParallel(model, device, dtype, local_rank, world_size, fsdp=False, compile=compile_model,
-                        accum=cfg.gradient_accumulation_steps, loss_chunk=loss_chunk)
-
-
 def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
              device: str, stop: StopSignals) -> None:
     """Build the run (the base with adapters, AdamW, the examples, the log), then train the adapters
@@ -474,12 +458,22 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, device, layout,
                                                        cfg.seed + rank, {**layout, "dp": len(state["rng"])})
         print0(f"resuming {state_path} at step {start_step}")
-    parallel = lay_out(model, cfg, device, dtype, local_rank, world_size)
+    # Laid out for training as pre-training lays out a model (runtime.DataParallel): DDP over the adapters (Li et
+    # al. 2020), every process holding the whole model and training on its share of each step's records; backward
+    # averages the adapters' gradients (the frozen weights have none). Records pad to a different length in every
+    # micro-batch. torch.compile follows that with one graph of symbolic length for the plain loss, but the chunked
+    # loss's Python loop over the rows fixes the length into the graph, so it would compile again for every new
+    # length: compiled, the plain path is the default.
+    compile_model = should_compile(cfg.compile, device)
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
+        (0 if device.startswith("cuda") or compile_model else 1024)
+    parallel = DataParallel(model, device, dtype, local_rank, world_size, fsdp=False, compile=compile_model,
+                            accum=cfg.gradient_accumulation_steps, loss_chunk=loss_chunk)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base['path']} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
-    print0(f"{world_size} x {device}, {precision}{', compiled' if should_compile(cfg.compile, device) else ''} | "
+    print0(f"{world_size} x {device}, {precision}{', compiled' if compile_model else ''} | "
            f"{examples_per_step} records per step | loss on "
            f"{'response tokens only' if cfg.mask_input else 'every token'}")
 
