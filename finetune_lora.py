@@ -267,8 +267,7 @@ def shakespeare_speaker_records(min_speeches: int = 50, min_words: int = 4) -> l
         title = lines[0][2:] if lines[0].startswith("# ") else stem.replace("-", " ").title()
         speeches, speaker = [], None   # speaker: of the speech whose first line is still to come
         for line in lines:
-            bold = re.fullmatch(r"\*\*(.+)\*\*", line)
-            if bold:
+            if bold := re.fullmatch(r"\*\*(.+)\*\*", line):
                 speaker = bold.group(1)
             elif speaker and line and not line.startswith(("#", "_")):
                 speeches.append((speaker, line))
