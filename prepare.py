@@ -87,10 +87,7 @@ def split_text(text: str, size: int = 1 << 20) -> Iterator[str]:
     """text in consecutive pieces of about size characters (longer where no CUT is near), cut only after a
     CUT newline: encoding them one by one gives the ids of the whole, with bounded memory per piece."""
     start = 0
-    while len(text) - start > size:
-        match = CUT.search(text, start + size)
-        if match is None:
-            break
+    while len(text) - start > size and (match := CUT.search(text, start + size)):
         yield text[start:match.end()]
         start = match.end()
     yield text[start:]
