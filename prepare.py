@@ -146,13 +146,11 @@ def expand_inputs(patterns: str) -> list[str]:
     token stream is the same whatever order the shell or the file system lists them in."""
     paths = set()
     for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-        matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]   # a plain path: itself
         if not matches:
             sys.exit(f"error: --input {pattern} matches no file")
-        for path in matches:
-            if not path.endswith(EXTENSIONS):
-                sys.exit(f"error: {path}: unsupported file type; use {', '.join(EXTENSIONS)}")
+        if unsupported := [m for m in matches if not m.endswith(EXTENSIONS)]:
+            sys.exit(f"error: {unsupported[0]}: unsupported file type; use {', '.join(EXTENSIONS)}")
         paths.update(matches)
     if not paths:
         sys.exit("error: --input names no file")
