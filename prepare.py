@@ -295,10 +295,9 @@ def read_meta(out_dir: str) -> dict | None:
 def is_complete(out_dir: str, meta: dict) -> bool:
     """Both .bin files exist and hold exactly the token counts meta.json claims, and the tokenizer file it
     names (if any) is the one it describes."""
-    for split in ("train", "val"):
-        path = os.path.join(out_dir, f"{split}.bin")
-        if not os.path.isfile(path) or os.path.getsize(path) != 2 * meta.get(f"{split}_tokens", -1):
-            return False
+    if not all(os.path.isfile(path := os.path.join(out_dir, f"{split}.bin"))
+               and os.path.getsize(path) == 2 * meta.get(f"{split}_tokens", -1) for split in ("train", "val")):
+        return False
     tokenizer_path = os.path.join(out_dir, meta.get("tokenizer_file") or TOKENIZER_FILE)
     return not meta.get("tokenizer_file") or \
         (os.path.isfile(tokenizer_path) and sha256_file(tokenizer_path) == meta.get("tokenizer_sha256"))
