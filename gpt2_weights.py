@@ -66,13 +66,11 @@ def gpt_config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
         sys.exit(f"error: {source} holds a {hf_config.get('model_type')!r} model; only GPT-2 (model_type "
                  f"'gpt2') loads into this GPT")
     for key, allowed in HF_FIXED.items():
-        value = hf_config.get(key, allowed[0])
-        if value not in allowed:
+        if (value := hf_config.get(key, allowed[0])) not in allowed:
             sys.exit(f"error: {source}: {key}={value!r} is not supported (this GPT computes {key}={allowed[0]!r})")
-    n_embd = hf_config["n_embd"]
-    if hf_config.get("n_inner") not in (None, 4 * n_embd):
+    if hf_config.get("n_inner") not in (None, 4 * hf_config["n_embd"]):
         sys.exit(f"error: {source}: n_inner={hf_config['n_inner']} is not supported (the MLP is 4 * n_embd wide)")
-    return GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=n_embd,
+    return GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
                      block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"], bias=True,
                      tie_embeddings=True, **overrides)
 
@@ -215,16 +213,14 @@ def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
     model = load_hf_gpt2(source, **{f.name: getattr(flags, f.name) for f in dataclasses.fields(GPTConfig)
                                     if f.name not in SHAPE_FIELDS})
     pretrained = model.config
-    differ = [f"{name} (weights {getattr(pretrained, name)}, flag {getattr(flags, name)})" for name in SHAPE_FIELDS
-              if name in given and getattr(flags, name) != getattr(pretrained, name)
-              and not (name == "block_size" and flags.block_size < pretrained.block_size)]
-    if differ:
+    if differ := [f"{name} (weights {getattr(pretrained, name)}, flag {getattr(flags, name)})"
+                  for name in SHAPE_FIELDS if name in given and getattr(flags, name) != getattr(pretrained, name)
+                  and not (name == "block_size" and flags.block_size < pretrained.block_size)]:
         sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ) + "; drop these flags")
     if "block_size" in given and flags.block_size < pretrained.block_size:
         state = model.state_dict()
-        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:flags.block_size]   # (T, C)
         model = GPT(dataclasses.replace(pretrained, block_size=flags.block_size))
-        model.load_state_dict(state)
+        model.load_state_dict({**state, "transformer.wpe.weight": state["transformer.wpe.weight"][:flags.block_size]})
     return model
 
 
