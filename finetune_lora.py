@@ -220,9 +220,8 @@ def check_record(record, where: str) -> dict:
     if not isinstance(record, dict):
         sys.exit(f"error: {where}: a record must be a JSON object with instruction, input and output fields, "
                  f"not {type(record).__name__}")
-    for field_name in ("instruction", "output"):
-        if field_name not in record:
-            sys.exit(f"error: {where}: missing field '{field_name}'")
+    if missing := [field_name for field_name in ("instruction", "output") if field_name not in record]:
+        sys.exit(f"error: {where}: missing field '{missing[0]}'")
     for field_name in ("instruction", "input", "output"):
         value = record.get(field_name)
         if not (isinstance(value, str) or (field_name == "input" and value is None)):
@@ -318,8 +317,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
         sys.exit(f"error: --lora_dropout={cfg.lora_dropout} must be in [0, 1)")
     if not 0 < cfg.val_fraction < 1:
         sys.exit(f"error: --val_fraction={cfg.val_fraction} must be in (0, 1)")
-    targets = parse_targets(cfg.lora_targets)
-    if not targets or any(t not in LORA_TARGETS for t in targets):
+    if not (targets := parse_targets(cfg.lora_targets)) or any(t not in LORA_TARGETS for t in targets):
         sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
     if cfg.init_from != "resume" and not cfg.data:
         sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
@@ -350,20 +348,18 @@ def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfi
     if cfg.init_from != "resume":
         if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
             sys.exit(f"error: --out_dir={cfg.out_dir} is the base's directory; pick another --out_dir")
-        existing = [path for name in ("adapter.pt", "state.pt", "ckpt.pt")
-                    if os.path.exists(path := os.path.join(cfg.out_dir, name))]
-        if existing:
-            sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
-                     f"--out_dir (nothing is overwritten)")
+        for name in ("adapter.pt", "state.pt", "ckpt.pt"):
+            if os.path.exists(path := os.path.join(cfg.out_dir, name)):
+                sys.exit(f"error: {path} exists; continue that run with --init_from=resume, or pick another "
+                         f"--out_dir (nothing is overwritten)")
         return cfg, None, os.path.join(cfg.init_from, "ckpt.pt")
     if not os.path.isfile(state_path):
         sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} to resume")
     state = load_checkpoint(state_path)
     fields = dataclasses.asdict(FinetuneConfig())
     saved = {**fields, **{name: value for name, value in state["finetune_config"].items() if name in fields}}
-    differ = [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
-              if name in given and getattr(cfg, name) != saved[name]]
-    if differ:
+    if differ := [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
+                  if name in given and getattr(cfg, name) != saved[name]]:
         sys.exit(f"error: cannot resume {state_path} with a different " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
     now = {name: getattr(cfg, name) for name in given if name not in ("init_from", "out_dir")}
@@ -413,9 +409,8 @@ def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict |
     targets = parse_targets(cfg.lora_targets)
     present = [t for t in targets if any(name.endswith("." + t) for name, _ in model.named_modules())]
     if "lora_targets" in given and present != targets:
-        missing = ", ".join(t for t in targets if t not in present)
-        sys.exit(f"error: --lora_targets={cfg.lora_targets}: the base model has no {missing} layer "
-                 f"(mlp_0 is in Macaron models only)")
+        sys.exit(f"error: --lora_targets={cfg.lora_targets}: the base model has no "
+                 f"{', '.join(t for t in targets if t not in present)} layer (mlp_0 is in Macaron models only)")
     torch.manual_seed(cfg.seed)            # the same initial A on every process
     apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if state is not None:
