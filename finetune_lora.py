@@ -35,7 +35,7 @@ from processes import (StopSignals, peak_flops, print0, run_main, setup_distribu
                        teardown_distributed)
 from runlog import RunLog, StepTimer, prepare_out_dir
 from runtime import DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, train_loop
-from tokenization import shakespeare_paths
+from tokenization import decode_utf8, shakespeare_paths
 
 
 # --- the run's flags ---
@@ -220,9 +220,8 @@ def check_record(record, where: str) -> dict:
     if not isinstance(record, dict):
         sys.exit(f"error: {where}: a record must be a JSON object with instruction, input and output fields, "
                  f"not {type(record).__name__}")
-    for field_name in ("instruction", "output"):
-        if field_name not in record:
-            sys.exit(f"error: {where}: missing field '{field_name}'")
+    if missing := [field_name for field_name in ("instruction", "output") if field_name not in record]:
+        sys.exit(f"error: {where}: missing field '{missing[0]}'")
     for field_name in ("instruction", "input", "output"):
         value = record.get(field_name)
         if not (isinstance(value, str) or (field_name == "input" and value is None)):
@@ -240,11 +239,8 @@ def parse_json(text: str, path: str, first_line: int = 1):
 
 def read_json_records(path: str) -> list[dict]:
     """Records from a .json file (one list of objects) or a .jsonl file (one object per line)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8")
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
     if path.endswith(".jsonl"):
         return [check_record(parse_json(line, path, line_number), f"{path} line {line_number}")
                 for line_number, line in enumerate(text.splitlines(), start=1) if line.strip()]
@@ -270,8 +266,7 @@ def shakespeare_speaker_records(min_speeches: int = 50, min_words: int = 4) -> l
         title = lines[0][2:] if lines[0].startswith("# ") else stem.replace("-", " ").title()
         speeches, speaker = [], None   # speaker: of the speech whose first line is still to come
         for line in lines:
-            bold = re.fullmatch(r"\*\*(.+)\*\*", line)
-            if bold:
+            if bold := re.fullmatch(r"\*\*(.+)\*\*", line):
                 speaker = bold.group(1)
             elif speaker and line and not line.startswith(("#", "_")):
                 speeches.append((speaker, line))
@@ -322,8 +317,7 @@ def check_finetune_config(cfg: FinetuneConfig) -> None:
         sys.exit(f"error: --lora_dropout={cfg.lora_dropout} must be in [0, 1)")
     if not 0 < cfg.val_fraction < 1:
         sys.exit(f"error: --val_fraction={cfg.val_fraction} must be in (0, 1)")
-    targets = parse_targets(cfg.lora_targets)
-    if not targets or any(t not in LORA_TARGETS for t in targets):
+    if not (targets := parse_targets(cfg.lora_targets)) or any(t not in LORA_TARGETS for t in targets):
         sys.exit(f"error: --lora_targets={cfg.lora_targets}: name one or more of {', '.join(LORA_TARGETS)}")
     if cfg.init_from != "resume" and not cfg.data:
         sys.exit("error: --data is required: a .json/.jsonl file of instruction records, a Hugging Face dataset "
@@ -354,20 +348,18 @@ def start_or_resume(cfg: FinetuneConfig, given: set[str]) -> tuple[FinetuneConfi
     if cfg.init_from != "resume":
         if os.path.realpath(cfg.init_from) == os.path.realpath(cfg.out_dir):
             sys.exit(f"error: --out_dir={cfg.out_dir} is the base's directory; pick another --out_dir")
-        existing = [path for name in ("adapter.pt", "state.pt", "ckpt.pt")
-                    if os.path.exists(path := os.path.join(cfg.out_dir, name))]
-        if existing:
-            sys.exit(f"error: {existing[0]} exists; continue that run with --init_from=resume, or pick another "
-                     f"--out_dir (nothing is overwritten)")
+        for name in ("adapter.pt", "state.pt", "ckpt.pt"):
+            if os.path.exists(path := os.path.join(cfg.out_dir, name)):
+                sys.exit(f"error: {path} exists; continue that run with --init_from=resume, or pick another "
+                         f"--out_dir (nothing is overwritten)")
         return cfg, None, os.path.join(cfg.init_from, "ckpt.pt")
     if not os.path.isfile(state_path):
         sys.exit(f"error: {state_path} not found: there is no fine-tuning run in --out_dir={cfg.out_dir} to resume")
     state = load_checkpoint(state_path)
     fields = dataclasses.asdict(FinetuneConfig())
     saved = {**fields, **{name: value for name, value in state["finetune_config"].items() if name in fields}}
-    differ = [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
-              if name in given and getattr(cfg, name) != saved[name]]
-    if differ:
+    if differ := [f"{name} (run {saved[name]}, flag {getattr(cfg, name)})" for name in FIXED_ON_RESUME
+                  if name in given and getattr(cfg, name) != saved[name]]:
         sys.exit(f"error: cannot resume {state_path} with a different " + ", ".join(differ)
                  + "; drop these flags or start a new --out_dir")
     now = {name: getattr(cfg, name) for name in given if name not in ("init_from", "out_dir")}
@@ -417,30 +409,13 @@ def add_adapters(model: GPT, cfg: FinetuneConfig, given: set[str], state: dict |
     targets = parse_targets(cfg.lora_targets)
     present = [t for t in targets if any(name.endswith("." + t) for name, _ in model.named_modules())]
     if "lora_targets" in given and present != targets:
-        missing = ", ".join(t for t in targets if t not in present)
-        sys.exit(f"error: --lora_targets={cfg.lora_targets}: the base model has no {missing} layer "
-                 f"(mlp_0 is in Macaron models only)")
+        sys.exit(f"error: --lora_targets={cfg.lora_targets}: the base model has no "
+                 f"{', '.join(t for t in targets if t not in present)} layer (mlp_0 is in Macaron models only)")
     torch.manual_seed(cfg.seed)            # the same initial A on every process
     apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     if state is not None:
         model.load_state_dict(state["tensors"], strict=False)   # the adapters' tensors: the base's are in place
     return present
-
-
-def lay_out(model: GPT, cfg: FinetuneConfig, device: str, dtype: torch.dtype, local_rank: int, world_size: int
-            ) -> DataParallel:
-    """The base with its adapters laid out for training as pre-training lays out a model
-    (runtime.DataParallel): DDP over the adapters (Li et al. 2020), every process holding the whole model
-    and training on its share of each step's records; backward averages the adapters' gradients (the frozen
-    weights have none)."""
-    # Records pad to a different length in every micro-batch. torch.compile follows that with one graph of
-    # symbolic length for the plain loss, but the chunked loss's Python loop over the rows fixes the length
-    # into the graph, so it would compile again for every new length: compiled, the plain path is the default.
-    compile_model = should_compile(cfg.compile, device)
-    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
-        (0 if device.startswith("cuda") or compile_model else 1024)
-    return DataParallel(model, device, dtype, local_rank, world_size, fsdp=False, compile=compile_model,
-                        accum=cfg.gradient_accumulation_steps, loss_chunk=loss_chunk)
 
 
 def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, world_size: int,
@@ -477,12 +452,22 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
         start_step, best_val_loss = restore_loop_state(state, scaler, data_generator, rank, device, layout,
                                                        cfg.seed + rank, {**layout, "dp": len(state["rng"])})
         print0(f"resuming {state_path} at step {start_step}")
-    parallel = lay_out(model, cfg, device, dtype, local_rank, world_size)
+    # Laid out for training as pre-training lays out a model (runtime.DataParallel): DDP over the adapters (Li et
+    # al. 2020), every process holding the whole model and training on its share of each step's records; backward
+    # averages the adapters' gradients (the frozen weights have none). Records pad to a different length in every
+    # micro-batch. torch.compile follows that with one graph of symbolic length for the plain loss, but the chunked
+    # loss's Python loop over the rows fixes the length into the graph, so it would compile again for every new
+    # length: compiled, the plain path is the default.
+    compile_model = should_compile(cfg.compile, device)
+    loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else \
+        (0 if device.startswith("cuda") or compile_model else 1024)
+    parallel = DataParallel(model, device, dtype, local_rank, world_size, fsdp=False, compile=compile_model,
+                            accum=cfg.gradient_accumulation_steps, loss_chunk=loss_chunk)
     n_params, n_adapter = model.num_params(), sum(p.numel() for p in adapter_tensors(model).values())
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base['path']} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
-    print0(f"{world_size} x {device}, {precision}{', compiled' if should_compile(cfg.compile, device) else ''} | "
+    print0(f"{world_size} x {device}, {precision}{', compiled' if compile_model else ''} | "
            f"{examples_per_step} records per step | loss on "
            f"{'response tokens only' if cfg.mask_input else 'every token'}")
 

@@ -22,7 +22,7 @@ import torch
 
 from checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import GPT2_SIZES, SHAPE_FIELDS, GPT, GPTConfig
-from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, checkpoint_tokenizer, get_tokenizer, tokenizer_record
+from tokenization import BPETokenizer, EOT_TOKEN, check_bpe_file, get_tokenizer, load_tokenizer, tokenizer_record
 
 # The weights that OpenAI's Conv1D stores transposed: (C_in, C_out) there, (C_out, C_in) in nn.Linear.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -66,13 +66,11 @@ def gpt_config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
         sys.exit(f"error: {source} holds a {hf_config.get('model_type')!r} model; only GPT-2 (model_type "
                  f"'gpt2') loads into this GPT")
     for key, allowed in HF_FIXED.items():
-        value = hf_config.get(key, allowed[0])
-        if value not in allowed:
+        if (value := hf_config.get(key, allowed[0])) not in allowed:
             sys.exit(f"error: {source}: {key}={value!r} is not supported (this GPT computes {key}={allowed[0]!r})")
-    n_embd = hf_config["n_embd"]
-    if hf_config.get("n_inner") not in (None, 4 * n_embd):
+    if hf_config.get("n_inner") not in (None, 4 * hf_config["n_embd"]):
         sys.exit(f"error: {source}: n_inner={hf_config['n_inner']} is not supported (the MLP is 4 * n_embd wide)")
-    return GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=n_embd,
+    return GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
                      block_size=hf_config["n_positions"], vocab_size=hf_config["vocab_size"], bias=True,
                      tie_embeddings=True, **overrides)
 
@@ -198,11 +196,9 @@ def load_hf_gpt2(source: str, **overrides) -> GPT:
         sys.exit(f"error: {source} has no model.safetensors (or pytorch_model.bin)")
     model, state = GPT(config), gpt_state_dict_from_hf(hf_state)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
+    if missing := sorted(set(expected) - set(state)):
         sys.exit(f"error: {source} lacks {len(missing)} GPT-2 weights, e.g. {missing[0]}")
-    wrong = [n for n in expected if state[n].shape != expected[n].shape]
-    if wrong:
+    if wrong := [n for n in expected if state[n].shape != expected[n].shape]:
         sys.exit(f"error: {source}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config.json implies "
                  f"{tuple(expected[wrong[0]].shape)}")
     model.load_state_dict({n: state[n] for n in expected})
@@ -217,16 +213,14 @@ def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
     model = load_hf_gpt2(source, **{f.name: getattr(flags, f.name) for f in dataclasses.fields(GPTConfig)
                                     if f.name not in SHAPE_FIELDS})
     pretrained = model.config
-    differ = [f"{name} (weights {getattr(pretrained, name)}, flag {getattr(flags, name)})" for name in SHAPE_FIELDS
-              if name in given and getattr(flags, name) != getattr(pretrained, name)
-              and not (name == "block_size" and flags.block_size < pretrained.block_size)]
-    if differ:
+    if differ := [f"{name} (weights {getattr(pretrained, name)}, flag {getattr(flags, name)})"
+                  for name in SHAPE_FIELDS if name in given and getattr(flags, name) != getattr(pretrained, name)
+                  and not (name == "block_size" and flags.block_size < pretrained.block_size)]:
         sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ) + "; drop these flags")
     if "block_size" in given and flags.block_size < pretrained.block_size:
         state = model.state_dict()
-        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:flags.block_size]   # (T, C)
         model = GPT(dataclasses.replace(pretrained, block_size=flags.block_size))
-        model.load_state_dict(state)
+        model.load_state_dict({**state, "transformer.wpe.weight": state["transformer.wpe.weight"][:flags.block_size]})
     return model
 
 
@@ -250,7 +244,7 @@ def load_model(checkpoint_path: str, init_from: str = "") -> tuple[GPT, object]:
         check_hf_source(init_from)
         return load_hf_gpt2(init_from), hf_tokenizer(init_from)
     checkpoint = load_checkpoint(checkpoint_path)
-    return model_from_checkpoint(checkpoint, dropout=0.0), checkpoint_tokenizer(checkpoint)
+    return model_from_checkpoint(checkpoint, dropout=0.0), load_tokenizer(checkpoint.get("tokenizer"))
 
 
 def save_hf_as_checkpoint(source: str, path: str) -> None:

@@ -40,9 +40,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))     # base's dtype and device
+        self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 

