@@ -498,17 +498,13 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
                 save_adapter(model, lora_settings(cfg), base, step, val_loss, adapter_path)
         save_on_rank0(write, stop)
 
-    step, stop_signal, best_val_loss, timer = train_loop(
+    best_val_loss, timer = train_loop(
         cfg, parallel, optimizer, scaler,
         lambda step: step_micro_batches(splits["train"], step, cfg, rank, world_size, device),
         evaluate_now, save, log, stop, start_step, best_val_loss, saved_at_start=start_step > 0,
         flops_of=lambda tokens: finetune_flops(model.config, n_params, tokens, examples_per_step),
-        peak=peak_flops(device, cfg.peak_flops, world_size), tokens_before=None, state_path=state_path)
-    log.close()
-    if stop_signal and step < cfg.max_iters:
-        print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with "
-               f"`python finetune_lora.py --init_from=resume --out_dir={cfg.out_dir}`", flush=True)
-        sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
+        peak=peak_flops(device, cfg.peak_flops, world_size), tokens_before=None, state_path=state_path,
+        resume_with=f"`python finetune_lora.py --init_from=resume --out_dir={cfg.out_dir}`")
     if is_master:
         report_and_merge(cfg, model, base, best_val_loss, timer)
 

@@ -153,7 +153,8 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
                batches_of: Callable[[int], tuple[Iterable, int]], evaluate_now: Callable[[], dict],
                save: Callable[[int, float, float | None, bool], None], log: RunLog, stop: StopSignals,
                start_step: int, best_val_loss: float, saved_at_start: bool, flops_of: Callable[[float], float],
-               peak: float | None, tokens_before: Callable[[int], int] | None, state_path: str) -> tuple:
+               peak: float | None, tokens_before: Callable[[int], int] | None, state_path: str,
+               resume_with: str) -> tuple[float, StepTimer]:
     """The training loop of pre-training and fine-tuning alike, from start_step to cfg.max_iters, on parallel
     (a DataParallel, below, or a parallel.Pipeline: the layout's forward_backward, optimizer_step, step_loss).
 
@@ -163,7 +164,8 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
     saves on a stop without evaluating). saved_at_start: the state at start_step is on disk already (the
     run resumed from its newest save). flops_of(tokens per step) and peak (FLOP/s) give the MFU;
     tokens_before(step), where given, the tokens trained on before `step`, logged with each record. Returns
-    the step it stopped at, the signal that stopped it (None at the end), the best val loss and the timer."""
+    the best val loss and the timer; a run stopped by a signal exits instead, saying to continue with
+    resume_with (a command), with the shell's status for that signal."""
     bad_steps, timer = BadSteps(cfg.max_bad_steps, stop, scaler.is_enabled()), StepTimer()
     tokens = (lambda step: {"tokens": tokens_before(step)}) if tokens_before else (lambda step: {})  # noqa: E731
     step, stop_signal = start_step, None
@@ -204,7 +206,14 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
             step_time = timer.lap()
             log.progress(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                          timer.tokens_per_step, flops_of(timer.tokens_per_step), peak, **tokens(step + 1))
-    return step, stop_signal, best_val_loss, timer
+    log.close()
+    if dist.is_initialized():
+        dist.barrier()   # leave together: a process that tears down while others still work can abort them
+    if stop_signal and step < cfg.max_iters:
+        print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with {resume_with}",
+               flush=True)
+        sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
+    return best_val_loss, timer
 
 
 # --- one process, DDP and FSDP: the layout of whole-model replicas ---

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from checkpoints import keep_checkpoints, load_checkpoint, save_checkpoint
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
@@ -387,17 +386,11 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         micro_batches = step_batches(paths["train"], meta["train_tokens"], data_generator, T, B, accum, dp_rank,
                                      dp_size, device)
         return ((x, y, 1 / accum) for x, y in micro_batches), tokens_per_step
-    step, stop_signal, best_val_loss, timer = train_loop(
+    best_val_loss, timer = train_loop(
         cfg, parallel, optimizer, scaler, batches_of, evaluate_now, save_run, log, stop, start_step, best_val_loss,
         saved_at_start=start_step > 0 and not cfg.resume_from, flops_of=lambda tokens: token_flops * tokens,
-        peak=peak, tokens_before=lambda step: step * tokens_per_step, state_path=ckpt_path)
-    log.close()
-    if dist.is_initialized():
-        dist.barrier()   # leave together: a process that tears down while others still work can abort them
-    if stop_signal and step < cfg.max_iters:
-        print0(f"stopped by {stop_signal.name} after {step} steps: saved {ckpt_path}; continue with the same "
-               f"command plus --init_from=resume", flush=True)
-        sys.exit(128 + stop_signal)   # the shell's code for a process ended by that signal
+        peak=peak, tokens_before=lambda step: step * tokens_per_step, state_path=ckpt_path,
+        resume_with="the same command plus --init_from=resume")
     print0(f"done: best val loss {best_val_loss:.4f}; checkpoint {ckpt_path}"
            + (f"; {tokens_per_step / timer.step_time:,.0f} tokens/s" if timer.step_time else ""))
 
