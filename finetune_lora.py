@@ -484,24 +484,24 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
             save_adapter(model, lora_settings(cfg), base, start_step, state["val_loss"], adapter_path)
     log = RunLog(cfg, cfg.out_dir, dataclasses.asdict(cfg), is_master)
 
-    def save(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
+    def save_state(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
         """Save the resumable state before step `step` (every process takes part), with the val loss of the
         evaluation just made at it, if any; then, after an evaluation, the adapter file (the last one's, best
         or not: is_best plays no part)."""
         state = loop_state(step, best_val_loss, scaler, data_generator, layout)
 
-        def write() -> None:   # state.pt alone is what a resumed run reads, adapter tensors included
+        def write_state() -> None:   # state.pt alone is what a resumed run reads, adapter tensors included
             save_checkpoint({"tensors": adapter_tensors(model), "optimizer": optimizer.state_dict(), **state,
                              "val_loss": val_loss, "finetune_config": dataclasses.asdict(cfg), "base": base},
                             state_path)
             if val_loss is not None:
                 save_adapter(model, lora_settings(cfg), base, step, val_loss, adapter_path)
-        save_on_rank0(write, stop)
+        save_on_rank0(write_state, stop)
 
     best_val_loss, timer = train_loop(
         cfg, parallel, optimizer, scaler,
         lambda step: step_micro_batches(splits["train"], step, cfg, rank, world_size, device),
-        evaluate_now, save, log, stop, start_step, best_val_loss, saved_at_start=start_step > 0,
+        evaluate_now, save_state, log, stop, start_step, best_val_loss, saved_at_start=start_step > 0,
         flops_of=lambda tokens: finetune_flops(model.config, n_params, tokens, examples_per_step),
         peak=peak_flops(device, cfg.peak_flops, world_size), tokens_before=None, state_path=state_path,
         resume_with=f"`python finetune_lora.py --init_from=resume --out_dir={cfg.out_dir}`")

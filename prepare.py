@@ -190,7 +190,7 @@ class Progress:
         self.total, self.start, self.shown, self.width = total_docs, time.time(), 0.0, 0
         self.docs = self.empty = self.n_bytes = 0
 
-    def update(self, tokens: int | None, final: bool = False) -> None:
+    def show(self, tokens: int | None, final: bool = False) -> None:
         """tokens None: the documents are being read for something else than encoding (training a BPE)."""
         now = time.time()
         if now - self.start < 0.5 or (now - self.shown < 0.25 and not final):
@@ -203,7 +203,7 @@ class Progress:
         self.width = max(self.width, len(line))
         print("\r" + line.ljust(self.width), end="", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def finish(self) -> None:
         if self.width:
             print(file=sys.stderr)   # end the line, so what follows starts on its own
 
@@ -226,8 +226,8 @@ def training_texts(documents: Iterable[str], progress: Progress) -> Iterator[str
     progress. Small pieces, because the trainer pulls texts from Python a few hundred at a time."""
     for _, piece in document_pieces(documents, progress, size=1 << 16):
         yield piece
-        progress.update(None)
-    progress.update(None, final=True)
+        progress.show(None)
+    progress.show(None, final=True)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> str:
@@ -265,8 +265,8 @@ def tokenize_to_file(documents: Iterable[str], enc, f, num_proc: int, progress: 
         assert array.size == 0 or (array.min() >= 0 and array.max() < 2**16), "token id does not fit uint16"
         array.astype(np.uint16).tofile(f)
         n_tokens += array.size
-        progress.update(n_tokens)
-    progress.update(n_tokens, final=True)
+        progress.show(n_tokens)
+    progress.show(n_tokens, final=True)
     return n_tokens, n_docs, progress.empty
 
 
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             tokenizer_json = train_bpe(training_texts(documents(), progress), bpe_vocab)
         finally:
-            progress.close()
+            progress.finish()
         print(f"trained a byte-level BPE of {bpe_vocab:,} ids in {time.time() - progress.start:.1f} s")
     enc = BPETokenizer(tokenizer_name, tokenizer_json) if tokenizer_json else get_tokenizer()
 
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         meta_json = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
         write_atomically(os.path.join(out_dir, "meta.json"), lambda f: f.write(meta_json))
     finally:   # after an error or Ctrl-C: remove our partial files, and the folder if we made it
-        progress.close()
+        progress.finish()
         for tmp in (train_bin + ".tmp", val_bin + ".tmp"):
             if os.path.exists(tmp):
                 os.remove(tmp)
