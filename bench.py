@@ -35,7 +35,7 @@ from measure import (cpu_description, matmul_flops, peak_cuda_mib, print_table, 
 from model import GPT, GPTConfig, arg, build_stage, flops_per_token, generate, plan_stages, stage_costs
 from planner import LayoutConfig, microbatches
 from presets import PRESETS, apply_preset
-from processes import autocast, dtype_name, peak_flops, pick_device, pick_dtype, sampling_dtype, should_compile
+from processes import autocast, choose_dtype, dtype_name, peak_flops, pick_device, sampling_dtype, should_compile
 from tokenfiles import draw_windows, read_batch, to_device
 from tokenization import seed_tiktoken_cache
 
@@ -361,7 +361,7 @@ def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str, 
     """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
     literal_evals each value and wants the type of its default, hence 0.0 for a float. Off CUDA nanoGPT
     trains and samples in fp32 whatever --dtype says, so its flag says float32 there."""
-    dtype = dtype_name(pick_dtype(train_cfg.dtype, device)) if device.startswith("cuda") else "float32"
+    dtype = dtype_name(choose_dtype(train_cfg.dtype, device)[0]) if device.startswith("cuda") else "float32"
     return [f"--device={device}", f"--dtype={dtype}", f"--compile={compile_model}",
             f"--n_layer={model_cfg.n_layer}", f"--n_head={model_cfg.n_head}", f"--n_embd={model_cfg.n_embd}",
             f"--block_size={model_cfg.block_size}", f"--bias={model_cfg.bias}",
@@ -472,7 +472,7 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     # bf16 matmuls in hardware: every CUDA GPU we run on; an x86 CPU with AVX-512 BF16 or AMX. Elsewhere torch
     # emulates bf16 through fp32, so its 'peak' would say nothing about the machine.
     bf16 = [torch.bfloat16] if device.startswith("cuda") or {"avx512_bf16", "amx_bf16"} & set(cpu_flags) else []
-    run_dtype = pick_dtype(train_cfg.dtype, device)
+    run_dtype = choose_dtype(train_cfg.dtype, device)[0]
     figures, peaks = [], {}
     for dtype in dict.fromkeys([torch.float32, *bf16, run_dtype]):
         name = dtype_name(dtype)

@@ -29,7 +29,7 @@ from checkpoints import write_atomically
 from flags import parse_args
 from gpt2_weights import go_offline_if_hub_unreachable, load_model
 from model import GPT, GPT2_SIZES, arg, generate
-from processes import autocast, pick_device, pick_dtype
+from processes import autocast, choose_dtype, pick_device
 
 
 @dataclass
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     # this has to come before huggingface_hub and datasets are imported.
     hub_unreachable = go_offline_if_hub_unreachable() if cfg.tasks or cfg.init_from in GPT2_SIZES else None
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = choose_dtype(cfg.dtype, device)[0]
     model, tokenizer = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), cfg.init_from)
     model.to(device).eval()
     output = cfg.output or default_output(cfg)

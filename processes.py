@@ -80,16 +80,11 @@ def choose_dtype(requested: str, device: str) -> tuple[torch.dtype, str]:
     return dtype, f"{dtype_name(dtype)} (auto: bf16 matmuls run {speedup:.2f}x fp32's speed here)"
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """The dtype of choose_dtype."""
-    return choose_dtype(requested, device)[0]
-
-
 def sampling_dtype(requested: str, device: str) -> torch.dtype:
-    """pick_dtype for generation. 'auto' on a CPU is fp32 even where bf16 trains faster: a decoding step
+    """choose_dtype's dtype for generation. 'auto' on a CPU is fp32 even where bf16 trains faster: a decoding step
     multiplies one row by each weight, which bf16 autocast would first cast, every step
     (docs/performance.md)."""
-    return torch.float32 if requested == "auto" and device == "cpu" else pick_dtype(requested, device)
+    return torch.float32 if requested == "auto" and device == "cpu" else choose_dtype(requested, device)[0]
 
 
 def should_compile(requested: bool | None, device: str) -> bool:

@@ -67,16 +67,6 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def format_step_line(step: int, max_iters: int, loss: float, lr: float, grad_norm: float, step_time: float,
-                     tokens_per_step: int, flops_per_step: float, peak: float | None) -> str:
-    """The progress line logged after optimizer step `step` (1-based); step_time in seconds."""
-    flops = flops_per_step / step_time
-    speed = f"MFU {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
-    return (f"step {step}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-            f"{1000 * step_time:.0f} ms/step | {tokens_per_step / step_time:,.0f} tokens/s | {speed} | "
-            f"ETA {format_duration(step_time * (max_iters - step))}")
-
-
 class RunLog:
     """What a run reports: a line on stdout per evaluation, per logged step and per skipped step, the same as
     JSON lines in out_dir/metrics.jsonl, and their numbers streamed to Weights & Biases and TensorBoard
@@ -96,10 +86,11 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self.streams["tensorboard"] = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
 
-    def record(self, record: dict) -> None:
-        """Append one record to metrics.jsonl and send its numbers to the live streams, against its step."""
+    def record(self, line: str, record: dict) -> None:
+        """Print line, append record to metrics.jsonl and send its numbers to the live streams, against its step."""
         if self.file is None:
             return
+        print(line, flush=True)
         append_log(self.file, record)
         numbers = {name: value for name, value in record.items()
                    if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
@@ -111,28 +102,25 @@ class RunLog:
 
     def evaluation(self, step: int, losses: dict[str, float], **extra) -> None:
         """The train and val loss of the evaluation before step `step`."""
-        if self.file is None:
-            return
-        print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        self.record({"step": step, **extra, "train_loss": losses["train"], "val_loss": losses["val"]})
+        self.record(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+                    {"step": step, **extra, "train_loss": losses["train"], "val_loss": losses["val"]})
 
     def progress(self, step: int, max_iters: int, loss: float, lr: float, grad_norm: float, step_time: float,
                  tokens_per_step: float, flops_per_step: float, peak: float | None, **extra) -> None:
         """The progress line after optimizer step `step` (1-based): step_time in seconds, peak in FLOP/s."""
-        if self.file is None:
-            return
-        print(format_step_line(step, max_iters, loss, lr, grad_norm, step_time, round(tokens_per_step),
-                               flops_per_step, peak), flush=True)
-        self.record({"step": step, **extra, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        flops = flops_per_step / step_time
+        speed = f"MFU {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
+        self.record(f"step {step}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                    f"{1000 * step_time:.0f} ms/step | {round(tokens_per_step) / step_time:,.0f} tokens/s | {speed} | "
+                    f"ETA {format_duration(step_time * (max_iters - step))}",
+                    {"step": step, **extra, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      "ms_per_step": 1000 * step_time, "tokens_per_s": tokens_per_step / step_time,
-                     "mfu": flops_per_step / step_time / peak if peak else None})
+                     "mfu": flops / peak if peak else None})
 
     def skipped(self, step: int, in_a_row: int) -> None:
         """A step whose update was skipped (BadSteps)."""
-        if self.file is None:
-            return
-        print(f"step {step}: skipped: non-finite loss or gradient norm ({in_a_row} in a row)", flush=True)
-        self.record({"step": step, "skipped": "non-finite loss or gradient norm"})
+        self.record(f"step {step}: skipped: non-finite loss or gradient norm ({in_a_row} in a row)",
+                    {"step": step, "skipped": "non-finite loss or gradient norm"})
 
     def close(self) -> None:
         if self.file is None:
