@@ -675,12 +675,12 @@ def plan_stages(config: GPTConfig, n_stages: int, balance: str = "flops") -> lis
 
 def describe_plan(config: GPTConfig, plan: list[range], balance: str) -> list[str]:
     """Readable lines: blocks, parameters and estimated cost of each stage, and the max/mean imbalance."""
+    models = [stage_costs(config, kind) for kind in ("params", "flops", balance)]   # each (block, first, last)
     lines, costs = [], []
     for s, blocks in enumerate(plan):
         is_first, is_last = s == 0, s == len(plan) - 1
-        # stage_costs' (block, first, last) dotted with (blocks held, holds the first end, holds the last)
-        params, flops, cost = (sum(c * n for c, n in zip(stage_costs(config, kind), (len(blocks), is_first, is_last)))
-                               for kind in ("params", "flops", balance))
+        # each model's (block, first, last) dotted with (blocks held, holds the first end, holds the last)
+        params, flops, cost = (sum(c * n for c, n in zip(model, (len(blocks), is_first, is_last))) for model in models)
         costs.append(cost)
         parts = (["embedding"] if is_first else []) + ([f"blocks {blocks.start}-{blocks.stop - 1}"] if blocks
                                                        else []) + (["ln_f + head"] if is_last else [])
