@@ -1,8 +1,8 @@
 """Text in, token ids out: GPT-2's r50k_base (tiktoken, or its BPE files offline) and your own byte-level BPE
 (Hugging Face tokenizers), the record a checkpoint keeps of its tokenizer, and the built-in Shakespeare sample."""
+import contextlib
 import functools
 import hashlib
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
