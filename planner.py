@@ -334,58 +334,6 @@ def head_activation_bytes(config: GPTConfig, b: int, T: int, act_bytes: int, los
     return ln_input + a * btc + 12 * btv
 
 
-def microbatches_in_flight(schedule: str, pp: int, n_microbatches: int, virtual_stages: int,
-                           pp_rank: int) -> int:
-    """Micro-batches whose activations pipeline rank pp_rank of pp holds at once (in virtual-stage chunks when
-    interleaved): GPipe runs every forward first; 1F1B (Narayanan et al. 2019) starts backward after P - p
-    forwards; interleaved 1F1B warms up with 2(P - p - 1) + (V - 1)P chunks (Narayanan et al. 2021)."""
-    P, n = pp, n_microbatches
-    if schedule == "gpipe":
-        return n
-    if schedule == "1f1b":
-        return min(n, P - pp_rank)
-    V = virtual_stages
-    return min(n * V, 2 * (P - pp_rank - 1) + (V - 1) * P + 1)
-
-
-def memory_estimate(config: GPTConfig, counts: ParamCounts, n_blocks: int, n_chunks: int, holds_first: bool,
-                    holds_last: bool, micro_batch: int, in_flight: int, head_in_flight: int, act_bytes: int,
-                    loss_chunk: int, shards: int, data_parallel: bool, tp: int = 1,
-                    sequence_parallel: bool = False, pipelined: bool = False) -> dict[str, float]:
-    """Estimated peak bytes on one GPU, by kind, for what one rank holds: n_blocks blocks in n_chunks
-    virtual-stage chunks (1 unless interleaved), each chunk keeping the activations of in_flight
-    micro-batches of micro_batch sequences (the head's: head_in_flight), the embedding and/or the head, all
-    on one of tp tensor-parallel ranks (counts: ParamCounts under tp). shards > 1: FSDP splits weights,
-    gradients and AdamW states over the dp ranks, and gathers two blocks at a time (the current and the
-    prefetched next; under TP each gathers its 1/t slice), except in a pipeline (pipelined), where the
-    stage's weights stay gathered through the step and its gradients whole until the step's one
-    reduce-scatter (shard_stage). data_parallel: DDP keeps its gradient buckets beside .grad (under --pp,
-    the flat copy the replicas average)."""
-    T = config.block_size
-    params, linear = rank_params(config, counts, n_blocks, holds_first, holds_last)
-    block_params, block_linear = counts.block
-    gathered = 0 if shards == 1 else 4 * params if pipelined else 2 * 4 * block_params
-    estimate = {"weights": 4 * params / shards + gathered,
-                "gradients": 4 * params / shards * (2 if data_parallel and shards == 1 else 1)
-                + (4 * params if shards > 1 and pipelined else 0),
-                "AdamW": 8 * params / shards}
-    per_block = block_activation_bytes(config, micro_batch, T, act_bytes, tp, sequence_parallel)
-    if config.activation_checkpointing:
-        # Each block keeps its fp32 input (split by sequence under sequence parallelism; Korthikanti et al.
-        # 2022, section 5: 2sbhL/t); one block is rebuilt at a time, and only its 16-bit weight copies live.
-        kept = 4 * micro_batch * T * config.n_embd // (tp if sequence_parallel else 1)
-        activations = n_blocks // n_chunks * kept * in_flight + per_block
-        copies = linear - (n_blocks - 1) * block_linear if n_blocks else linear
-    else:
-        activations, copies = n_blocks // n_chunks * per_block * in_flight, linear
-    if holds_last:
-        activations += head_activation_bytes(config, micro_batch, T, act_bytes, loss_chunk, tp,
-                                             sequence_parallel) * head_in_flight
-    estimate["16-bit weight copies"] = 2 * copies if act_bytes == 2 else 0
-    estimate["activations"] = activations
-    return estimate
-
-
 @dataclass
 class Layout:
     """How a run spreads over pp x dp x tp GPUs, and what each micro-batch is: the dry run's input."""
@@ -412,13 +360,60 @@ class Layout:
         return self.virtual_stages if self.pp > 1 and self.schedule == "interleaved_1f1b" else 1
 
 
+def microbatches_in_flight(layout: Layout, pp_rank: int) -> int:
+    """Micro-batches whose activations pipeline rank pp_rank of the layout's P holds at once (in virtual-stage
+    chunks when interleaved): GPipe runs every forward first; 1F1B (Narayanan et al. 2019) starts backward
+    after P - p forwards; interleaved 1F1B warms up with 2(P - p - 1) + (V - 1)P chunks (Narayanan et al. 2021)."""
+    P, n, V = layout.pp, layout.n_microbatches, layout.virtual_stages
+    if layout.schedule == "gpipe":
+        return n
+    if layout.schedule == "1f1b":
+        return min(n, P - pp_rank)
+    return min(n * V, 2 * (P - pp_rank - 1) + (V - 1) * P + 1)
+
+
+def memory_estimate(config: GPTConfig, counts: ParamCounts, layout: Layout, n_blocks: int, holds_first: bool,
+                    holds_last: bool, in_flight: int) -> dict[str, float]:
+    """Estimated peak bytes on one GPU of the layout, by kind, for what one rank holds: n_blocks blocks in
+    layout.chunks virtual-stage chunks, each chunk keeping the activations of in_flight micro-batches (the
+    head's too under GPipe, else one), the embedding and/or the head, all on one of layout.tp tensor-parallel
+    ranks (counts: ParamCounts under tp). Under FSDP the weights, gradients and AdamW states are split over the
+    dp ranks, and two blocks are gathered at a time (the current and the prefetched next; under TP each
+    gathers its 1/t slice), except in a pipeline, where the stage's weights stay gathered through the step
+    and its gradients whole until the step's one reduce-scatter (shard_stage). Under DDP the gradient buckets
+    sit beside .grad (under --pp, the flat copy the replicas average)."""
+    T, L, pipelined = config.block_size, layout, layout.pp > 1
+    shards, data_parallel = L.dp if L.fsdp else 1, L.dp > 1 and not L.fsdp
+    params, linear = rank_params(config, counts, n_blocks, holds_first, holds_last)
+    block_params, block_linear = counts.block
+    gathered = 0 if shards == 1 else 4 * params if pipelined else 2 * 4 * block_params
+    estimate = {"weights": 4 * params / shards + gathered,
+                "gradients": 4 * params / shards * (2 if data_parallel and shards == 1 else 1)
+                + (4 * params if shards > 1 and pipelined else 0),
+                "AdamW": 8 * params / shards}
+    per_block = block_activation_bytes(config, L.micro_batch, T, L.act_bytes, L.tp, L.sequence_parallel)
+    if config.activation_checkpointing:
+        # Each block keeps its fp32 input (split by sequence under sequence parallelism; Korthikanti et al.
+        # 2022, section 5: 2sbhL/t); one block is rebuilt at a time, and only its 16-bit weight copies live.
+        kept = 4 * L.micro_batch * T * config.n_embd // (L.tp if L.sequence_parallel else 1)
+        activations = n_blocks // L.chunks * kept * in_flight + per_block
+        copies = linear - (n_blocks - 1) * block_linear if n_blocks else linear
+    else:
+        activations, copies = n_blocks // L.chunks * per_block * in_flight, linear
+    if holds_last:
+        activations += head_activation_bytes(config, L.micro_batch, T, L.act_bytes, L.loss_chunk, L.tp,
+                                             L.sequence_parallel) * (in_flight if L.schedule == "gpipe" else 1)
+    estimate["16-bit weight copies"] = 2 * copies if L.act_bytes == 2 else 0
+    estimate["activations"] = activations
+    return estimate
+
+
 def plan_memory(config: GPTConfig, layout: Layout, plans: dict | None = None
                 ) -> list[tuple[str, int, dict[str, float]]]:
     """(name, parameters, memory_estimate) for each pipeline rank of the layout (one row when pp == 1): what
     one GPU of that rank holds. Stages come from model.plan_stages, as the real run cuts them (plans: a dict
     that keeps the cuts for the next call, for a search that plans many layouts of one model)."""
     counts, L, pipelined = param_counts(config, layout.tp), layout, layout.pp > 1
-    shards, replicated = L.dp if L.fsdp else 1, L.dp > 1 and not L.fsdp
     key, plans = (L.pp * L.chunks, L.balance, config.vocab_size), {} if plans is None else plans
     if key not in plans:
         plans[key] = plan_stages(config, L.pp * L.chunks, L.balance) if pipelined else [range(config.n_layer)]
@@ -427,11 +422,8 @@ def plan_memory(config: GPTConfig, layout: Layout, plans: dict | None = None
         ids = [rank + v * L.pp for v in range(L.chunks)]     # interleaved: stages p, p + P, p + 2P, ...
         n_blocks = sum(len(plan[i]) for i in ids)
         holds_first, holds_last = 0 in ids, len(plan) - 1 in ids
-        in_flight = microbatches_in_flight(L.schedule, L.pp, L.n_microbatches, L.virtual_stages, rank) \
-            if pipelined else 1
-        estimate = memory_estimate(config, counts, n_blocks, L.chunks, holds_first, holds_last, L.micro_batch,
-                                   in_flight, in_flight if L.schedule == "gpipe" else 1, L.act_bytes, L.loss_chunk,
-                                   shards, replicated, L.tp, L.sequence_parallel, pipelined)
+        in_flight = microbatches_in_flight(L, rank) if pipelined else 1
+        estimate = memory_estimate(config, counts, L, n_blocks, holds_first, holds_last, in_flight)
         blocks = ", ".join(f"{plan[i].start}-{plan[i].stop - 1}" if plan[i] else "none" for i in ids)
         rows.append((f"stage {rank} (blocks {blocks})" if pipelined else "each GPU",
                      rank_params(config, counts, n_blocks, holds_first, holds_last)[0], estimate))

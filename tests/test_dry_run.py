@@ -199,11 +199,11 @@ def test_tensor_parallel_activations_follow_korthikanti_table_2():
     assert block_activation_bytes(config, b, T, 2, 4, True) < block_activation_bytes(config, b, T, 2, 4)
     # Full recomputation keeps each block's fp32 input (Korthikanti et al.'s 2sbh per layer in 16 bits), split
     # by sequence under sequence parallelism, and rebuilds one block at a time.
-    from planner import memory_estimate, param_counts
+    from planner import Layout, memory_estimate, param_counts
     checkpointed = GPTConfig(n_layer=6, n_head=8, n_embd=64, block_size=32, activation_checkpointing=True)
     for t, sequence in ((1, False), (4, False), (4, True)):
-        estimate = memory_estimate(checkpointed, param_counts(checkpointed, t), 6, 1, False, False, b, 1, 1, 2, 0,
-                                   1, False, t, sequence)
+        layout = Layout(tp=t, sequence_parallel=sequence, micro_batch=b, act_bytes=2)
+        estimate = memory_estimate(checkpointed, param_counts(checkpointed, t), layout, 6, False, False, 1)
         kept = 6 * 4 * btc // (t if sequence else 1)
         assert estimate["activations"] == kept + block_activation_bytes(checkpointed, b, T, 2, t, sequence)
 
