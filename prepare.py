@@ -341,6 +341,28 @@ def read_tokenizer_flag(flag: str) -> tuple[int | None, str, str]:
     return None, os.path.abspath(flag), tokenizer_json
 
 
+def commit_dataset(out_dir: str, meta: dict, tokenizer_json: str) -> None:
+    """Move train.bin.tmp and val.bin.tmp into place and write meta.json, with their digests, and the BPE's
+    tokenizer.json when there is one (tokenizer_json: its text). meta.json goes first and comes back last, so
+    a run killed in between leaves .bin files that no meta.json vouches for, which train.py treats as "not
+    prepared"."""
+    bins = [os.path.join(out_dir, name) for name in ("train.bin", "val.bin")]
+    meta = {**meta, "sha256": {os.path.basename(path): sha256_file(path + ".tmp") for path in bins}}
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        os.remove(os.path.join(out_dir, "meta.json"))
+    for path in bins:
+        os.replace(path + ".tmp", path)
+    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
+    if tokenizer_json:   # the BPE the ids belong to, which train.py puts into every checkpoint
+        write_atomically(tokenizer_path, lambda f: f.write(tokenizer_json.encode()))
+        meta.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(tokenizer_path))
+    elif os.path.exists(tokenizer_path):   # left by an earlier preparation with a BPE
+        os.remove(tokenizer_path)
+    # Sorted keys and no timestamps: the same inputs give the same bytes.
+    meta_json = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    write_atomically(os.path.join(out_dir, "meta.json"), lambda f: f.write(meta_json))
+
+
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(PrepareConfig, argv=argv)
     if not 0 < cfg.val_fraction < 1:
@@ -411,27 +433,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {n_total} tokens are too few: train and val need at least 2 tokens each "
                      f"(got {n_train} and {n_total - n_train} with --val_fraction={cfg.val_fraction})")
         split_tail(train_bin + ".tmp", val_bin + ".tmp", n_train)
-        digests = {"train.bin": sha256_file(train_bin + ".tmp"), "val.bin": sha256_file(val_bin + ".tmp")}
-
-        # 5. Commit: meta.json goes first and comes back last, so a run killed in between leaves .bin files
-        # that no meta.json vouches for, which train.py treats as "not prepared".
-        if os.path.exists(os.path.join(out_dir, "meta.json")):
-            os.remove(os.path.join(out_dir, "meta.json"))
-        os.replace(train_bin + ".tmp", train_bin)
-        os.replace(val_bin + ".tmp", val_bin)
-        meta = {"format": FORMAT, "tokenizer": enc.name, "vocab_size": enc.vocab_size, "eot_token": enc.eot_token,
-                "dtype": "uint16", "train_tokens": n_train, "val_tokens": n_total - n_train, "documents": n_docs,
-                "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction, "source": source,
-                "sha256": digests}
-        tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
-        if enc.file:   # the BPE the ids belong to, which train.py puts into every checkpoint
-            write_atomically(tokenizer_path, lambda f: f.write(enc.file.encode()))
-            meta.update(tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(tokenizer_path))
-        elif os.path.exists(tokenizer_path):   # left by an earlier preparation with a BPE
-            os.remove(tokenizer_path)
-        # Sorted keys and no timestamps: the same inputs give the same bytes.
-        meta_json = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
-        write_atomically(os.path.join(out_dir, "meta.json"), lambda f: f.write(meta_json))
+        # 5. Commit the files, meta.json last.
+        commit_dataset(out_dir, {"format": FORMAT, "tokenizer": enc.name, "vocab_size": enc.vocab_size,
+                                 "eot_token": enc.eot_token, "dtype": "uint16", "train_tokens": n_train,
+                                 "val_tokens": n_total - n_train, "documents": n_docs,
+                                 "empty_documents_skipped": n_empty, "val_fraction": cfg.val_fraction,
+                                 "source": source}, enc.file)
     finally:   # after an error or Ctrl-C: remove our partial files, and the folder if we made it
         progress.finish()
         for tmp in (train_bin + ".tmp", val_bin + ".tmp"):
