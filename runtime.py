@@ -207,8 +207,10 @@ def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scale
             log.progress(step + 1, cfg.max_iters, loss_value, lr, grad_norm.item(), step_time,
                          timer.tokens_per_step, flops_of(timer.tokens_per_step), peak, **tokens(step + 1))
     log.close()
-    if dist.is_initialized():   # leave together: a process that tears down while others still work can abort
-        dist.barrier(group=stop.group)   # them; on the CPU group, whose timeout fits rank 0's work (processes.py)
+    # Leave together: a process that tears down while others still work can abort them. On the CPU group,
+    # whose timeout fits rank 0's work (processes.py).
+    if dist.is_initialized():
+        dist.barrier(group=stop.group)
     if stop_signal and step < cfg.max_iters:
         print0(f"stopped by {stop_signal.name} after {step} steps: saved {state_path}; continue with {resume_with}",
                flush=True)
