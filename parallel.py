@@ -5,6 +5,7 @@ one global norm with every piece counted once.
 
 The dry run's memory model, what one GPU holds under each layout, is planner.py's.
 """
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,10 +49,8 @@ def copies_per_piece(t: torch.Tensor, stage_processes: int) -> int:
     if not isinstance(t, DTensor):
         return stage_processes
     assert not any(p.is_partial() for p in t.placements), "gradients are reduced before the norm is taken"
-    copies = stage_processes // t.device_mesh.size()
-    for size, placement in zip(t.device_mesh.shape, t.placements):
-        copies *= size if placement.is_replicate() else 1
-    return copies
+    replicated = [size for size, placement in zip(t.device_mesh.shape, t.placements) if placement.is_replicate()]
+    return stage_processes // t.device_mesh.size() * math.prod(replicated)
 
 
 def clip_by_global_norm(counted: list[torch.Tensor], scaled: list[torch.Tensor], stage_processes: int,
@@ -167,10 +166,9 @@ class RankStream:
 
     def leave(self, *_) -> None:
         if self.shared is not None:
-            cpu, cuda = self.shared
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state(cuda)
+            torch.set_rng_state(self.shared[0])
+            if self.cuda:
+                torch.cuda.set_rng_state(self.shared[1])
             self.shared = None
 
 
@@ -241,9 +239,8 @@ def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) ->
     for block in model.transformer.h.children():   # a GPT's ModuleList, a GPTStage's ModuleDict
         attn = block.attn
         with torch.no_grad():
-            attn.c_attn.weight.copy_(permute_qkv(attn.c_attn.weight, tp))
-            if attn.c_attn.bias is not None:
-                attn.c_attn.bias.copy_(permute_qkv(attn.c_attn.bias, tp))
+            for p in attn.c_attn.parameters():   # weight (3C, C), bias (3C,) when there is one
+                p.copy_(permute_qkv(p, tp))
         attn.first_head = tp_rank * attn.n_head // tp
         if attn.dropout > 0:
             rank_streams_for_dropout(block, tp_rank, tp_mesh.device_type, sequence_parallel)
@@ -322,13 +319,6 @@ class AutocastForward(torch.nn.Module):
             return self.module(x)
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a DTensor (all-gathered: every process of its mesh must call this, in the same
-    order), a plain tensor itself."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 @dataclass
 class Pipeline:
     """What one process holds of the pipeline, and the steps of training through it. The processes form one
@@ -339,14 +329,12 @@ class Pipeline:
     schedule: object                      # the torch.distributed.pipelining schedule
     holds_first: bool                     # runs stage 0: feeds the token ids
     holds_last: bool                      # runs the last stage: computes the loss
-    pp_group: object                      # the processes of this pipeline
+    mesh: object                          # the (pp, dp, tp) device mesh: this pipeline runs along its pp dim
     tie_group: object | None              # {first stage, last stage} of this pipeline, when wte is tied
     dp_rank: int                          # which data-parallel replica (or FSDP shard) this process belongs to
     dp_group: object | None               # the data-parallel replicas of these stages, when averaged here
-    tp_rank: int                          # which tensor-parallel slice of the stages this process runs
     tp: int                               # processes each stage's matrices are split across
     fsdp: bool                            # the stages are sharded over dp
-    stage_processes: int                  # processes running each stage: dp x tp
     accum: int                            # schedule steps (each of n_microbatches micro-batches) per update
     device: str                           # where this process's stages run
 
@@ -359,14 +347,11 @@ class Pipeline:
         the stages apply it to their forward passes (AutocastForward)."""
         losses = []
         run = self.schedule.step if train else self.schedule.eval
-        with self.loss_context():
+        with tp_loss_context(self.tp):
             run(*([x] if self.holds_first else []), target=y if self.holds_last else None, losses=losses)
         if not self.holds_last:
             return torch.zeros((), device=x.device)
         return local_value(torch.stack(losses).sum().detach())   # under loss_parallel, a replicated DTensor
-
-    def loss_context(self):
-        return tp_loss_context(self.tp)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, micro_step: int, scaler: torch.amp.GradScaler,
                          weight: float) -> torch.Tensor:
@@ -383,7 +368,7 @@ class Pipeline:
     def step_loss(self, loss: torch.Tensor) -> float:
         """The step's mean loss: only the last stages hold one, so the mean over all processes, times the
         stages, counts each replica once."""
-        return (all_ranks_mean(loss) * dist.get_world_size(self.pp_group)).item()
+        return (all_ranks_mean(loss) * self.mesh.size(0)).item()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                        is_good: Callable[[torch.Tensor], bool]) -> torch.Tensor:
@@ -392,13 +377,13 @@ class Pipeline:
         tied = None if self.tie_group is None else \
             self.module[0].transformer.wte.weight if self.holds_first else self.module[-1].lm_head.weight
         return reduce_clip_and_step([p for _, p in self.named_parameters()], optimizer, grad_clip, is_good,
-                                    self.stage_processes, self.device, self.dp_group, self.tie_group, tied,
-                                    count_tied=self.holds_first)
+                                    self.mesh.size(1) * self.mesh.size(2), self.device, self.dp_group, self.tie_group,
+                                    tied, count_tied=self.holds_first)
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch's mean loss, computed on the last stage and shared with the others."""
         loss = self.run(x, y, train=False) * self.accum       # undo the 1 / accum of the loss scale
-        dist.all_reduce(loss, group=self.pp_group)
+        dist.all_reduce(loss, group=self.mesh.get_group("pp"))
         return loss
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -425,15 +410,18 @@ class Pipeline:
         """The whole model's state dict and by-name optimizer state on rank 0 (None elsewhere): each stage's
         sharded tensors gathered whole, then the stages of the first (dp, tp) index sent to rank 0 and merged,
         so the checkpoint is the same file as one process writes."""
+        from torch.distributed.tensor import DTensor
         def whole(name: str, t: torch.Tensor) -> torch.Tensor:   # c_attn's rows back in one process's order
-            return permute_qkv_entry(name, full(t).cpu(), self.tp, inverse=True)
+            # a DTensor all-gathered: every process of its mesh calls this, in the same order
+            t = t.full_tensor() if isinstance(t, DTensor) else t
+            return permute_qkv_entry(name, t.cpu(), self.tp, inverse=True)
         weights = {name: whole(name, t) for stage in self.module for name, t in stage.state_dict().items()}
         optimizer_state = map_optimizer_state(whole, optimizer_state_by_name(self.named_parameters(), optimizer))
         if self.tie_group is not None and self.holds_last:   # the copy's state equals wte's on the first stage
             optimizer_state["state"].pop("lm_head.weight", None)
             for group in optimizer_state["param_groups"]:
                 group["params"] = [name for name in group["params"] if name != "lm_head.weight"]
-        sends = self.dp_rank == 0 and self.tp_rank == 0
+        sends = self.dp_rank == 0 and self.mesh.get_local_rank("tp") == 0
         shards = gather_to_rank0((weights, optimizer_state) if sends else None)
         if dist.get_rank() != 0:
             return None, None
@@ -474,7 +462,7 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
     the mesh at its (dp, tp) index), and sends the next stage's matching process what its blocks output: the
     residual stream (B, T, C), whole on each, or its (B, T / tp, C) slice of it under sequence parallelism.
     The last stage's logits stay split by vocabulary, and the loss is computed from them under loss_parallel
-    (Pipeline.loss_context), as without the pipeline: the (B, T, V) logits are never gathered."""
+    (tp_loss_context), as without the pipeline: the (B, T, V) logits are never gathered."""
     # Imported here, like FSDP: importing the pipelining package takes time that other layouts need not spend.
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -490,19 +478,18 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
                 super().perform_reduce_grad(grad_scale_factor)
 
     pp, dp, tp = mesh.size(0), mesh.size(1), mesh.size(2)
-    pp_rank, dp_rank, tp_rank = (mesh.get_local_rank(dim) for dim in ("pp", "dp", "tp"))
+    pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
     n_virtual = virtual_stages if schedule == "interleaved_1f1b" else 1
     plan = plan_stages(model_cfg, pp * n_virtual, balance)
     if dist.get_rank() == 0:
         print("\n".join(describe_plan(model_cfg, plan, balance)))
     stage_ids = [pp_rank + v * pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
     modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
-    if tp > 1:   # before FSDP, which then shards each process's tensor-parallel slices over dp
-        for module in modules:
-            tensor_parallel(module, mesh["tp"], sequence_parallel)
     wrapped = [AutocastForward(m, device, dtype) for m in modules]
-    if fsdp:
-        for stage in wrapped:
+    for stage in wrapped:
+        if tp > 1:   # before FSDP, which then shards each process's tensor-parallel slices over dp
+            tensor_parallel(stage.module, mesh["tp"], sequence_parallel)
+        if fsdp:
             shard_stage(stage, mesh["dp"])
     stages = [AccumulatingStage(m, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
               for m, i in zip(wrapped, stage_ids)]
@@ -513,14 +500,12 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
                                                  n_microbatches, loss_fn, scale_grads=False)
     # Every process creates every group, in the same order (a rule of torch.distributed.new_group).
     tie_group = None
-    if model_cfg.tie_embeddings:
-        for d in range(dp):
-            for t in range(tp):   # global rank = (pp_rank * dp + dp_rank) * tp + tp_rank
-                group = dist.new_group([d * tp + t, ((pp - 1) * dp + d) * tp + t])
-                if (dp_rank, tp_rank) == (d, t) and pp_rank in (0, pp - 1):
-                    tie_group = group
+    if model_cfg.tie_embeddings:   # mesh.mesh: the global ranks, (pp, dp, tp)
+        for first, last in zip(mesh.mesh[0].flatten().tolist(), mesh.mesh[-1].flatten().tolist()):
+            group = dist.new_group([first, last])
+            if dist.get_rank() in (first, last):
+                tie_group = group
     return Pipeline(torch.nn.ModuleList(modules), stages, pipeline_schedule, holds_first=pp_rank == 0,
-                    holds_last=pp_rank == pp - 1, pp_group=mesh.get_group("pp"), tie_group=tie_group,
-                    dp_rank=dp_rank, dp_group=mesh.get_group("dp") if dp > 1 and not fsdp else None,
-                    tp_rank=tp_rank, tp=tp, fsdp=fsdp, stage_processes=dp * tp, accum=accum,
+                    holds_last=pp_rank == pp - 1, mesh=mesh, tie_group=tie_group, dp_rank=dp_rank,
+                    dp_group=mesh.get_group("dp") if dp > 1 and not fsdp else None, tp=tp, fsdp=fsdp, accum=accum,
                     device=device)
