@@ -20,7 +20,6 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from tokenization import decode_utf8, shakespeare_paths
 
 # --- the run's flags ---
 
-@dataclass
+@dataclasses.dataclass
 class FinetuneConfig(RunConfig):
     """finetune_lora.py's flags: flags.RunConfig's (the schedule, the batch, AdamW and the learning rate, the
     system) with the defaults of fine-tuning, and those of LoRA and its data."""
@@ -107,11 +106,9 @@ def fit_to_context(examples: list[tuple[list[int], int]], block_size: int, overl
     whose prompt alone fills the context has no response left to learn and is always dropped."""
     kept, truncated, skipped = [], 0, 0
     for ids, n_prompt in examples:
-        if len(ids) <= block_size + 1:
-            kept.append((ids, n_prompt))
-        elif overlong == "truncate" and n_prompt < block_size + 1:
-            kept.append((ids[:block_size + 1], n_prompt))
-            truncated += 1
+        if len(ids) <= block_size + 1 or (overlong == "truncate" and n_prompt < block_size + 1):
+            kept.append((ids[:block_size + 1], n_prompt))   # the cut is a no-op where it fits
+            truncated += len(ids) > block_size + 1
         else:
             skipped += 1
     return kept, truncated, skipped
@@ -146,14 +143,12 @@ def collate(examples: list[tuple[list[int], int]], mask_input: bool) -> tuple[to
     Padded inputs may hold any token (causal attention never lets an earlier position see them): each row is
     padded with its last token, the <|endoftext|> that closes the response."""
     T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.empty((len(examples), T), dtype=torch.long)
-    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    padded = torch.tensor([ids + ids[-1:] * (T + 1 - len(ids)) for ids, _ in examples])   # (B, T + 1)
+    x, y = padded[:, :-1].contiguous(), padded[:, 1:].clone()
     for row, (ids, n_prompt) in enumerate(examples):
-        n = len(ids) - 1
-        x[row, :n], x[row, n:] = torch.tensor(ids[:-1]), ids[-1]
-        y[row, :n] = torch.tensor(ids[1:])
+        y[row, len(ids) - 1:] = -1                 # the padding
         if mask_input:
-            y[row, :n_prompt - 1] = -1
+            y[row, :n_prompt - 1] = -1             # the prompt
     return x, y
 
 
@@ -163,12 +158,10 @@ def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: Fi
     share of the target tokens the step counts on all processes (token_weights), and the step's real tokens,
     padding left out (for the tokens/s). Every process computes the step's records (step_examples); process
     `rank` takes its contiguous share."""
-    examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
-    indices = step_examples(step, examples_per_step, len(examples), cfg.seed)
-    share = len(indices) // world_size
-    my_indices = indices[rank * share:(rank + 1) * share]
-    micro_batches = [collate([examples[i] for i in my_indices[start:start + cfg.batch_size]], cfg.mask_input)
-                     for start in range(0, share, cfg.batch_size)]
+    share = cfg.batch_size * cfg.gradient_accumulation_steps   # records per process
+    indices = step_examples(step, share * world_size, len(examples), cfg.seed)
+    micro_batches = [collate([examples[i] for i in indices[start:start + cfg.batch_size]], cfg.mask_input)
+                     for start in range(rank * share, (rank + 1) * share, cfg.batch_size)]
     counts = [int((y != -1).sum()) for _, y in micro_batches]   # counted on the CPU: no device sync
     step_tokens = torch.tensor([sum(counts)], device=device)
     if world_size > 1:
@@ -178,12 +171,12 @@ def step_micro_batches(examples: list[tuple[list[int], int]], step: int, cfg: Fi
             sum(len(examples[i][0]) - 1 for i in indices))
 
 
-def eval_example_batches(examples: list[tuple[list[int], int]], batch_size: int, mask_input: bool, device: str,
-                 rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
+def eval_example_batches(examples: list[tuple[list[int], int]], cfg: FinetuneConfig, rank: int, world_size: int,
+                         device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
     """(x, y, counted tokens, weight 1) for runtime.evaluate: process rank's share of the batches of examples,
     so the mean is per token that training counts (with mask_input, the responses only)."""
-    for start in range(rank * batch_size, len(examples), world_size * batch_size):
-        x, y = collate(examples[start:start + batch_size], mask_input)
+    for start in range(rank * cfg.batch_size, len(examples), world_size * cfg.batch_size):
+        x, y = collate(examples[start:start + cfg.batch_size], cfg.mask_input)
         yield x.to(device), y.to(device), int((y != -1).sum()), 1
 
 
@@ -467,15 +460,12 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
     examples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     print0(f"model: {base['path']} ({n_params - n_adapter:,} parameters, frozen) + LoRA rank {cfg.lora_rank} on "
            f"{','.join(present)}: {n_adapter:,} trainable parameters ({100 * n_adapter / n_params:.2f}%)")
-    print0(f"{world_size} x {device}, {precision}{', compiled' if compile_model else ''} | "
-           f"{examples_per_step} records per step | loss on "
-           f"{'response tokens only' if cfg.mask_input else 'every token'}")
+    print0(f"{world_size} x {device}, {precision}{', compiled' if compile_model else ''} | {examples_per_step} "
+           f"records per step | loss on {'response tokens only' if cfg.mask_input else 'every token'}")
 
-    # Fixed evaluation examples: the first eval_iters batches of each split (the whole split if smaller).
-    eval_splits = {split: examples[:cfg.eval_iters * cfg.batch_size] for split, examples in splits.items()}
-    def evaluate_now() -> dict[str, float]:
+    def evaluate_now() -> dict[str, float]:   # fixed examples: each split's first eval_iters batches (all if fewer)
         return evaluate(model, parallel.eval_loss, lambda split: eval_example_batches(
-            eval_splits[split], cfg.batch_size, cfg.mask_input, device, rank, world_size), device, dtype)
+            splits[split][:cfg.eval_iters * cfg.batch_size], cfg, rank, world_size, device), device, dtype)
     if is_master:
         prepare_out_dir(cfg.out_dir, start_step)
         # A process killed between saving the state of an evaluation and writing its adapter.pt left the
@@ -486,8 +476,7 @@ def finetune(cfg: FinetuneConfig, given: set[str], rank: int, local_rank: int, w
 
     def save_state(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
         """Save the resumable state before step `step` (every process takes part), with the val loss of the
-        evaluation just made at it, if any; then, after an evaluation, the adapter file (the last one's, best
-        or not: is_best plays no part)."""
+        evaluation just made at it, if any; then, after an evaluation, the adapter file (is_best plays no part)."""
         state = loop_state(step, best_val_loss, scaler, data_generator, layout)
 
         def write_state() -> None:   # state.pt alone is what a resumed run reads, adapter tensors included
@@ -520,9 +509,8 @@ def report_and_merge(cfg: FinetuneConfig, model: GPT, base: dict, best_val_loss:
         # The base checkpoint with the merged weights in place of its own (its other entries kept), so every
         # reader of a ckpt.pt reads it.
         merge_lora(model)
-        merged = {**load_checkpoint(base["path"]), "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                  "lora_merged": {"adapter": adapter_path, "base": base}}
-        save_checkpoint({k: v for k, v in merged.items() if k not in ("format", "version")}, merged_path)
+        save_checkpoint({**load_checkpoint(base["path"]), "lora_merged": {"adapter": adapter_path, "base": base},
+                         "model": {k: v.cpu() for k, v in model.state_dict().items()}}, merged_path)
         print(f"merged: {merged_path} (the base with the adapter folded in; sample it with "
               f"`python generate.py --out_dir={cfg.out_dir}`)")
 
