@@ -1,5 +1,6 @@
 """The run log: metrics.jsonl (one JSON record per progress line and evaluation, trimmed on resume), the
 progress line on the terminal, TensorBoard and Weights & Biases, and the step timer."""
+import contextlib
 import json
 import os
 import re
@@ -40,10 +41,8 @@ def append_log(log_file: typing.TextIO, record: dict) -> None:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             log_file.close()   # flushes again, fails again, but closes: nothing is retried at exit
-        except OSError:
-            pass
         sys.exit(f"error: cannot write {log_file.name} ({e.strerror or e}); the last checkpoint is untouched. "
                  f"Free disk space or make {os.path.dirname(os.path.abspath(log_file.name))} writable, then "
                  f"resume with --init_from=resume")
