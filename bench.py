@@ -84,11 +84,11 @@ TRAIN_RUNNER = ("import sys, torch, train; train.main(sys.argv[1:]); "
                 "print('peak_cuda_bytes', torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
 
 
-def train_argv(passthrough: list[str], data_dir: str, out_dir: str, max_iters: int, eval_interval: int | None = None,
-               launcher: tuple[str, ...] = ("-c", TRAIN_RUNNER)) -> list[str]:
+def train_argv(passthrough: list[str], data_dir: str | None, out_dir: str, max_iters: int,
+               eval_interval: int | None = None, launcher: tuple[str, ...] = ("-c", TRAIN_RUNNER)) -> list[str]:
     """train.py's flags for a timed run: every step logged; evaluation (one batch) and checkpoint at the start
-    and the end, or every eval_interval steps."""
-    return [*launcher, *passthrough, f"--data_dir={data_dir}", "--dataset=shakespeare",
+    and the end, or every eval_interval steps. data_dir None for nanoGPT's, which reads data/ in its folder."""
+    return [*launcher, *passthrough, *([f"--data_dir={data_dir}"] if data_dir else []), "--dataset=shakespeare",
             f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--eval_interval={eval_interval or max_iters}",
             "--eval_iters=1", "--log_interval=1"]
 
@@ -195,18 +195,16 @@ def bench_sample(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     """Tokens/s of generate() with the KV cache, as generate.py samples (temperature 0.8, top-k 200), and
     the time of single steps early (token 10) and late (the last token) to show no slowdown as it grows."""
     model, dtype, compile_steps = sampling_setup(train_cfg, model_cfg, device)
-    figures = []
+    figures, token10 = [], min(10, cfg.sample_tokens)        # stamps[i] follows token i
     for batch_size in [int(b) for b in cfg.sample_batch_sizes.split(",")]:
-        rates, early_ms, late_ms = [], [], []
-        sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, 0)   # a warm-up, not counted
-        for repeat in range(1, cfg.repeats + 1):
-            stamps = sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, repeat)
-            rates.append(batch_size * cfg.sample_tokens / (stamps[-1] - stamps[0]))
-            early_ms.append(1000 * (stamps[min(10, cfg.sample_tokens)] - stamps[min(9, cfg.sample_tokens - 1)]))
-            late_ms.append(1000 * (stamps[-1] - stamps[-2]))
-        figures += [summarize(f"sample_tokens_per_s_batch{batch_size}", "tokens/s", rates),
-                    summarize(f"sample_ms_at_token10_batch{batch_size}", "ms", early_ms),
-                    summarize(f"sample_ms_at_last_token_batch{batch_size}", "ms", late_ms)]
+        runs = [sample_stamps(model, batch_size, cfg.sample_tokens, device, dtype, compile_steps, seed)
+                for seed in range(cfg.repeats + 1)][1:]          # the first run (seed 0) warms up and is not counted
+        figures += [summarize(f"sample_tokens_per_s_batch{batch_size}", "tokens/s",
+                              [batch_size * cfg.sample_tokens / (t[-1] - t[0]) for t in runs]),
+                    summarize(f"sample_ms_at_token10_batch{batch_size}", "ms",
+                              [1000 * (t[token10] - t[token10 - 1]) for t in runs]),
+                    summarize(f"sample_ms_at_last_token_batch{batch_size}", "ms",
+                              [1000 * (t[-1] - t[-2]) for t in runs])]
     return figures
 
 
@@ -249,8 +247,7 @@ def bench_stages(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
     micro-batch, as a share of the total, next to the share the 'flops' cost model predicts."""
     plan = plan_stages(model_cfg, train_cfg.pp, train_cfg.pp_balance)
     block, first, last = stage_costs(model_cfg, "flops")
-    predicted = [len(r) * block + (first if s == 0 else 0) + (last if s == len(plan) - 1 else 0)
-                 for s, r in enumerate(plan)]
+    predicted = [len(r) * block + first * (s == 0) + last * (s == len(plan) - 1) for s, r in enumerate(plan)]
     torch.manual_seed(train_cfg.seed)
     state = GPT(model_cfg).state_dict()
     micro_batch, T = max(1, train_cfg.batch_size // microbatches(train_cfg)), model_cfg.block_size
@@ -275,8 +272,7 @@ def bench_stages(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
         figures += [summarize(f"stage{s}_forward_backward_ms", "ms", [ms]),
                     summarize(f"stage{s}_measured_share", "%", [100 * ms / sum(measured)]),
                     summarize(f"stage{s}_cost_model_share", "%", [100 * cost / sum(predicted)])]
-    figures.append(summarize("stages_slowest_over_mean", "x", [max(measured) / statistics.mean(measured)]))
-    return figures
+    return figures + [summarize("stages_slowest_over_mean", "x", [max(measured) / statistics.mean(measured)])]
 
 
 def bench_pipeline(cfg: BenchConfig, train_cfg: BenchRunConfig, passthrough: list[str], data_dir: str,
@@ -313,9 +309,10 @@ def bench_pipeline(cfg: BenchConfig, train_cfg: BenchRunConfig, passthrough: lis
 
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py", "sample.py")
 
-# nanoGPT's unmodified sample.py, run through runpy with its GPT.generate wrapped in a timer: the wrapper calls
-# the original with the same arguments and only prints how long each call took and how many tokens it added.
-NANOGPT_SAMPLE_RUNNER = """\
+# nanoGPT's unmodified train.py or sample.py (the first argument) through runpy, then torch's peak GPU allocation
+# as TRAIN_RUNNER prints ours. GPT.generate (sample.py's) is wrapped in a timer: it calls the original with the
+# same arguments and only prints how long each call took and how many tokens it added.
+NANOGPT_RUNNER = """\
 import runpy, sys, time
 import torch
 import model
@@ -326,14 +323,11 @@ def timed_generate(self, idx, max_new_tokens, *args, **kwargs):
     print("nanogpt_generate", time.perf_counter() - start, out.size(1) - idx.size(1), flush=True)
     return out
 model.GPT.generate = timed_generate
-sys.argv = ["sample.py", *sys.argv[1:]]
-runpy.run_path("sample.py", run_name="__main__")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 print("peak_cuda_bytes", torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
 """
-# nanoGPT's unmodified train.py, which then prints torch's peak GPU allocation, as TRAIN_RUNNER does for ours.
-NANOGPT_TRAIN_RUNNER = ("import runpy, sys, torch; sys.argv = ['train.py', *sys.argv[1:]]; "
-                        "runpy.run_path('train.py', run_name='__main__'); print('peak_cuda_bytes', "
-                        "torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)")
+
 
 def check_baseline(path: str) -> str:
     """The absolute path of a nanoGPT source tree, or one error line."""
@@ -358,15 +352,13 @@ def nanogpt_folder(baseline: str, data_dir: str, work_dir: str) -> str:
 
 
 def nanogpt_flags(train_cfg: BenchRunConfig, model_cfg: GPTConfig, device: str, compile_model: bool) -> list[str]:
-    """nanoGPT's flags for our model, batch, device, dtype and compile setting. nanoGPT's configurator
-    literal_evals each value and wants the type of its default, hence 0.0 for a float. Off CUDA nanoGPT
-    trains and samples in fp32 whatever --dtype says, so its flag says float32 there."""
+    """nanoGPT's flags for our device, dtype and compile setting and our model and batch (COMPARISON_CONFIG's
+    flags). nanoGPT's configurator literal_evals each value and wants the type of its default, hence 0.0 for a
+    float. Off CUDA nanoGPT trains and samples in fp32 whatever --dtype says, so its flag says float32 there."""
     dtype = dtype_name(choose_dtype(train_cfg.dtype, device)[0]) if device.startswith("cuda") else "float32"
+    ours = {**dataclasses.asdict(train_cfg), **dataclasses.asdict(model_cfg), "dropout": float(model_cfg.dropout)}
     return [f"--device={device}", f"--dtype={dtype}", f"--compile={compile_model}",
-            f"--n_layer={model_cfg.n_layer}", f"--n_head={model_cfg.n_head}", f"--n_embd={model_cfg.n_embd}",
-            f"--block_size={model_cfg.block_size}", f"--bias={model_cfg.bias}",
-            f"--dropout={float(model_cfg.dropout)!r}", f"--batch_size={train_cfg.batch_size}",
-            f"--gradient_accumulation_steps={train_cfg.gradient_accumulation_steps}"]
+            *(f"--{name}={ours[name]}" for name in COMPARISON_CONFIG)]
 
 
 def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConfig, passthrough: list[str],
@@ -390,40 +382,38 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
           f"{' '.join(passthrough)} | step time {method}", file=sys.stderr)
     tokens_per_step = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * model_cfg.block_size
     on_gpu = device.startswith("cuda")   # then also torch's peak GPU allocation of each side's training and sampling
-    runs = {side: {"train_ms_per_step": [], "train_tokens_per_s": [], "peak_rss": [], "sample_tokens_per_s": [],
-                   **({"train_peak_gpu_memory": [], "sample_peak_gpu_memory": []} if on_gpu else {})}
-            for side in ("nanogpt", "ours")}
+    units = {"train_ms_per_step": f"ms, {method}", "train_tokens_per_s": "tokens/s", "peak_rss": "MiB",
+             "sample_tokens_per_s": f"tokens/s, batch 1, {cfg.sample_tokens} new tokens",
+             "train_peak_gpu_memory": "MiB (max_memory_allocated)", "sample_peak_gpu_memory": "MiB (the same)"}
+    runs = {side: {name: [] for name in units if on_gpu or "gpu" not in name} for side in ("nanogpt", "ours")}
     system_flags = [f for f in flags if f.startswith(("--device=", "--dtype=", "--compile="))]
     ng_out, our_out = os.path.join(work_dir, "nanogpt-out"), os.path.join(work_dir, "ours-out")
     for repeat in range(cfg.repeats):
-        wall, rss, output = {}, {}, {}
-        for n in (n1, n2):           # the peak memory kept is the longer run's, the last of the loop
+        trained = {"nanogpt": [], "ours": []}    # each side's run_script (output, peak RSS, wall) for n1, then n2
+        for n in (n1, n2):
             for out_dir in (ng_out, our_out):
                 shutil.rmtree(out_dir, ignore_errors=True)
-            output["nanogpt"], rss["nanogpt"], wall["nanogpt", n] = run_script(
-                ["-c", NANOGPT_TRAIN_RUNNER, *flags, "--dataset=shakespeare", f"--out_dir={ng_out}",
-                 f"--max_iters={n}", f"--eval_interval={n}", "--eval_iters=1", "--log_interval=1"], cwd=folder, env=env)
-            output["ours"], rss["ours"], wall["ours", n] = run_script(train_argv(passthrough, data_dir, our_out, n),
-                                                                      cwd=ROOT)
-        for side, side_runs in runs.items():
-            seconds = (wall[side, n2] - wall[side, n1]) / (n2 - n1)
+            trained["nanogpt"].append(run_script(
+                train_argv(flags, None, ng_out, n, launcher=("-c", NANOGPT_RUNNER, "train.py")), cwd=folder, env=env))
+            trained["ours"].append(run_script(train_argv(passthrough, data_dir, our_out, n), cwd=ROOT))
+        for side, ((_, _, wall1), (output, rss, wall2)) in trained.items():   # the peak memory kept: the longer run's
+            seconds = (wall2 - wall1) / (n2 - n1)
             if seconds <= 0:
                 sys.exit(f"error: the {n2 - n1} timed steps took no measurable time; raise --train_steps")
-            side_runs["train_ms_per_step"].append(1000 * seconds)
-            side_runs["train_tokens_per_s"].append(tokens_per_step / seconds)
-            side_runs["peak_rss"].append(rss[side])
+            runs[side]["train_ms_per_step"].append(1000 * seconds)
+            runs[side]["train_tokens_per_s"].append(tokens_per_step / seconds)
+            runs[side]["peak_rss"].append(rss)
             if on_gpu:
-                side_runs["train_peak_gpu_memory"].append(peak_cuda_mib(output[side]))
+                runs[side]["train_peak_gpu_memory"].append(peak_cuda_mib(output))
         # nanoGPT saved a checkpoint at its last evaluation (step n2): sample.py samples from it, twice.
-        output, _, _ = run_script(["-c", NANOGPT_SAMPLE_RUNNER, f"--out_dir={ng_out}", *system_flags,
+        output, _, _ = run_script(["-c", NANOGPT_RUNNER, "sample.py", f"--out_dir={ng_out}", *system_flags,
                                    "--num_samples=2", f"--max_new_tokens={cfg.sample_tokens}", "--temperature=0.8",
                                    "--top_k=200"], cwd=folder, env=env)
         calls = [line.split()[1:] for line in output.splitlines() if line.startswith("nanogpt_generate ")]
         if len(calls) != 2:
             sys.exit(f"error: nanoGPT's sample.py made {len(calls)} timed generate() calls, not 2; is "
                      f"--baseline={baseline} nanoGPT?")
-        seconds, new_tokens = float(calls[1][0]), int(calls[1][1])
-        runs["nanogpt"]["sample_tokens_per_s"].append(new_tokens / seconds)
+        runs["nanogpt"]["sample_tokens_per_s"].append(int(calls[1][1]) / float(calls[1][0]))   # new tokens / seconds
         sample_stamps(model, 1, cfg.sample_tokens, device, dtype, compile_steps, seed=0)     # the warm-up
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
@@ -434,9 +424,6 @@ def bench_vs_nanogpt(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPT
             runs["ours"]["sample_peak_gpu_memory"].append(torch.cuda.max_memory_allocated(device) / 2**20)
     for out_dir in (ng_out, our_out):
         shutil.rmtree(out_dir, ignore_errors=True)
-    units = {"train_ms_per_step": f"ms, {method}", "train_tokens_per_s": "tokens/s", "peak_rss": "MiB",
-             "sample_tokens_per_s": f"tokens/s, batch 1, {cfg.sample_tokens} new tokens",
-             "train_peak_gpu_memory": "MiB (max_memory_allocated)", "sample_peak_gpu_memory": "MiB (the same)"}
     figures = [summarize(f"vs_nanogpt_{side}_{name}", units[name], values) for side in runs
                for name, values in runs[side].items()]
     return figures + [summarize(f"vs_nanogpt_{name}_ratio", "x, ours / nanoGPT within each round",
@@ -483,14 +470,13 @@ def bench_limits(cfg: BenchConfig, train_cfg: BenchRunConfig, model_cfg: GPTConf
         peaks[name] = by_shape[best]["median"] * 1e9
         figures += [*by_shape.values(), {**by_shape[best], "figure": f"limits_gemm_peak_{name}",
                                          "unit": f"GFLOP/s, the best shape ({best})"}]
-    n = cfg.bandwidth_mib * 2**20 // 4
-    source = torch.ones(n, device=device)
+    source = torch.ones(cfg.bandwidth_mib * 2**20 // 4, device=device)     # fp32, 4 bytes each
     target = torch.empty_like(source)
+    gb = source.nbytes / 1e9
     copy = summarize("limits_bandwidth_copy", f"GB/s, copy of {cfg.bandwidth_mib} MiB (read + write)",
-                     [2 * 4 * n / s / 1e9 for s in seconds_per_call(lambda: target.copy_(source), device,
-                                                                    cfg.repeats)])
+                     [2 * gb / s for s in seconds_per_call(lambda: target.copy_(source), device, cfg.repeats)])
     read = summarize("limits_bandwidth_read", f"GB/s, sum of {cfg.bandwidth_mib} MiB",
-                     [4 * n / s / 1e9 for s in seconds_per_call(lambda: source.sum(), device, cfg.repeats)])
+                     [gb / s for s in seconds_per_call(lambda: source.sum(), device, cfg.repeats)])
     best = max((copy, read), key=lambda f: f["median"])
     bandwidth = best["median"] * 1e9
     per_token = bytes_read_per_token(model_cfg, cfg.sample_tokens)
@@ -530,13 +516,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: --parts=vs_nanogpt needs --baseline=PATH, the folder of a nanoGPT checkout")
     baseline = check_baseline(cfg.baseline) if cfg.baseline else ""
     parts += ["vs_nanogpt"] if baseline and "vs_nanogpt" not in parts else []
-    if cfg.bandwidth_mib < 1:
-        sys.exit("error: --bandwidth_mib must be >= 1")
     if fixed := sorted(given & set(RUN_FLAGS)):
         sys.exit(f"error: bench.py sets --{fixed[0]} on its runs itself; use --train_steps, --warmup_steps "
                  f"or --soak_steps")
-    if cfg.repeats < 1 or cfg.train_steps < 1 or cfg.sample_tokens < 2 or cfg.soak_steps < 1:
-        sys.exit("error: --repeats, --train_steps and --soak_steps must be >= 1, --sample_tokens >= 2")
+    if min(cfg.repeats, cfg.train_steps, cfg.soak_steps, cfg.bandwidth_mib) < 1 or cfg.sample_tokens < 2:
+        sys.exit("error: --repeats, --train_steps, --soak_steps and --bandwidth_mib must be >= 1, --sample_tokens >= 2")
     # A preset names the model (flags still win); without one, nanoGPT's comparison config is the default.
     model_cfg, train_cfg = apply_preset(train_cfg.preset, model_cfg, train_cfg, given)
     defaults = {} if train_cfg.preset else {k: v for k, v in COMPARISON_CONFIG.items() if k not in given}
