@@ -61,10 +61,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     context becomes <|endoftext|>, the token every document starts after."""
     if not context:
         return [tokenizer.eot_token], tokenizer.encode(continuation)
-    stripped = context.rstrip()
-    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tokenizer.encode(context + continuation)
-    n_context = len(tokenizer.encode(context))
+    n_context = len(tokenizer.encode(context.rstrip()))
     return whole[:n_context], whole[n_context:]
 
 
@@ -154,21 +152,18 @@ def make_adapter_class():
             the sequences in a batch have similar lengths and little padding."""
             pairs = [encode_pair(self.tokenizer, *request.args) for request in requests]
             order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-            results = {}
+            scores = []
             with autocast(self.device_name, self.dtype):
                 for first in range(0, len(order), self.batch_size):
-                    batch = order[first:first + self.batch_size]
-                    results.update(zip(batch, score_continuations(self.model, [pairs[i] for i in batch])))
-            return [results[i] for i in range(len(pairs))]
+                    scores += score_continuations(self.model, [pairs[i] for i in order[first:first + self.batch_size]])
+            return [score for _, score in sorted(zip(order, scores))]   # back in the requests' order
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             """Log-likelihood of whole documents (perplexity tasks such as wikitext), window by window."""
-            results = []
+            documents = [np.array([self.tokenizer.eot_token] + self.tokenizer.encode(text)) for (text,) in
+                         (request.args for request in requests)]
             with autocast(self.device_name, self.dtype):
-                for (text,) in (request.args for request in requests):
-                    tokens = np.array([self.tokenizer.eot_token] + self.tokenizer.encode(text))
-                    results.append(stream_log_likelihood(self.model, tokens, self.batch_size))
-            return results
+                return [stream_log_likelihood(self.model, tokens, self.batch_size) for tokens in documents]
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             """Greedy continuation of each context (sampled if the task asks for do_sample), stopped at the
@@ -179,8 +174,7 @@ def make_adapter_class():
                 stops = [stops] if isinstance(stops, str) else list(stops)
                 temperature = gen_kwargs.get("temperature", 0.0) if gen_kwargs.get("do_sample") else 0.0
                 eot = self.tokenizer.eot_token
-                prompt_ids = self.tokenizer.encode(context) or [eot]
-                prompt = torch.tensor([prompt_ids], device=self.model.transformer.wte.weight.device)
+                prompt = torch.tensor([self.tokenizer.encode(context) or [eot]], device=self.device_name)
                 utf8, text = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
                 with autocast(self.device_name, self.dtype):
                     for token in generate(self.model, prompt, gen_kwargs.get("max_gen_toks", 256), temperature,
@@ -215,11 +209,9 @@ def read_tokens(path: str, tokenizer) -> np.ndarray:
     return np.concatenate([[tokenizer.eot_token], tokens])
 
 
-def run_tasks(cfg: EvalConfig, model: GPT, tokenizer, device: str, dtype: torch.dtype, hub_unreachable: str | None
-              ) -> dict:
-    """The harness's results dict for cfg.tasks, evaluated through GPTAdapter. A task whose data cannot be
-    fetched stops with one line; hub_unreachable is the Hub's address when a probe found it unreachable."""
-    adapter = make_adapter_class()(model, tokenizer, cfg.batch_size, device, dtype)
+def run_tasks(cfg: EvalConfig, adapter, hub_unreachable: str | None) -> dict:
+    """The harness's results dict for cfg.tasks, evaluated through adapter (a GPTAdapter). A task whose data
+    cannot be fetched stops with one line; hub_unreachable is the Hub's address when a probe found it unreachable."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     if cfg.include_path and not os.path.isdir(cfg.include_path):
@@ -270,10 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{cfg.perplexity}: {len(tokens) - 1:,} tokens | loss {nll:.4f} nats/token | "
               f"perplexity {math.exp(nll):.2f}")
     else:
-        evaluated = run_tasks(cfg, model, tokenizer, device, dtype, hub_unreachable)   # one line if no lm_eval
+        adapter = make_adapter_class()(model, tokenizer, cfg.batch_size, device, dtype)   # one line if no lm_eval
+        evaluated = run_tasks(cfg, adapter, hub_unreachable)
         from lm_eval.utils import handle_non_serializable, make_table
-        results = {"model": source, **{k: v for k, v in evaluated.items() if k != "samples"}}
-        results = json.loads(json.dumps(results, default=handle_non_serializable))
+        results = json.loads(json.dumps({"model": source, **evaluated}, default=handle_non_serializable))
         print(make_table(evaluated))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_atomically(output, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
