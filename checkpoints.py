@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -176,14 +177,15 @@ def save_verifiable(contents: dict, path: str, file_format: str, version: int) -
 
 
 def load_verified(path: str, noun: str, file_format: str, version: int, writer: str, how_to_make: str,
-                  hint: str = "") -> dict:
+                  hint: str = "", mmap: bool = False) -> dict:
     """Read a dict that save_verifiable wrote with {"format": file_format, "version": version, "sha256"}.
     torch.load(weights_only=True) only rebuilds tensors and plain containers, so a file cannot run code;
-    a missing, unreadable, foreign, outdated or corrupted file stops with one line (plus hint)."""
+    a missing, unreadable, foreign, outdated or corrupted file stops with one line (plus hint). mmap: the
+    tensors stay in the file, mapped (the page cache's, shared by the processes that read it), not copied."""
     if not os.path.isfile(path):
         sys.exit(f"error: {noun} {path} not found; {how_to_make}{hint}")
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
+        contents = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):   # a pickled object of some class: it could run code
             sys.exit(f"error: {path} holds Python objects other than tensors and plain data, which could run "
@@ -226,13 +228,21 @@ def other_checkpoints(path: str) -> list[str]:
             if not (os.path.exists(path) and os.path.samefile(path, os.path.join(folder, n)))]
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by save_checkpoint. A damaged one is refused, naming the older ones."""
+def load_checkpoint(path: str, whole: bool = True) -> dict:
+    """Read a checkpoint written by save_checkpoint, or by save_in_pieces: then its "model" and "optimizer" are
+    put together from the pieces, one tensor at a time (assemble_pieces). whole=False leaves the tensors in
+    the file for a TensorReader: a single file mapped (mmap), the pieces where they are. A damaged one is
+    refused, naming the older ones."""
     others = other_checkpoints(path) if os.path.isdir(os.path.dirname(path) or ".") else []
     hint = (f"; older checkpoints: {', '.join(others)} (train.py resumes from one with "
             f"--init_from=resume --resume_from=FILE)") if others else ""
-    return load_verified(path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "this project's train.py",
-                            "train one with `python train.py --out_dir=...`", hint)
+    checkpoint = load_verified(path, "checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "this project's train.py",
+                               "train one with `python train.py --out_dir=...`", hint, mmap=not whole)
+    if "pieces" in checkpoint:
+        check_pieces(path, checkpoint["pieces"], hint)
+        if whole:
+            checkpoint.update(assemble_pieces(TensorReader(path, checkpoint)))
+    return checkpoint
 
 
 def keep_checkpoints(ckpt_path: str, step: int, is_best: bool, keep_last: int, keep_best: bool) -> None:
@@ -257,10 +267,195 @@ def keep_checkpoints(ckpt_path: str, step: int, is_best: bool, keep_last: int, k
                  f"or fix the folder's permissions, then resume")
 
 
-def model_from_checkpoint(checkpoint: dict, **overrides) -> GPT:
-    """The GPT stored in a checkpoint (on the CPU). overrides replace non-shape fields (dropout, sdpa)."""
+# --- checkpoints in pieces ---
+#
+# Under FSDP, tensor parallelism and pipeline stages no process holds the whole model, and none should have to
+# for a checkpoint: each process writes its rows of every tensor it holds (parallel.state_pieces) to a file of
+# its own, PIECES_DIR/STEP-TOKEN.bin (their bytes one after the other), and rank 0 then writes ckpt.pt as the
+# index: the run's state as in a single-file checkpoint, with, in place of the tensors, where each tensor's
+# rows are (file, byte offset) and every piece file's sha256. The index is written last, atomically, so a checkpoint is complete exactly when its index is; piece
+# files are never overwritten (TOKEN is new each time), and those no index names any more are deleted after
+# each save (remove_unnamed_pieces). Reading takes a tensor at a time from the pieces that hold its rows, so a
+# process resuming in any layout holds its share plus one tensor; readers that want one whole state dict
+# (generate.py, eval_lm.py, hf_gpt2.py, finetune_lora.py) get it put together, tensor by tensor.
+
+PIECES_DIR = "pieces"
+
+
+def save_piece_file(pieces, ckpt_path: str, step: int) -> tuple[str, str, dict]:
+    """Write this process's rows of its tensors beside ckpt_path, a tensor at a time as pieces (an iterator
+    of parallel.state_pieces's (key, whole shape, first row, rows)) yields them: their bytes one after the
+    other, atomically (write_atomically). Returns (file name, its sha256, {key: (whole shape, dtype, first row,
+    end row, byte offset)})."""
+    folder = os.path.join(os.path.dirname(ckpt_path), PIECES_DIR)
+    os.makedirs(folder, exist_ok=True)
+    name, digest, rows = f"{step:06d}-{secrets.token_hex(6)}.bin", hashlib.sha256(), {}
+
+    def write(f) -> None:
+        offset = 0
+        for key, shape, start, t in pieces:
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            digest.update(data)
+            rows[key] = (shape, str(t.dtype).removeprefix("torch."), start, start + (len(t) if t.dim() else 1),
+                         offset)
+            offset += data.nbytes
+    write_atomically(os.path.join(folder, name), write)
+    return name, digest.hexdigest(), rows
+
+
+def index_of_pieces(gathered: list[tuple[str, str, dict]]) -> dict:
+    """The index's "pieces" entry from every process's (file, sha256, rows) (save_piece_file's): every file's
+    sha256, and for each tensor its whole shape, its dtype and where its rows are, in order."""
+    files, tensors = {}, {}
+    for file, sha256, rows in gathered:
+        files[file] = sha256
+        for key, (shape, dtype, start, stop, offset) in rows.items():
+            entry = tensors.setdefault(key, {"shape": shape, "dtype": dtype, "rows": []})
+            entry["rows"].append([start, stop, file, offset])
+    for entry in tensors.values():
+        entry["rows"].sort()
+    return {"files": files, "tensors": tensors}
+
+
+def check_pieces(path: str, pieces: dict, hint: str) -> None:
+    """Refuse an index whose piece files are missing or differ from the sha256 recorded when they were written
+    (every process checks all of them, streaming: none is loaded), or whose tensors' rows leave gaps."""
+    folder = os.path.join(os.path.dirname(path), PIECES_DIR)
+    for file, sha256 in pieces["files"].items():
+        where = os.path.join(folder, file)
+        if not os.path.isfile(where) or sha256_file(where) != sha256:
+            sys.exit(f"error: {path} is damaged: its piece {where} is "
+                     f"{'missing' if not os.path.isfile(where) else 'not the one written with it'}{hint}")
+    for key, entry in pieces["tensors"].items():
+        rows = entry["shape"][0] if entry["shape"] else 1
+        if [row[0] for row in entry["rows"]] != [0] + [row[1] for row in entry["rows"][:-1]] \
+                or entry["rows"][-1][1] != rows:
+            sys.exit(f"error: {path} is damaged: the rows of {key} are not all there{hint}")
+
+
+class TensorReader:
+    """A checkpoint's tensors one at a time, by key: "model/NAME" (a weight) or "optimizer/NAME/KEY" (AdamW's
+    state of parameter NAME). From a single file, the mapped tensor; from pieces, the tensor put together
+    from the files that hold its rows, each read straight into its place, so what a process holds is the
+    tensor it asked for."""
+
+    def __init__(self, path: str, checkpoint: dict):
+        self.path, self.checkpoint, self.pieces = path, checkpoint, checkpoint.get("pieces")
+
+    def keys(self) -> list[str]:
+        if self.pieces is not None:
+            return list(self.pieces["tensors"])
+        optimizer = self.checkpoint["optimizer"]["state"]
+        return [f"model/{name}" for name in self.checkpoint["model"]] + \
+            [f"optimizer/{name}/{key}" for name, state in optimizer.items() for key in state]
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The tensor under key (None if the checkpoint has none: AdamW's state before the first step)."""
+        if self.pieces is None:
+            part, name = key.split("/", 1)
+            if part == "model":
+                return self.checkpoint["model"].get(name)
+            name, _, entry = name.rpartition("/")
+            return self.checkpoint["optimizer"]["state"].get(name, {}).get(entry)
+        entry = self.pieces["tensors"].get(key)
+        if entry is None and key == "model/lm_head.weight" and self.checkpoint["model_config"]["tie_embeddings"]:
+            entry = self.pieces["tensors"]["model/transformer.wte.weight"]   # one matrix, saved once
+            key = "model/transformer.wte.weight"
+        if entry is None:
+            return None
+        dtype = getattr(torch, entry["dtype"])
+        whole = torch.empty(entry["shape"], dtype=dtype)
+        rows = whole.view(1, *whole.shape) if not whole.dim() else whole
+        for start, stop, file, offset in entry["rows"]:   # each piece read straight into its rows
+            target = rows[start:stop].reshape(-1).view(torch.uint8).numpy()
+            with open(os.path.join(os.path.dirname(self.path), PIECES_DIR, file), "rb") as f:
+                f.seek(offset)
+                if f.readinto(target) != target.nbytes:
+                    sys.exit(f"error: {self.path} is damaged: its piece {file} is shorter than recorded")
+        return whole
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight of parameter name, refused when not finite (training never writes such a checkpoint: it
+        skips non-finite steps, so a run diverged elsewhere)."""
+        t = self.get(f"model/{name}")
+        if t is None:
+            sys.exit(f"error: {self.path} has no weight {name}; it is not a checkpoint of this model")
+        if not torch.isfinite(t).all():
+            sys.exit(f"error: {self.path} holds non-finite weights (in {name}); resume from an older checkpoint "
+                     f"with --resume_from=FILE")
+        return t
+
+    def moments(self, name: str) -> dict[str, torch.Tensor] | None:
+        """AdamW's state of parameter name (step, exp_avg, exp_avg_sq), None where it has none."""
+        if self.pieces is None:
+            return self.checkpoint["optimizer"]["state"].get(name)
+        prefix = f"optimizer/{name}/"
+        state = {key[len(prefix):]: self.get(key) for key in self.pieces["tensors"] if key.startswith(prefix)}
+        return state or None
+
+    def param_groups(self) -> list[dict]:
+        return self.checkpoint["optimizer"]["param_groups"]
+
+
+def assemble_pieces(reader: TensorReader, optimizer: bool = True) -> dict:
+    """A checkpoint in pieces as one process's state: {"model": state dict, "optimizer": by-name state}, in
+    the key order of the pieces (the model's order), built one tensor at a time; optimizer=False: the model
+    only."""
+    model, state = {}, {}
+    for key in (key for key in reader.keys() if optimizer or key.startswith("model/")):
+        part, name = key.split("/", 1)
+        if part == "model":
+            model[name] = reader.get(key)
+        else:
+            name, _, entry = name.rpartition("/")
+            state.setdefault(name, {})[entry] = reader.get(key)
+    if reader.checkpoint["model_config"]["tie_embeddings"]:   # GPT.state_dict() names the tied matrix twice
+        model["lm_head.weight"] = model["transformer.wte.weight"]
+    return {"model": model, "optimizer": {"state": state, "param_groups": reader.param_groups()}}
+
+
+def checkpoint_weights(path: str, checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The model's whole state dict of a checkpoint that load_checkpoint read with whole=False: mapped from its
+    file, or put together from its pieces (without AdamW's state)."""
+    if "pieces" not in checkpoint:
+        return checkpoint["model"]
+    return assemble_pieces(TensorReader(path, checkpoint), optimizer=False)["model"]
+
+
+def remove_unnamed_pieces(ckpt_path: str) -> None:
+    """Delete the piece files beside ckpt_path that no checkpoint there names (those of checkpoints that
+    keep_checkpoints let go, and of a save that was killed before its index was written)."""
+    folder = os.path.join(os.path.dirname(ckpt_path), PIECES_DIR)
+    if not os.path.isdir(folder):
+        return
+    named = set()
+    parent = os.path.dirname(ckpt_path) or "."
+    for name in os.listdir(parent):
+        if re.fullmatch(r"ckpt(-\d+|-best)?\.pt", name):
+            try:
+                contents = torch.load(os.path.join(parent, name), map_location="cpu", weights_only=True, mmap=True)
+            except Exception:   # an index that cannot be read: which pieces it names is unknown, keep them all
+                return
+            named |= set(contents.get("pieces", {}).get("files", {}))
+    for name in os.listdir(folder):   # a .tmp file is a killed write's: every process has finished writing
+        if name not in named:
+            os.remove(os.path.join(folder, name))
+
+
+def model_from_checkpoint(checkpoint: dict, path: str = "", **overrides) -> GPT:
+    """The GPT stored in a checkpoint (on the CPU; path: its file, for one read with whole=False), its weights
+    copied in a tensor at a time, so the only whole copy in memory is the model's own. overrides replace
+    non-shape fields (dropout, sdpa)."""
     model = GPT(GPTConfig(**{**checkpoint["model_config"], **overrides}))
-    model.load_state_dict(checkpoint["model"])
+    reader = TensorReader(path, checkpoint)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            saved = reader.get(f"model/{name}")
+            if saved is None or saved.shape != p.shape:
+                sys.exit(f"error: {path or 'the checkpoint'} has no weight {name} of shape {tuple(p.shape)}; it "
+                         f"is not a checkpoint of the model its config describes")
+            p.copy_(saved)
     return model
 
 
@@ -275,25 +470,6 @@ def optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optim
     return {"state": {index_to_name[i]: state for i, state in saved["state"].items()},
             "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]}
                              for g in saved["param_groups"]]}
-
-
-def load_optimizer_state_by_name(named_parameters: list, optimizer: torch.optim.Optimizer, saved: dict,
-                                 aliases: dict[str, str] | None = None) -> None:
-    """Load a state from optimizer_state_by_name into optimizer, whose parameters may be a subset of the saved
-    ones (a pipeline stage). aliases maps a local name to the saved name it shares state with."""
-    aliases = aliases or {}
-    names = {id(p): name for name, p in named_parameters}
-    current = optimizer.state_dict()
-    saved_names = {i: aliases.get(names[id(p)], names[id(p)])     # position in this optimizer -> saved name
-                   for current_group, group in zip(current["param_groups"], optimizer.param_groups)
-                   for i, p in zip(current_group["params"], group["params"])}
-    state = {i: saved["state"][name] for i, name in saved_names.items() if name in saved["state"]}
-    # The hyper-parameters are the saved ones, the positions and how this process computes the update (fused,
-    # foreach: a CPU-written state resumed on a GPU takes the fused kernel) this optimizer's.
-    groups = [{**saved_group, "params": current_group["params"],
-               **{key: current_group[key] for key in ("fused", "foreach", "capturable") if key in current_group}}
-              for saved_group, current_group in zip(saved["param_groups"], current["param_groups"])]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def rng_states(data_generator: torch.Generator) -> dict:

@@ -509,7 +509,8 @@ def report_and_merge(cfg: FinetuneConfig, model: GPT, base: dict, best_val_loss:
         # The base checkpoint with the merged weights in place of its own (its other entries kept), so every
         # reader of a ckpt.pt reads it.
         merge_lora(model)
-        save_checkpoint({**load_checkpoint(base["path"]), "lora_merged": {"adapter": adapter_path, "base": base},
+        whole = {k: v for k, v in load_checkpoint(base["path"]).items() if k != "pieces"}   # one file, not pieces
+        save_checkpoint({**whole, "lora_merged": {"adapter": adapter_path, "base": base},
                          "model": {k: v.cpu() for k, v in model.state_dict().items()}}, merged_path)
         print(f"merged: {merged_path} (the base with the adapter folded in; sample it with "
               f"`python generate.py --out_dir={cfg.out_dir}`)")

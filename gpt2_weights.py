@@ -17,6 +17,7 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 
 import torch
 
@@ -75,15 +76,19 @@ def gpt_config_from_hf(hf_config: dict, source: str, **overrides) -> GPTConfig:
                      tie_embeddings=True, **overrides)
 
 
+def our_name(hf_key: str) -> str | None:
+    """Our GPT's parameter name for a GPT2LMHeadModel's (or GPT2Model's, whose keys lack 'transformer.') state
+    dict key; None for the causal-mask buffers of older transformers versions, which are not weights."""
+    name = hf_key if hf_key.startswith(("transformer.", "lm_head.")) else "transformer." + hf_key
+    return None if name.endswith((".attn.bias", ".attn.masked_bias")) else name
+
+
 def gpt_state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our GPT's state dict from a GPT2LMHeadModel's (or GPT2Model's, whose keys lack 'transformer.').
-    Conv1D weights are transposed; the causal-mask buffers of older transformers versions are dropped."""
+    """Our GPT's state dict from a GPT2LMHeadModel's (or GPT2Model's). Conv1D weights are transposed."""
     ours = {}
     for key, tensor in hf_state.items():
-        name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
-        if name.endswith((".attn.bias", ".attn.masked_bias")):     # buffers, not weights
-            continue
-        ours[name] = tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor
+        if (name := our_name(key)) is not None:
+            ours[name] = tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor
     ours["lm_head.weight"] = ours["transformer.wte.weight"]          # tied, as in GPT-2
     return ours
 
@@ -180,48 +185,67 @@ def resolve_hf_dir(source: str) -> str:
                  f"network, or give --init_from a local directory that save_pretrained wrote")
 
 
-def load_hf_gpt2(source: str, **overrides) -> GPT:
-    """Our GPT (on the CPU) with the weights of a transformers GPT-2: a Hub name (gpt2, gpt2-medium,
-    gpt2-large, gpt2-xl) or a local directory with config.json and model.safetensors (or pytorch_model.bin).
+def open_hf_gpt2(source: str, **overrides) -> tuple[GPTConfig, Callable[[str], torch.Tensor]]:
+    """The GPTConfig of a transformers GPT-2 (a Hub name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a local
+    directory with config.json and model.safetensors or pytorch_model.bin) and a function that reads one of
+    its weights by our name, in our layout (Conv1D weights transposed), from the file as it is asked for:
+    nothing is loaded whole. Missing weights and wrong shapes are refused first, from the file's index.
     overrides set fields that change no shape (dropout, sdpa, sparse_topk, ...)."""
     directory = resolve_hf_dir(source)
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
         config = gpt_config_from_hf(json.load(f), source, **overrides)
     safetensors_path = os.path.join(directory, "model.safetensors")
     if os.path.isfile(safetensors_path):
-        hf_state = import_optional("safetensors.torch", "reading model.safetensors").load_file(safetensors_path)
+        hf_file = import_optional("safetensors", "reading model.safetensors").safe_open(safetensors_path, "pt")
+        keys, read = list(hf_file.keys()), hf_file.get_tensor
+        shape_of = lambda key: tuple(hf_file.get_slice(key).get_shape())   # noqa: E731
     elif os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
-        hf_state = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        hf_state = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True,
+                              mmap=True)
+        keys, read, shape_of = list(hf_state), hf_state.__getitem__, lambda key: tuple(hf_state[key].shape)
     else:
         sys.exit(f"error: {source} has no model.safetensors (or pytorch_model.bin)")
-    model, state = GPT(config), gpt_state_dict_from_hf(hf_state)
-    expected = model.state_dict()
-    if missing := sorted(set(expected) - set(state)):
+    hf_keys = {our_name(key): key for key in keys if our_name(key) is not None}
+    hf_keys.setdefault("lm_head.weight", hf_keys.get("transformer.wte.weight"))   # tied, as in GPT-2
+    with torch.device("meta"):
+        expected = GPT(config).state_dict()
+    if missing := sorted(name for name in expected if hf_keys.get(name) is None):
         sys.exit(f"error: {source} lacks {len(missing)} GPT-2 weights, e.g. {missing[0]}")
-    if wrong := [n for n in expected if state[n].shape != expected[n].shape]:
-        sys.exit(f"error: {source}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config.json implies "
+    shapes = {name: shape_of(hf_keys[name])[::-1 if name.endswith(CONV1D_SUFFIXES) else 1] for name in expected}
+    if wrong := [name for name in expected if shapes[name] != tuple(expected[name].shape)]:
+        sys.exit(f"error: {source}: {wrong[0]} has shape {shapes[wrong[0]]}, config.json implies "
                  f"{tuple(expected[wrong[0]].shape)}")
-    model.load_state_dict({n: state[n] for n in expected})
+
+    def weight(name: str) -> torch.Tensor:
+        t = read(hf_keys[name])
+        return t.t() if name.endswith(CONV1D_SUFFIXES) else t
+    return config, weight
+
+
+def load_hf_gpt2(source: str, **overrides) -> GPT:
+    """Our GPT (on the CPU) with the weights of a transformers GPT-2 (open_hf_gpt2)."""
+    config, weight = open_hf_gpt2(source, **overrides)
+    model = GPT(config)
+    model.load_state_dict({name: weight(name) for name in model.state_dict()})
     return model
 
 
-def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> GPT:
-    """load_hf_gpt2 for the training scripts' --init_from: every field that changes no shape comes from the
+def init_from_hf(source: str, flags: GPTConfig, given: set[str]) -> tuple[GPTConfig, Callable[[str], torch.Tensor]]:
+    """open_hf_gpt2 for the training scripts' --init_from: every field that changes no shape comes from the
     flags (dropout, sdpa, activation_checkpointing, and the variants sparse_topk and realformer, which run
     on GPT-2's weights unchanged); a smaller --block_size crops the position embedding (as nanoGPT's
     crop_block_size does); any other shape flag that disagrees with the weights is refused, all at once."""
-    model = load_hf_gpt2(source, **{f.name: getattr(flags, f.name) for f in dataclasses.fields(GPTConfig)
-                                    if f.name not in SHAPE_FIELDS})
-    pretrained = model.config
+    pretrained, weight = open_hf_gpt2(source, **{f.name: getattr(flags, f.name) for f in dataclasses.fields(GPTConfig)
+                                                 if f.name not in SHAPE_FIELDS})
     if differ := [f"{name} (weights {getattr(pretrained, name)}, flag {getattr(flags, name)})"
                   for name in SHAPE_FIELDS if name in given and getattr(flags, name) != getattr(pretrained, name)
                   and not (name == "block_size" and flags.block_size < pretrained.block_size)]:
         sys.exit(f"error: --init_from={source}: the model shape differs in " + ", ".join(differ) + "; drop these flags")
     if "block_size" in given and flags.block_size < pretrained.block_size:
-        state = model.state_dict()
-        model = GPT(dataclasses.replace(pretrained, block_size=flags.block_size))
-        model.load_state_dict({**state, "transformer.wpe.weight": state["transformer.wpe.weight"][:flags.block_size]})
-    return model
+        cropped = dataclasses.replace(pretrained, block_size=flags.block_size)
+        return cropped, lambda name: weight(name)[:flags.block_size] if name == "transformer.wpe.weight" \
+            else weight(name)
+    return pretrained, weight
 
 
 def hf_tokenizer(source: str):
@@ -243,8 +267,8 @@ def load_model(checkpoint_path: str, init_from: str = "") -> tuple[GPT, object]:
     if init_from:
         check_hf_source(init_from)
         return load_hf_gpt2(init_from), hf_tokenizer(init_from)
-    checkpoint = load_checkpoint(checkpoint_path)
-    return model_from_checkpoint(checkpoint, dropout=0.0), load_tokenizer(checkpoint.get("tokenizer"))
+    checkpoint = load_checkpoint(checkpoint_path, whole=False)   # its tensors read one at a time
+    return model_from_checkpoint(checkpoint, checkpoint_path, dropout=0.0), load_tokenizer(checkpoint.get("tokenizer"))
 
 
 def save_hf_as_checkpoint(source: str, path: str) -> None:

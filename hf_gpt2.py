@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoints import load_checkpoint
+from checkpoints import checkpoint_weights, load_checkpoint
 from flags import parse_args
 from gpt2_weights import hf_config_from_gpt, hf_generation_config_from_gpt, hf_state_dict_from_gpt, import_optional
 from model import GPTConfig, arg
@@ -110,10 +110,10 @@ def export_hf(state: dict[str, torch.Tensor], config: GPTConfig, out: str, token
 
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_args(ExportConfig, argv=argv)
-    checkpoint = load_checkpoint(cfg.checkpoint)
+    checkpoint = load_checkpoint(cfg.checkpoint, whole=False)   # the weights only, not AdamW's state
     config = GPTConfig(**checkpoint["model_config"])
     tokenizer = load_tokenizer(checkpoint["tokenizer"]) if checkpoint.get("tokenizer", {}).get("file") else None
-    export_hf(checkpoint["model"], config, cfg.out, tokenizer)
+    export_hf(checkpoint_weights(cfg.checkpoint, checkpoint), config, cfg.out, tokenizer)
     files = sorted(os.listdir(cfg.out))
     print(f"wrote {cfg.out}: {', '.join(files)}" + ("" if "tokenizer_config.json" in files else
           f" (no tokenizer files: the vocabulary of {config.vocab_size} is not GPT-2's)"))

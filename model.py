@@ -10,6 +10,7 @@ Shapes use one alphabet throughout the project:
     R LoRA rank (lora.py).
 """
 import functools
+import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -382,10 +383,44 @@ def embed(transformer: nn.ModuleDict, idx: torch.Tensor, start: int, config: GPT
     return transformer.drop(x)
 
 
+def initial_value(config: GPTConfig, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """The initial value (fp32, on the CPU) of parameter `name`, of the given shape, GPT-2's way (Radford et al.
+    2019): N(0, 0.02) for the matrices and embeddings; N(0, 0.02 / sqrt(2L)) for the projections that write
+    into the residual stream (each block adds two such branches, so the stream's variance stays O(1) however
+    deep the model); zeros for the biases and ReZero's gains; ones for LayerNorm's gains. Each tensor draws
+    from a generator of its own, seeded by (seed, name), so any process makes any tensor alone, in any order:
+    a pipeline stage or a shard built on its own starts with the same numbers as the whole model on one
+    process. A tied lm_head (a pipeline's last stage holds a copy) takes wte's."""
+    if name == "lm_head.weight" and config.tie_embeddings:
+        name = "transformer.wte.weight"
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias" or leaf.startswith("alpha"):
+        return torch.zeros(shape)
+    if ".ln_" in f".{name}":                     # ln_0, ln_1, ln_2, ln_f: LayerNorm's gains
+        return torch.ones(shape)
+    std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+    generator = torch.Generator().manual_seed(int.from_bytes(
+        hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def init_buffers(model: nn.Module) -> None:
+    """Compute the buffers that checkpoints do not hold (ALiBi's slopes), after a model built on the meta
+    device was given memory (nn.Module.to_empty)."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention) and module.position == "alibi":
+            module.alibi_slopes.copy_(alibi_slopes(module.n_head))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # One number from the global generator seeds every tensor's own (initial_value), so torch.manual_seed(s)
+        # then GPT(config) gives the weights that every layout of a run with seed s makes in pieces. Built under
+        # torch.device("meta"), the model holds no memory and no values; a layout fills its pieces in later
+        # (parallel.materialise).
+        self.init_seed = int(torch.randint(2 ** 62, (), device="cpu"))
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),   # token embedding
             wpe=nn.Embedding(config.block_size, config.n_embd),   # learned absolute position embedding
@@ -399,19 +434,10 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2017; GPT-2): the output layer reuses the token embedding matrix.
             self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the weights of the projections that write into the residual stream by 1/sqrt(2L):
-        # each block adds two such branches, so the stream's variance stays O(1) however deep the model.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        if not self.lm_head.weight.is_meta:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    p.copy_(initial_value(config, name, p.shape, self.init_seed))
 
     def num_params(self) -> int:
         """Parameters in the model, the tied embedding/head counted once."""

@@ -1,12 +1,13 @@
 """Model parallelism on one (pp, dp, tp) device mesh: tensor parallelism (each block's matrices split across
 processes, Megatron-LM) and pipeline stages (each process a contiguous slice of the blocks), and the gradient
 arithmetic they share with data parallelism (runtime.DataParallel): DTensor pieces, averaging over replicas,
-one global norm with every piece counted once.
+one global norm with every piece counted once; and, for every layout, the weights of a model laid out on the
+meta device made in place, and saved in pieces.
 
 The dry run's memory model, what one GPU holds under each layout, is planner.py's.
 """
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -14,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoints import load_optimizer_state_by_name, optimizer_state_by_name
-from model import GPTConfig, build_stage, describe_plan, plan_stages
-from processes import all_ranks_mean, autocast, gather_to_rank0
+from checkpoints import optimizer_state_by_name
+from model import GPTConfig, GPTStage, describe_plan, init_buffers, plan_stages
+from processes import all_ranks_mean, autocast
 
 
 # --- gradients across processes ---
@@ -112,6 +113,89 @@ def use_single_tensor_adamw(optimizer: torch.optim.Optimizer) -> None:
         group["fused"], group["foreach"] = False, False
 
 
+# --- the weights of a laid-out model: made where they live, saved in pieces ---
+#
+# A model larger than one device cannot be built whole and then cut: it is built on the meta device (shapes,
+# no memory), laid out (a pipeline stage, tensor_parallel, fully_shard: each parameter becomes what this
+# process holds of it, still without memory), and only then does each process allocate its pieces and fill
+# them (materialise), one whole tensor at a time: from model.initial_value, or from a checkpoint
+# (checkpoints.TensorReader). Checkpoints go the other way: each process saves its rows of every tensor,
+# in one process's order (state_pieces), one whole tensor in flight at a time.
+
+def piece_of(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """whole (a tensor of p's global shape) laid out as p is: p's own piece when p is a DTensor (cut here,
+    no communication: every process has the whole), else whole itself, on p's device and in its dtype."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    whole = whole.to(p.device, p.dtype, copy=True)   # never the reader's own (a mapped file's) memory
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None) \
+        if isinstance(p, DTensor) else whole
+
+
+def allocate(module: torch.nn.Module, device: str) -> None:
+    """nn.Module.to_empty, keeping tied weights tied: memory on device for every meta parameter (its piece,
+    for a DTensor) and buffer, each shared parameter given one new tensor for all the modules that hold it
+    (to_empty gives each module its own, which would untie the embedding from the head)."""
+    made = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), p.requires_grad)
+                m._parameters[name] = made[id(p)]
+        for name, b in m._buffers.items():
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty_like(b, device=device)
+
+
+@torch.no_grad()
+def materialise(module: torch.nn.Module, device: str, tp: int, value_of: Callable[[str, torch.Size], torch.Tensor]
+                ) -> None:
+    """Give a module built on the meta device (and laid out) memory on device, this process's pieces only, and
+    fill each parameter with its piece of value_of(name, global shape), the whole tensor in one process's
+    order (under tensor parallelism c_attn's rows are put in tensor_parallel's order first)."""
+    allocate(module, device)
+    init_buffers(module)
+    for name, p in module.named_parameters():
+        p.copy_(piece_of(p, permute_qkv_entry(name, value_of(name, p.shape), tp)))
+
+
+def load_moments(named_parameters: list, optimizer: torch.optim.Optimizer, reader, tp: int,
+                 aliases: dict[str, str] | None = None) -> None:
+    """Give optimizer (AdamW over these parameters, laid out) the state that reader (checkpoints.TensorReader)
+    holds for them, each parameter's piece of each moment, one tensor at a time, and the saved hyper-parameters.
+    aliases: a local name -> the saved name whose state it shares (a pipeline's last-stage copy of wte)."""
+    aliases, names = aliases or {}, {id(p): name for name, p in named_parameters}
+    for group, saved in zip(optimizer.param_groups, reader.param_groups()):
+        # The saved hyper-parameters; how this process computes the update (fused, foreach) stays its own.
+        group.update({k: v for k, v in saved.items() if k not in ("params", "fused", "foreach", "capturable")})
+        on_device = group.get("fused") or group.get("capturable")   # where AdamW keeps its step count
+        for p in group["params"]:
+            name = names[id(p)]
+            saved_state = reader.moments(aliases.get(name, name))
+            if saved_state is not None:
+                optimizer.state[p] = {
+                    key: v.to(p.device if on_device else "cpu", torch.float32, copy=True) if key == "step" else
+                    piece_of(p, permute_qkv_entry(name, v, tp)) for key, v in saved_state.items()}
+
+
+def state_pieces(named_parameters: list, optimizer: torch.optim.Optimizer, tp: int, part: int, parts: int
+                 ) -> Iterator[tuple[str, list, int, torch.Tensor]]:
+    """This process's share of a checkpoint, one tensor at a time: of every weight and AdamW moment it holds,
+    whole or in pieces, the rows part/parts of the whole tensor in one process's order (a scalar: whole, on
+    part 0), as (key, whole shape, first row, rows): key "model/NAME" or "optimizer/NAME/KEY". Each DTensor
+    is all-gathered whole in turn (every process of its mesh runs this to the end, in the same order), cut,
+    and freed once the next is asked for."""
+    for name, p in named_parameters:
+        for key, t in {"model/" + name: p.detach(),
+                       **{f"optimizer/{name}/{k}": v for k, v in optimizer.state.get(p, {}).items()}}.items():
+            whole = t.full_tensor() if hasattr(t, "full_tensor") else t
+            whole = permute_qkv_entry(name, whole, tp, inverse=True).cpu()
+            n = whole.shape[0] if whole.dim() else 1
+            start, stop = n * part // parts, n * (part + 1) // parts
+            if stop > start:
+                yield key, list(whole.shape), start, whole[start:stop] if whole.dim() else whole
+
+
 # --- one device mesh for every layout ---
 
 def device_mesh(device_type: str, world_size: int, pp: int, tp: int):
@@ -205,13 +289,6 @@ def permute_qkv_entry(name: str, t: torch.Tensor, tp: int, inverse: bool = False
     return permute_qkv(t, tp, inverse) if is_qkv and t.dim() else t
 
 
-def map_optimizer_state(fn: Callable[[str, torch.Tensor], torch.Tensor], saved: dict) -> dict:
-    """A by-name optimizer state (checkpoints.optimizer_state_by_name) with each entry t of parameter name's
-    state replaced by fn(name, t)."""
-    return {**saved, "state": {name: {key: fn(name, t) for key, t in state.items()}
-                               for name, state in saved["state"].items()}}
-
-
 def tp_loss_context(tp: int):
     """Where the loss is computed, forward and backward: under tensor parallelism (tp > 1), loss_parallel,
     whose cross-entropy takes the logits split by vocabulary (each process's log-sum-exp over its V / tp
@@ -225,8 +302,9 @@ def tp_loss_context(tp: int):
 def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Split `model` (a GPT or a GPTStage: blocks in .transformer.h, with wte, wpe, ln_f and lm_head where it
     holds them) in place across the processes of the 1-D mesh tp_mesh, Megatron-style (see above). Its
-    weights must be the full model's, the same on every process; c_attn's rows are reordered first
-    (permute_qkv), so checkpoints must undo that (full_state). With sequence_parallel, the LayerNorms and
+    weights must be the full model's, the same on every process, or on the meta device (then materialise
+    makes each process's pieces); c_attn's rows are reordered first (permute_qkv), so checkpoints must undo
+    that (state_pieces). With sequence_parallel, the LayerNorms and
     the residual stream between the blocks are split along T."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, RowwiseParallel,
@@ -386,53 +464,27 @@ class Pipeline:
         dist.all_reduce(loss, group=self.mesh.get_group("pp"))
         return loss
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-        """Load this process's part of a by-name optimizer state of the whole model (the last stage's copy of a
-        tied wte takes wte's state): each sharded parameter takes its own piece of the saved full tensors."""
-        from torch.distributed.tensor import DTensor, distribute_tensor
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, reader) -> None:
+        """Load this process's pieces of AdamW's state from a checkpoint (checkpoints.TensorReader), a tensor at
+        a time (load_moments); the last stage's copy of a tied wte takes wte's state."""
         aliases = {"lm_head.weight": "transformer.wte.weight"} if self.tie_group is not None else {}
-        pieces = {}
-        for name, p in self.named_parameters():
-            state = saved["state"].get(aliases.get(name, name))
-            if state is not None and isinstance(p, DTensor):   # every process holds the full tensor: no sends
-                # c_attn's rows in tensor_parallel's order (the file holds them in one process's)
-                state = {key: v if key == "step" else
-                         distribute_tensor(permute_qkv_entry(name, v, self.tp).to(self.device), p.device_mesh,
-                                           p.placements, src_data_rank=None) for key, v in state.items()}
-            if state is not None:
-                pieces[name] = state
-        load_optimizer_state_by_name(self.named_parameters(), optimizer,
-                                     {"state": pieces, "param_groups": saved["param_groups"]})
+        load_moments(self.named_parameters(), optimizer, reader, self.tp, aliases)
         if self.tp > 1 and not self.fsdp:   # as train.py set it: the saved groups say foreach
             use_single_tensor_adamw(optimizer)
 
-    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
-        """The whole model's state dict and by-name optimizer state on rank 0 (None elsewhere): each stage's
-        sharded tensors gathered whole, then the stages of the first (dp, tp) index sent to rank 0 and merged,
-        so the checkpoint is the same file as one process writes."""
-        from torch.distributed.tensor import DTensor
-        def whole(name: str, t: torch.Tensor) -> torch.Tensor:   # c_attn's rows back in one process's order
-            # a DTensor all-gathered: every process of its mesh calls this, in the same order
-            t = t.full_tensor() if isinstance(t, DTensor) else t
-            return permute_qkv_entry(name, t.cpu(), self.tp, inverse=True)
-        weights = {name: whole(name, t) for stage in self.module for name, t in stage.state_dict().items()}
-        optimizer_state = map_optimizer_state(whole, optimizer_state_by_name(self.named_parameters(), optimizer))
-        if self.tie_group is not None and self.holds_last:   # the copy's state equals wte's on the first stage
-            optimizer_state["state"].pop("lm_head.weight", None)
-            for group in optimizer_state["param_groups"]:
-                group["params"] = [name for name in group["params"] if name != "lm_head.weight"]
-        sends = self.dp_rank == 0 and self.mesh.get_local_rank("tp") == 0
-        shards = gather_to_rank0((weights, optimizer_state) if sends else None)
-        if dist.get_rank() != 0:
-            return None, None
-        shards = [shard for shard in shards if shard is not None]
-        weights, merged = {}, {"state": {}, "param_groups": [dict(g, params=[]) for g in shards[0][1]["param_groups"]]}
-        for shard_weights, shard_state in shards:
-            weights.update(shard_weights)
-            merged["state"].update(shard_state["state"])
-            for group, shard_group in zip(merged["param_groups"], shard_state["param_groups"]):
-                group["params"] += shard_group["params"]
-        return weights, merged
+    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Iterator, list]:
+        """This process's share of a checkpoint (state_pieces over the dp x tp processes of its stages; the
+        last stage's copy of a tied wte is wte's, saved by the first) and its by-name parameter groups."""
+        named = [(name, p) for name, p in self.named_parameters()
+                 if not (self.tie_group is not None and self.holds_last and name == "lm_head.weight")]
+        if self.fsdp:   # FSDP leaves the weights gathered after a forward: register the shards again
+            for stage in self.stages:
+                stage.submod.reshard()
+        tp_rank = self.mesh.get_local_rank("tp")
+        pieces = state_pieces(named, optimizer, self.tp, self.dp_rank * self.tp + tp_rank, self.mesh.size(1) * self.tp)
+        groups = optimizer_state_by_name(self.named_parameters(), optimizer)["param_groups"]
+        kept = {name for name, _ in named}
+        return pieces, [dict(group, params=[n for n in group["params"] if n in kept]) for group in groups]
 
 
 def shard_stage(stage: AutocastForward, dp_mesh) -> None:
@@ -448,12 +500,13 @@ def shard_stage(stage: AutocastForward, dp_mesh) -> None:
     fully_shard(stage, mesh=dp_mesh, reshard_after_forward=False)
 
 
-def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dtype: torch.dtype, schedule: str,
+def build_pipeline(model_cfg: GPTConfig, value_of: Callable, mesh, device: str, dtype: torch.dtype, schedule: str,
                    balance: str, n_microbatches: int, virtual_stages: int, accum: int, fsdp: bool = False,
                    sequence_parallel: bool = False) -> Pipeline:
-    """This process's stages of a (pp, dp, tp) device mesh, with weights from a full GPT state dict, each
-    split across the tp processes when tp > 1 (tensor_parallel, with sequence_parallel), its forward under
-    autocast to dtype, sharded over dp when fsdp (else replicas average their gradients in
+    """This process's stages of a (pp, dp, tp) device mesh, built on the meta device, each split across the tp
+    processes when tp > 1 (tensor_parallel, with sequence_parallel), sharded over dp when fsdp, then given
+    this process's pieces of the weights value_of(name, shape) (materialise); its forward under autocast to
+    dtype, and, without fsdp, replicas averaging their gradients in
     Pipeline.optimizer_step), and the schedule that drives them, run `accum` times per optimizer step with
     n_microbatches micro-batches each (virtual_stages: stages per process, interleaved only). Call its
     schedule outside autocast.
@@ -484,13 +537,15 @@ def build_pipeline(model_cfg: GPTConfig, full_state: dict, mesh, device: str, dt
     if dist.get_rank() == 0:
         print("\n".join(describe_plan(model_cfg, plan, balance)))
     stage_ids = [pp_rank + v * pp for v in range(n_virtual)]      # interleaved: stages p, p+P, p+2P, ...
-    modules = [build_stage(model_cfg, plan, i, full_state).to(device) for i in stage_ids]
+    with torch.device("meta"):
+        modules = [GPTStage(model_cfg, plan[i], is_first=i == 0, is_last=i == len(plan) - 1) for i in stage_ids]
     wrapped = [AutocastForward(m, device, dtype) for m in modules]
     for stage in wrapped:
         if tp > 1:   # before FSDP, which then shards each process's tensor-parallel slices over dp
             tensor_parallel(stage.module, mesh["tp"], sequence_parallel)
         if fsdp:
             shard_stage(stage, mesh["dp"])
+        materialise(stage.module, device, tp, value_of)
     stages = [AccumulatingStage(m, i, len(plan), torch.device(device), group=mesh.get_group("pp"))
               for m, i in zip(wrapped, stage_ids)]
     loss_fn = scaled_cross_entropy(1 / (n_microbatches * accum))

@@ -2,7 +2,8 @@
 its steps besides the math, and the layout a model trains in on one process or as data-parallel replicas.
 
 Every layout offers the loop the same calls (forward_backward, optimizer_step, step_loss, eval_loss, and
-load_optimizer_state and full_state for checkpoints), so the loop reads the same under each:
+load_optimizer_state and state_pieces for checkpoints; full_state too where a process holds the whole model),
+so the loop reads the same under each:
 
     DataParallel   (here) one process, or every process running the whole model on its share of each batch:
                    DDP (a full copy on each) or FSDP (each holding 1/N of every tensor); with --tp each
@@ -20,11 +21,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import (load_optimizer_state_by_name, optimizer_state_by_name, restore_cpu_threads,
-                         restore_rng_states, rng_states)
+from checkpoints import (index_of_pieces, optimizer_state_by_name, remove_unnamed_pieces, restore_cpu_threads,
+                         restore_rng_states, rng_states, save_checkpoint, save_piece_file)
 from flags import RunConfig
 from model import GPT, get_lr
-from parallel import (local_value, map_optimizer_state, permute_qkv_entry, reduce_clip_and_step, tensor_parallel,
+from parallel import (load_moments, local_value, materialise, reduce_clip_and_step, state_pieces, tensor_parallel,
                       tp_loss_context, use_single_tensor_adamw)
 from processes import StopSignals, all_ranks_mean, autocast, choose_dtype, dtype_name, gather_to_rank0, print0
 from runlog import RunLog, StepTimer
@@ -147,6 +148,36 @@ def save_on_rank0(write: Callable[[], None], stop: StopSignals) -> None:
         raise failure or SystemExit(1)
 
 
+def save_in_pieces(parallel, optimizer: torch.optim.Optimizer, contents: dict, ckpt_path: str, step: int,
+                   stop: StopSignals, after: Callable[[], None]) -> None:
+    """Write a checkpoint in pieces (checkpoints.py): every process writes its share of the weights and AdamW's
+    state (the layout's state_pieces) to a file of its own; then rank 0 writes the index at ckpt_path with
+    contents (the loop state, the configs), atomically and last, and runs after() (keep_checkpoints). No
+    process ever holds more than its share and one whole tensor. A process that cannot write stops them all.
+    Every process calls this."""
+    pieces, groups = parallel.state_pieces(optimizer)
+    written, failure = None, None
+    try:
+        written = save_piece_file(pieces, ckpt_path, step)
+    except SystemExit as e:
+        failure = e
+        for _ in pieces:   # the rest of the tensors: gathering them takes every process of their mesh
+            pass
+    if stop.all_ranks_any(failure is not None):
+        raise failure or SystemExit(1)
+    gathered = gather_to_rank0((*written, groups))
+    def write_index() -> None:
+        param_groups = [dict(group, params=[]) for group in gathered[0][-1]]   # each stage's names, in order
+        for *_, rank_groups in gathered:
+            for merged, group in zip(param_groups, rank_groups):
+                merged["params"] += [name for name in group["params"] if name not in merged["params"]]
+        save_checkpoint({**contents, "pieces": index_of_pieces([g[:3] for g in gathered]),
+                         "optimizer": {"param_groups": param_groups}}, ckpt_path)
+        after()
+        remove_unnamed_pieces(ckpt_path)
+    save_on_rank0(write_index, stop)
+
+
 # --- the training loop ---
 
 def train_loop(cfg: RunConfig, parallel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -250,8 +281,12 @@ class DataParallel:
 
     def __init__(self, model: GPT, device: str, dtype: torch.dtype, local_rank: int, world_size: int,
                  fsdp: bool, compile: bool, accum: int, loss_chunk: int, mesh=None,
-                 sequence_parallel: bool = False):
-        self.module, self.device, self.dtype, self.fsdp = model.to(device), device, dtype, fsdp
+                 sequence_parallel: bool = False, value_of: Callable | None = None):
+        """model: a GPT with its weights, or one built on the meta device, whose pieces are then made here with
+        values from value_of(name, shape) (parallel.materialise) once it is laid out: every process allocates
+        only what it holds."""
+        self.device, self.dtype, self.fsdp = device, dtype, fsdp
+        self.module = model if value_of is not None else model.to(device)
         self.accum, self.loss_chunk = accum, loss_chunk
         self.tp = mesh["tp"].size() if mesh is not None else 1
         self.dp_group = None               # tp > 1 without FSDP: the replicas whose gradients we average
@@ -267,6 +302,8 @@ class DataParallel:
             for block in model.transformer.h:
                 fully_shard(block, **shard_over)
             fully_shard(model, **shard_over)   # the rest: embeddings, ln_f and the (tied) head
+        if value_of is not None:
+            materialise(model, device, self.tp, value_of)
         self.ddp = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None) \
             if world_size > 1 and not fsdp and self.tp == 1 else None
         wrapped = model if self.ddp is None else self.ddp
@@ -320,36 +357,22 @@ class DataParallel:
             loss = self.module(x, y, self.loss_chunk)
         return local_value(loss) if self.tp > 1 else loss
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-        """Load a by-name optimizer state from a checkpoint (FSDP, TP: each process keeps its shards of it)."""
-        if not self.fsdp and self.tp == 1:
-            load_optimizer_state_by_name(self.named_parameters(), optimizer, saved)
-        elif saved["state"]:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            if self.tp > 1:   # the file holds c_attn's rows as one process orders them
-                saved = map_optimizer_state(lambda name, t: permute_qkv_entry(name, t, self.tp), saved)
-            set_optimizer_state_dict(self.module, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, reader) -> None:
+        """Load AdamW's state from a checkpoint (checkpoints.TensorReader), this process's pieces of it, a tensor
+        at a time (parallel.load_moments)."""
+        load_moments(self.named_parameters(), optimizer, reader, self.tp)
         if self.tp > 1 and not self.fsdp:
             use_single_tensor_adamw(optimizer)
 
-    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
-        """The whole model's state dict and by-name optimizer state, on rank 0 (None elsewhere under FSDP or
-        TP, whose shards are gathered), so the checkpoint is the same file whatever the layout that wrote it."""
-        if not self.fsdp and self.tp == 1:
-            return self.module.state_dict(), optimizer_state_by_name(self.named_parameters(), optimizer)
-        # FSDP's full state dicts name the optimizer state by parameter, as ours does.
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(self.module, options=options)
-        # Before the first step AdamW has no state, and get_optimizer_state_dict would create it by taking
-        # a step with lr=0, which advances AdamW's step count and so changes every later update.
-        optimizer_state = get_optimizer_state_dict(self.module, optimizer, options=options) if optimizer.state \
-            else optimizer_state_by_name(self.named_parameters(), optimizer)
-        if dist.get_rank() != 0:
-            return None, None
-        if self.tp > 1:   # c_attn's rows back in one process's order (tensor_parallel reordered them)
-            weights = {name: permute_qkv_entry(name, t, self.tp, inverse=True) for name, t in weights.items()}
-            optimizer_state = map_optimizer_state(lambda name, t: permute_qkv_entry(name, t, self.tp, inverse=True),
-                                                  optimizer_state)
-        return weights, optimizer_state
+    def state_pieces(self, optimizer: torch.optim.Optimizer) -> tuple[Iterable, list]:
+        """This process's share of a checkpoint (parallel.state_pieces over all processes) and the optimizer's
+        by-name parameter groups."""
+        part, parts = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if self.fsdp:   # FSDP leaves the root's weights gathered after a forward: register the shards again
+            self.module.reshard()
+        pieces = state_pieces(self.named_parameters(), optimizer, self.tp, part, parts)
+        return pieces, optimizer_state_by_name(self.named_parameters(), optimizer)["param_groups"]
+
+    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """The whole model's state dict and by-name optimizer state of one process, or of DDP's replicas."""
+        return self.module.state_dict(), optimizer_state_by_name(self.named_parameters(), optimizer)

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoints import keep_checkpoints, load_checkpoint, save_checkpoint
+from checkpoints import TensorReader, keep_checkpoints, load_checkpoint, save_checkpoint
 from flags import RUN_MINIMUMS, RunConfig, check_run_config, config_changes, flags_given, parse_args
-from model import GPT, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token
+from model import GPT, SHAPE_FIELDS, GPTConfig, arg, configure_optimizers, flops_per_token, initial_value
 from parallel import Pipeline, build_pipeline, device_mesh, use_single_tensor_adamw
 from planner import LayoutConfig, config_refusals, dry_run_refusals, dry_run_report, layout_refusals, microbatches
 from presets import PRESETS, apply_preset
 from processes import (StopSignals, peak_flops, print0, run_main, setup_distributed, should_compile,
                        teardown_distributed)
 from runlog import RunLog, prepare_out_dir
-from runtime import DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_on_rank0, train_loop
+from runtime import (DataParallel, evaluate, loop_state, resolve_dtype, restore_loop_state, save_in_pieces,
+                     save_on_rank0, train_loop)
 from tokenfiles import check_resume_data, describe_tokenizer, draw_windows, load_data_meta, read_batch, to_device
 from tokenization import dataset_tokenizer_record, tokenizer_identity, tokenizer_record
 
@@ -154,16 +155,12 @@ def check_resume_shape(saved: dict, model_cfg: GPTConfig, given: set[str], path:
 
 def load_resumed_run(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str]
                      ) -> tuple[dict, TrainConfig, GPTConfig, list[str]]:
-    """The checkpoint --init_from=resume continues (--resume_from, or out_dir/ckpt.pt) and resumed_configs'
-    (run config, model config, report) for it. Shape flags that disagree with its weights are refused, and
-    so is a checkpoint holding non-finite weights."""
+    """The checkpoint --init_from=resume continues (--resume_from, or out_dir/ckpt.pt), its tensors left in its
+    files, and resumed_configs' (run config, model config, report) for it. Shape flags that disagree with its
+    weights are refused (and a non-finite weight as it is read: checkpoints.TensorReader.weight)."""
     path = cfg.resume_from or os.path.join(cfg.out_dir, "ckpt.pt")
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, whole=False)   # the tensors are read later, one at a time (TensorReader)
     check_resume_shape(checkpoint["model_config"], model_cfg, set(sources), path)
-    non_finite = [name for name, t in checkpoint["model"].items() if not torch.isfinite(t).all()]
-    if non_finite:   # training never writes these (it skips non-finite steps): a run diverged elsewhere
-        sys.exit(f"error: {path} holds non-finite weights (in {', '.join(non_finite[:3])}); resume from "
-                 f"an older checkpoint with --resume_from=FILE")
     return checkpoint, *resumed_configs(cfg, model_cfg, checkpoint.get("train_config", {}),
                                         checkpoint["model_config"], sources)
 
@@ -214,10 +211,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def initial_weights(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str]
-                    ) -> tuple[GPTConfig, dict | None]:
+                    ) -> tuple[GPTConfig, Callable[[str], torch.Tensor] | None]:
     """The model config and the weights a run starts from other than random ones or its checkpoint's: GPT-2's,
-    through gpt2_weights.py, with --init_from=gpt2 (or a size, or a Hugging Face directory); else (model_cfg, None).
-    A new run never overwrites a checkpoint."""
+    through gpt2_weights.py, with --init_from=gpt2 (or a size, or a Hugging Face directory), read by name one
+    tensor at a time from the file; else (model_cfg, None). A new run never overwrites a checkpoint."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.eval_only:
         sys.exit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir "
@@ -225,14 +222,13 @@ def initial_weights(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, s
     if cfg.init_from in ("scratch", "resume"):
         return model_cfg, None
     from gpt2_weights import RUNTIME_FIELDS, init_from_hf
-    pretrained = init_from_hf(cfg.init_from, model_cfg, set(sources))
+    pretrained, weight = init_from_hf(cfg.init_from, model_cfg, set(sources))
     # Variants GPT-2 was not trained with (sparse_topk, realformer) are honoured, and said so.
     plain = {name: value for name, value in dataclasses.asdict(GPTConfig()).items()
              if name not in SHAPE_FIELDS and name not in RUNTIME_FIELDS}
-    for line in config_changes(f"init_from {cfg.init_from}", plain, dataclasses.asdict(pretrained.config),
-                               sources):
+    for line in config_changes(f"init_from {cfg.init_from}", plain, dataclasses.asdict(pretrained), sources):
         print0(line)
-    return pretrained.config, pretrained.state_dict()
+    return pretrained, weight
 
 
 def is_compiled(cfg: TrainConfig, device: str) -> bool:
@@ -242,29 +238,31 @@ def is_compiled(cfg: TrainConfig, device: str) -> bool:
     return should_compile(cfg.compile, device) and cfg.tp == 1 and cfg.pp == 1
 
 
-def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: dict | None, rank: int, local_rank: int,
+def build_model(cfg: TrainConfig, model_cfg: GPTConfig, weights: Callable | None, rank: int, local_rank: int,
                 world_size: int, device: str, dtype: torch.dtype
                 ) -> tuple[DataParallel | Pipeline, int, object, int]:
-    """The GPT with its starting weights (random, GPT-2's or the checkpoint's), laid out across the processes
-    (runtime.py, parallel.py), with this process's data-parallel rank, the group of data-parallel replicas (None:
-    all processes) and the GPT's parameter count. With --pp each process keeps only its own stages; with --tp
-    its slice of every block, the embedding and the head."""
+    """The GPT laid out across the processes (runtime.py, parallel.py), with this process's data-parallel rank,
+    the group of data-parallel replicas (None: all processes) and the GPT's parameter count. It is built on the
+    meta device and laid out first, so each process allocates only what it holds (with --pp its own stages,
+    with --tp its slice of every block, the embedding and the head, with --fsdp its shard), filled with
+    weights(name, shape), whole tensors read one at a time, or model.initial_value's: the same weights in every
+    layout."""
     torch.manual_seed(cfg.seed)            # the same initial weights on every process
-    model = GPT(model_cfg)
-    if weights is not None:
-        model.load_state_dict(weights)
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    weights = weights or (lambda name, shape: initial_value(model_cfg, name, shape, model.init_seed))
     n_params = model.num_params()
     loss_chunk = cfg.loss_chunk if cfg.loss_chunk is not None else (0 if device.startswith("cuda") else 1024)
     if cfg.tp > 1:                         # the loss comes from the vocabulary-split logits (loss_parallel)
         loss_chunk = 0
     mesh = device_mesh(device.split(":")[0], world_size, cfg.pp, cfg.tp) if cfg.pp > 1 or cfg.tp > 1 else None
     if cfg.pp > 1:
-        pipe = build_pipeline(model_cfg, model.state_dict(), mesh, device, dtype, cfg.pp_schedule, cfg.pp_balance,
+        pipe = build_pipeline(model_cfg, weights, mesh, device, dtype, cfg.pp_schedule, cfg.pp_balance,
                               microbatches(cfg), cfg.pp_virtual_stages, cfg.gradient_accumulation_steps, cfg.fsdp,
                               cfg.sequence_parallel)
         return pipe, pipe.dp_rank, mesh.get_group("dp"), n_params
     parallel = DataParallel(model, device, dtype, local_rank, world_size, cfg.fsdp, is_compiled(cfg, device),
-                            cfg.gradient_accumulation_steps, loss_chunk, mesh, cfg.sequence_parallel)
+                            cfg.gradient_accumulation_steps, loss_chunk, mesh, cfg.sequence_parallel, weights)
     return (parallel, rank, None, n_params) if mesh is None else \
         (parallel, mesh.get_local_rank("dp"), mesh.get_group("dp"), n_params)
 
@@ -321,8 +319,10 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     resume_path = cfg.resume_from or ckpt_path
     model_cfg, weights = initial_weights(cfg, model_cfg, sources)
     meta, paths, model_cfg, tokenizer = load_data(cfg, model_cfg, checkpoint, resume_path, set(sources))
-    weights = weights if checkpoint is None else checkpoint["model"]
-    parallel, dp_rank, dp_group, n_params = build_model(cfg, model_cfg, weights, rank, local_rank, world_size,
+    reader = TensorReader(resume_path, checkpoint) if checkpoint is not None else None
+    weights_of = (lambda name, shape: reader.weight(name)) if reader is not None else \
+        (lambda name, shape: weights(name)) if weights is not None else None
+    parallel, dp_rank, dp_group, n_params = build_model(cfg, model_cfg, weights_of, rank, local_rank, world_size,
                                                         device, dtype)
     optimizer = configure_optimizers(parallel.module, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                      device.split(":")[0])
@@ -337,12 +337,12 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
     start_step, best_val_loss, resumed_is_best = 0, float("inf"), False
     layout = run_layout(cfg, world_size)
     if checkpoint is not None:
-        parallel.load_optimizer_state(optimizer, checkpoint["optimizer"])
+        parallel.load_optimizer_state(optimizer, reader)
         start_step, best_val_loss = restore_loop_state(checkpoint, scaler, data_generator, rank, device, layout,
                                                        dropout_seed, older_layout=saved_layout(checkpoint))
         resumed_is_best = checkpoint.get("is_best", False)   # its evaluation's val loss was the lowest yet
         print0(f"resuming {resume_path} at step {start_step}")
-        del checkpoint   # free the CPU copy of the weights and optimizer state
+        del checkpoint, reader   # unmap the checkpoint's file
 
     T, B, accum = model_cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps
     dp_size = world_size // (cfg.pp * cfg.tp)   # data-parallel replicas of the (pipelined, split) model
@@ -367,19 +367,21 @@ def train(cfg: TrainConfig, model_cfg: GPTConfig, sources: dict[str, str], rank:
         if start_step > 0 and os.path.exists(ckpt_path) and os.path.samefile(resume_path, ckpt_path):
             keep_checkpoints(ckpt_path, start_step, resumed_is_best, cfg.keep_last, cfg.keep_best)
     log = RunLog(cfg, cfg.out_dir, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)}, is_master)
+    in_pieces = cfg.fsdp or cfg.tp > 1 or cfg.pp > 1   # one process and DDP: each process holds it all
 
     def save_run(step: int, best_val_loss: float, val_loss: float | None, is_best: bool) -> None:
         """Checkpoint the whole training state before step `step` (every process takes part); val_loss, of
         the evaluation just made, is in metrics.jsonl already."""
-        state = loop_state(step, best_val_loss, scaler, data_generator, layout)
+        contents = {**loop_state(step, best_val_loss, scaler, data_generator, layout), "is_best": is_best,
+                    "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
+                    "data": meta, "tokenizer": tokenizer}
+        keep = lambda: keep_checkpoints(ckpt_path, step, is_best, cfg.keep_last, cfg.keep_best)   # noqa: E731
+        if in_pieces:   # no process holds the whole model: each writes its share
+            save_in_pieces(parallel, optimizer, contents, ckpt_path, step, stop, keep)
+            return
         weights, optimizer_state = parallel.full_state(optimizer)
-
-        def write_checkpoint() -> None:
-            save_checkpoint({"model": weights, "optimizer": optimizer_state, **state, "is_best": is_best,
-                             "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                             "data": meta, "tokenizer": tokenizer}, ckpt_path)
-            keep_checkpoints(ckpt_path, step, is_best, cfg.keep_last, cfg.keep_best)
-        save_on_rank0(write_checkpoint, stop)
+        save_on_rank0(lambda: (save_checkpoint({"model": weights, "optimizer": optimizer_state, **contents},
+                                               ckpt_path), keep()), stop)
 
     def batches_of(step: int) -> tuple[Iterator, int]:
         """The step's micro-batches, each weighed 1/accum, drawn lazily from the run's one stream of windows."""

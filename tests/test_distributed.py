@@ -179,8 +179,9 @@ def test_pipeline_runs_forward_under_autocast_and_backward_outside_it(tmp_path):
     try:
         config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, tie_embeddings=False)
         mesh = device_mesh("cpu", world_size=1, pp=1, tp=1)
-        pipe = build_pipeline(config, GPT(config).state_dict(), mesh, "cpu", torch.bfloat16, schedule="gpipe",
-                              balance="flops", n_microbatches=2, virtual_stages=2, accum=1)
+        weights = GPT(config).state_dict()
+        pipe = build_pipeline(config, lambda name, shape: weights[name], mesh, "cpu", torch.bfloat16,
+                              schedule="gpipe", balance="flops", n_microbatches=2, virtual_stages=2, accum=1)
         autocast_on, block = {}, pipe.module[0].transformer.h["0"]
         is_on = lambda: torch.is_autocast_enabled("cpu")                            # noqa: E731
         block.register_forward_hook(lambda *_: autocast_on.update(forward=is_on()))

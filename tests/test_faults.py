@@ -663,7 +663,8 @@ def test_a_resumed_optimizer_keeps_its_own_kernel_choice():
     """The saved param groups give the hyper-parameters, not the kernel: AdamW's state written by a CPU run
     (foreach) and resumed where AdamW is fused (CUDA; the CPU has a fused AdamW too) stays fused, and its step
     equals the unfused one's (issue 27.7)."""
-    from checkpoints import load_optimizer_state_by_name, optimizer_state_by_name
+    from checkpoints import TensorReader, optimizer_state_by_name
+    from parallel import load_moments
     torch.manual_seed(0)
     weights = {name: torch.nn.Parameter(torch.randn(4, 3)) for name in ("a", "b")}
     written = torch.optim.AdamW(weights.values(), lr=1e-2, betas=(0.8, 0.9), foreach=True)
@@ -675,7 +676,8 @@ def test_a_resumed_optimizer_keeps_its_own_kernel_choice():
     for fused in (False, True):
         copies = {name: torch.nn.Parameter(p.detach().clone()) for name, p in weights.items()}
         resumed = torch.optim.AdamW(copies.values(), lr=1.0, fused=fused, foreach=None if fused else True)
-        load_optimizer_state_by_name(list(copies.items()), resumed, copy.deepcopy(saved))   # steps update it
+        reader = TensorReader("ckpt.pt", {"model": {}, "optimizer": copy.deepcopy(saved)})   # steps update it
+        load_moments(list(copies.items()), resumed, reader, tp=1)
         group = resumed.param_groups[0]
         assert (group["fused"], group["foreach"], group["lr"], group["betas"]) == \
             (fused, None if fused else True, 1e-2, (0.8, 0.9))

@@ -258,8 +258,9 @@ def test_masked_loss_is_the_mean_over_response_tokens(loss_chunk):
 def test_accumulated_micro_batches_of_unequal_lengths_match_one_batch():
     """Three micro-batches with different numbers of response tokens: each mean weighted by its share of the
     tokens gives the big batch's gradient; dividing each by the number of micro-batches (as pre-training
-    does) would not."""
-    model = lora.apply_lora(tiny_model(0), list(lora.LORA_TARGETS), rank=4, alpha=8, dropout=0.0)
+    does) would not. In float64, so that 1e-6 is far above the rounding of the two orders of summation (in
+    float32 the loss, about 11.5, has a rounding step of 1e-6)."""
+    model = lora.apply_lora(tiny_model(0).double(), list(lora.LORA_TARGETS), rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):

@@ -5,8 +5,8 @@ train.py's dry run builds from the same flags, within 15% either way.
 Each process runs train.py's main under PROBE, which reads its resident set size (RSS) once everything the
 layouts import is imported (the baseline), and its high-water mark (VmHWM) as each checkpoint begins; it
 resets the mark after every checkpoint, so the last reading is the peak of the 2 training steps and the last
-evaluation, not of a checkpoint (rank 0 gathers the whole model and its AdamW state there, on top of its own
-share: not what the dry run plans, which is a GPU's memory). MALLOC_MMAP_THRESHOLD_ makes glibc give every
+evaluation, not of a checkpoint (which copies the tensors it writes to the CPU: not what the dry run plans,
+which is a GPU's memory). MALLOC_MMAP_THRESHOLD_ makes glibc give every
 large buffer back when it is freed, so the high-water mark follows the peak of live tensors. What the
 baseline leaves in the peak besides the model (the process group, thread pools, kernel caches: ~20 MiB) is
 measured by the same runs of a tiny model (runtime_bytes) and taken off too.
@@ -55,19 +55,29 @@ def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                              # VmHWM back to the current RSS
 
-record = {{"baseline": status("VmRSS"), "peaks": [], "saves": []}}
-for layout in (runtime.DataParallel, parallel.Pipeline):
-    def full_state(self, optimizer, original=layout.full_state):
+record = {{"baseline": status("VmRSS"), "peaks": [], "saves": [], "startup": None}}
+def at_checkpoint(original):
+    def hooked(*args, **kwargs):
         record["peaks"].append(status("VmHWM"))   # the peak since the last checkpoint
         reset_peak()
-        return original(self, optimizer)
-    layout.full_state = full_state
+        return original(*args, **kwargs)
+    return hooked
+runtime.DataParallel.full_state = at_checkpoint(runtime.DataParallel.full_state)   # one file: one process, DDP
+for layout in (runtime.DataParallel, parallel.Pipeline):                         # pieces: FSDP, TP, PP
+    layout.state_pieces = at_checkpoint(layout.state_pieces)
 
-def save_on_rank0(*args, original=train.save_on_rank0):
-    original(*args)
-    record["saves"].append(status("VmHWM"))      # the peak while gathering and writing the checkpoint
-    reset_peak()
-train.save_on_rank0 = save_on_rank0
+def after_save(original):
+    def hooked(*args, **kwargs):
+        original(*args, **kwargs)
+        record["saves"].append(status("VmHWM"))  # the peak while writing the checkpoint
+        reset_peak()
+    return hooked
+train.save_on_rank0, train.save_in_pieces = after_save(train.save_on_rank0), after_save(train.save_in_pieces)
+
+def train_loop(*args, original=train.train_loop, **kwargs):
+    record["startup"] = status("VmHWM")          # the model built, laid out, given its weights (and AdamW's state)
+    return original(*args, **kwargs)
+train.train_loop = train_loop
 train.main(sys.argv[1:])
 with open(os.path.join({out!r}, "rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
     json.dump(record, f)
@@ -86,7 +96,7 @@ LAYOUTS = {                     # name: (processes, sequences per micro-batch, f
 }
 
 
-def measure(flags: list[str], nproc: int, data_dir: str, folder) -> list[dict]:
+def measure(flags: list[str], nproc: int, data_dir: str, folder, timeout: int = 300) -> list[dict]:
     """Run 2 training steps of train.py under PROBE in folder; each process's record, by rank."""
     probe = folder / "probe.py"
     probe.write_text(PROBE.format(root=ROOT, out=str(folder)))
@@ -95,7 +105,7 @@ def measure(flags: list[str], nproc: int, data_dir: str, folder) -> list[dict]:
     result = subprocess.run([*launcher, str(probe), f"--data_dir={data_dir}", "--dataset=tiny",
                              f"--out_dir={folder / 'out'}", "--max_iters=2", "--eval_interval=1000",
                              "--eval_iters=1", "--log_interval=1", "--dropout=0", *flags],
-                            capture_output=True, text=True, timeout=300, cwd=str(folder),
+                            capture_output=True, text=True, timeout=timeout, cwd=str(folder),
                             env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(nproc)]
@@ -159,3 +169,59 @@ def test_memory_estimate_is_within_15_percent_of_a_real_run(name, runtime_bytes,
                     f"{(record['saves'][-1] - record['baseline']) / MIB:.0f} MiB")
     print("\n".join(rows))
     assert all(abs(ratio - 1) < MARGIN for ratio in ratios), "\n".join(rows)
+
+
+# --- a model of several GB in each layout: start-up, steps and checkpoints within each process's share ---
+
+# 246M parameters: 0.98 GB of fp32 weights, 3.9 GB with their gradients and AdamW's two moments.
+BIG = ["--n_layer=12", "--n_head=10", "--n_embd=1280", "--block_size=64", "--vocab_size=8192", "--batch_size=2",
+       "--dtype=float32", "--loss_chunk=1024"]
+BIG_LAYOUTS = {"fsdp": ["--fsdp"], "tp": ["--tp=2", "--loss_chunk=0"], "pp": ["--pp=2"]}
+RESUMED_IN = {"fsdp": "pp", "tp": "fsdp", "pp": "tp"}   # each layout's checkpoint resumed in another
+SHARE = 0.6       # of one process's peak, at most, in each phase, for each of the two processes
+BIG_MARGIN = 0.1  # the steps' peak within 10% of the dry run's estimate
+
+
+def phases(record: dict) -> dict[str, float]:
+    """MiB above the baseline: at start-up (built, laid out, given its weights: as the loop begins), in the
+    steps (the peak between the two checkpoints), and while writing the last checkpoint."""
+    return {phase: (value - record["baseline"]) / MIB for phase, value in
+            (("start-up", record["startup"]), ("steps", record["peaks"][-1]), ("checkpoint", record["saves"][-1]))}
+
+
+@pytest.fixture(scope="module")
+def one_process_big(tiny_data_dir, tmp_path_factory) -> dict[str, float]:
+    return phases(measure(BIG, 1, tiny_data_dir, tmp_path_factory.mktemp("big1"), timeout=900)[0])
+
+
+@pytest.mark.parametrize("name", BIG_LAYOUTS)
+def test_a_model_of_several_gb_starts_steps_and_checkpoints_within_each_ranks_share(name, one_process_big,
+                                                                                    tiny_data_dir, tmp_path):
+    """The model is built on the meta device and each process makes only its pieces, and each writes its own
+    share of every checkpoint (checkpoints in pieces): under FSDP(2), TP(2) and PP(2) each of the two processes
+    peaks at start-up, in the steps and while checkpointing at under SHARE of one process's peak in the same
+    phase (a layout that built or gathered the whole model would reach it), and its steps' peak is within
+    BIG_MARGIN of the dry run's estimate for it (its stage's under --pp). Resumed in another layout, a process
+    reads its share of the weights and AdamW's state from the pieces: its start-up peak is under SHARE of the
+    whole state one process holds (its peak while checkpointing: weights and both moments)."""
+    flags = BIG + BIG_LAYOUTS[name]
+    records = measure(flags, 2, tiny_data_dir, tmp_path, timeout=900)
+    resumed = measure(BIG + BIG_LAYOUTS[RESUMED_IN[name]] + ["--init_from=resume", "--max_iters=3"], 2,
+                      tiny_data_dir, tmp_path, timeout=900)
+    plans = planned(flags, 2, 1 if name == "pp" else 2)
+    rows = ["one process: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in one_process_big.items())]
+    within_share, near_estimate = True, True
+    for rank, (record, resumed_record) in enumerate(zip(records, resumed)):
+        measured = phases(record)
+        updated, estimate = plans[rank if len(plans) > 1 else 0]
+        expected = cpu_peak(updated, estimate, foreach=name != "tp") / MIB
+        resumed_startup = (resumed_record["startup"] - resumed_record["baseline"]) / MIB
+        rows.append(f"{name} rank {rank}: " + ", ".join(f"{k} {v:.0f} MiB ({v / one_process_big[k]:.2f}x)"
+                                                        for k, v in measured.items())
+                    + f"; dry run's estimate of the steps {expected:.0f} MiB; resumed under {RESUMED_IN[name]}: "
+                    f"start-up {resumed_startup:.0f} MiB ({resumed_startup / one_process_big['checkpoint']:.2f}x)")
+        within_share &= all(measured[k] < SHARE * one_process_big[k] for k in measured)
+        within_share &= resumed_startup < SHARE * one_process_big["checkpoint"]
+        near_estimate &= abs(measured["steps"] / expected - 1) < BIG_MARGIN
+    print("\n".join(rows))
+    assert within_share and near_estimate, "\n".join(rows)

@@ -280,20 +280,27 @@ def merge_problems(line: str, result: subprocess.CompletedProcess, folder: str) 
 
 
 def tensor_parallel_problems(line: str, result: subprocess.CompletedProcess, folder: str) -> list[str]:
-    """`torchrun ... train.py --tp=2 --sequence_parallel`: every logged loss equals one process's on the same
-    flags (run here: a tiny run), up to float rounding: the split matmuls and the vocabulary-parallel loss sum
-    in another order, 1e-5 on the losses of the initial weights (step 0's evaluation, step 1), and AdamW's
-    first steps, which move each weight by about the learning rate whatever its gradient's size, let that
-    grow to 1e-4 by step 4."""
+    """`torchrun ... train.py --tp=2 --sequence_parallel`: run again in float32, every logged loss equals one
+    process's on the same flags (run here: a tiny run), up to float rounding: the split matmuls and the
+    vocabulary-parallel loss sum in another order, 1e-5 on the losses of the initial weights (step 0's
+    evaluation, step 1), and AdamW's first steps, which move each weight by about the learning rate whatever
+    its gradient's size, let that grow to 1e-4 by step 4. (As written the command computes in --dtype=auto,
+    bfloat16 on a CPU that has it, whose rounding alone moves these losses by 4e-5 to 7e-5 from float64's.)"""
     out_dir = re.search(r"--out_dir=(\S+)", line).group(1)
-    reference = os.path.join(folder, out_dir + "-one-process")
-    flags = re.sub(r"--tp=\d+ |--sequence_parallel |--out_dir=\S+ ", "", line[line.index("train.py "):])
-    subprocess.run([sys.executable, *shlex.split(flags), f"--out_dir={reference}"], cwd=folder, check=True,
-                   capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    flags = shlex.split(re.sub(r"--out_dir=\S+ ", "", line[line.index("train.py "):])) + ["--dtype=float32"]
+    nproc = re.search(r"--nproc-per-node=(\d+)", line).group(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    split_run, reference = out_dir + "-fp32", out_dir + "-one-process"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                    *flags, f"--out_dir={split_run}"], cwd=folder, check=True, capture_output=True, timeout=300,
+                   env=env)
+    one_process = [flag for flag in flags if not re.fullmatch(r"--tp=\d+|--sequence_parallel", flag)]
+    subprocess.run([sys.executable, *one_process, f"--out_dir={reference}"], cwd=folder, check=True,
+                   capture_output=True, timeout=300, env=env)
     def losses(run: str) -> dict:
         records = [json.loads(x) for x in open(os.path.join(folder, run, "metrics.jsonl"))]
         return {(r["step"], key): r[key] for r in records for key in ("loss", "val_loss") if key in r}
-    split, one = losses(out_dir), losses(reference)
+    split, one = losses(split_run), losses(reference)
     if split.keys() != one.keys() or len(split) < 4:
         return [f"logged {sorted(split)}, one process {sorted(one)}"]
     return [f"step {step} {key}: {split[step, key]} under --tp, {one[step, key]} on one process"

@@ -304,8 +304,8 @@ def test_tp2_in_bf16_matches_one_process_in_bf16(unclipped_one_process_runs, tin
     assert max(abs(n / fp32_norms[step] - 1) for step, n in logged(tp2, "grad_norm").items()) > 1e-4
 
 
-# Run under torchrun in place of train.py: train.py, with DataParallel.full_state (which every process calls at
-# each checkpoint) first saving this process's own parameters, whole or its slice, to out_dir/rank-<r>.pt.
+# Run under torchrun in place of train.py: train.py, with DataParallel.state_pieces (which every process calls
+# at each checkpoint) first saving this process's own parameters, whole or its slice, to out_dir/rank-<r>.pt.
 SAVE_EVERY_RANK = f"""
 import os, runpy, sys
 sys.path.insert(0, {ROOT!r})
@@ -314,15 +314,15 @@ import torch.distributed as dist
 import parallel
 import runtime
 
-full_state = runtime.DataParallel.full_state
+state_pieces = runtime.DataParallel.state_pieces
 
 def save_every_rank(self, optimizer):
     out_dir = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--out_dir="))
     mine = {{name: parallel.local_value(t).detach().clone() for name, t in self.module.state_dict().items()}}
     torch.save(mine, os.path.join(out_dir, f"rank-{{dist.get_rank()}}.pt"))
-    return full_state(self, optimizer)
+    return state_pieces(self, optimizer)
 
-runtime.DataParallel.full_state = save_every_rank
+runtime.DataParallel.state_pieces = save_every_rank
 sys.argv[0] = {os.path.join(ROOT, "train.py")!r}
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
