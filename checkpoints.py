@@ -288,7 +288,11 @@ def save_piece_file(pieces, ckpt_path: str, step: int) -> tuple[str, str, dict]:
     other, atomically (write_atomically). Returns (file name, its sha256, {key: (whole shape, dtype, first row,
     end row, byte offset)})."""
     folder = os.path.join(os.path.dirname(ckpt_path), PIECES_DIR)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot make {folder} for the checkpoint's pieces ({e.strerror or e}); make "
+                 f"{os.path.dirname(os.path.abspath(folder))} writable, or move what is there, then run again")
     name, digest, rows = f"{step:06d}-{secrets.token_hex(6)}.bin", hashlib.sha256(), {}
 
     def write(f) -> None:

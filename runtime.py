@@ -163,8 +163,9 @@ def save_in_pieces(parallel, optimizer: torch.optim.Optimizer, contents: dict, c
         failure = e
         for _ in pieces:   # the rest of the tensors: gathering them takes every process of their mesh
             pass
-    if stop.all_ranks_any(failure is not None):
-        raise failure or SystemExit(1)
+    if stop.all_ranks_any(failure is not None):   # rank 0 says why, once: its own reason, or the first one's
+        reasons = [reason for reason in gather_to_rank0(failure and failure.code) or [] if reason]
+        raise SystemExit(reasons[0] if reasons and dist.get_rank() == 0 else 1)
     gathered = gather_to_rank0((*written, groups))
     def write_index() -> None:
         param_groups = [dict(group, params=[]) for group in gathered[0][-1]]   # each stage's names, in order

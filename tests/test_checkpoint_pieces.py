@@ -108,3 +108,19 @@ def test_a_damaged_piece_is_refused_in_one_line(damage, fsdp_run, tmp_path):
                               "--init_from=resume", "--max_iters=6"], capture_output=True, text=True, timeout=120)
     lines = resumed.stderr.strip().splitlines()
     assert resumed.returncode == 1 and len(lines) == 1 and "is damaged" in lines[0], resumed.stderr[-2000:]
+
+
+def test_a_piece_that_cannot_be_written_stops_every_process_with_one_line(tiny_data_dir, tmp_path):
+    """Under FSDP(2), out_dir/pieces is a file, so neither process can write its piece: both stop, and the
+    reason is printed once (by rank 0), not once per process; no ckpt.pt is written."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / PIECES_DIR).write_text("not a folder")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    result = subprocess.run([*launcher, os.path.join(ROOT, "train.py"), f"--data_dir={tiny_data_dir}",
+                             "--dataset=tiny", f"--out_dir={out_dir}", *TINY_MODEL_FLAGS, "--fsdp", "--max_iters=2",
+                             "--dtype=float32"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in result.stderr.splitlines() if "error: cannot make" in line]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: cannot make") and not (out_dir / "ckpt.pt").exists()
