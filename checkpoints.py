@@ -273,9 +273,9 @@ def keep_checkpoints(ckpt_path: str, step: int, is_best: bool, keep_last: int, k
 # for a checkpoint: each process writes its rows of every tensor it holds (parallel.state_pieces) to a file of
 # its own, PIECES_DIR/STEP-TOKEN.bin (their bytes one after the other), and rank 0 then writes ckpt.pt as the
 # index: the run's state as in a single-file checkpoint, with, in place of the tensors, where each tensor's
-# rows are (file, byte offset) and every piece file's sha256. The index is written last, atomically, so a checkpoint is complete exactly when its index is; piece
-# files are never overwritten (TOKEN is new each time), and those no index names any more are deleted after
-# each save (remove_unnamed_pieces). Reading takes a tensor at a time from the pieces that hold its rows, so a
+# rows are (file, byte offset) and every piece file's sha256. The index is written last, atomically, so a
+# checkpoint is complete exactly when its index is; piece files are never overwritten (TOKEN is new each time),
+# and those no index names any more are deleted after each save (remove_unnamed_pieces). Reading takes a tensor at a time from the pieces that hold its rows, so a
 # process resuming in any layout holds its share plus one tensor; readers that want one whole state dict
 # (generate.py, eval_lm.py, hf_gpt2.py, finetune_lora.py) get it put together, tensor by tensor.
 

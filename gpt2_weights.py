@@ -83,16 +83,6 @@ def our_name(hf_key: str) -> str | None:
     return None if name.endswith((".attn.bias", ".attn.masked_bias")) else name
 
 
-def gpt_state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our GPT's state dict from a GPT2LMHeadModel's (or GPT2Model's). Conv1D weights are transposed."""
-    ours = {}
-    for key, tensor in hf_state.items():
-        if (name := our_name(key)) is not None:
-            ours[name] = tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor
-    ours["lm_head.weight"] = ours["transformer.wte.weight"]          # tied, as in GPT-2
-    return ours
-
-
 def hf_config_from_gpt(config: GPTConfig) -> dict:
     """transformers' GPT-2 config.json for our GPTConfig, or a one-line exit naming the first field GPT-2's
     class cannot express. A field this exporter does not know (a variant added to GPTConfig later: ALiBi,
